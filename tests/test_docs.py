@@ -1,0 +1,53 @@
+"""What can be checked of the docs without Quarto: `nbdev-proc-nbs` succeeds, every notebook converts to standalone
+HTML with its stored static figures, and a static figure always comes before the first widget."""
+import json, shutil, subprocess, sys
+from pathlib import Path
+import pytest
+
+ROOT = Path(__file__).parents[1]
+NBS = sorted(p for p in (ROOT/'nbs').glob('*.ipynb') if not p.name.startswith('_'))
+LESSONS = [p for p in NBS if p.name != 'index.ipynb']
+BIN = Path(sys.executable).parent
+
+@pytest.fixture(scope='module')
+def proc_dir(tmp_path_factory):
+    "Run nbdev-proc-nbs on a scratch copy of the project (it writes `_proc/`)."
+    dst = tmp_path_factory.mktemp('docs')/'proj'
+    shutil.copytree(ROOT, dst, ignore=shutil.ignore_patterns('.venv', '.git', '_proc', '_docs', '__pycache__', 'data'))
+    (dst/'data').symlink_to(ROOT/'data')
+    r = subprocess.run([str(BIN/'nbdev-proc-nbs')], cwd=dst, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return dst/'_proc'
+
+def test_quarto_config_is_complete(proc_dir):
+    import yaml
+    q = yaml.safe_load((ROOT/'nbs'/'_quarto.yml').read_text())
+    assert q['project']['type'] == 'website' and 'nbdev.yml' in q['metadata-files']
+    assert (proc_dir/'_quarto.yml').exists() and (proc_dir/'nbdev.yml').exists() and (proc_dir/'sidebar.yml').exists()
+    side = (proc_dir/'sidebar.yml').read_text()
+    for nb in LESSONS: assert nb.name in side, f"{nb.name} missing from the docs sidebar"
+
+@pytest.mark.parametrize('nb', NBS, ids=[p.stem for p in NBS])
+def test_converts_to_html_with_figures(proc_dir, nb, tmp_path):
+    src = proc_dir/nb.name
+    assert src.exists(), f"nbdev-proc-nbs did not process {nb.name}"
+    r = subprocess.run([str(BIN/'jupyter'), 'nbconvert', '--to', 'html', '--output-dir', str(tmp_path), str(src)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    html = (tmp_path/(nb.stem + '.html')).read_text()
+    if nb in LESSONS: assert 'data:image/png;base64' in html, f"{nb.name}: no stored figure in the HTML (run it with nbdev-test --save)"
+
+@pytest.mark.parametrize('nb', LESSONS, ids=[p.stem for p in LESSONS])
+def test_static_figure_before_widget(nb):
+    cells = json.loads(nb.read_text())['cells']
+    seen_png = False
+    for c in cells:
+        for o in c.get('outputs', []):
+            data = o.get('data', {})
+            if 'image/png' in data: seen_png = True
+            if 'application/vnd.jupyter.widget-view+json' in data:
+                assert seen_png, f"{nb.name}: a widget comes before any static figure"
+
+@pytest.mark.parametrize('nb', NBS, ids=[p.stem for p in NBS])
+def test_outputs_stay_small(nb):
+    assert nb.stat().st_size < 1_500_000, f"{nb.name} is {nb.stat().st_size/1e6:.1f} MB: shrink its figures"
