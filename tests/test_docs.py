@@ -9,6 +9,26 @@ NBS = sorted(p for p in (ROOT/'nbs').glob('*.ipynb') if not p.name.startswith('_
 LESSONS = [p for p in NBS if p.name != 'index.ipynb']
 BIN = Path(sys.executable).parent
 
+def makes_figures(nb) -> bool:
+    "True if the notebook draws with matplotlib (then its figures must be stored for the docs)."
+    cells = json.loads(nb.read_text())['cells']
+    return any(c['cell_type'] == 'code' and ('plt.' in ''.join(c['source']) or 'plt.subplots' in ''.join(c['source'])) for c in cells)
+
+CELL_KEYS = {'markdown': {'cell_type', 'id', 'metadata', 'source', 'attachments'},
+             'code': {'cell_type', 'id', 'metadata', 'source', 'outputs', 'execution_count'},
+             'raw': {'cell_type', 'id', 'metadata', 'source', 'attachments'}}
+
+def standalone_copy(src: Path, dst_dir: Path) -> Path:
+    "The processed notebook without nbdev's private cell keys and timing metadata (Quarto ignores them; nbformat does not)."
+    nb = json.loads(src.read_text())
+    for c in nb['cells']:
+        for k in set(c) - CELL_KEYS[c['cell_type']]: del c[k]
+        c.get('metadata', {}).pop('execution', None)
+    out = dst_dir/'in'/src.name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(nb))
+    return out
+
 @pytest.fixture(scope='module')
 def proc_dir(tmp_path_factory):
     "Run nbdev-proc-nbs on a scratch copy of the project (it writes `_proc/`)."
@@ -31,11 +51,13 @@ def test_quarto_config_is_complete(proc_dir):
 def test_converts_to_html_with_figures(proc_dir, nb, tmp_path):
     src = proc_dir/nb.name
     assert src.exists(), f"nbdev-proc-nbs did not process {nb.name}"
+    src = standalone_copy(src, tmp_path)
     r = subprocess.run([str(BIN/'jupyter'), 'nbconvert', '--to', 'html', '--output-dir', str(tmp_path), str(src)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     html = (tmp_path/(nb.stem + '.html')).read_text()
-    if nb in LESSONS: assert 'data:image/png;base64' in html, f"{nb.name}: no stored figure in the HTML (run it with nbdev-test --save)"
+    assert '<html' in html
+    if makes_figures(nb): assert 'data:image/png;base64' in html, f"{nb.name}: no stored figure in the HTML (run it with nbdev-test --save)"
 
 @pytest.mark.parametrize('nb', LESSONS, ids=[p.stem for p in LESSONS])
 def test_static_figure_before_widget(nb):
