@@ -24,7 +24,8 @@ def test_labels_and_masks_match_the_manifest(man):
         i = int(np.flatnonzero(ds.images.image_id == iid)[0])
         it = ds[i]
         row = ds.images.iloc[i]
-        assert it['labels'].tolist() == [float(row[f] == 1) for f in RARE_FINDINGS]
+        annotated = set(man.annotations_for(iid).finding)
+        assert it['labels'].tolist() == [float(row[f] == 1 or f in annotated) for f in RARE_FINDINGS]
         for f in g.finding.unique():
             k = RARE_FINDINGS.index(f)
             m = it['mask'][k]
@@ -81,3 +82,15 @@ def test_browse_figure_is_a_pure_function(man):
     ds = CXRDataset(man, size=32, split='val')
     fig = browse_figure(ds, 0)
     assert ds.images.image_id[0] in fig.axes[0].get_title()
+
+def test_annotations_outrank_nlp_negatives(man):
+    a = man.annotations[man.annotations.finding.isin(RARE_FINDINGS)]
+    joined = a.merge(man.images[['image_id'] + list(RARE_FINDINGS)], on='image_id')
+    neg = joined[[r[r.finding] == 0 for _, r in joined.iterrows()]]
+    assert len(neg), 'the sample should contain an annotated finding whose NIH label is 0'
+    iid, f = neg.iloc[0].image_id, neg.iloc[0].finding
+    k = RARE_FINDINGS.index(f)
+    for trust, want in ((True, 1.), (False, 0.)):
+        ds = CXRDataset(man, size=32, split=None, mask_mode='per_finding', trust_annotations=trust)
+        it = ds[int(np.flatnonzero(ds.images.image_id == iid)[0])]
+        assert it['labels'][k] == want and it['mask'][k].sum() > 0
