@@ -1,0 +1,192 @@
+"""Integration tests of the resumable trainer (cxr_diffusion_nbs.training): a tiny run writes its log, checkpoints
+and grids; checkpoints are pruned; a run killed mid-way and resumed repeats the uninterrupted one exactly; bad
+configs fail before training; the CLI runs under `accelerate launch` with two processes."""
+import json, os, shutil, subprocess, sys, time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cxr_diffusion_nbs.training import (ConfigError, list_checkpoints, load_config, main, prune_checkpoints, train,
+                                        unet_config)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT/'configs'/'tiny.yaml'
+BIN = Path(sys.executable).parent
+# one thread per process: the machine is shared, and equal thread counts keep float results comparable
+ENV = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', MPLBACKEND='Agg')
+
+
+def tiny(out, *overrides):
+    return load_config(TINY, [f'output.output_dir={out}', 'output.progress=false', *overrides])
+
+
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory):
+    "One 4-step tiny run, checkpoint every step, keep 2, grid at step 2 and at the end."
+    out = tmp_path_factory.mktemp('tiny')
+    summary = train(tiny(out, 'optim.max_steps=4', 'output.checkpoint_every=1', 'output.keep_last=2',
+                         'output.sample_every=2'))
+    return out, summary
+
+
+def test_tiny_run_writes_log_checkpoints_and_grids(tiny_run):
+    out, s = tiny_run
+    assert s['steps'] == 4 and s['start_step'] == 0 and s['resumed_from'] is None
+    log = pd.read_csv(out/'log.csv')
+    assert log['step'].tolist() == [1, 2, 3, 4]
+    assert {'loss', 'loss_mse', 'loss_lesion_mse', 'loss_ssim', 'lr', 'images_per_s'} <= set(log.columns)
+    assert np.isfinite(log['loss']).all() and (log['images_per_s'] > 0).all()
+    assert log['lr'].iloc[1] == pytest.approx(1e-3)            # end of the 2-step warm-up, then cosine decay
+    assert log['lr'].iloc[-1] == pytest.approx(0.0)
+    assert [p.name for p in sorted((out/'samples').glob('*.png'))] == ['step-0000002.png', 'step-0000004.png']
+    assert (out/'loss.png').stat().st_size > 1000 and (out/'config.yaml').exists()
+    ck = out/'checkpoint-4'
+    assert {p.name for p in ck.iterdir()} >= {'model.safetensors', 'ema.safetensors', 'ema_state.json', 'optimizer.pt',
+                                              'scheduler.pt', 'random_states_0.pt', 'train_state.json', 'config.yaml',
+                                              'model_config.json'}
+    st = json.loads((ck/'train_state.json').read_text())
+    assert st['step'] == 4 and st['num_processes'] == 1
+    weights, ema = load_file(str(ck/'model.safetensors')), load_file(str(ck/'ema.safetensors'))
+    assert set(ema) <= set(weights) and len(ema) > 10
+    diff = max((weights[k] - ema[k]).abs().max().item() for k in ema)
+    assert diff > 0                                             # the EMA lags the raw weights
+    assert json.loads((ck/'ema_state.json').read_text())['optimization_step'] == 4
+    # the saved config reloads to the same run
+    assert load_config(ck/'config.yaml').to_dict() == load_config(out/'config.yaml').to_dict()
+
+
+def test_pruning_keeps_last_k(tiny_run, tmp_path):
+    out, _ = tiny_run
+    assert [p.name for p in list_checkpoints(out)] == ['checkpoint-3', 'checkpoint-4']
+    assert not list(out.glob('.tmp-checkpoint-*'))              # no half-written checkpoint left behind
+    d = tmp_path/'run'
+    for s in (1, 2, 3, 4, 5):
+        (d/f'checkpoint-{s}').mkdir(parents=True); (d/f'checkpoint-{s}'/'train_state.json').write_text('{}')
+    (d/'checkpoint-6').mkdir()                                  # incomplete: not a checkpoint
+    prune_checkpoints(d, 3)
+    assert [p.name for p in list_checkpoints(d)] == ['checkpoint-3', 'checkpoint-4', 'checkpoint-5']
+
+
+def test_existing_checkpoints_need_resume_and_same_model(tiny_run):
+    out, _ = tiny_run
+    with pytest.raises(ConfigError, match='resume'):            # would silently overwrite the run otherwise
+        train(tiny(out, 'optim.max_steps=6'))
+    with pytest.raises(ConfigError, match=r"another config.*block_out_channels"):
+        train(tiny(out, 'optim.max_steps=6', 'output.resume=auto', 'model.overrides.block_out_channels=[8, 16]'))
+    with pytest.raises(ConfigError, match=r"conditioning.*per_finding|mask_mode"):
+        train(tiny(out, 'optim.max_steps=6', 'output.resume=auto', 'data.mask_mode=per_finding'))
+    assert [p.name for p in list_checkpoints(out)] == ['checkpoint-3', 'checkpoint-4']   # untouched
+
+
+BAD = {
+    'data.findings=[pneumothorax, nodul]': ("data.findings[1]", "did you mean 'nodule'"),
+    'conditioning.mask_mode=per_finding': ("conditioning.mask_mode", "5 mask channel"),
+    'data.image_size=33': ("data.image_size", "not divisible"),
+    'model.preset=huge': ("model.preset", "unknown U-Net preset"),
+    'optim.learning_rate=1e-3': ("optim.learning_rate", "unknown key"),
+    'trainer.steps=3': ("trainer", "unknown section"),
+    'model.overrides.chanels=2': ("model.overrides.chanels", "UNetConfig"),
+    'loss.weight=2': ("loss.weight", "LesionLossConfig"),
+    'optim.mixed_precision=fp8': ("optim.mixed_precision", "is not one of"),
+    'optim.max_steps=ten': ("optim.max_steps", "not a valid int"),
+    'output.guidance={text: 2.0}': ("output.guidance.text", "no such condition"),
+}
+
+
+@pytest.mark.parametrize('override', list(BAD))
+def test_bad_config_fails_before_training(override, tmp_path):
+    field, problem = BAD[override]
+    out = tmp_path/'never'
+    with pytest.raises(ConfigError) as e:
+        train(str(TINY), overrides=[f'output.output_dir={out}', override])
+    msg = str(e.value)
+    assert str(TINY) in msg and f"field '{field}" in msg and problem in msg, msg
+    assert not out.exists()                                     # nothing was started
+
+
+def test_cli_bad_config_exits_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(['--config', str(TINY), '--set', f'output.output_dir={tmp_path}', 'data.image_size=33'])
+    assert e.value.code == 2
+    assert "field 'data.image_size'" in capsys.readouterr().err
+
+
+def test_gpu_config_is_valid():
+    cfg = load_config(ROOT/'configs'/'gpu256.yaml')
+    assert unet_config(cfg).image_size == 256 and cfg.data.mask_mode == 'per_finding'
+
+
+def _cli(out, *extra):
+    exe = BIN/'cxr-train'
+    head = [str(exe)] if exe.exists() else [sys.executable, '-m', 'cxr_diffusion_nbs.training']
+    # 10 training images, batch 4: 2 batches per epoch, so the run crosses epochs (and augmentation epochs)
+    return head + ['--config', str(TINY), '--set', f'output.output_dir={out}', 'output.progress=false',
+                   'data.limit=10', 'data.augment=true', 'optim.max_steps=10', 'output.checkpoint_every=3',
+                   'output.sample_every=1000', *extra]
+
+
+def test_kill_and_resume_repeats_the_uninterrupted_run(tmp_path):
+    full, killed = tmp_path/'full', tmp_path/'killed'
+    r = subprocess.run(_cli(full), capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    p = subprocess.Popen(_cli(killed), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+    t0 = time.time()
+    while not (killed/'checkpoint-3'/'train_state.json').exists():
+        assert p.poll() is None, p.stderr.read().decode()[-3000:]
+        assert time.time() - t0 < 240
+        time.sleep(0.01)
+    p.kill(); p.wait()
+    assert p.returncode != 0                                    # really killed, not finished
+    logged = pd.read_csv(killed/'log.csv')['step'].max()
+    assert 3 <= logged < 10
+    r = subprocess.run(_cli(killed, '--resume', 'auto'), capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout[r.stdout.index('{'):])
+    assert summary['resumed_from'].endswith('checkpoint-3') and summary['start_step'] == 3
+    a, b = pd.read_csv(full/'log.csv'), pd.read_csv(killed/'log.csv')
+    assert a['step'].tolist() == b['step'].tolist() == list(range(1, 11))
+    assert a['epoch'].tolist() == b['epoch'].tolist() and a['epoch'].max() >= 4
+    cols = [c for c in a.columns if c.startswith('loss')] + ['lr']
+    np.testing.assert_allclose(b[cols].to_numpy(), a[cols].to_numpy(), rtol=0, atol=1e-6)
+    wa, wb = load_file(str(full/'checkpoint-10'/'model.safetensors')), load_file(str(killed/'checkpoint-10'/'model.safetensors'))
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
+
+
+@pytest.mark.skipif(os.environ.get('CXR_SKIP_ACCELERATE') == '1', reason='CXR_SKIP_ACCELERATE=1')
+def test_accelerate_launch_cpu(tmp_path):
+    common = ['-m', 'cxr_diffusion_nbs.training', '--config', str(TINY), '--set', 'output.progress=false',
+              'output.checkpoint_every=2', 'output.sample_every=1000']
+    launch = [str(BIN/'accelerate'), 'launch', '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no']
+    # the documented command: in accelerate 1.x `--cpu --num_processes 2` runs the script once (multi-CPU needs mpirun)
+    out = tmp_path/'cpu'
+    r = subprocess.run(launch + ['--cpu', '--num_processes', '2'] + common + [f'output.output_dir={out}', 'optim.max_steps=2'],
+                       capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out/'summary.json').read_text())
+    assert s['steps'] == 2 and s['device'].startswith('cpu') and s['num_processes'] in (1, 2)
+    # two real processes: `--multi_gpu` uses torch.distributed.run; without a GPU they form a gloo group on the CPU
+    out = tmp_path/'ddp'
+    r = subprocess.run(launch + ['--multi_gpu', '--num_processes', '2'] + common + [f'output.output_dir={out}', 'optim.max_steps=3'],
+                       capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out/'summary.json').read_text())
+    assert s['num_processes'] == 2 and s['steps'] == 3 and s['images_seen'] == 3 * 4 * 2 and s['device'].startswith('cpu')
+    assert pd.read_csv(out/'log.csv')['step'].tolist() == [1, 2, 3]
+    ck = out/'checkpoint-3'
+    assert (ck/'random_states_0.pt').exists() and (ck/'random_states_1.pt').exists()   # per-process RNG states
+    assert (out/'samples'/'step-0000003.png').exists() and (out/'loss.png').exists()
+
+
+def test_time_budget_stops_and_checkpoints(tmp_path):
+    out = tmp_path/'budget'
+    s = train(tiny(out, 'optim.max_steps=null', 'optim.schedule=constant', 'optim.max_minutes=0.002',
+                   'output.sample_every=null'))
+    assert 1 <= s['steps'] < 50 and s['elapsed_s'] >= 0.12
+    assert list_checkpoints(out)[-1].name == f"checkpoint-{s['steps']}"     # the final state is saved
+    assert pd.read_csv(out/'log.csv')['step'].iloc[-1] == s['steps']
+    with pytest.raises(ConfigError, match='optim.max_steps'):            # a decaying schedule needs its length
+        load_config(TINY, ['optim.max_steps=null', 'optim.max_minutes=1'])
