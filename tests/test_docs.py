@@ -33,7 +33,7 @@ def standalone_copy(src: Path, dst_dir: Path) -> Path:
 def proc_dir(tmp_path_factory):
     "Run nbdev-proc-nbs on a scratch copy of the project (it writes `_proc/`)."
     dst = tmp_path_factory.mktemp('docs')/'proj'
-    shutil.copytree(ROOT, dst, ignore=shutil.ignore_patterns('.venv', '.git', '_proc', '_docs', '__pycache__', 'data'))
+    shutil.copytree(ROOT, dst, ignore=shutil.ignore_patterns('.venv', '.git', '_proc', '_docs', '__pycache__', 'data', 'runs'))
     (dst/'data').symlink_to(ROOT/'data')
     r = subprocess.run([str(BIN/'nbdev-proc-nbs')], cwd=dst, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
