@@ -18,16 +18,15 @@ from .core import (NIH_FINDINGS, RARE_FINDINGS, FINDING_SYNONYMS, canonical_find
 from .unet import UNetConfig, build_unet, unet_preset
 
 # %% auto #0
-__all__ = ['KNOWN_FINDINGS', 'MASK_MODES', 'CONDITION_NAMES', 'ConditioningError', 'ConditioningConfig', 'FrozenTextEncoder',
-           'ConditionalDenoiser', 'guided_prediction', 'batch_conditions', 'ellipse_mask', 'condition_tensors',
-           'show_conditions', 'conditioning_widget']
+__all__ = ['CONDITION_NAMES', 'ConditioningError', 'ConditioningConfig', 'FrozenTextEncoder', 'ConditionalDenoiser',
+           'guided_prediction', 'batch_conditions', 'ellipse_mask', 'condition_tensors', 'show_conditions',
+           'conditioning_widget']
 
 # %% ../nbs/08_conditioning.ipynb #27a46469
 class ConditioningError(CXRDataError):
     "Conditioning inputs or configuration that do not fit the model. The message names where and which field."
 
-KNOWN_FINDINGS = tuple(sorted(set(NIH_FINDINGS) | set(FINDING_SYNONYMS.values())))
-MASK_MODES = (None, 'union', 'per_finding')
+from .core import KNOWN_FINDINGS, MASK_MODES
 CONDITION_NAMES = ('labels', 'mask', 'text')
 
 @dataclass

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 # %% auto #0
-__all__ = ['NIH_FINDINGS', 'RARE_FINDINGS', 'FINDING_SYNONYMS', 'canonical_finding', 'CXRDataError', 'ImageReadError',
-           'ManifestError', 'MaskError', 'PatientLeakageError', 'default_device', 'atomic_write', 'project_root',
-           'sample_data_root', 'find_data_root', 'dicom_data_root']
+__all__ = ['NIH_FINDINGS', 'RARE_FINDINGS', 'FINDING_SYNONYMS', 'KNOWN_FINDINGS', 'MASK_MODES', 'PREDICTION_TYPES',
+           'canonical_finding', 'CXRDataError', 'ImageReadError', 'ManifestError', 'MaskError', 'PatientLeakageError',
+           'default_device', 'atomic_write', 'project_root', 'sample_data_root', 'find_data_root', 'dicom_data_root']
 
 # %% ../nbs/00_core.ipynb #195ee6e8
 NIH_FINDINGS = ('atelectasis', 'cardiomegaly', 'consolidation', 'edema', 'effusion', 'emphysema', 'fibrosis',
@@ -33,6 +33,12 @@ FINDING_SYNONYMS = {
     'diffuse_nodule': 'diffuse_nodule', 'ild': 'interstitial_lung_disease', 'lung_opacity': 'lung_opacity',
     'pulmonary_fibrosis': 'fibrosis',
 }
+# every finding name the package knows: the conditioning and training configs accept only these
+KNOWN_FINDINGS = tuple(sorted(set(NIH_FINDINGS) | set(FINDING_SYNONYMS.values())))
+# how lesion masks reach the model: none, one union channel, or one channel per finding
+MASK_MODES = (None, 'union', 'per_finding')
+# what the denoiser predicts (diffusers' names): the noise, the velocity v, or the clean image
+PREDICTION_TYPES = ('epsilon', 'v_prediction', 'sample')
 
 # %% ../nbs/00_core.ipynb #53aca3ed
 class CXRDataError(ValueError):

@@ -12,7 +12,7 @@ import numpy as np, pandas as pd, torch
 import torch.nn.functional as F
 from scipy import ndimage
 import matplotlib.pyplot as plt, seaborn as sns
-from .core import RARE_FINDINGS, ManifestError
+from .core import RARE_FINDINGS, MASK_MODES, ManifestError
 from .image_io import read_image, resize_with_masks
 from .masks import lesion_masks, mask_centroid
 from .manifest import Manifest, load_shared_subset
@@ -93,7 +93,7 @@ class CXRDataset(torch.utils.data.Dataset):
         findings = list(findings)
         unknown = [f for f in findings if f not in manifest.findings]
         if unknown: raise ManifestError(manifest.name, unknown[0], f"unknown label column; the manifest has {list(manifest.findings)}")
-        if mask_mode not in (None, 'union', 'per_finding'): raise ValueError(f"mask_mode must be None, 'union' or 'per_finding', got {mask_mode!r}")
+        if mask_mode not in MASK_MODES: raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
         imgs = manifest.images
         if split is not None:
             if split not in set(imgs['split']): raise ManifestError(manifest.name, 'split', f"no rows with split={split!r}; found {sorted(set(imgs['split']))}")

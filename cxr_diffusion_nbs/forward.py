@@ -15,11 +15,10 @@ import torch.nn.functional as F
 from .core import MaskError
 
 # %% auto #0
-__all__ = ['DIFFUSERS_BETA_SCHEDULES', 'PREDICTION_TYPES', 'linear_betas', 'cosine_alpha_bar', 'cosine_betas', 'NoiseSchedule',
-           'make_schedule', 'diffusers_schedule_kwargs', 'as_schedule', 'q_step', 'q_sample', 'snr', 'log_snr',
-           'q_posterior_mean_var', 'v_target', 'prediction_target', 'convert_prediction', 'ring_mask', 'lesion_cnr',
-           'expected_lesion_cnr', 'lesion_cnr_curve', 'cnr_noise_floor', 'image_correlation', 'noised_view',
-           'show_noised']
+__all__ = ['DIFFUSERS_BETA_SCHEDULES', 'linear_betas', 'cosine_alpha_bar', 'cosine_betas', 'NoiseSchedule', 'make_schedule',
+           'diffusers_schedule_kwargs', 'as_schedule', 'q_step', 'q_sample', 'snr', 'log_snr', 'q_posterior_mean_var',
+           'v_target', 'prediction_target', 'convert_prediction', 'ring_mask', 'lesion_cnr', 'expected_lesion_cnr',
+           'lesion_cnr_curve', 'cnr_noise_floor', 'image_correlation', 'noised_view', 'show_noised']
 
 # %% ../nbs/06_forward_process.ipynb #de5888e4
 def linear_betas(num_timesteps: int = 1000, beta_start: float | None = None, beta_end: float | None = None) -> torch.Tensor:
@@ -41,7 +40,7 @@ def cosine_betas(num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 
 
 # %% ../nbs/06_forward_process.ipynb #c2dabbc8
 DIFFUSERS_BETA_SCHEDULES = {'linear': 'linear', 'cosine': 'squaredcos_cap_v2'}
-PREDICTION_TYPES = ('epsilon', 'sample', 'v_prediction')
+from .core import PREDICTION_TYPES
 
 @dataclass(eq=False)
 class NoiseSchedule:

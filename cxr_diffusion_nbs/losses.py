@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['PREDICTION_TYPES', 'prediction_type_of', 'as_timesteps', 'alpha_bar', 'target_for', 'predicted_x0', 'lesion_union',
-           'lesion_weight_map', 'snr_of', 'min_snr_weight', 'ssim', 'lesion_bboxes', 'LesionLossConfig',
-           'lesion_ssim_term', 'lesion_preserving_loss']
+__all__ = ['prediction_type_of', 'as_timesteps', 'alpha_bar', 'target_for', 'predicted_x0', 'lesion_union', 'lesion_weight_map',
+           'snr_of', 'min_snr_weight', 'ssim', 'lesion_bboxes', 'LesionLossConfig', 'lesion_ssim_term',
+           'lesion_preserving_loss']
 
 # %% ../nbs/09_lesion_loss.ipynb #6a335098
-PREDICTION_TYPES = ('epsilon', 'v_prediction', 'sample')
+from .core import PREDICTION_TYPES
 
 def prediction_type_of(scheduler) -> str:
     "The scheduler's `config.prediction_type`, checked against the types this module supports."

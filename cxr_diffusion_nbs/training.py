@@ -23,13 +23,12 @@ from .manifest import load_shared_subset
 from .dataset import CXRDataset, Augment, finding_examples, overlay
 
 # %% auto #0
-__all__ = ['KNOWN_FINDINGS', 'SCHEDULES', 'MIXED_PRECISION', 'MASK_MODES', 'CKPT_PREFIX', 'ConfigError', 'ModelSection',
-           'DataSection', 'OptimSection', 'OutputSection', 'TrainConfig', 'parse_override', 'unet_config',
-           'conditioning_config', 'loss_config', 'model_signature', 'validate_config', 'load_config', 'epoch_batches',
-           'list_checkpoints', 'prune_checkpoints', 'resolve_resume', 'check_resume_compatible', 'read_log',
-           'truncate_log', 'append_log', 'plot_loss', 'cpu_supports_bf16', 'resolve_mixed_precision', 'save_checkpoint',
-           'load_checkpoint', 'ddim_sample', 'condition_rows', 'repeat_batch', 'sample_grid_figure', 'train', 'main',
-           'load_for_sampling']
+__all__ = ['SCHEDULES', 'MIXED_PRECISION', 'CKPT_PREFIX', 'ConfigError', 'ModelSection', 'DataSection', 'OptimSection',
+           'OutputSection', 'TrainConfig', 'parse_override', 'unet_config', 'conditioning_config', 'loss_config',
+           'model_signature', 'validate_config', 'load_config', 'epoch_batches', 'list_checkpoints',
+           'prune_checkpoints', 'resolve_resume', 'check_resume_compatible', 'read_log', 'truncate_log', 'append_log',
+           'plot_loss', 'cpu_supports_bf16', 'resolve_mixed_precision', 'save_checkpoint', 'load_checkpoint',
+           'ddim_sample', 'condition_rows', 'repeat_batch', 'sample_grid_figure', 'train', 'main', 'load_for_sampling']
 
 # %% ../nbs/10_training.ipynb #067d024b
 class ConfigError(CXRDataError):
@@ -178,10 +177,9 @@ def parse_override(s: str) -> tuple:
     return k.strip(), yaml.safe_load(v) if v.strip() else None
 
 # %% ../nbs/10_training.ipynb #57d9f3bf
-KNOWN_FINDINGS = tuple(sorted(set(NIH_FINDINGS) | set(FINDING_SYNONYMS.values())))
+from .core import KNOWN_FINDINGS, MASK_MODES
 SCHEDULES = ('cosine', 'linear', 'constant')
 MIXED_PRECISION = ('no', 'bf16', 'fp16', 'auto')
-MASK_MODES = (None, 'union', 'per_finding')
 
 def _dataclass_kwargs(cls, d: dict, section: str, source: str, skip=()) -> dict:
     known = {f.name for f in fields(cls)}

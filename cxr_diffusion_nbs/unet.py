@@ -13,11 +13,10 @@ from torch import nn
 from diffusers import UNet2DModel, UNet2DConditionModel, DDPMScheduler
 
 # %% auto #0
-__all__ = ['PREDICTION_TYPES', 'PRESETS', 'UNetConfig', 'unet_preset', 'build_unet', 'count_params', 'unet_levels',
-           'make_noise_scheduler']
+__all__ = ['PRESETS', 'UNetConfig', 'unet_preset', 'build_unet', 'count_params', 'unet_levels', 'make_noise_scheduler']
 
 # %% ../nbs/07_unet.ipynb #6c8f30cd
-PREDICTION_TYPES = ('epsilon', 'v_prediction', 'sample')
+from .core import PREDICTION_TYPES
 
 @dataclass
 class UNetConfig:
