@@ -4,6 +4,7 @@ Modules:
 
 - `cxr_diffusion_nbs.conditioning`: One denoiser that can be told *which* findings to draw (labels), *where* (a lesion mask) and *how* to describe them (a text prompt), in any combination, with each condition dropped independently during training so that classifier-free guidance can turn each one up or down separately.
 - `cxr_diffusion_nbs.manifest`: A `Manifest` (an images table, an annotations table and a finding vocabulary) and adapters that read NIH ChestX-ray14, CheXpert, MIMIC-CXR-JPG, SIIM-ACR, VinDr-CXR, ChestX-Det and the bundled sample into it.
+- `cxr_diffusion_nbs.sampling`: The reverse process written out step by step: a diffusers scheduler proposes each move, the conditional denoiser (with a separate classifier-free guidance scale for labels, mask and text) supplies the prediction, and the same seed always gives the same image.
 - `cxr_diffusion_nbs.training`: One YAML file describes a run; `train()` runs it on a CPU, a GPU or several processes, and continues exactly where it stopped after a crash or a kill.
 - `cxr_diffusion_nbs.unet`: A validated configuration, four presets from "trains in seconds" to "needs a GPU", and the diffusers U-Net and noise scheduler they build, opened up layer by layer."""
 

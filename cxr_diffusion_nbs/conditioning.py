@@ -18,9 +18,9 @@ from .core import (NIH_FINDINGS, RARE_FINDINGS, FINDING_SYNONYMS, canonical_find
 from .unet import UNetConfig, build_unet, unet_preset
 
 # %% auto #0
-__all__ = ['CONDITION_NAMES', 'ConditioningError', 'ConditioningConfig', 'FrozenTextEncoder', 'ConditionalDenoiser',
-           'guided_prediction', 'batch_conditions', 'ellipse_mask', 'condition_tensors', 'show_conditions',
-           'conditioning_widget']
+__all__ = ['CONDITION_NAMES', 'GUIDANCE_MODES', 'ConditioningError', 'ConditioningConfig', 'FrozenTextEncoder',
+           'ConditionalDenoiser', 'guided_prediction', 'batch_conditions', 'ellipse_mask', 'condition_tensors',
+           'show_conditions', 'conditioning_widget']
 
 # %% ../nbs/08_conditioning.ipynb #27a46469
 class ConditioningError(CXRDataError):
@@ -307,11 +307,15 @@ class ConditionalDenoiser(nn.Module):
 
 # %% ../nbs/08_conditioning.ipynb #2d01a343
 _COND_KEYS = {'labels': ('labels',), 'mask': ('mask',), 'text': ('text_emb', 'text_mask')}
+GUIDANCE_MODES = ('compositional', 'nested')
 
-def guided_prediction(model, x_t, t, conds: dict, scales: dict[str, float]) -> torch.Tensor:
-    """Compositional classifier-free guidance: `pred_uncond + sum_c scales[c] * (pred_{c only} - pred_uncond)`.
-    `conds` are forward kwargs (as from `batch_conditions`); `scales` maps 'labels'/'mask'/'text' to a scale.
-    Conditions with scale 0 (or missing from `scales`) are not used. All passes run as one batch."""
+def guided_prediction(model, x_t, t, conds: dict, scales: dict[str, float], mode: str = 'compositional') -> torch.Tensor:
+    """Classifier-free guidance with a scale per condition. `mode='compositional'`:
+    `pred_0 + sum_c scales[c] * (pred_{c only} - pred_0)`; `mode='nested'` (conditions in the order labels, mask,
+    text): `pred_0 + sum_i scales[c_i] * (pred_{c_1..c_i} - pred_{c_1..c_(i-1)})`, which at every scale 1 is the joint
+    conditional. `conds` are forward kwargs (as from `batch_conditions`); `scales` maps 'labels'/'mask'/'text' to a
+    scale. Conditions with scale 0 (or missing from `scales`) are not used. All passes run as one batch."""
+    if mode not in GUIDANCE_MODES: raise ConditioningError('guided_prediction', 'mode', f'{mode!r} is not one of {GUIDANCE_MODES}')
     bad = [k for k in scales if k not in CONDITION_NAMES]
     if bad: raise ConditioningError('guided_prediction', 'scales', f'unknown condition(s) {bad}; use {CONDITION_NAMES}')
     missing = [k for k, s in scales.items() if s != 0 and conds.get(_COND_KEYS[k][0]) is None]
@@ -321,18 +325,19 @@ def guided_prediction(model, x_t, t, conds: dict, scales: dict[str, float]) -> t
     t = torch.as_tensor(t, device=x_t.device)
     t = (t.expand(B) if t.ndim == 0 else t).repeat(R)
     kw, drop = {}, {}
-    for name in active:
+    for i, name in enumerate(active):
         for key in _COND_KEYS[name]:
             v = conds.get(key)
             if v is not None: kw[key] = v.repeat(R, *([1] * (v.ndim - 1)))
         on = torch.zeros(R, B, dtype=torch.bool, device=x_t.device)
-        on[1 + active.index(name)] = True               # copy 0: nothing; copy i: only condition i
+        if mode == 'compositional': on[1 + i] = True    # copy 0: nothing; copy i: only condition i
+        else: on[1 + i:] = True                         # copy i: conditions 1..i
         prior = (conds.get('drop') or {}).get(name)
         d = ~on.reshape(-1)
         drop[name] = d | prior.to(d.device).bool().repeat(R) if prior is not None else d
     pred = model(x_t.repeat(R, 1, 1, 1), t, **kw, drop=drop if drop else None).reshape(R, B, *x_t.shape[1:])
     out = pred[0]
-    for i, name in enumerate(active): out = out + scales[name] * (pred[1 + i] - pred[0])
+    for i, name in enumerate(active): out = out + scales[name] * (pred[1 + i] - pred[i if mode == 'nested' else 0])
     return out
 
 # %% ../nbs/08_conditioning.ipynb #040c9d6d
