@@ -158,7 +158,7 @@ class Manifest:
 
     @classmethod
     def from_csv(cls, dir, check_files: bool = False) -> 'Manifest':
-        "Read a manifest written by `to_csv` and validate it."
+        "Read a manifest written by `to_csv` (relative `path`/`mask_path` resolved against `dir`) and validate it."
         d = Path(dir)
         for f in ('manifest.json', 'images.csv', 'annotations.csv'):
             if not (d/f).exists(): raise ManifestError(d/f, 'file', 'missing; expected a folder written by Manifest.to_csv')
@@ -173,6 +173,9 @@ class Manifest:
         for c in _ANN_STR:
             if c in an.columns: an[c] = _as_str(an[c])
         for c in _ANN_NUM: an[c] = an[c].astype(float)
+        # relative paths (e.g. a synthetic cohort, written so its folder can move) are relative to this folder
+        im['path'] = [p if not p or os.path.isabs(p) else str((d/p).resolve()) for p in im['path']]
+        an['mask_path'] = [p if not p or os.path.isabs(p) else str((d/p).resolve()) for p in an['mask_path']]
         m = cls(im, an, meta['findings'], meta['root'], meta['name'], str(d/'images.csv'))
         return m.validate(check_files)
 

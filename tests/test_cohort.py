@@ -1,0 +1,160 @@
+"""Cohort builder: planning, balance, provenance, DICOM marking, refusals before writing, kill-and-resume, mixing."""
+import json, os, signal, subprocess, sys, time
+from pathlib import Path
+import numpy as np, pandas as pd, pytest, torch, pydicom
+from cxr_diffusion_nbs.core import project_root, sample_data_root, PatientLeakageError
+from cxr_diffusion_nbs.manifest import load_shared_subset, Manifest, IMAGE_COLUMNS
+from cxr_diffusion_nbs.image_io import read_image
+from cxr_diffusion_nbs.cohort import (CohortConfig, CohortError, DonorPool, build_cohort, load_cohort, target_counts,
+                                      plan_cohort, plan_conditions, jitter_mask, move_masks, mix_real_synthetic,
+                                      image_seed, load_cohort_config)
+
+BIN = Path(sys.executable).parent
+DEMO = project_root()/'data'/'models'/'cpu64_demo'
+FINDINGS = ('pneumothorax', 'nodule', 'mass', 'effusion', 'cardiomegaly')
+
+@pytest.fixture(scope='module')
+def real(): return load_shared_subset(sample_data_root())
+
+@pytest.fixture(scope='module')
+def pool(real): return DonorPool(real, FINDINGS, 64, 'train')
+
+def base(tmp, **kw):
+    d = dict(checkpoint=str(DEMO), output_dir=str(tmp/'cohort'), data_root=str(sample_data_root()), steps=3, batch_size=3, seed=2)
+    d.update(kw); return d
+
+def test_balance_max_lifts_every_finding_to_the_top(pool):
+    real_counts = pool.counts()
+    add = target_counts(CohortConfig(balance='max'), pool)
+    assert {real_counts[f] + add[f] for f in FINDINGS} == {max(real_counts.values())}
+    capped = target_counts(CohortConfig(balance='max', max_per_finding=5), pool)
+    assert max(capped.values()) == 5 and min(capped.values()) == 0
+
+def test_plan_is_deterministic_and_uses_training_donors(pool, real):
+    cfg = CohortConfig(counts={'nodule': 6, 'mass': 4}, seed=3)
+    p1, p2 = plan_cohort(cfg, pool, cfg.counts), plan_cohort(cfg, pool, cfg.counts)
+    pd.testing.assert_frame_equal(p1, p2)
+    assert list(p1.target_finding) == ['nodule'] * 6 + ['mass'] * 4
+    train_ids = set(real.images.loc[real.images.split == 'train', 'image_id'])
+    assert set(p1.donor_image_id) <= train_ids
+    assert len(set(p1.seed)) == 10 and p1.seed.iloc[0] == image_seed(3, 0)
+    for _, r in p1.iterrows():
+        lab, m = plan_conditions(r, pool, cfg)
+        assert lab[FINDINGS.index(r.target_finding)] == 1
+        assert m[FINDINGS.index(r.target_finding)].sum() > 0      # the target finding's lesion is in the mask
+
+def test_single_finding_mode(pool):
+    cfg = CohortConfig(counts={'nodule': 8}, co_occurring=False)
+    for _, r in plan_cohort(cfg, pool, cfg.counts).iterrows():
+        lab, m = plan_conditions(r, pool, cfg)
+        assert lab.tolist() == [0, 1, 0, 0, 0] and m[[0, 2, 3, 4]].sum() == 0
+
+def test_jitter_stays_in_region_and_image():
+    m = torch.zeros(1, 64, 64); m[0, 20:28, 20:28] = 1
+    region = torch.zeros(64, 64); region[10:40, 10:40] = 1
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        out, p = jitter_mask(m, region, rng, shift=.1, rotate=20, lesion_scale=(.7, 1.3), min_inside=.95)
+        assert p['tries'] > 0
+        assert float((out[0] * region).sum()) >= .95 * float(out[0].sum())
+        torch.testing.assert_close(move_masks(m, p['angle'], p['scale'], p['tx'], p['ty']), out)
+    # scale changes the area by about scale^2
+    big = move_masks(m, scale=1.5)
+    assert abs(float(big.sum()) / 64 - 2.25) < .4
+    # an impossible region: no draw accepted, mask unchanged
+    out, p = jitter_mask(m, torch.zeros(64, 64), rng, .1, 20, (.7, 1.3), .9)
+    assert p['tries'] == 0 and torch.equal(out, m)
+
+def test_cohort_provenance_dicom_and_schema(tmp_path, real):
+    out = build_cohort(base(tmp_path, counts={'nodule': 2, 'effusion': 1}, dicom=True), progress=False)
+    m = load_cohort(out)
+    assert list(m.images.columns[:len(IMAGE_COLUMNS)]) == list(IMAGE_COLUMNS)
+    im = m.images
+    assert len(im) == 3 and (im.synthetic == 1).all() and (im.source == 'synthetic').all()
+    for col in ('model_sha256', 'sampler', 'steps', 'guidance', 'seed', 'donor_image_id', 'mask_jitter', 'config'):
+        assert im[col].notna().all(), col
+    assert im.model_sha256.iloc[0] == __import__('hashlib').sha256((DEMO/'ema.safetensors').read_bytes()).hexdigest()
+    assert set(im.patient_id).isdisjoint(set(real.images.patient_id))
+    for _, r in im.iterrows():
+        d = pydicom.dcmread(out/r.dicom_path)
+        assert d.ConversionType == 'SYN' and 'SYNTHETIC' in d.SeriesDescription and list(d.ImageType)[:2] == ['DERIVED', 'SECONDARY']
+        assert d.PatientID == r.image_id and str(d.SOPClassUID) == '1.2.840.10008.5.1.4.1.1.7'
+        donor = real.images.set_index('image_id').loc[r.donor_image_id]
+        assert donor.patient_id not in str(d)            # nothing of the donor patient in the header
+        np.testing.assert_allclose(read_image(out/r.dicom_path), read_image(r.path), atol=1e-6)
+    uids = {pydicom.dcmread(out/p).SOPInstanceUID for p in im.dicom_path}
+    assert len(uids) == 3
+    ann = m.annotations
+    assert set(ann.kind) == {'mask'} and all(Path(p).exists() for p in ann.mask_path)
+    assert set(ann.loc[ann.image_id == im.image_id.iloc[0], 'finding']) >= {'nodule'}
+
+@pytest.mark.parametrize('kw,field', [
+    (dict(counts={'hernia': 2}), 'not trained on'), (dict(counts={'nodule': -1}), 'counts.nodule'),
+    (dict(counts={'nodule': 1}, guidance={'text': 2}), 'no text conditioning'),
+    (dict(counts={'nodule': 1}, severity=2, guidance={'labels': 1}), "'severity'"),
+    (dict(counts={'nodule': 1}, sampler='euler'), "'name'"), (dict(counts={'nodule': 1}, split='test'), "'split'"),
+    (dict(counts={'nodule': 1}, balance='max'), 'not both'), (dict(), 'nothing to generate'),
+    (dict(counts={'nodule': 1}, lesion_scale=(1.2, .8)), "'lesion_scale'"), (dict(counts={'nodule': 1}, colour=1), "'colour'")])
+def test_refusals_write_nothing(tmp_path, kw, field):
+    with pytest.raises(CohortError, match=field): build_cohort(base(tmp_path, **kw), progress=False)
+    assert not (tmp_path/'cohort').exists()
+
+def test_foreign_or_different_folder_refused(tmp_path, real):
+    real.subset(split='val').to_csv(tmp_path/'cohort')
+    before = sorted(p.name for p in (tmp_path/'cohort').iterdir())
+    with pytest.raises(CohortError, match='manifest'): build_cohort(base(tmp_path, counts={'nodule': 1}), progress=False)
+    assert sorted(p.name for p in (tmp_path/'cohort').iterdir()) == before
+    (tmp_path/'other').mkdir(); (tmp_path/'other'/'notes.txt').write_text('x')
+    with pytest.raises(CohortError, match='not empty'):
+        build_cohort(base(tmp_path, counts={'nodule': 1}, output_dir=str(tmp_path/'other')), progress=False)
+    build_cohort(base(tmp_path, counts={'nodule': 1}, output_dir=str(tmp_path/'c2')), progress=False)
+    with pytest.raises(CohortError, match='different cohort'):
+        build_cohort(base(tmp_path, counts={'nodule': 2}, output_dir=str(tmp_path/'c2')), progress=False)
+
+def test_cli_killed_and_resumed_equals_uninterrupted(tmp_path):
+    args = ['--checkpoint', str(DEMO), '--counts', 'nodule=4,mass=3,pneumothorax=2', '--steps', '4', '--batch-size', '2',
+            '--seed', '9', '--set', f'data_root={sample_data_root()}', '--no-progress']
+    full = subprocess.run([str(BIN/'cxr-cohort'), *args, '--output', str(tmp_path/'full')], capture_output=True, text=True, timeout=900)
+    assert full.returncode == 0, full.stderr[-2000:]
+    killed = tmp_path/'killed'
+    p = subprocess.Popen([str(BIN/'cxr-cohort'), *args, '--output', str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while time.time() - t0 < 600:
+        rec = killed/'records.jsonl'
+        if rec.exists() and len(rec.read_text().splitlines()) >= 3: break
+        time.sleep(.05)
+    p.send_signal(signal.SIGKILL); p.wait()
+    n_done = len((killed/'records.jsonl').read_text().splitlines())
+    assert 3 <= n_done < 9 and not (killed/'images.csv').exists()
+    again = subprocess.run([str(BIN/'cxr-cohort'), *args, '--output', str(killed)], capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-2000:]
+    a, b = load_cohort(tmp_path/'full'), load_cohort(killed)
+    assert list(a.images.image_id) == list(b.images.image_id) and len(b.images) == 9
+    assert len((killed/'records.jsonl').read_text().splitlines()) == 9          # nothing duplicated
+    for pa, pb in zip(a.images.path, b.images.path): np.testing.assert_array_equal(read_image(pa), read_image(pb))
+    assert not list(killed.rglob('.*.tmp')) and not [q for q in killed.rglob('.*') if q.is_file()]
+
+def test_cli_refusal_exit_code(tmp_path):
+    r = subprocess.run([str(BIN/'cxr-cohort'), '--checkpoint', str(DEMO), '--counts', 'hernia=2', '--output', str(tmp_path/'x')],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and 'not trained on' in r.stderr and not (tmp_path/'x').exists()
+
+def test_config_file_and_overrides(tmp_path):
+    cfg, src = load_cohort_config(project_root()/'configs'/'cohort.yaml', ['counts.nodule=3', 'balance=null', 'guidance.mask=1.5'])
+    assert cfg.counts == {'nodule': 3} and cfg.balance is None and cfg.guidance == {'mask': 1.5}
+    with pytest.raises(CohortError, match='only counts'): load_cohort_config(None, ['sampler.x=1'])
+
+def test_mix_ratio_and_leakage(tmp_path, real):
+    out = build_cohort(base(tmp_path, counts={'nodule': 3, 'mass': 3}), progress=False)
+    syn = load_cohort(out)
+    n_real = int((real.images.split == 'train').sum())
+    mixed = mix_real_synthetic(real, syn, ratio=4 / n_real, seed=1)
+    assert int(mixed.images.synthetic.sum()) == 4 and int((mixed.images.synthetic == 0).sum()) == n_real
+    assert mixed.findings == list(FINDINGS) and (mixed.images.split == 'train').all()
+    mixed.validate()
+    with pytest.raises(CohortError, match='needs'): mix_real_synthetic(real, syn, ratio=1.)
+    with pytest.raises(CohortError, match="'ratio'"): mix_real_synthetic(real, syn, ratio=-1)
+    val_id = real.images.loc[real.images.split == 'val', 'image_id'].iloc[0]
+    leaky = Manifest(syn.images.assign(donor_image_id=val_id), syn.annotations, syn.findings, syn.root, 'leaky')
+    with pytest.raises(PatientLeakageError, match='donor_image_id'): mix_real_synthetic(real, leaky, ratio=.01)
+    with pytest.raises(CohortError, match="'synthetic'"): mix_real_synthetic(real, real.subset(findings=list(FINDINGS)), ratio=.1)
