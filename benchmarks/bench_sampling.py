@@ -1,0 +1,85 @@
+"""How much does the sampling loop cost on top of the network, and what does each sampler cost per image?
+
+For each sampler (DDPM 1000, DDIM 50, DPM-Solver++ 20 and 10 steps by default) it prints the seconds per image of
+`cxr_diffusion_nbs.sampling.sample` next to steps x one bare forward of the same model at the same batch, with the
+same conditions and precision, and their ratio. Target: the loop (scheduler steps, per-image seeds, condition
+checks, clamping) costs <= 5% on top of the network. With guidance every step is one batched forward of (1 + K)
+copies, so the bare reference is timed on that batch too. Measured numbers, not a test.
+
+    .venv/bin/python benchmarks/bench_sampling.py                      # demo model, batch 8, fp32
+    .venv/bin/python benchmarks/bench_sampling.py --batch 16 --bf16 --guidance labels=2
+    .venv/bin/python benchmarks/bench_sampling.py --quick              # DDPM 100 instead of 1000
+"""
+import argparse, statistics, time
+from pathlib import Path
+
+import torch
+
+from cxr_diffusion_nbs.sampling import sample, model_prediction, _parse_scales, SAMPLER_LABELS
+from cxr_diffusion_nbs.training import load_for_sampling
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def conditions(model, n: int) -> dict:
+    "Labels (one finding each, cycling) and a real-sized ellipse mask, as a cohort would pass them."
+    cc, S = model.cond_cfg, model.unet_cfg.image_size
+    out = {}
+    if cc.use_labels:
+        lab = torch.zeros(n, len(cc.findings)); lab[torch.arange(n), torch.arange(n) % len(cc.findings)] = 1
+        out['labels'] = lab
+    if cc.mask_mode is not None:
+        yy, xx = torch.meshgrid(torch.arange(S), torch.arange(S), indexing='ij')
+        m = ((((xx - S * .35) / (S * .1))**2 + ((yy - S * .4) / (S * .08))**2) <= 1).float()
+        out['mask'] = m[None, None].repeat(n, cc.mask_channels, 1, 1)
+    return out
+
+
+@torch.no_grad()
+def bare_forward_s(model, conds, n, guidance, bf16, reps: int) -> float:
+    "Median seconds of one network evaluation (guided: the whole batched (1+K)-copy pass), nothing else."
+    S = model.unet_cfg.image_size
+    x = torch.randn(n, 1, S, S)
+    t = torch.full((n,), 500, dtype=torch.long)
+    times = []
+    for i in range(reps + 2):
+        t0 = time.perf_counter()
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+            model_prediction(model, x, t, conds, guidance)
+        if i >= 2: times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--checkpoint', default=str(ROOT/'data'/'models'/'cpu64_demo'))
+    p.add_argument('--batch', type=int, default=8)
+    p.add_argument('--bf16', action='store_true')
+    p.add_argument('--guidance', default='', help='e.g. labels=2,mask=1 (default: none)')
+    p.add_argument('--quick', action='store_true', help='DDPM with 100 steps instead of 1000')
+    p.add_argument('--threads', type=int, default=None)
+    a = p.parse_args()
+    if a.threads: torch.set_num_threads(a.threads)
+    model, ns, _ = load_for_sampling(a.checkpoint, device='cpu')
+    n, guidance = a.batch, _parse_scales(a.guidance)
+    conds = conditions(model, n)
+    runs = [('ddpm', 100 if a.quick else 1000), ('ddim', 50), ('dpmpp', 20), ('dpmpp', 10)]
+    fwd = bare_forward_s(model, conds, n, guidance, a.bf16, reps=20)
+    print(f"model: {a.checkpoint} | batch {n} | {'bf16' if a.bf16 else 'fp32'} | guidance {guidance or 'none'} | "
+          f"torch threads {torch.get_num_threads()}")
+    print(f"bare forward: {fwd * 1000:.1f} ms per batch ({fwd / n * 1000:.2f} ms per image)\n")
+    print(f"{'sampler':>13} {'steps':>5} {'s/image':>9} {'steps x bare fwd':>17} {'overhead':>9}")
+    for name, steps in runs:
+        sample(model, ns, conds, sampler=name, steps=min(steps, 5), guidance=guidance, seed=0,
+               mixed_precision='bf16' if a.bf16 else 'no')                      # warm-up
+        fwd = bare_forward_s(model, conds, n, guidance, a.bf16, reps=10)        # re-measured next to each run
+        t0 = time.perf_counter()
+        sample(model, ns, conds, sampler=name, steps=steps, guidance=guidance, seed=0, mixed_precision='bf16' if a.bf16 else 'no')
+        total = time.perf_counter() - t0
+        ref = steps * fwd
+        print(f"{SAMPLER_LABELS[name]:>13} {steps:>5} {total / n:>9.3f} {ref / n:>17.3f} {total / ref - 1:>+9.1%}")
+    print('\ntarget: overhead <= +5% (scheduler step, seeds, checks and clamping on top of the network)')
+
+
+if __name__ == '__main__':
+    main()
