@@ -139,3 +139,18 @@ def test_cli_refuses_before_writing(tmp_path, args, msg):
     r = run_cli('--checkpoint', str(DEMO), '--n', '1', '--output', str(tmp_path/'out'), *args)
     assert r.returncode == 2 and msg in r.stderr, r.stderr[-2000:]
     assert not (tmp_path/'out').exists()
+
+def test_text_guidance_on_a_text_model():
+    "Per-condition guidance reaches the text condition on a model that has one (random token embeddings stand in)."
+    torch.manual_seed(1)
+    m = ConditionalDenoiser(unet_preset('tiny', image_size=16), ConditioningConfig(use_text=True)).eval()
+    ns = make_noise_scheduler(m.unet_cfg)
+    c = dict(conds(2), text_emb=torch.randn(2, 6, 384), text_mask=torch.ones(2, 6, dtype=torch.long))
+    plain = sample(m, ns, c, steps=4, seed=0).images
+    nested = sample(m, ns, c, steps=4, seed=0, guidance=dict(labels=1, mask=1, text=1), guidance_mode='nested').images
+    torch.testing.assert_close(nested, plain, atol=1e-4, rtol=0)
+    text3 = sample(m, ns, c, steps=4, seed=0, guidance=dict(labels=1, mask=1, text=3)).images
+    text1 = sample(m, ns, c, steps=4, seed=0, guidance=dict(labels=1, mask=1, text=1)).images
+    assert (text3 - text1).abs().mean() > 1e-5
+    with pytest.raises(SamplingError, match='no text condition was passed'):
+        sample(m, ns, conds(2), guidance=dict(text=2))
