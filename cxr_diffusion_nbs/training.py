@@ -28,7 +28,8 @@ __all__ = ['SCHEDULES', 'MIXED_PRECISION', 'CKPT_PREFIX', 'ConfigError', 'ModelS
            'model_signature', 'validate_config', 'load_config', 'epoch_batches', 'list_checkpoints',
            'prune_checkpoints', 'resolve_resume', 'check_resume_compatible', 'read_log', 'truncate_log', 'append_log',
            'plot_loss', 'cpu_supports_bf16', 'resolve_mixed_precision', 'save_checkpoint', 'load_checkpoint',
-           'ddim_sample', 'condition_rows', 'repeat_batch', 'sample_grid_figure', 'train', 'main', 'load_for_sampling']
+           'ddim_sample', 'condition_rows', 'repeat_batch', 'sample_grid_figure', 'train', 'main', 'init_weights',
+           'load_for_sampling']
 
 # %% ../nbs/10_training.ipynb #067d024b
 class ConfigError(CXRDataError):
@@ -38,6 +39,7 @@ class ConfigError(CXRDataError):
 class ModelSection:
     preset: str = 'tiny'                          # a name in unet.PRESETS
     overrides: dict = field(default_factory=dict) # UNetConfig fields to change (image_size comes from data.image_size)
+    init_from: str | None = None                  # fine-tune: start from these weights (a run or checkpoint folder; EMA if present)
 
 @dataclass
 class DataSection:
@@ -279,6 +281,8 @@ def validate_config(cfg: TrainConfig, build: bool = True) -> TrainConfig:
     if out.log_every is None: raise cfg.err('output.log_every', 'must be >= 1')
     if out.resume is not None and out.resume != 'auto' and not Path(out.resume).exists():
         raise cfg.err('output.resume', f"{out.resume} does not exist (use 'auto', null or a checkpoint folder)")
+    if cfg.model.init_from is not None and not Path(cfg.model.init_from).exists():
+        raise cfg.err('model.init_from', f"{cfg.model.init_from} does not exist (a run folder or a checkpoint-<step>/ folder)")
     # the other notebooks' configs, and their consistency
     u, cc = unet_config(cfg), conditioning_config(cfg)
     lc = loss_config(cfg)
@@ -607,6 +611,8 @@ def train(cfg, overrides=()) -> dict:
     set_seed(o.seed)
     ucfg, ccfg, lcfg = unet_config(cfg), conditioning_config(cfg), loss_config(cfg)
     model = ConditionalDenoiser(ucfg, ccfg)
+    if cfg.model.init_from is not None and ckpt is None:      # fine-tuning; a resume restores its own weights
+        init_weights(model, cfg.model.init_from, cfg)
     noise_sched = make_noise_scheduler(ucfg)
     T = noise_sched.config.num_train_timesteps
     text_encoder = FrozenTextEncoder.shared() if ccfg.use_text else None   # frozen, cached per prompt; not trained
@@ -781,22 +787,42 @@ def main(argv=None):
 if __name__ == '__main__' and '__file__' in globals() and 'get_ipython' not in globals(): main()  # python -m, not a notebook
 
 # %% ../nbs/10_training.ipynb #a93c225d
-def load_for_sampling(checkpoint, use_ema: bool = True, device=None) -> tuple:
-    "(model, noise_scheduler, cfg) from a `checkpoint-<step>/` folder (or a run folder: its newest checkpoint)."
-    from safetensors.torch import load_model, load_file
+def _checkpoint_folder(checkpoint) -> Path:
+    "A `checkpoint-<step>/` folder as given, or a run folder's newest one."
     ckpt = Path(checkpoint)
     if not (ckpt/'train_state.json').exists():
         found = list_checkpoints(ckpt)
         if not found: raise ConfigError(str(ckpt), 'checkpoint', 'no checkpoint-<step>/ folder with train_state.json here')
         ckpt = found[-1]
-    cfg = load_config(yaml.safe_load((ckpt/'config.yaml').read_text()))
-    model = ConditionalDenoiser(unet_config(cfg), conditioning_config(cfg))
+    return ckpt
+
+def _load_weights(model, ckpt: Path, use_ema: bool = True):
+    "Copy a checkpoint's EMA weights (if present and `use_ema`) or raw weights into `model`."
+    from safetensors.torch import load_model, load_file
     if use_ema and (ckpt/'ema.safetensors').exists():
         sh = load_file(str(ckpt/'ema.safetensors'))
         missing = [n for n, _ in model.named_parameters() if n not in sh]
         if missing: raise ConfigError(str(ckpt/'ema.safetensors'), missing[0], 'parameter missing from the EMA weights')
         with torch.no_grad():
-            for n, p in model.named_parameters(): p.copy_(sh[n])
+            for n, p in model.named_parameters(): p.copy_(sh[n].to(p.dtype))
     else: load_model(model, str(ckpt/'model.safetensors'))
+
+def init_weights(model, checkpoint, cfg: TrainConfig):
+    "Fine-tuning: load `checkpoint`'s weights (EMA if present) into `model` after checking both describe the same network."
+    ckpt = _checkpoint_folder(checkpoint)
+    theirs = model_signature(load_config(yaml.safe_load((ckpt/'config.yaml').read_text())))
+    ours = model_signature(cfg)
+    for part in ('unet', 'conditioning'):
+        diff = sorted(k for k in set(ours[part]) | set(theirs[part]) if ours[part].get(k) != theirs[part].get(k))
+        if diff: raise cfg.err('model.init_from', f"{ckpt} is a different network ({part}.{diff[0]}: "
+                               f"{theirs[part].get(diff[0])!r} there, {ours[part].get(diff[0])!r} here)")
+    _load_weights(model, ckpt)
+
+def load_for_sampling(checkpoint, use_ema: bool = True, device=None) -> tuple:
+    "(model, noise_scheduler, cfg) from a `checkpoint-<step>/` folder (or a run folder: its newest checkpoint)."
+    ckpt = _checkpoint_folder(checkpoint)
+    cfg = load_config(yaml.safe_load((ckpt/'config.yaml').read_text()))
+    model = ConditionalDenoiser(unet_config(cfg), conditioning_config(cfg))
+    _load_weights(model, ckpt, use_ema)
     device = device or default_device()
     return model.to(device).eval(), make_noise_scheduler(unet_config(cfg)), cfg

@@ -190,3 +190,22 @@ def test_time_budget_stops_and_checkpoints(tmp_path):
     assert pd.read_csv(out/'log.csv')['step'].iloc[-1] == s['steps']
     with pytest.raises(ConfigError, match='optim.max_steps'):            # a decaying schedule needs its length
         load_config(TINY, ['optim.max_steps=null', 'optim.max_minutes=1'])
+
+def test_init_from_loads_a_checkpoint_and_refuses_another_network(tmp_path):
+    "Fine-tuning starts from the given weights (EMA), and a checkpoint of a different network is refused by name."
+    import yaml
+    from safetensors.torch import load_file
+    from cxr_diffusion_nbs.conditioning import ConditionalDenoiser
+    from cxr_diffusion_nbs.training import init_weights, load_config, unet_config, conditioning_config, ConfigError
+    from cxr_diffusion_nbs.core import project_root
+    demo = project_root()/'data'/'models'/'cpu64_demo'
+    cfg = load_config(yaml.safe_load((demo/'config.yaml').read_text()))
+    model = ConditionalDenoiser(unet_config(cfg), conditioning_config(cfg))
+    init_weights(model, demo, cfg)
+    ema = load_file(str(demo/'ema.safetensors'))
+    for n, p in model.named_parameters(): assert torch.equal(p.detach(), ema[n].float()), n
+    tiny = load_config(str(project_root()/'configs'/'tiny.yaml'), [('model.init_from', str(demo))])
+    other = ConditionalDenoiser(unet_config(tiny), conditioning_config(tiny))
+    with pytest.raises(ConfigError, match='model.init_from'): init_weights(other, demo, tiny)
+    with pytest.raises(ConfigError, match='model.init_from'):
+        load_config(str(project_root()/'configs'/'tiny.yaml'), [('model.init_from', str(tmp_path/'nope'))])
