@@ -1,0 +1,43 @@
+"""Store the outputs of a real pipeline run in nbs/21_pipeline.ipynb, so the docs show a finished study.
+
+The pipeline notebook is not executed by the tests (it is the 10-15 minute main job; tests/test_pipeline.py runs it
+small with papermill) nor by the docs build, so its stored outputs come from a run of the defaults:
+
+    .venv/bin/cxr-pipeline --output runs/pipeline
+    .venv/bin/python tools/store_pipeline_outputs.py runs/pipeline/pipeline.ipynb
+
+Cells are matched by their source; papermill's injected-parameters cell is left out. Images larger than `--max-kb`
+are dropped (the figures are also in the run folder).
+"""
+import argparse, json, sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('executed', help='the executed notebook of a run (<run>/pipeline.ipynb)')
+    p.add_argument('--notebook', default=str(ROOT/'nbs'/'21_pipeline.ipynb'))
+    p.add_argument('--max-kb', type=int, default=300)
+    a = p.parse_args()
+    run = json.loads(Path(a.executed).read_text())
+    nb_path = Path(a.notebook)
+    nb = json.loads(nb_path.read_text())
+    src = lambda c: ''.join(c['source']) if isinstance(c['source'], list) else c['source']
+    outputs = {src(c): c.get('outputs', []) for c in run['cells']
+               if c['cell_type'] == 'code' and 'injected-parameters' not in c.get('metadata', {}).get('tags', [])}
+    n = 0
+    for c in nb['cells']:
+        if c['cell_type'] != 'code' or src(c) not in outputs: continue
+        outs = []
+        for o in outputs[src(c)]:
+            if o.get('output_type') == 'error': sys.exit(f'the run failed in a cell: {o.get("ename")}: {o.get("evalue")}')
+            png = o.get('data', {}).get('image/png')
+            if png and len(png) * 3 / 4 / 1024 > a.max_kb: continue
+            outs.append(o)
+        c['outputs'], n = outs, n + 1
+    nb_path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + '\n')
+    print(f'stored the outputs of {n} cells in {nb_path}')
+
+if __name__ == '__main__':
+    main()
