@@ -238,12 +238,10 @@ def resolve_path(p) -> Path:
 
 def checkpoint_weights(checkpoint) -> tuple[Path, Path]:
     "(checkpoint folder, the weights file `load_for_sampling` uses: EMA if present) for a run or checkpoint folder."
+    from cxr_diffusion_nbs.training import _checkpoint_folder      # the trainer's own rule: newest complete checkpoint
     ck = resolve_path(checkpoint)
     if not ck.exists(): raise SamplingError(str(checkpoint), 'checkpoint', 'does not exist')
-    if not (ck/'train_state.json').exists():
-        found = sorted(ck.glob('checkpoint-*/train_state.json'), key=lambda p: int(p.parent.name.split('-')[-1]))
-        if not found: raise SamplingError(str(ck), 'checkpoint', 'no train_state.json here or in a checkpoint-<step>/ folder')
-        ck = found[-1].parent
+    ck = _checkpoint_folder(ck)
     for name in ('ema.safetensors', 'model.safetensors'):
         if (ck/name).exists(): return ck, ck/name
     raise SamplingError(str(ck), 'checkpoint', 'holds neither ema.safetensors nor model.safetensors')
