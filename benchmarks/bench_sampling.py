@@ -20,24 +20,19 @@ from pathlib import Path
 
 import torch
 
+from cxr_diffusion_nbs.checkpoints import load_denoiser
+from cxr_diffusion_nbs.conditioning import ellipse_mask, model_inputs
 from cxr_diffusion_nbs.sampling import sample, model_prediction, _parse_scales, SAMPLER_LABELS
-from cxr_diffusion_nbs.training import load_for_sampling
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def conditions(model, n: int) -> dict:
-    "Labels (one finding each, cycling) and a real-sized ellipse mask, as a cohort would pass them."
+    "One finding per image (cycling) and a real-sized ellipse lesion mask, built as every caller builds them."
     cc, S = model.cond_cfg, model.unet_cfg.image_size
-    out = {}
-    if cc.use_labels:
-        lab = torch.zeros(n, len(cc.findings)); lab[torch.arange(n), torch.arange(n) % len(cc.findings)] = 1
-        out['labels'] = lab
-    if cc.mask_mode is not None:
-        yy, xx = torch.meshgrid(torch.arange(S), torch.arange(S), indexing='ij')
-        m = ((((xx - S * .35) / (S * .1))**2 + ((yy - S * .4) / (S * .08))**2) <= 1).float()
-        out['mask'] = m[None, None].repeat(n, cc.mask_channels, 1, 1)
-    return out
+    findings = [[cc.findings[i % len(cc.findings)]] for i in range(n)]
+    mask = torch.from_numpy(ellipse_mask(S, .35, .4, .1, .08)) if cc.mask_mode is not None else None
+    return model_inputs(model, n, findings=findings if cc.use_labels else None, masks=mask, where='bench_sampling')
 
 
 @torch.no_grad()
@@ -62,7 +57,7 @@ class ZeroNet(torch.nn.Module):
         self.model, self.unet_cfg, self.cond_cfg = model, model.unet_cfg, model.cond_cfg
         self.anchor = torch.nn.Parameter(torch.zeros(1))          # so sample() finds a device
     def check_inputs(self, *a, **k): return self.model.check_inputs(*a, **k)
-    def forward(self, x, t, **k): return torch.zeros_like(x)
+    def forward(self, x, t, validate=True, **k): return torch.zeros_like(x)
 
 
 def main():
@@ -75,7 +70,7 @@ def main():
     p.add_argument('--threads', type=int, default=None)
     a = p.parse_args()
     if a.threads: torch.set_num_threads(a.threads)
-    model, ns, _ = load_for_sampling(a.checkpoint, device='cpu')
+    model, ns, _ = load_denoiser(a.checkpoint, device='cpu')
     n, guidance = a.batch, _parse_scales(a.guidance)
     conds = conditions(model, n)
     runs = [('ddpm', 100 if a.quick else 1000), ('ddim', 50), ('dpmpp', 20), ('dpmpp', 10)]

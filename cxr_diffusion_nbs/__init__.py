@@ -3,6 +3,7 @@
 Modules:
 
 - `cxr_diffusion_nbs.adherence`: Two judges trained on real radiographs check whether synthetic images show what they were asked for: the classifier of `15_classifier` scores **class consistency** (AUROC of the requested findings on synthetic images) and a small lesion U-Net scores **mask adherence** (Dice and IoU between its segmentation of a synthetic image and the lesion mask that image was conditioned on), each next to its ceiling on real images and a shuffled control.
+- `cxr_diffusion_nbs.checkpoints`: What a checkpoint folder holds, why it is written atomically, and how it is loaded safely: weights from safetensors, states with `torch.load(weights_only=True)`, the network rebuilt from its JSON signature.
 - `cxr_diffusion_nbs.classifier`: A small multi-label CNN trained on real radiographs. It is the domain feature extractor behind FID, KID and precision/recall, it checks whether synthetic images show the findings they were asked for, and it is the downstream model whose AUROC tells whether synthetic images help.
 - `cxr_diffusion_nbs.cohort`: Turn a trained conditional model into a dataset: target counts per finding (or "balance every finding to the most frequent"), conditions drawn from real patients' labels and lesion masks (jittered in position, size and rotation within where that finding occurs), PNGs (and optionally DICOMs marked synthetic) plus a manifest in the real data's schema with the provenance of every image, and a mixer of real and synthetic images at a chosen ratio.
 - `cxr_diffusion_nbs.conditioning`: One denoiser that can be told *which* findings to draw (labels), *where* (a lesion mask) and *how* to describe them (a text prompt), in any combination, with each condition dropped independently during training so that classifier-free guidance can turn each one up or down separately.
@@ -19,3 +20,10 @@ Modules:
 - `cxr_diffusion_nbs.unet`: A validated configuration, four presets from "trains in seconds" to "needs a GPU", and the diffusers U-Net and noise scheduler they build, opened up layer by layer."""
 
 __version__ = "0.1.0"
+
+def __getattr__(name):
+    "`cxr_diffusion_nbs.load_generator` (from `sampling`), imported on first use so that importing the package stays light."
+    if name == 'load_generator':
+        from .sampling import load_generator
+        return load_generator
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

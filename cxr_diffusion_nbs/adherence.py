@@ -9,16 +9,19 @@ Docs: https://cxr-diffusion-nbs.github.io/cxr_diffusion_nbs/adherence.html.md"""
 
 # %% ../nbs/17_adherence.ipynb #54b40dd9
 from __future__ import annotations
-import json, math, time
-from dataclasses import dataclass, asdict, fields
+from dataclasses import dataclass, asdict
 from pathlib import Path
 import numpy as np, pandas as pd
 import torch
 from torch import nn
 import torch.nn.functional as F
-from .core import CXRDataError, RARE_FINDINGS, KNOWN_FINDINGS, atomic_write, default_device, project_root
+from sklearn.metrics import roc_auc_score
+from .core import (CXRDataError, ConfigError, RARE_FINDINGS, check_findings, config_from_dict, default_device,
+                                    project_root)
 from .manifest import Manifest
+from .masks import overlay
 from .dataset import CXRDataset, Augment
+from .classifier import conv_block, fit, save_model_folder, load_model_folder, predict_proba
 
 # %% auto #0
 __all__ = ['AdherenceError', 'dice', 'iou', 'select_training_images', 'SegmenterConfig', 'LesionSegmenter', 'dice_bce_loss',
@@ -90,7 +93,7 @@ def select_training_images(manifest: Manifest, findings=RARE_FINDINGS, split: st
 # %% ../nbs/17_adherence.ipynb #5316acc1
 @dataclass
 class SegmenterConfig:
-    "What lesion segmenter to train and how."
+    "What lesion segmenter to train and how. Validated on creation; `from_dict` builds one from a mapping."
     findings: tuple = RARE_FINDINGS   # lesions of these findings form the (union) target mask
     image_size: int = 64
     width: int = 12                   # channels of the first level (then x2 per level)
@@ -107,40 +110,39 @@ class SegmenterConfig:
     device: str | None = None
 
     def __post_init__(self):
-        self.findings = (self.findings,) if isinstance(self.findings, str) else tuple(self.findings)
-        bad = [f for f in self.findings if f not in KNOWN_FINDINGS]
-        if bad: raise AdherenceError('SegmenterConfig', 'findings', f'unknown finding {bad[0]!r}')
-        if not self.findings: raise AdherenceError('SegmenterConfig', 'findings', 'is empty')
+        self.findings = check_findings(self.findings, 'SegmenterConfig')
+        self.validate()
+
+    def validate(self):
+        "Raise a `ConfigError` naming the field of any setting that cannot work."
+        err = lambda k, problem: ConfigError('SegmenterConfig', k, problem)
         for k in ('width', 'levels', 'epochs', 'batch_size'):
-            if int(getattr(self, k)) < 1: raise AdherenceError('SegmenterConfig', k, f'{getattr(self, k)} must be >= 1')
+            if int(getattr(self, k)) < 1: raise err(k, f'{getattr(self, k)} must be >= 1')
         if self.image_size % 2 ** (self.levels - 1):
-            raise AdherenceError('SegmenterConfig', 'image_size', f'{self.image_size} is not a multiple of {2 ** (self.levels - 1)} (levels={self.levels})')
-        if not self.negatives >= 0: raise AdherenceError('SegmenterConfig', 'negatives', f'{self.negatives} must be >= 0')
-        if self.max_images is not None and self.max_images < 2: raise AdherenceError('SegmenterConfig', 'max_images', f'{self.max_images} must be >= 2 or None')
+            raise err('image_size', f'{self.image_size} is not a multiple of {2 ** (self.levels - 1)} (levels={self.levels})')
+        if not self.lr > 0: raise err('lr', f'{self.lr} must be > 0')
+        if not self.negatives >= 0: raise err('negatives', f'{self.negatives} must be >= 0')
+        if not self.bce_weight >= 0: raise err('bce_weight', f'{self.bce_weight} must be >= 0')
+        if self.max_images is not None and self.max_images < 2: raise err('max_images', f'{self.max_images} must be >= 2 or None')
 
     def to_dict(self) -> dict: d = asdict(self); d['findings'] = list(self.findings); return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> 'SegmenterConfig':
-        extra = set(d) - {f.name for f in fields(cls)}
-        if extra: raise AdherenceError('SegmenterConfig', sorted(extra)[0], 'unknown field')
-        return cls(**d)
+    def from_dict(cls, d: dict, source: str = '<dict>', section: str | None = None) -> 'SegmenterConfig':
+        "A validated config from a mapping: `core.config_from_dict` (unknown keys, types, errors naming `source` and the field)."
+        return config_from_dict(cls, d, source, section)
 
 # %% ../nbs/17_adherence.ipynb #8fc5c1b2
-def _block(cin, cout):
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-                         nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-
 class LesionSegmenter(nn.Module):
-    """A small U-Net: `levels` stages of two 3x3 conv-BN-ReLU (width, 2 width, 4 width, ...), 2x2 max-pool down,
+    """A small U-Net: `levels` levels of `classifier.conv_block` (width, 2 width, 4 width, ...), 2x2 max-pool down,
     transposed-conv up, skip connections by concatenation, one lesion logit per pixel."""
     def __init__(self, width: int = 12, levels: int = 4):
         super().__init__()
         w = [width * 2 ** i for i in range(levels)]
         self.levels = levels
-        self.down = nn.ModuleList([_block(i, o) for i, o in zip([1] + w[:-1], w)])
+        self.down = nn.ModuleList([conv_block(i, o) for i, o in zip([1] + w[:-1], w)])
         self.up = nn.ModuleList([nn.ConvTranspose2d(w[i + 1], w[i], 2, stride=2) for i in reversed(range(levels - 1))])
-        self.dec = nn.ModuleList([_block(2 * w[i], w[i]) for i in reversed(range(levels - 1))])
+        self.dec = nn.ModuleList([conv_block(2 * w[i], w[i]) for i in reversed(range(levels - 1))])
         self.head = nn.Conv2d(w[0], 1, 1)
         nn.init.constant_(self.head.bias, -2.)   # lesions cover a minority of pixels: start near p = 0.12
 
@@ -174,8 +176,8 @@ def _check_split(manifest, findings, split, where='train_segmenter'):
 def train_segmenter(manifest: Manifest, cfg: SegmenterConfig | None = None, split: str | None = 'train',
                     progress: bool = False) -> tuple[LesionSegmenter, pd.DataFrame]:
     """Train a `LesionSegmenter` on the images of `split` chosen by `select_training_images` (lesion images plus true
-    negatives), target = union of the lesions of `cfg.findings`, loss = soft Dice + BCE. Returns the model (eval mode,
-    on `cfg.device`) and a history table (epoch, loss, soft_dice, bce, seconds)."""
+    negatives), target = union of the lesions of `cfg.findings`, loss = soft Dice + BCE, with `classifier.fit`. Returns
+    the model (eval mode, on `cfg.device`) and a history table (epoch, images, loss, soft_dice, bce, seconds)."""
     cfg = cfg or SegmenterConfig()
     src = manifest.origin or manifest.name
     _check_split(manifest, cfg.findings, split)
@@ -188,33 +190,10 @@ def train_segmenter(manifest: Manifest, cfg: SegmenterConfig | None = None, spli
     ds = CXRDataset(manifest, findings=cfg.findings, size=cfg.image_size, split=split, mask_mode='union',
                     augment=Augment() if cfg.augment else None, seed=cfg.seed)
     pos = np.flatnonzero(ds.images['image_id'].isin(set(use['image_id'])).to_numpy())
-    dev = torch.device(cfg.device) if cfg.device else default_device()
-    torch.manual_seed(cfg.seed)
-    model = LesionSegmenter(cfg.width, cfg.levels).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(pos) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=.2)
-    g = torch.Generator().manual_seed(cfg.seed)
-    rows, it = [], range(cfg.epochs)
-    if progress:
-        from tqdm.auto import tqdm
-        it = tqdm(it, desc='segmenter epochs')
-    for ep in it:
-        ds.set_epoch(ep)
-        model.train()
-        t0, acc, n = time.perf_counter(), np.zeros(3), 0
-        order = pos[torch.randperm(len(pos), generator=g).numpy()]
-        for b in range(0, len(order), cfg.batch_size):
-            items = [ds[int(i)] for i in order[b:b + cfg.batch_size]]
-            if len(items) < 2: sched.step(); continue          # BatchNorm needs two samples
-            x = torch.stack([i['image'] for i in items]).to(dev)
-            y = torch.stack([i['mask'] for i in items]).to(dev)
-            loss, parts = dice_bce_loss(model(x), y, cfg.bce_weight)
-            opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); sched.step()
-            acc += np.array([float(loss.detach()), parts['soft_dice'], parts['bce']]) * len(items); n += len(items)
-        acc /= max(n, 1)
-        rows.append(dict(epoch=ep + 1, images=n, loss=acc[0], soft_dice=acc[1], bce=acc[2], seconds=time.perf_counter() - t0))
-    return model.eval(), pd.DataFrame(rows)
+    loss = lambda model, b: dice_bce_loss(model(b['image']), b['mask'], cfg.bce_weight)
+    return fit(lambda: LesionSegmenter(cfg.width, cfg.levels), loss, ds, pos, epochs=cfg.epochs, batch_size=cfg.batch_size,
+               lr=cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed, device=cfg.device, progress=progress,
+               desc='segmenter epochs')
 
 # %% ../nbs/17_adherence.ipynb #4c573c55
 def _images4d(images, where, name='images') -> torch.Tensor:
@@ -241,30 +220,12 @@ def predict_masks(model: LesionSegmenter, images, batch_size: int = 64) -> np.nd
 
 # %% ../nbs/17_adherence.ipynb #d575ea68
 def save_segmenter(model: LesionSegmenter, cfg: SegmenterConfig, folder, half: bool = True, **facts) -> Path:
-    "Write `segmenter.safetensors` (float16 weights if `half`) and `segmenter.json` (config + `facts`) to `folder`, atomically."
-    from safetensors.torch import save_file
-    d = Path(folder); d.mkdir(parents=True, exist_ok=True)
-    sd = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_write(d/'segmenter.safetensors') as tmp: save_file(sd, str(tmp))
-    with atomic_write(d/'segmenter.json') as tmp:
-        tmp.write_text(json.dumps(dict(config=cfg.to_dict(), **facts), indent=1, default=str))
-    return d
+    "Write `segmenter.safetensors` (float16 weights if `half`) and `segmenter.json` (config + `facts`) to `folder` (`classifier.save_model_folder`)."
+    return save_model_folder(model, cfg, folder, 'segmenter', half, **facts)
 
 def load_segmenter(folder, device=None) -> tuple[LesionSegmenter, SegmenterConfig]:
-    "(model in eval mode, float32, config) from a folder written by `save_segmenter`."
-    from safetensors.torch import load_file
-    d = Path(folder)
-    for f in ('segmenter.json', 'segmenter.safetensors'):
-        if not (d/f).exists(): raise AdherenceError(d/f, 'file', 'missing; expected a folder written by save_segmenter')
-    try: meta = json.loads((d/'segmenter.json').read_text())
-    except json.JSONDecodeError as e: raise AdherenceError(d/'segmenter.json', 'json', str(e)) from None
-    if 'config' not in meta: raise AdherenceError(d/'segmenter.json', 'config', 'key is missing')
-    cfg = SegmenterConfig.from_dict(meta['config'])
-    model = LesionSegmenter(cfg.width, cfg.levels)
-    sd = load_file(str(d/'segmenter.safetensors'))
-    try: model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
-    except RuntimeError as e: raise AdherenceError(d/'segmenter.safetensors', 'state_dict', str(e).splitlines()[0]) from None
-    return model.to(device or default_device()).eval(), cfg
+    "(model in eval mode, float32, config) from a folder written by `save_segmenter` (`classifier.load_model_folder`)."
+    return load_model_folder(folder, 'segmenter', SegmenterConfig, lambda c: LesionSegmenter(c.width, c.levels), device, AdherenceError)
 
 def shipped_segmenter(device=None) -> tuple[LesionSegmenter, SegmenterConfig]:
     "The lesion segmenter shipped in `data/models/segmenter64` (trained by `tools/train_segmenter.py`)."
@@ -331,7 +292,6 @@ def adherence_examples(images, masks, probs, titles=None, threshold: float = 0.5
     """Figure: per column one image (top), the mask it should show (middle, red) and the segmenter's prediction
     (bottom: probability map, its `threshold` contour in cyan). All (N, 1, S, S); returns the figure."""
     import matplotlib.pyplot as plt
-    from cxr_diffusion_nbs.dataset import overlay
     n = len(images)
     fig, axs = plt.subplots(3, n, figsize=figsize, squeeze=False)
     for j in range(n):
@@ -362,7 +322,6 @@ def consistency_table(probs, requested_labels, findings) -> pd.DataFrame:
     """Per finding f: AUROC of the probability for f (column f of `probs` (N, F)), positives = images generated with f
     requested (`requested_labels` (N, F) 0/1, NaN = not stated: left out), negatives = the others; NaN when one class
     is missing. Also the mean probability of positives and negatives."""
-    from sklearn.metrics import roc_auc_score
     findings = [findings] if isinstance(findings, str) else list(findings)
     y, p = _requested(requested_labels, findings), np.asarray(probs, float)
     if p.shape != y.shape: raise AdherenceError('class_consistency', 'probs', f'shape {p.shape} != requested_labels shape {y.shape}')
@@ -382,7 +341,6 @@ def class_consistency(classifier, images, requested_labels, findings) -> pd.Data
     """`consistency_table` of a classifier's probabilities on synthetic `images` (N, 1, S, S) in [-1, 1].
     `classifier`: (model, ClassifierConfig) as from `classifier.shipped_classifier()` (outputs matched to `findings`
     by name), or a bare `CXRClassifier` whose outputs are `findings` in order."""
-    from cxr_diffusion_nbs.classifier import predict_proba
     findings = [findings] if isinstance(findings, str) else list(findings)
     model, names = (classifier[0], list(classifier[1].findings)) if isinstance(classifier, tuple) else (classifier, None)
     n_out = model.head.out_features

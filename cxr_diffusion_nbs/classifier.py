@@ -9,20 +9,26 @@ Docs: https://cxr-diffusion-nbs.github.io/cxr_diffusion_nbs/classifier.html.md""
 # %% ../nbs/15_classifier.ipynb #eaf931c8
 from __future__ import annotations
 import json, math, time
-from dataclasses import dataclass, asdict, fields
+from dataclasses import dataclass, asdict
 from pathlib import Path
+from typing import Callable
 import numpy as np, pandas as pd
 import torch
 from torch import nn
 import torch.nn.functional as F
-from .core import CXRDataError, RARE_FINDINGS, KNOWN_FINDINGS, atomic_write, default_device
+from safetensors.torch import save_file, load_file
+from sklearn.metrics import roc_auc_score
+from tqdm.auto import tqdm
+from .core import (CXRDataError, ConfigError, RARE_FINDINGS, atomic_write, check_findings, config_from_dict,
+                                    default_device, project_root)
 from .manifest import Manifest
 from .dataset import CXRDataset, Augment
 
 # %% auto #0
-__all__ = ['ClassifierError', 'ClassifierConfig', 'CXRClassifier', 'masked_bce', 'positive_weights', 'train_classifier',
-           'load_images', 'predict_proba', 'image_features', 'predict', 'per_finding_auroc', 'save_classifier',
-           'load_classifier', 'shipped_classifier']
+__all__ = ['ClassifierError', 'ClassifierConfig', 'conv_block', 'CXRClassifier', 'masked_bce', 'positive_weights', 'collate',
+           'fit', 'train_classifier', 'load_images', 'predict_proba', 'image_features', 'predict', 'per_finding_auroc',
+           'save_model_folder', 'read_model_json', 'load_model_folder', 'save_classifier', 'load_classifier',
+           'shipped_classifier']
 
 # %% ../nbs/15_classifier.ipynb #d2a87d4f
 class ClassifierError(CXRDataError):
@@ -30,7 +36,7 @@ class ClassifierError(CXRDataError):
 
 @dataclass
 class ClassifierConfig:
-    "What classifier to train and how."
+    "What classifier to train and how. Validated on creation; `from_dict` builds one from a mapping (a JSON or YAML section)."
     findings: tuple = RARE_FINDINGS   # the label vector, in order
     image_size: int = 64
     width: int = 24                   # channels of the first stage (then x2, x4, x8)
@@ -44,33 +50,36 @@ class ClassifierConfig:
     device: str | None = None
 
     def __post_init__(self):
-        self.findings = (self.findings,) if isinstance(self.findings, str) else tuple(self.findings)
-        bad = [f for f in self.findings if f not in KNOWN_FINDINGS]
-        if bad: raise ClassifierError('ClassifierConfig', 'findings', f'unknown finding {bad[0]!r}')
-        if not self.findings: raise ClassifierError('ClassifierConfig', 'findings', 'is empty')
-        if self.image_size % 16: raise ClassifierError('ClassifierConfig', 'image_size', f'{self.image_size} is not a multiple of 16')
+        self.findings = check_findings(self.findings, 'ClassifierConfig')
+        self.validate()
+
+    def validate(self):
+        "Raise a `ConfigError` naming the field of any setting that cannot work."
+        if self.image_size % 16: raise ConfigError('ClassifierConfig', 'image_size', f'{self.image_size} is not a multiple of 16')
         for k in ('width', 'epochs', 'batch_size'):
-            if int(getattr(self, k)) < 1: raise ClassifierError('ClassifierConfig', k, f'{getattr(self, k)} must be >= 1')
+            if int(getattr(self, k)) < 1: raise ConfigError('ClassifierConfig', k, f'{getattr(self, k)} must be >= 1')
+        if not self.lr > 0: raise ConfigError('ClassifierConfig', 'lr', f'{self.lr} must be > 0')
+        if not self.max_pos_weight >= 1: raise ConfigError('ClassifierConfig', 'max_pos_weight', f'{self.max_pos_weight} must be >= 1')
 
     def to_dict(self) -> dict: d = asdict(self); d['findings'] = list(self.findings); return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> 'ClassifierConfig':
-        extra = set(d) - {f.name for f in fields(cls)}
-        if extra: raise ClassifierError('ClassifierConfig', sorted(extra)[0], 'unknown field')
-        return cls(**d)
+    def from_dict(cls, d: dict, source: str = '<dict>', section: str | None = None) -> 'ClassifierConfig':
+        "A validated config from a mapping: `core.config_from_dict` (unknown keys, types, errors naming `source` and the field)."
+        return config_from_dict(cls, d, source, section)
 
 # %% ../nbs/15_classifier.ipynb #c39b16e3
-def _stage(cin, cout):
+def conv_block(cin: int, cout: int) -> nn.Sequential:
+    "Two 3x3 conv-BN-ReLU layers, `cin` -> `cout` channels at the same size: a stage of the classifier, a level of the segmenter's U-Net."
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
                          nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 class CXRClassifier(nn.Module):
-    "Four conv stages (each two 3x3 conv-BN-ReLU, then 2x2 max-pool), global average pooling, a linear head per finding."
+    "Four conv stages (each a `conv_block`, then 2x2 max-pool), global average pooling, a linear head per finding."
     def __init__(self, n_findings: int, width: int = 24, dropout: float = 0.2):
         super().__init__()
         w = [width, 2 * width, 4 * width, 8 * width]
-        self.stages = nn.ModuleList([_stage(i, o) for i, o in zip([1] + w[:-1], w)])
+        self.stages = nn.ModuleList([conv_block(i, o) for i, o in zip([1] + w[:-1], w)])
         self.dropout, self.head = nn.Dropout(dropout), nn.Linear(w[-1], n_findings)
         self.num_features = w[-1]
 
@@ -99,10 +108,56 @@ def positive_weights(ds: CXRDataset, cap: float = 10.) -> torch.Tensor:
     w = np.where(pos > 0, neg / np.maximum(pos, 1), cap)
     return torch.tensor(np.clip(w, 1., cap), dtype=torch.float32)
 
+# %% ../nbs/15_classifier.ipynb #4bcaa872
+def collate(items: list, device=None) -> dict:
+    "One batch from dataset items (dicts): tensor fields stacked (and moved to `device`), other fields (text, ids) as lists."
+    return {k: torch.stack([it[k] for it in items]).to(device) if isinstance(items[0][k], torch.Tensor) else [it[k] for it in items]
+            for k in items[0]}
+
+def _epoch(model, loss_fn, data, order, batch_size, opt, sched, device) -> dict:
+    "One pass over `data[order]`: the image-weighted mean loss (and parts) and the number of images used."
+    model.train()
+    acc, n = {}, 0
+    for b in range(0, len(order), batch_size):
+        items = [data[int(i)] for i in order[b:b + batch_size]]
+        if len(items) < 2: sched.step(); continue          # BatchNorm needs two samples
+        out = loss_fn(model, collate(items, device))
+        loss, parts = out if isinstance(out, tuple) else (out, {})
+        opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); sched.step()
+        for k, v in dict(loss=float(loss.detach()), **parts).items(): acc[k] = acc.get(k, 0.) + float(v) * len(items)
+        n += len(items)
+    return dict(images=n, **{k: v / max(n, 1) for k, v in acc.items()})
+
+def fit(model: nn.Module | Callable[[], nn.Module], loss_fn: Callable, data, indices=None, *, epochs: int, batch_size: int,
+        lr: float, weight_decay: float = 0., seed: int = 0, device=None, progress: bool = False,
+        desc: str = 'epochs') -> tuple[nn.Module, pd.DataFrame]:
+    """Train `model` (a module, or a function building one after `torch.manual_seed(seed)`) on the items `indices` (None:
+    all) of `data` (a dataset of dict items with `set_epoch`, e.g. `CXRDataset`), `epochs` times in a random order drawn
+    from `seed`, with AdamW and a one-cycle schedule peaking at `lr`. `loss_fn(model, batch)` returns the loss, or
+    (loss, parts) with `parts` a dict of floats to log; `batch` is `collate` of the items. Returns the model (eval mode,
+    on `device`) and a history (epoch, images, loss, *parts, seconds)."""
+    idx = np.arange(len(data)) if indices is None else np.asarray(indices, dtype=int)
+    if not len(idx): raise ClassifierError('fit', 'data', 'no items to train on')
+    dev = torch.device(device) if device else default_device()
+    torch.manual_seed(seed)
+    model = (model if isinstance(model, nn.Module) else model()).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * math.ceil(len(idx) / batch_size), pct_start=.2)
+    g = torch.Generator().manual_seed(seed)
+    rows, it = [], range(epochs)
+    if progress: it = tqdm(it, desc=desc)
+    for ep in it:
+        if hasattr(data, 'set_epoch'): data.set_epoch(ep)
+        t0 = time.perf_counter()
+        row = _epoch(model, loss_fn, data, idx[torch.randperm(len(idx), generator=g).numpy()], batch_size, opt, sched, dev)
+        rows.append(dict(epoch=ep + 1, **row, seconds=time.perf_counter() - t0))
+    return model.eval(), pd.DataFrame(rows)
+
+# %% ../nbs/15_classifier.ipynb #9f825383
 def train_classifier(manifest: Manifest, cfg: ClassifierConfig | None = None, split: str | None = 'train',
                      progress: bool = False) -> tuple[CXRClassifier, pd.DataFrame]:
-    """Train a `CXRClassifier` on the images of `split` (real, or real + synthetic). Returns the model (eval mode,
-    on `cfg.device`) and a history table (epoch, loss, seconds)."""
+    """Train a `CXRClassifier` on the images of `split` (real, or real + synthetic) with `fit`. Returns the model (eval
+    mode, on `cfg.device`) and a history table (epoch, images, loss, seconds)."""
     cfg = cfg or ClassifierConfig()
     src = manifest.origin or manifest.name
     missing = [f for f in cfg.findings if f not in manifest.findings]
@@ -114,33 +169,10 @@ def train_classifier(manifest: Manifest, cfg: ClassifierConfig | None = None, sp
     known = ~np.isnan(ds.images[list(cfg.findings)].to_numpy(float))
     if not known.any(): raise ClassifierError(src, 'labels', f'no known label for {cfg.findings} in split {split!r}')
     dev = torch.device(cfg.device) if cfg.device else default_device()
-    torch.manual_seed(cfg.seed)
-    model = CXRClassifier(len(cfg.findings), cfg.width).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(ds) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=.2)
     pw = positive_weights(ds, cfg.max_pos_weight).to(dev)
-    g = torch.Generator().manual_seed(cfg.seed)
-    rows, it = [], range(cfg.epochs)
-    if progress:
-        from tqdm.auto import tqdm
-        it = tqdm(it, desc='classifier epochs')
-    for ep in it:
-        ds.set_epoch(ep)
-        model.train()
-        t0, tot, n = time.perf_counter(), 0., 0
-        order = torch.randperm(len(ds), generator=g).tolist()
-        for b in range(0, len(order), cfg.batch_size):
-            items = [ds[i] for i in order[b:b + cfg.batch_size]]
-            if len(items) < 2: sched.step(); continue          # BatchNorm needs two samples
-            x = torch.stack([i['image'] for i in items]).to(dev)
-            y = torch.stack([i['labels'] for i in items]).to(dev)
-            k = torch.stack([i['label_known'] for i in items]).to(dev)
-            loss = masked_bce(model(x), y, k, pw)
-            opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); sched.step()
-            tot += loss.item() * len(items); n += len(items)
-        rows.append(dict(epoch=ep + 1, loss=tot / max(n, 1), seconds=time.perf_counter() - t0))
-    return model.eval(), pd.DataFrame(rows)
+    loss = lambda model, b: masked_bce(model(b['image']), b['labels'], b['label_known'], pw)
+    return fit(lambda: CXRClassifier(len(cfg.findings), cfg.width), loss, ds, epochs=cfg.epochs, batch_size=cfg.batch_size,
+               lr=cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed, device=dev, progress=progress, desc='classifier epochs')
 
 # %% ../nbs/15_classifier.ipynb #e8b255b9
 def load_images(manifest: Manifest, split: str | None = None, size: int = 64, findings=None) -> dict:
@@ -175,7 +207,6 @@ def predict(model: CXRClassifier, manifest: Manifest, split: str | None = None, 
 
 def per_finding_auroc(probs: np.ndarray, labels: np.ndarray, findings) -> pd.DataFrame:
     "AUROC per finding on the known labels (NaN where a finding has no positive or no negative)."
-    from sklearn.metrics import roc_auc_score
     rows = []
     for k, f in enumerate(findings):
         m = ~np.isnan(labels[:, k])
@@ -186,31 +217,47 @@ def per_finding_auroc(probs: np.ndarray, labels: np.ndarray, findings) -> pd.Dat
     return pd.DataFrame(rows)
 
 # %% ../nbs/15_classifier.ipynb #aa30e7a2
-def save_classifier(model: CXRClassifier, cfg: ClassifierConfig, folder, **facts) -> Path:
-    "Write `classifier.safetensors` and `classifier.json` (config + `facts`) to `folder`, atomically."
-    from safetensors.torch import save_file
+def save_model_folder(model: nn.Module, cfg, folder, name: str, half: bool = False, **facts) -> Path:
+    """Write `<name>.safetensors` (the state dict; floating tensors as float16 if `half`) and `<name>.json` ({'config':
+    `cfg.to_dict()`, **`facts`}) to `folder`, each atomically. Returns the folder."""
     d = Path(folder); d.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_write(d/'classifier.safetensors') as tmp: save_file(sd, str(tmp))
-    with atomic_write(d/'classifier.json') as tmp: tmp.write_text(json.dumps(dict(config=cfg.to_dict(), **facts), indent=1, default=str))
+    sd = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_write(d/f'{name}.safetensors') as tmp: save_file(sd, str(tmp))
+    with atomic_write(d/f'{name}.json') as tmp: tmp.write_text(json.dumps(dict(config=cfg.to_dict(), **facts), indent=1, default=str))
     return d
+
+def read_model_json(folder, name: str, error=CXRDataError) -> dict:
+    "The parsed `<name>.json` of a model folder (config and facts); `error` naming the file and field when missing or broken."
+    d = Path(folder)
+    for f in (f'{name}.json', f'{name}.safetensors'):
+        if not (d/f).exists(): raise error(d/f, 'file', f'missing; expected a folder with {name}.json and {name}.safetensors')
+    try: meta = json.loads((d/f'{name}.json').read_text())
+    except json.JSONDecodeError as e: raise error(d/f'{name}.json', 'json', str(e)) from None
+    if not isinstance(meta, dict) or 'config' not in meta: raise error(d/f'{name}.json', 'config', 'key is missing')
+    return meta
+
+def load_model_folder(folder, name: str, config_cls, build: Callable, device=None, error=CXRDataError) -> tuple[nn.Module, object]:
+    """(model in eval mode, float32, on `device`; config) from a folder written by `save_model_folder`: the config by
+    `config_cls.from_dict` (errors name the JSON file and `config.<field>`), the model by `build(cfg)`, the weights from
+    safetensors only (never pickle). Missing files or weights that do not fit raise `error` naming the file and field."""
+    d = Path(folder)
+    cfg = config_cls.from_dict(read_model_json(d, name, error)['config'], str(d/f'{name}.json'), 'config')
+    model = build(cfg)
+    sd = load_file(str(d/f'{name}.safetensors'))
+    try: model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
+    except RuntimeError as e: raise error(d/f'{name}.safetensors', 'state_dict', str(e).splitlines()[0]) from None
+    return model.to(device or default_device()).eval(), cfg
+
+# %% ../nbs/15_classifier.ipynb #e25af823
+def save_classifier(model: CXRClassifier, cfg: ClassifierConfig, folder, half: bool = False, **facts) -> Path:
+    "Write `classifier.safetensors` and `classifier.json` (config + `facts`) to `folder` (`save_model_folder`)."
+    return save_model_folder(model, cfg, folder, 'classifier', half, **facts)
 
 def load_classifier(folder, device=None) -> tuple[CXRClassifier, ClassifierConfig]:
     "(model in eval mode, config) from a folder written by `save_classifier`."
-    from safetensors.torch import load_file
-    d = Path(folder)
-    for f in ('classifier.json', 'classifier.safetensors'):
-        if not (d/f).exists(): raise ClassifierError(d/f, 'file', 'missing; expected a folder written by save_classifier')
-    meta = json.loads((d/'classifier.json').read_text())
-    if 'config' not in meta: raise ClassifierError(d/'classifier.json', 'config', 'key is missing')
-    cfg = ClassifierConfig.from_dict(meta['config'])
-    model = CXRClassifier(len(cfg.findings), cfg.width)
-    sd = load_file(str(d/'classifier.safetensors'))
-    try: model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
-    except RuntimeError as e: raise ClassifierError(d/'classifier.safetensors', 'state_dict', str(e).splitlines()[0]) from None
-    return model.to(device or default_device()).eval(), cfg
+    return load_model_folder(folder, 'classifier', ClassifierConfig, lambda c: CXRClassifier(len(c.findings), c.width),
+                             device, ClassifierError)
 
 def shipped_classifier(device=None) -> tuple[CXRClassifier, ClassifierConfig]:
     "The classifier shipped in `data/models/classifier64`."
-    from cxr_diffusion_nbs.core import project_root
     return load_classifier(project_root()/'data'/'models'/'classifier64', device)

@@ -10,25 +10,29 @@ Docs: https://cxr-diffusion-nbs.github.io/cxr_diffusion_nbs/cohort.html.md"""
 
 # %% ../nbs/14_cohort.ipynb #ee7119c5
 from __future__ import annotations
-import hashlib, json, math, os, datetime
+import argparse, hashlib, json, math, os, sys, datetime
 from dataclasses import dataclass, field, asdict, fields
 from pathlib import Path
 import numpy as np, pandas as pd
 import torch
 from PIL import Image
+from pydicom.uid import generate_uid
+from tqdm.auto import tqdm
 from . import __version__
-from .core import (CXRDataError, PatientLeakageError, atomic_write, canonical_finding, find_data_root,
-                                    project_root)
-from .manifest import Manifest, load_shared_subset, IMAGE_COLUMNS, ANNOTATION_COLUMNS, empty_annotations
+from .core import (CXRDataError, ConfigError, PatientLeakageError, atomic_write, canonical_finding,
+                                    config_from_dict, find_data_root, parse_override, project_root, read_config_file,
+                                    resolve_path, shareable_path)
+from .image_io import to_uint8, write_png, write_dicom
+from .manifest import (Manifest, load_shared_subset, IMAGE_COLUMNS, ANNOTATION_COLUMNS, empty_annotations,
+                                        mix_real_synthetic)
 from .dataset import CXRDataset, affine_pair
-from .sampling import (sample, check_guidance, make_sampler, SamplingError, SYNTHETIC_NOTE, to_uint8,
-                                        write_png, sha256_file, resolve_path, checkpoint_weights)
-from .conditioning import GUIDANCE_MODES
+from .conditioning import CONDITION_NAMES
+from .sampling import SamplingError, SYNTHETIC_NOTE, load_generator
 
 # %% auto #0
 __all__ = ['CohortError', 'CohortConfig', 'DonorPool', 'move_masks', 'jitter_mask', 'target_counts', 'image_seed', 'plan_cohort',
            'plan_conditions', 'write_synthetic_dicom', 'check_output_dir', 'read_records', 'load_real_manifest',
-           'cohort_guidance', 'batch_for', 'build_cohort', 'write_cohort_manifest', 'load_cohort', 'mix_real_synthetic',
+           'cohort_guidance', 'generator_options', 'plan_batch', 'build_cohort', 'write_cohort_manifest', 'load_cohort',
            'load_cohort_config', 'main']
 
 # %% ../nbs/14_cohort.ipynb #704c355f
@@ -70,10 +74,9 @@ class CohortConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = '<config>') -> 'CohortConfig':
-        known = {f.name for f in fields(cls)}
-        extra = sorted(set(d) - known)
-        if extra: raise CohortError(source, extra[0], f'unknown field; known: {sorted(known)}')
-        return cls(**d)
+        "Through the package's one config door (`core.config_from_dict`); its errors become `CohortError`s."
+        try: return config_from_dict(cls, d, source)
+        except ConfigError as e: raise CohortError(e.path, e.field, e.problem) from None
 
     def to_dict(self) -> dict:
         d = asdict(self); d['lesion_scale'] = list(self.lesion_scale); return d
@@ -217,7 +220,6 @@ def write_synthetic_dicom(path, pixels: np.ndarray, image_id: str, study_uid: st
                           instance_number: int, provenance: dict) -> Path:
     """A DICOM Secondary Capture of a synthetic image: `ConversionType` SYN, `ImageType` DERIVED\\SECONDARY, a series
     description saying it is synthetic, fresh SOP instance UID, and no patient data (the patient is the image id)."""
-    from cxr_diffusion_nbs.image_io import write_dicom
     now = datetime.datetime.now(datetime.timezone.utc)
     return write_dicom(path, pixels, photometric='MONOCHROME2', bits_stored=8, Modality='OT', ConversionType='SYN',
                        ImageType=['DERIVED', 'SECONDARY'], SeriesDescription='SYNTHETIC IMAGE - diffusion model output, not a patient',
@@ -271,12 +273,11 @@ def load_real_manifest(data_root=None) -> Manifest:
 
 # %% ../nbs/14_cohort.ipynb #0a51cce5
 def _validate(cfg: CohortConfig, source: str):
+    "The cohort's own fields (sampling options are the generator's to check, in `generator_options`)."
     checks = [('batch_size', isinstance(cfg.batch_size, int) and cfg.batch_size >= 1, 'must be an integer >= 1'),
               ('shift', 0 <= cfg.shift <= .5, 'must be in [0, 0.5]'), ('rotate', 0 <= cfg.rotate <= 180, 'must be in [0, 180] degrees'),
               ('lesion_scale', len(cfg.lesion_scale) == 2 and 0 < cfg.lesion_scale[0] <= cfg.lesion_scale[1], 'must be (low, high) with 0 < low <= high'),
-              ('min_inside', 0 <= cfg.min_inside <= 1, 'must be in [0, 1]'), ('eta', 0 <= cfg.eta <= 1, 'must be in [0, 1]'),
-              ('guidance_mode', cfg.guidance_mode in GUIDANCE_MODES, f'must be one of {GUIDANCE_MODES}'),
-              ('mixed_precision', cfg.mixed_precision in ('no', 'bf16'), "must be 'no' or 'bf16'"),
+              ('min_inside', 0 <= cfg.min_inside <= 1, 'must be in [0, 1]'),
               ('max_per_finding', cfg.max_per_finding is None or cfg.max_per_finding >= 0, 'must be >= 0')]
     for name, ok, problem in checks:
         if not ok: raise CohortError(source, name, f'{getattr(cfg, name)!r} {problem}')
@@ -289,51 +290,47 @@ def cohort_guidance(cfg: CohortConfig) -> dict:
     if cfg.severity is not None: g['labels'] = float(cfg.severity)
     return g
 
-def batch_for(rows: pd.DataFrame, pool: DonorPool, cfg: CohortConfig, model) -> tuple[dict, list]:
-    "Forward kwargs for a batch of planned images (labels, mask per the model's mask mode, dropped masks) and the masks."
+def generator_options(cfg: CohortConfig, gen, source: str = '<config>') -> dict:
+    "The options a cohort passes to `gen.generate`, checked by the generator once; errors name the cohort's field."
+    opts = dict(sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, guidance=cohort_guidance(cfg), guidance_mode=cfg.guidance_mode,
+                mixed_precision=cfg.mixed_precision)
+    try: gen.check_options(source, **opts)
+    except SamplingError as e:
+        f = e.field
+        f = 'severity' if f == 'labels' and cfg.severity is not None else f'guidance.{f}' if f in CONDITION_NAMES else f
+        raise CohortError(source, f, e.problem) from None
+    return opts
+
+def plan_batch(rows: pd.DataFrame, pool: DonorPool, cfg: CohortConfig) -> tuple[torch.Tensor, list]:
+    "Labels (n, F) and per-finding masks of a batch of planned images: (F, S, S) each, None where the plan uses no mask."
     labs, masks = zip(*(plan_conditions(r, pool, cfg) for _, r in rows.iterrows()))
-    cc, conds = model.cond_cfg, {}
-    if cc.use_labels: conds['labels'] = torch.stack(labs)
-    if cc.mask_mode is not None:
-        m = torch.stack(masks)
-        conds['mask'] = m.amax(1, keepdim=True) if cc.mask_mode == 'union' else m
-        conds['drop'] = {'mask': torch.tensor([not u for u in rows['use_mask']])}
-    return conds, list(masks)
+    return torch.stack(labs), [m if u else None for m, u in zip(masks, rows['use_mask'])]
 
 # %% ../nbs/14_cohort.ipynb #035196d8
 def build_cohort(cfg: CohortConfig | dict, source: str = '<config>', progress: bool = True) -> Path:
     """Generate (or resume) the synthetic cohort `cfg` describes; return its folder. Everything is validated before
     the first file is written; each image is written atomically then recorded; the manifest is written last."""
-    from cxr_diffusion_nbs.training import load_for_sampling
     cfg = CohortConfig.from_dict(cfg, source) if isinstance(cfg, dict) else cfg
     _validate(cfg, source)
-    ck, weights = checkpoint_weights(cfg.checkpoint)
-    model, noise_scheduler, _ = load_for_sampling(ck, device=cfg.device)
-    try: make_sampler(cfg.sampler, noise_scheduler, cfg.steps)
-    except SamplingError as e: raise CohortError(source, e.field, e.problem) from None
-    if cfg.eta and cfg.sampler != 'ddim': raise CohortError(source, 'eta', f'only applies to the ddim sampler, not {cfg.sampler!r}')
-    guidance = cohort_guidance(cfg)
-    try: check_guidance(model, guidance)
-    except SamplingError as e: raise CohortError(source, 'severity' if e.field == 'labels' and cfg.severity is not None else f'guidance.{e.field}', e.problem) from None
+    gen = load_generator(cfg.checkpoint, device=cfg.device)
+    opts = generator_options(cfg, gen, source)
     manifest = load_real_manifest(cfg.data_root)
     if cfg.split not in set(manifest.images['split']):
         raise CohortError(manifest.origin or manifest.name, 'split', f"no {cfg.split!r} images; found {sorted(set(manifest.images['split']))}")
-    size = model.unet_cfg.image_size
-    pool = DonorPool(manifest, model.cond_cfg.findings, size, cfg.split)
+    pool = DonorPool(manifest, gen.findings, gen.image_size, cfg.split)
     counts = target_counts(cfg, pool, source)
     plan = plan_cohort(cfg, pool, counts)
     if not len(plan): raise CohortError(source, 'counts', 'the request amounts to 0 images')
     plan_csv = plan.to_csv(index=False)
-    model_sha = sha256_file(weights)
+    model_sha, ck = gen.model_sha256(), gen.checkpoint
     identity = dict(cfg.identity(), model_sha256=model_sha, plan_sha256=hashlib.sha256(plan_csv.encode()).hexdigest())
     out = Path(cfg.output_dir)
     resuming = check_output_dir(out, identity)
     # -- nothing was written before this line --
-    from pydicom.uid import generate_uid
     if not resuming:
         out.mkdir(parents=True, exist_ok=True)
-        meta = dict(identity=identity, request=cfg.to_dict(), checkpoint=str(ck), weights=weights.name, findings=list(pool.findings),
-                    counts=counts, real_counts=pool.counts(), data=str(manifest.origin or manifest.name), n_images=len(plan),
+        meta = dict(identity=identity, request=cfg.to_dict(), checkpoint=shareable_path(ck), weights=gen.weights.name, findings=list(pool.findings),
+                    counts=counts, real_counts=pool.counts(), data=shareable_path(manifest.origin or manifest.name), n_images=len(plan),
                     study_uid=generate_uid(), series_uid=generate_uid(), package=f'cxr_diffusion_nbs {__version__}',
                     created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'))
         with atomic_write(out/'plan.csv') as tmp: tmp.write_text(plan_csv)
@@ -343,26 +340,24 @@ def build_cohort(cfg: CohortConfig | dict, source: str = '<config>', progress: b
     todo = plan[~plan['image_id'].isin(set(done))]
     bar = None
     if progress:
-        from tqdm.auto import tqdm
         bar = tqdm(total=len(plan), initial=len(plan) - len(todo), desc='synthetic images', unit='img')
-    gen = dict(sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, guidance=guidance, guidance_mode=cfg.guidance_mode)
+    rec_opts = {k: opts[k] for k in ('sampler', 'steps', 'eta', 'guidance', 'guidance_mode')}
     # batches are fixed slices of the plan, so a resumed run computes exactly what an uninterrupted one did
     for b in range(0, len(plan), cfg.batch_size):
         rows = plan.iloc[b:b + cfg.batch_size]
         if rows['image_id'].isin(set(done)).all(): continue
-        conds, masks = batch_for(rows, pool, cfg, model)
-        res = sample(model, noise_scheduler, conds, seed=[int(s) for s in rows['seed']],
-                     mixed_precision=cfg.mixed_precision, **gen)
+        labels, masks = plan_batch(rows, pool, cfg)
+        images = gen.generate(labels=labels, masks=masks if gen.mask_mode else None, seed=[int(s) for s in rows['seed']], **opts)
         for j, (_, r) in enumerate(rows.iterrows()):
             iid = r['image_id']
             if iid in done: continue
-            prov = dict(image_id=iid, synthetic=1, model_sha256=model_sha, checkpoint=str(ck), seed=int(r['seed']), **gen,
+            prov = dict(image_id=iid, synthetic=1, model_sha256=model_sha, checkpoint=shareable_path(ck), seed=int(r['seed']), **rec_opts,
                         target_finding=r['target_finding'], donor_image_id=r['donor_image_id'], labels=json.loads(r['labels']),
                         mask_used=bool(r['use_mask']), mask_jitter=json.loads(r['jitter']), package=f'cxr_diffusion_nbs {__version__}')
-            px = to_uint8(res.images[j, 0])
+            px = to_uint8(images[j, 0])
             rec = dict(image_id=iid, index=int(r['index']), path=f'images/{iid}.png', masks={}, dicom_path='')
             for k, f in enumerate(pool.findings):
-                if r['use_mask'] and masks[j][k].any():
+                if masks[j] is not None and masks[j][k].any():
                     mp = f'masks/{iid}_{f}.png'
                     write_png(out/mp, (masks[j][k].numpy() * 255).astype(np.uint8), {'Description': 'lesion mask a synthetic image was conditioned on'})
                     rec['masks'][f] = mp
@@ -417,48 +412,13 @@ def load_cohort(out) -> Manifest:
     "A finished cohort as a `Manifest` (paths resolved, files checked)."
     return Manifest.from_csv(out, check_files=True)
 
-# %% ../nbs/14_cohort.ipynb #51cc37e9
-def mix_real_synthetic(real: Manifest, synthetic: Manifest, ratio: float, split: str = 'train', seed: int = 0) -> Manifest:
-    """Real images of `split` plus `round(ratio * n_real)` synthetic images (without replacement, seeded), restricted
-    to the synthetic cohort's findings, with a `synthetic` column. Raises if the cohort lacks images or its donors
-    are outside `split`."""
-    src = synthetic.origin or synthetic.name
-    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or ratio < 0 or not math.isfinite(ratio):
-        raise CohortError(src, 'ratio', f'{ratio!r} must be a number >= 0 (synthetic images per real image)')
-    if 'synthetic' not in synthetic.images or not (synthetic.images['synthetic'] == 1).all():
-        raise CohortError(src, 'synthetic', 'is not a synthetic cohort manifest (no synthetic = 1 column)')
-    missing = [f for f in synthetic.findings if f not in real.findings]
-    if missing: raise CohortError(real.origin or real.name, missing[0], 'the synthetic cohort has this finding but the real manifest does not')
-    r = real.subset(split=split, findings=synthetic.findings)
-    if 'donor_image_id' in synthetic.images:
-        split_of = dict(zip(real.images['image_id'], real.images['split']))
-        bad = sorted({d for d in synthetic.images['donor_image_id'] if split_of.get(d, split) != split})
-        if bad: raise PatientLeakageError(src, 'donor_image_id', f"{len(bad)} donor image(s) are not in the {split!r} split, "
-                                          f"e.g. {bad[0]} ({split_of[bad[0]]}): their masks would leak into training")
-    n_syn = int(round(ratio * len(r.images)))
-    if n_syn > len(synthetic.images):
-        raise CohortError(src, 'ratio', f'{ratio} x {len(r.images)} real images needs {n_syn} synthetic images; the cohort has {len(synthetic.images)}')
-    pick = np.sort(np.random.default_rng(seed).choice(len(synthetic.images), n_syn, replace=False))
-    s = synthetic.images.iloc[pick].assign(split=split)
-    dup = set(s['image_id']) & set(r.images['image_id'])
-    if dup: raise CohortError(src, 'image_id', f'ids shared with the real manifest, e.g. {sorted(dup)[0]}')
-    im = pd.concat([r.images.assign(synthetic=0), s], ignore_index=True)
-    an = pd.concat([a for a in (r.annotations, synthetic.annotations[synthetic.annotations['image_id'].isin(set(s['image_id']))]) if len(a)]
-                   or [empty_annotations()], ignore_index=True)
-    return Manifest(im, an, list(synthetic.findings), real.root, f'{real.name}+{synthetic.name}@{ratio:g}', src)
-
 # %% ../nbs/14_cohort.ipynb #866dbe40
 def load_cohort_config(path=None, overrides=()) -> tuple[CohortConfig, str]:
     "A `CohortConfig` from a YAML file (optional) and `key=value` / (key, value) overrides; returns (config, source name)."
-    import yaml
-    from cxr_diffusion_nbs.training import parse_override
     d, source = {}, '<command line>'
     if path is not None:
-        p = resolve_path(path)
-        if not p.exists(): raise CohortError(str(path), 'config', 'file does not exist')
-        try: d = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e: raise CohortError(str(p), 'yaml', str(e).splitlines()[0]) from None
-        if not isinstance(d, dict): raise CohortError(str(p), 'config', 'must be a mapping of fields')
+        try: d = read_config_file(resolve_path(path))
+        except ConfigError as e: raise CohortError(str(path), e.field, e.problem) from None
         source = str(path)
     for o in overrides:
         k, v = parse_override(o) if isinstance(o, str) else o
@@ -472,7 +432,6 @@ def load_cohort_config(path=None, overrides=()) -> tuple[CohortConfig, str]:
 
 def main(argv=None):
     "The `cxr-cohort` command line."
-    import argparse, sys
     p = argparse.ArgumentParser(prog='cxr-cohort', description='Build (or resume) a synthetic CXR cohort with provenance from a trained checkpoint.')
     p.add_argument('--config', help='YAML file with CohortConfig fields (see configs/cohort.yaml)')
     p.add_argument('--checkpoint', help='run folder or checkpoint-<step>/ (default: the bundled demo model)')
@@ -491,7 +450,6 @@ def main(argv=None):
         if getattr(a, k) is not None: over.append((k, getattr(a, k)))
     try:
         if a.counts:
-            from cxr_diffusion_nbs.training import parse_override
             for item in a.counts.split(','):
                 k, v = parse_override(item)
                 over.append((f'counts.{k}', v))

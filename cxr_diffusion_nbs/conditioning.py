@@ -8,25 +8,25 @@ Docs: https://cxr-diffusion-nbs.github.io/cxr_diffusion_nbs/conditioning.html.md
 
 # %% ../nbs/08_conditioning.ipynb #f5cebc04
 from __future__ import annotations
-import os, threading
+import os, math, threading
 from collections import OrderedDict
-from dataclasses import dataclass, asdict, fields, replace
+from dataclasses import dataclass, asdict, replace
 import numpy as np
 import torch
 from torch import nn
-from .core import (NIH_FINDINGS, RARE_FINDINGS, FINDING_SYNONYMS, canonical_finding, CXRDataError)
+from .core import (RARE_FINDINGS, MASK_MODES, canonical_finding, CXRDataError, ConfigError,
+                                    config_from_dict, check_findings, suggest)
 from .unet import UNetConfig, build_unet, unet_preset
 
 # %% auto #0
 __all__ = ['CONDITION_NAMES', 'GUIDANCE_MODES', 'ConditioningError', 'ConditioningConfig', 'FrozenTextEncoder',
-           'ConditionalDenoiser', 'guided_prediction', 'batch_conditions', 'ellipse_mask', 'condition_tensors',
-           'show_conditions', 'conditioning_widget']
+           'ConditionalDenoiser', 'check_guidance_mode', 'check_guidance', 'guided_prediction', 'model_inputs',
+           'batch_conditions', 'ellipse_mask', 'condition_tensors', 'show_conditions', 'conditioning_widget']
 
 # %% ../nbs/08_conditioning.ipynb #27a46469
 class ConditioningError(CXRDataError):
-    "Conditioning inputs or configuration that do not fit the model. The message names where and which field."
+    "Conditioning inputs that do not fit the model. The message names where and which field."
 
-from .core import KNOWN_FINDINGS, MASK_MODES
 CONDITION_NAMES = ('labels', 'mask', 'text')
 
 @dataclass
@@ -43,27 +43,27 @@ class ConditioningConfig:
     null_text_tokens: int = 4        # length of the learned null token sequence that replaces a dropped prompt
 
     def __post_init__(self):
-        if isinstance(self.findings, str): self.findings = (self.findings,)
+        if isinstance(self.findings, str): self.findings = tuple(f.strip() for f in self.findings.split(',') if f.strip())
         self.findings = tuple(self.findings)
         self.validate()
 
-    def _err(self, name, problem): return ConditioningError('ConditioningConfig', name, problem)
+    def _err(self, name, problem): return ConfigError('ConditioningConfig', name, problem)
 
     def validate(self):
-        for f in self.findings:
-            c = canonical_finding(f)
-            if c != f: raise self._err('findings', f"{f!r} is not a canonical finding name; use {c!r}")
-            if f not in KNOWN_FINDINGS: raise self._err('findings', f"unknown finding {f!r}; known: {', '.join(KNOWN_FINDINGS)}")
-        dup = sorted({f for f in self.findings if self.findings.count(f) > 1})
-        if dup: raise self._err('findings', f'duplicates {dup}')
-        if self.mask_mode not in MASK_MODES: raise self._err('mask_mode', f'{self.mask_mode!r} is not one of {MASK_MODES}')
+        "Raise a `ConfigError` naming the first field that cannot work."
         if not self.findings and (self.use_labels or self.mask_mode == 'per_finding'):
-            raise self._err('findings', 'is empty but use_labels or per_finding masks need at least one finding')
+            raise self._err('findings', 'is empty, but use_labels or per_finding masks need at least one finding')
+        check_findings(self.findings, 'ConditioningConfig', 'findings', allow_empty=True)
+        if self.mask_mode not in MASK_MODES: raise self._err('mask_mode', f'{self.mask_mode!r} is not one of {MASK_MODES}')
+        for n in ('use_labels', 'use_text'):
+            if not isinstance(getattr(self, n), bool): raise self._err(n, f'{getattr(self, n)!r} is not true or false')
         for n in ('p_drop_labels', 'p_drop_mask', 'p_drop_text'):
             p = getattr(self, n)
-            if not 0 <= p <= 1: raise self._err(n, f'{p} is not a probability in [0, 1]')
-        if self.text_dim <= 0: raise self._err('text_dim', f'{self.text_dim} must be positive')
-        if self.null_text_tokens < 1: raise self._err('null_text_tokens', f'{self.null_text_tokens} must be >= 1')
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+                raise self._err(n, f'{p!r} is not a probability in [0, 1]')
+        for n in ('text_dim', 'null_text_tokens'):
+            v = getattr(self, n)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise self._err(n, f'{v!r} must be an integer >= 1')
 
     @property
     def mask_channels(self) -> int:
@@ -81,11 +81,9 @@ class ConditioningConfig:
         d = asdict(self); d['findings'] = list(self.findings); return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> 'ConditioningConfig':
-        known = {f.name for f in fields(cls)}
-        extra = set(d) - known
-        if extra: raise ConditioningError('ConditioningConfig', sorted(extra)[0], f'unknown field(s) {sorted(extra)}; known: {sorted(known)}')
-        return cls(**d)
+    def from_dict(cls, d: dict, source: str = '<dict>', section: str | None = None) -> 'ConditioningConfig':
+        "Build from a mapping (a config file's `conditioning:` section) via `core.config_from_dict`."
+        return config_from_dict(cls, d, source, section)
 
 # %% ../nbs/08_conditioning.ipynb #e067691c
 _TEXT_MODEL, _TEXT_LOCK = {}, threading.Lock()
@@ -193,10 +191,10 @@ class ConditionalDenoiser(nn.Module):
         self.unet = build_unet(unet_cfg, extra_in_channels=self.extra_in_channels,
                                class_embed_type='identity' if cond_cfg.use_labels else None)
         d = unet_cfg.time_embed_dim
-        if cond_cfg.use_labels:
+        if cond_cfg.use_labels:                                             # step 2
             self.label_embed = nn.Sequential(nn.Linear(len(cond_cfg.findings), d), nn.SiLU(), nn.Linear(d, d))
             self.null_label = nn.Parameter(torch.randn(d) * 0.02)
-        if cond_cfg.use_text:
+        if cond_cfg.use_text:                                               # step 3
             self.text_in = nn.Sequential(nn.LayerNorm(cond_cfg.text_dim), nn.Linear(cond_cfg.text_dim, unet_cfg.cross_attention_dim))
             self.null_text = nn.Parameter(torch.randn(cond_cfg.null_text_tokens, cond_cfg.text_dim) * 0.02)
 
@@ -248,44 +246,49 @@ class ConditionalDenoiser(nn.Module):
         d = (drop or {}).get(name)
         return torch.ones(B, dtype=torch.bool, device=device) if d is None else ~d.to(device=device, dtype=torch.bool)
 
-    def forward(self, x_t, t, labels=None, mask=None, text_emb=None, text_mask=None, drop=None) -> torch.Tensor:
-        "Predict (noise, velocity or x0 per `unet_cfg.prediction_type`) from `x_t` at timestep `t`; same shape as `x_t`."
-        self.check_inputs(x_t, t, labels, mask, text_emb, text_mask, drop)
+    def label_embedding(self, labels, drop, B, device, dtype) -> torch.Tensor:
+        "Step 2: the label MLP's output, with the learned null where labels are absent or dropped: (B, time_embed_dim)."
+        emb = self.null_label.to(dtype).expand(B, -1)
+        if labels is None: return emb
+        return torch.where(self._keep(drop, 'labels', B, device)[:, None], self.label_embed(labels.to(dtype)), emb)
+
+    def mask_input(self, x_t, mask, drop) -> torch.Tensor:
+        "Step 1: the extra input channels, mask (zeroed where dropped) and 'mask present' indicator: (B, M + 1, H, W)."
         B, _, H, W = x_t.shape
-        dev, dt = x_t.device, x_t.dtype
+        if mask is None: return x_t.new_zeros(B, self.cond_cfg.mask_channels + 1, H, W)
+        keep = self._keep(drop, 'mask', B, x_t.device).to(x_t.dtype)[:, None, None, None]
+        return torch.cat([mask.to(x_t.dtype) * keep, keep.expand(B, 1, H, W)], 1)
+
+    def text_states(self, text_emb, text_mask, drop, B, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        "Step 3: token sequence for cross-attention (projected) and its attention mask; the learned null where absent or dropped."
+        cc, null = self.cond_cfg, self.null_text.to(dtype)
+        Ln = null.shape[0]
+        if text_emb is None:
+            seq, am = null.expand(B, -1, -1), torch.ones(B, Ln, device=device, dtype=torch.long)
+        else:
+            L, Lt = max(text_emb.shape[1], Ln), text_emb.shape[1]
+            tm = torch.ones(B, Lt, device=device, dtype=torch.long) if text_mask is None else text_mask.to(device).long()
+            seq = torch.zeros(B, L, cc.text_dim, device=device, dtype=dtype); seq[:, :Lt] = text_emb.to(dtype)
+            am = torch.zeros(B, L, device=device, dtype=torch.long); am[:, :Lt] = tm
+            nseq = torch.zeros(L, cc.text_dim, device=device, dtype=dtype); nseq[:Ln] = null
+            nam = torch.zeros(L, device=device, dtype=torch.long); nam[:Ln] = 1
+            keep = self._keep(drop, 'text', B, device)
+            seq = torch.where(keep[:, None, None], seq, nseq.expand(B, -1, -1))
+            am = torch.where(keep[:, None], am, nam.expand(B, -1))
+        return self.text_in(seq), am
+
+    def forward(self, x_t, t, labels=None, mask=None, text_emb=None, text_mask=None, drop=None,
+                validate: bool = True) -> torch.Tensor:
+        """Predict (noise, velocity or x0 per `unet_cfg.prediction_type`) from `x_t` at timestep `t`; same shape as `x_t`.
+        `validate=False` skips `check_inputs` (for callers that checked the same inputs once, at the edge)."""
+        if validate: self.check_inputs(x_t, t, labels, mask, text_emb, text_mask, drop)
+        B, dev, dt = x_t.shape[0], x_t.device, x_t.dtype
         t = torch.as_tensor(t, device=dev)
         if t.ndim == 0: t = t.expand(B)
-        cc, kw, inp = self.cond_cfg, {}, [x_t]
-        if cc.use_labels:
-            emb = self.null_label.to(dt).expand(B, -1)
-            if labels is not None:
-                keep = self._keep(drop, 'labels', B, dev)
-                emb = torch.where(keep[:, None], self.label_embed(labels.to(dt)), emb)
-            kw['class_labels'] = emb
-        if cc.mask_mode is not None:
-            if mask is None:
-                inp.append(torch.zeros(B, cc.mask_channels + 1, H, W, device=dev, dtype=dt))
-            else:
-                keep = self._keep(drop, 'mask', B, dev).to(dt)[:, None, None, None]
-                inp += [mask.to(dt) * keep, keep.expand(B, 1, H, W)]
-        if cc.use_text:
-            null = self.null_text.to(dt)
-            Ln = null.shape[0]
-            if text_emb is None:
-                seq, am = null.expand(B, -1, -1), torch.ones(B, Ln, device=dev, dtype=torch.long)
-            else:
-                L = max(text_emb.shape[1], Ln)
-                tm = torch.ones(text_emb.shape[:2], device=dev, dtype=torch.long) if text_mask is None else text_mask.to(dev).long()
-                seq = torch.zeros(B, L, cc.text_dim, device=dev, dtype=dt); seq[:, :text_emb.shape[1]] = text_emb.to(dt)
-                am = torch.zeros(B, L, device=dev, dtype=torch.long); am[:, :text_emb.shape[1]] = tm
-                nseq = torch.zeros(L, cc.text_dim, device=dev, dtype=dt); nseq[:Ln] = null
-                nam = torch.zeros(L, device=dev, dtype=torch.long); nam[:Ln] = 1
-                keep = self._keep(drop, 'text', B, dev)
-                seq = torch.where(keep[:, None, None], seq, nseq.expand(B, -1, -1))
-                am = torch.where(keep[:, None], am, nam.expand(B, -1))
-            kw['encoder_hidden_states'] = self.text_in(seq)
-            kw['encoder_attention_mask'] = am
-        x = torch.cat(inp, 1) if len(inp) > 1 else x_t
+        cc, kw, x = self.cond_cfg, {}, x_t
+        if cc.use_labels: kw['class_labels'] = self.label_embedding(labels, drop, B, dev, dt)
+        if cc.mask_mode is not None: x = torch.cat([x_t, self.mask_input(x_t, mask, drop)], 1)
+        if cc.use_text: kw['encoder_hidden_states'], kw['encoder_attention_mask'] = self.text_states(text_emb, text_mask, drop, B, dev, dt)
         return self.unet(x, t, **kw).sample
 
     def drop_conditions(self, conds: dict, generator: torch.Generator | None = None) -> dict:
@@ -309,17 +312,40 @@ class ConditionalDenoiser(nn.Module):
 _COND_KEYS = {'labels': ('labels',), 'mask': ('mask',), 'text': ('text_emb', 'text_mask')}
 GUIDANCE_MODES = ('compositional', 'nested')
 
+def _cond_cfg_of(obj) -> ConditioningConfig:
+    "A `ConditioningConfig`, or the one of a model (anything with `.cond_cfg`)."
+    cc = getattr(obj, 'cond_cfg', obj)
+    if not isinstance(cc, ConditioningConfig):
+        raise TypeError(f'expected a ConditioningConfig or a ConditionalDenoiser, got {type(obj).__name__}')
+    return cc
+
+def check_guidance_mode(mode: str, where: str = 'guidance_mode') -> str:
+    "`mode` if it is one of `GUIDANCE_MODES`, else a `ConditioningError` naming `where`."
+    if mode not in GUIDANCE_MODES: raise ConditioningError(where, 'guidance_mode', f'{mode!r} is not one of {GUIDANCE_MODES}')
+    return mode
+
+def check_guidance(cond_cfg, guidance: dict | None, conds: dict | None = None, where: str = 'guidance') -> dict:
+    """Validate per-condition guidance scales against the model's conditions (`cond_cfg`: a `ConditioningConfig` or
+    the model) and, if given, against the forward kwargs `conds`; return the scales as a dict. Call it once, at the edge."""
+    cc, scales = _cond_cfg_of(cond_cfg), dict(guidance or {})
+    for k, s in scales.items():
+        if k not in CONDITION_NAMES: raise ConditioningError(where, k, f'unknown condition; guidance scales are for {CONDITION_NAMES}' + suggest(k, CONDITION_NAMES))
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
+            raise ConditioningError(where, k, f'scale must be a finite number, got {s!r}')
+        if k not in cc.conditions:
+            raise ConditioningError(where, k, f"the model has no {k} conditioning (it was trained with {', '.join(cc.conditions) or 'none'})")
+        if s != 0 and conds is not None and conds.get(_COND_KEYS[k][0]) is None:
+            raise ConditioningError(where, k, f'a scale is given but no {k} condition was passed')
+    return scales
+
 def guided_prediction(model, x_t, t, conds: dict, scales: dict[str, float], mode: str = 'compositional') -> torch.Tensor:
     """Classifier-free guidance with a scale per condition. `mode='compositional'`:
     `pred_0 + sum_c scales[c] * (pred_{c only} - pred_0)`; `mode='nested'` (conditions in the order labels, mask,
     text): `pred_0 + sum_i scales[c_i] * (pred_{c_1..c_i} - pred_{c_1..c_(i-1)})`, which at every scale 1 is the joint
-    conditional. `conds` are forward kwargs (as from `batch_conditions`); `scales` maps 'labels'/'mask'/'text' to a
-    scale. Conditions with scale 0 (or missing from `scales`) are not used. All passes run as one batch."""
-    if mode not in GUIDANCE_MODES: raise ConditioningError('guided_prediction', 'mode', f'{mode!r} is not one of {GUIDANCE_MODES}')
-    bad = [k for k in scales if k not in CONDITION_NAMES]
-    if bad: raise ConditioningError('guided_prediction', 'scales', f'unknown condition(s) {bad}; use {CONDITION_NAMES}')
-    missing = [k for k, s in scales.items() if s != 0 and conds.get(_COND_KEYS[k][0]) is None]
-    if missing: raise ConditioningError('guided_prediction', 'scales', f'scale given for {missing} but conds has no such condition')
+    conditional. `conds` are forward kwargs (as from `model_inputs`); `scales` maps 'labels'/'mask'/'text' to a
+    scale. Conditions with scale 0 (or missing from `scales`) are not used. All passes run as one batch.
+    Called at every sampling step, it trusts its inputs: check them once with `check_guidance`,
+    `check_guidance_mode` and `model.check_inputs`."""
     active = [k for k in CONDITION_NAMES if scales.get(k, 0) != 0]
     B, R = x_t.shape[0], 1 + len(active)
     t = torch.as_tensor(t, device=x_t.device)
@@ -335,44 +361,134 @@ def guided_prediction(model, x_t, t, conds: dict, scales: dict[str, float], mode
         prior = (conds.get('drop') or {}).get(name)
         d = ~on.reshape(-1)
         drop[name] = d | prior.to(d.device).bool().repeat(R) if prior is not None else d
-    pred = model(x_t.repeat(R, 1, 1, 1), t, **kw, drop=drop if drop else None).reshape(R, B, *x_t.shape[1:])
+    pred = model(x_t.repeat(R, 1, 1, 1), t, **kw, drop=drop if drop else None, validate=False).reshape(R, B, *x_t.shape[1:])
     out = pred[0]
     for i, name in enumerate(active): out = out + scales[name] * (pred[1 + i] - pred[i if mode == 'nested' else 0])
     return out
 
-# %% ../nbs/08_conditioning.ipynb #040c9d6d
-def batch_conditions(batch: dict, cond_cfg: ConditioningConfig, text_encoder=None, device=None) -> dict:
-    """Forward kwargs (`labels`, `mask`, `text_emb`, `text_mask`) for the conditions `cond_cfg` uses, from a
-    `CXRDataset` batch. `text_encoder` defaults to the shared `FrozenTextEncoder` when text is used."""
-    W, out = 'batch', {}
-    img = batch.get('image')
-    B = len(img) if img is not None else None
-    if cond_cfg.use_labels:
-        _check('labels' in batch, W, 'labels', 'missing, but ConditioningConfig.use_labels is True')
-        lab = torch.as_tensor(batch['labels']).float()
-        _check(lab.ndim == 2 and lab.shape[1] == len(cond_cfg.findings), W, 'labels',
-               f'shape {tuple(lab.shape)}: expected (B, {len(cond_cfg.findings)}) for findings {cond_cfg.findings}')
-        out['labels'] = lab
-    if cond_cfg.mask_mode is not None:
-        _check('mask' in batch, W, 'mask', f'missing, but ConditioningConfig.mask_mode is {cond_cfg.mask_mode!r} '
-               '(build the dataset with the same mask_mode)')
-        m = torch.as_tensor(batch['mask']).float()
-        _check(m.ndim == 4 and m.shape[1] == cond_cfg.mask_channels, W, 'mask',
-               f'shape {tuple(m.shape)}: mask_mode={cond_cfg.mask_mode!r} expects {cond_cfg.mask_channels} channel(s)')
-        if img is not None: _check(m.shape[-2:] == img.shape[-2:], W, 'mask', f'size {tuple(m.shape[-2:])} differs from image {tuple(img.shape[-2:])}')
-        out['mask'] = m
-    if cond_cfg.use_text:
-        _check('text' in batch, W, 'text', 'missing, but ConditioningConfig.use_text is True')
-        texts = batch['text']
-        texts = [texts] if isinstance(texts, str) else list(texts)
+# %% ../nbs/08_conditioning.ipynb #491a42a7
+def _finding_names(entry, cc, where, field) -> tuple:
+    "One image's findings (a name, a list of names, '' / [] / None for none) as a tuple of checked names."
+    if entry is None or (isinstance(entry, str) and not entry.strip()): return ()
+    names = [entry] if isinstance(entry, str) else list(entry)
+    for f in names:
+        if isinstance(f, str) and f in cc.findings: continue
+        c = canonical_finding(f) if isinstance(f, str) else None
+        hint = f'; did you mean {c!r}?' if c in cc.findings else suggest(f, cc.findings).split('; known')[0]
+        raise ConditioningError(where, field, f"{f!r} is not one of the model's findings {cc.findings}" + hint)
+    return tuple(names)
+
+def _findings_by_image(findings, cc, where):
+    "(names for every image, None) or (None, [names of image i]): a list is per image if an entry is a list, '' or None."
+    if isinstance(findings, str): return _finding_names(findings, cc, where, 'findings'), None
+    _check(isinstance(findings, (list, tuple)), where, 'findings', f'a name or a list, got {type(findings).__name__}')
+    entries = list(findings)
+    if any(not isinstance(e, str) or not e.strip() for e in entries):
+        return None, [_finding_names(e, cc, where, f'findings[{i}]') for i, e in enumerate(entries)]
+    return _finding_names(entries, cc, where, 'findings'), None
+
+def _as_float(x, where, field) -> torch.Tensor:
+    try: return torch.as_tensor(x if torch.is_tensor(x) else np.asarray(x)).detach().float().cpu()
+    except (TypeError, ValueError) as e: raise ConditioningError(where, field, f'not an array of numbers ({e})') from None
+
+def _mask_batch(masks, cc, where) -> tuple[torch.Tensor, bool]:
+    "Masks as binary (k, 1 or F, H, W) on the CPU, and whether they are one mask for every image ((H, W) given)."
+    m, F = _as_float(masks, where, 'masks'), len(cc.findings)
+    shapes = f'(H, W), (n, H, W), (n, 1, H, W) or (n, {F}, H, W) for findings {cc.findings}'
+    _check(m.ndim in (2, 3, 4), where, 'masks', f'shape {tuple(m.shape)}; expected {shapes}')
+    shared = m.ndim == 2
+    if m.ndim == 2: m = m[None, None]
+    elif m.ndim == 3: m = m[:, None]
+    _check(m.shape[1] in (1, F), where, 'masks', f'shape {tuple(m.shape)} has {m.shape[1]} channels; expected {shapes}')
+    return (m > 0.5).float(), shared
+
+def _batch_size(n, sizes: dict, where) -> int:
+    "The one batch size `n` and the inputs' sizes agree on (1 if nothing fixes it)."
+    if n is not None:
+        _check(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1, where, 'n', f'{n!r} must be an integer >= 1')
+        sizes = {'n': int(n), **sizes}
+    first = next(iter(sizes.values()), None)
+    odd = [k for k, v in sizes.items() if v != first]
+    _check(not odd, where, odd[0] if odd else 'n', f'batch sizes disagree: {sizes}')
+    return next(iter(sizes.values()), 1)
+
+def model_inputs(cond_cfg, n: int | None = None, *, findings=None, labels=None, masks=None, text=None, text_encoder=None,
+                 device=None, where: str = 'model_inputs') -> dict:
+    """THE builder from (findings or labels, masks, text) to `ConditionalDenoiser` forward kwargs (`labels`, `mask`,
+    `text_emb`, `text_mask`) for the conditions `cond_cfg` (a `ConditioningConfig` or the model) has, validated once;
+    errors are `ConditioningError`s naming `where` and the field. See the table above for the accepted shapes."""
+    cc = _cond_cfg_of(cond_cfg)
+    per_finding_mask = cc.mask_mode == 'per_finding'
+    _check(findings is None or labels is None, where, 'findings', 'give findings or labels, not both')
+    if findings is not None or labels is not None:
+        _check(cc.use_labels or (per_finding_mask and masks is not None), where, 'findings' if labels is None else 'labels',
+               f"this model has no label conditioning (it takes {', '.join(cc.conditions) or 'no conditions'})")
+    _check(masks is None or cc.mask_mode is not None, where, 'masks', 'given, but this model has no mask conditioning (mask_mode=None)')
+    _check(text is None or cc.use_text, where, 'text', 'given, but this model has no text conditioning (use_text=False)')
+    sizes, common, each, lab, m = {}, (), None, None, None
+    if findings is not None:
+        common, each = _findings_by_image(findings, cc, where)
+        if each is not None: sizes['findings'] = len(each)
+    if labels is not None:
+        lab = _as_float(labels, where, 'labels')
+        if lab.ndim == 2: sizes['labels'] = len(lab)
+        else: lab = lab[None]                              # (F,): the same labels for every image
+        _check(lab.ndim == 2 and lab.shape[1] == len(cc.findings), where, 'labels',
+               f'shape {tuple(lab.shape)}: expected (n, {len(cc.findings)}) for findings {cc.findings}')
+        _check(bool(((lab >= 0) & (lab <= 1)).all()), where, 'labels', 'values must lie in [0, 1] (multi-hot)')
+    if masks is not None:
+        m, shared = _mask_batch(masks, cc, where)
+        size = getattr(getattr(cond_cfg, 'unet_cfg', None), 'image_size', None)
+        _check(size is None or tuple(m.shape[-2:]) == (size, size), where, 'masks',
+               f'{m.shape[-1]}x{m.shape[-2]} px; the model draws {size}x{size} (resize the mask first)')
+        if not shared: sizes['masks'] = len(m)
+    texts = None
+    if text is not None:
+        texts = [text] if isinstance(text, str) else list(text)
+        _check(all(isinstance(s, str) for s in texts), where, 'text', 'prompts must be str')
+        if not isinstance(text, str): sizes['text'] = len(texts)
+    n = _batch_size(n, sizes, where)
+    if lab is None:                                        # from findings (none given: no finding)
+        rows = each if each is not None else [common] * n
+        lab = torch.tensor([[float(f in r) for f in cc.findings] for r in rows]).reshape(n, len(cc.findings))
+    elif len(lab) == 1: lab = lab.expand(n, -1)
+    out = {}
+    if cc.use_labels: out['labels'] = lab.clone()
+    if m is not None:
+        m = m.expand(n, -1, -1, -1)
+        if cc.mask_mode == 'union': m = m.amax(1, keepdim=True)
+        elif m.shape[1] == 1 and len(cc.findings) > 1:    # a union mask: into the channels of each image's findings
+            empty = (lab.sum(1) == 0) & (m.flatten(1).amax(1) > 0)
+            if empty.any(): raise ConditioningError(where, 'masks', f'image {int(empty.nonzero()[0, 0])} has a union mask but no '
+                                                    'finding; a per_finding model needs the findings to know which channel the lesion goes in')
+            m = m * (lab > 0.5).float()[:, :, None, None]
+        out['mask'] = m.contiguous()
+    if texts is not None:
         enc = text_encoder if text_encoder is not None else FrozenTextEncoder.shared()
-        emb, am = enc(texts)
-        _check(emb.shape[-1] == cond_cfg.text_dim, W, 'text', f'encoder gives {emb.shape[-1]}-dim tokens, text_dim is {cond_cfg.text_dim}')
+        emb, am = enc(texts * n if len(texts) == 1 and n > 1 else texts)
+        _check(emb.shape[-1] == cc.text_dim, where, 'text', f'encoder gives {emb.shape[-1]}-dim tokens, text_dim is {cc.text_dim}')
         out['text_emb'], out['text_mask'] = emb, am
-    if B is not None:
-        for k, v in out.items(): _check(v.shape[0] == B, W, k, f'batch size {v.shape[0]} differs from image batch {B}')
-    if device is not None: out = {k: v.to(device) for k, v in out.items()}
-    return out
+    return {k: v.to(device) for k, v in out.items()} if device is not None else out
+
+# %% ../nbs/08_conditioning.ipynb #040c9d6d
+def batch_conditions(batch: dict, cond_cfg, text_encoder=None, device=None) -> dict:
+    """Forward kwargs (`labels`, `mask`, `text_emb`, `text_mask`) for the conditions `cond_cfg` uses, from a
+    `CXRDataset` batch, through `model_inputs`. `text_encoder` defaults to the shared `FrozenTextEncoder`."""
+    W, cc = 'batch', _cond_cfg_of(cond_cfg)
+    img = batch.get('image')
+    for name, key, on in (('use_labels', 'labels', cc.use_labels), ('mask_mode', 'mask', cc.mask_mode is not None),
+                          ('use_text', 'text', cc.use_text)):
+        _check(not on or key in batch, W, key, f'missing, but ConditioningConfig.{name} is {getattr(cc, name)!r}'
+               + (' (build the dataset with the same mask_mode)' if key == 'mask' else ''))
+    if cc.mask_mode is not None:
+        m = batch['mask']
+        _check(m.ndim == 4 and m.shape[1] == cc.mask_channels, W, 'mask',
+               f'shape {tuple(m.shape)}: mask_mode={cc.mask_mode!r} expects {cc.mask_channels} channel(s) (build the dataset with the same mask_mode)')
+        if img is not None: _check(m.shape[-2:] == img.shape[-2:], W, 'mask', f'size {tuple(m.shape[-2:])} differs from image {tuple(img.shape[-2:])}')
+    texts = batch.get('text') if cc.use_text else None
+    return model_inputs(cc, len(img) if img is not None else None, labels=batch['labels'] if cc.use_labels else None,
+                        masks=batch['mask'] if cc.mask_mode is not None else None,
+                        text=[texts] if isinstance(texts, str) else texts, text_encoder=text_encoder, device=device, where=W)
 
 # %% ../nbs/08_conditioning.ipynb #f43ed95d
 def ellipse_mask(size: int, cx: float, cy: float, rx: float, ry: float) -> np.ndarray:
@@ -385,37 +501,23 @@ def condition_tensors(findings, ellipse, prompt: str, cond_cfg: ConditioningConf
                       text_encoder=None) -> dict:
     """The tensors a `ConditionalDenoiser` with `cond_cfg` receives for one image: `labels` (F,), `mask` (M, S, S),
     `mask_input` (M+1, S, S, the U-Net's extra channels incl. the 'present' indicator), `text_emb` (L, 384),
-    `text_mask` (L,), `tokens`, and `kwargs` (forward kwargs with a batch of 1). `ellipse` = (cx, cy, rx, ry) as
-    fractions of the image, or None for no lesion. Unused conditions are None."""
-    W = 'condition_tensors'
+    `text_mask` (L,), `tokens`, and `kwargs` (forward kwargs with a batch of 1, from `model_inputs`). `ellipse` =
+    (cx, cy, rx, ry) as fractions of the image, or None for no lesion. Unused conditions are None."""
+    W, cc = 'condition_tensors', _cond_cfg_of(cond_cfg)
     findings = [findings] if isinstance(findings, str) else list(findings or [])
-    for f in findings:
-        _check(f in cond_cfg.findings, W, 'findings',
-               f'{f!r} is not one of the configured findings {cond_cfg.findings}' + (f' (did you mean {canonical_finding(f)!r}?)'
-               if canonical_finding(f) in cond_cfg.findings and canonical_finding(f) != f else ''))
-    out = dict(findings=cond_cfg.findings, selected=tuple(findings), labels=None, mask=None, mask_input=None,
-               text_emb=None, text_mask=None, tokens=None, prompt=prompt)
-    kw = {}
-    if cond_cfg.use_labels:
-        out['labels'] = torch.tensor([float(f in findings) for f in cond_cfg.findings])
-        kw['labels'] = out['labels'][None]
-    if cond_cfg.mask_mode is not None:
-        if ellipse is not None:
-            _check(len(ellipse) == 4, W, 'ellipse', f'must be (cx, cy, rx, ry), got {ellipse!r}')
-            e = torch.from_numpy(ellipse_mask(size, *map(float, ellipse)))
-        else: e = torch.zeros(size, size)
-        if cond_cfg.mask_mode == 'union': m = e[None].clone()
-        else: m = torch.stack([e if f in findings else torch.zeros_like(e) for f in cond_cfg.findings])
-        out['mask'] = m
-        out['mask_input'] = torch.cat([m, torch.ones(1, size, size)])
-        kw['mask'] = m[None]
-    if cond_cfg.use_text:
+    if ellipse is not None: _check(len(ellipse) == 4, W, 'ellipse', f'must be (cx, cy, rx, ry), got {ellipse!r}')
+    e = torch.from_numpy(ellipse_mask(size, *map(float, ellipse))) if ellipse is not None else torch.zeros(size, size)
+    kw = model_inputs(cc, 1, findings=findings if (cc.use_labels or cc.mask_mode == 'per_finding') else None,
+                      masks=e if cc.mask_mode is not None else None, text=(prompt or '') if cc.use_text else None,
+                      text_encoder=text_encoder, where=W)
+    out = dict(findings=cc.findings, selected=tuple(findings), labels=None, mask=None, mask_input=None,
+               text_emb=None, text_mask=None, tokens=None, prompt=prompt, kwargs=kw)
+    if 'labels' in kw: out['labels'] = kw['labels'][0]
+    if 'mask' in kw: out['mask'], out['mask_input'] = kw['mask'][0], torch.cat([kw['mask'][0], torch.ones(1, size, size)])
+    if 'text_emb' in kw:
+        out['text_emb'], out['text_mask'] = kw['text_emb'][0], kw['text_mask'][0]
         enc = text_encoder if text_encoder is not None else FrozenTextEncoder.shared()
-        emb, am = enc([prompt or ''])
-        out['text_emb'], out['text_mask'] = emb[0], am[0]
         out['tokens'] = enc.tokens(prompt or '') if hasattr(enc, 'tokens') else None
-        kw['text_emb'], kw['text_mask'] = emb, am
-    out['kwargs'] = kw
     return out
 
 def show_conditions(cond: dict, figsize=(10, 3)):
@@ -459,8 +561,9 @@ def conditioning_widget(cond_cfg: ConditioningConfig, size: int = 64, text_encod
         sel = [b.description for b in boxes if b.value]
         with out:
             out.clear_output(wait=True)
-            fig = show_conditions(condition_tensors(sel, tuple(s.value for s in sl.values()), prompt.value, cond_cfg,
-                                                    size, text_encoder))
+            try: ct = condition_tensors(sel, tuple(s.value for s in sl.values()), prompt.value, cond_cfg, size, text_encoder)
+            except ConditioningError as e: print(e); return      # e.g. a per-finding lesion with no finding ticked
+            fig = show_conditions(ct)
             display(fig); plt.close(fig)
     for w in [*boxes, *sl.values(), prompt]: w.observe(redraw, 'value')
     redraw()

@@ -6,14 +6,19 @@ Docs: https://cxr-diffusion-nbs.github.io/cxr_diffusion_nbs/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #18c8bf23
 from __future__ import annotations
-import os, tempfile, contextlib
+import os, re, difflib, hashlib, tempfile, contextlib
+from collections.abc import Mapping
+from dataclasses import fields
 from pathlib import Path
 import torch
+import yaml
 
 # %% auto #0
 __all__ = ['NIH_FINDINGS', 'RARE_FINDINGS', 'FINDING_SYNONYMS', 'KNOWN_FINDINGS', 'MASK_MODES', 'PREDICTION_TYPES',
            'canonical_finding', 'CXRDataError', 'ImageReadError', 'ManifestError', 'MaskError', 'PatientLeakageError',
-           'default_device', 'atomic_write', 'project_root', 'sample_data_root', 'find_data_root', 'dicom_data_root']
+           'ConfigError', 'suggest', 'coerce', 'config_from_dict', 'check_findings', 'read_config_file',
+           'parse_override', 'set_dotted', 'default_device', 'atomic_write', 'project_root', 'sample_data_root',
+           'find_data_root', 'dicom_data_root', 'resolve_path', 'shareable_path', 'sha256_file']
 
 # %% ../nbs/00_core.ipynb #195ee6e8
 NIH_FINDINGS = ('atelectasis', 'cardiomegaly', 'consolidation', 'edema', 'effusion', 'emphysema', 'fibrosis',
@@ -51,6 +56,125 @@ class ImageReadError(CXRDataError): "An image file (DICOM, PNG, JPEG) that canno
 class ManifestError(CXRDataError): "A manifest or label table that does not follow its documented format."
 class MaskError(CXRDataError): "A lesion mask that does not fit its image."
 class PatientLeakageError(CXRDataError): "The same patient appears in more than one split."
+
+# %% ../nbs/00_core.ipynb #9a2f1619
+class ConfigError(CXRDataError):
+    "A configuration that cannot work. The message names the config file and the field (`optim.lr`)."
+
+def suggest(name, options) -> str:
+    "The hint appended to an 'unknown name' error: the closest option, else the list of known ones."
+    m = difflib.get_close_matches(str(name), [str(o) for o in options], n=1)
+    return f"; did you mean {m[0]!r}?" if m else f"; known: {sorted(map(str, options))}"
+
+# %% ../nbs/00_core.ipynb #8331e84a
+_NONE_WORDS = ('none', 'null', '~', '')
+
+def _type_names(typ) -> list:
+    "'int | None' -> ['int', 'None']; 'tuple[int, ...]' -> ['tuple']; a type object -> its annotation text."
+    s = typ if isinstance(typ, str) else getattr(typ, '__name__', None) if isinstance(typ, type) else str(typ)
+    s = re.sub(r'\[.*\]', '', str(s)).replace('typing.', '').replace('Optional', '')
+    return [t.strip() for t in s.split('|') if t.strip()]
+
+def _coerce_one(value, t: str):
+    "`value` as type `t` ('bool', 'int', 'float', 'str', 'list', 'tuple', 'dict'); raises ValueError if it does not fit."
+    if t == 'bool':
+        if isinstance(value, bool): return value
+        if isinstance(value, str) and value.lower() in ('true', 'false', 'yes', 'no'): return value.lower() in ('true', 'yes')
+        if isinstance(value, int) and value in (0, 1): return bool(value)
+    elif t == 'int' and not isinstance(value, bool):
+        if isinstance(value, int): return value
+        if isinstance(value, float) and value.is_integer(): return int(value)
+        if isinstance(value, str) and float(value).is_integer(): return int(float(value))
+    elif t == 'float' and not isinstance(value, bool) and isinstance(value, (int, float, str)): return float(value)
+    elif t == 'str' and isinstance(value, (str, int, float)) and not isinstance(value, bool): return str(value)
+    elif t in ('list', 'tuple'):
+        if isinstance(value, str): value = [v.strip() for v in value.split(',') if v.strip()]
+        if isinstance(value, (list, tuple)): return list(value) if t == 'list' else tuple(value)
+    elif t == 'dict' and isinstance(value, Mapping): return dict(value)
+    raise ValueError(f'not a {t}')
+
+_KNOWN_TYPES = ('bool', 'int', 'float', 'str', 'list', 'tuple', 'dict')
+
+def coerce(value, typ, field: str = 'value', source: str = '<config>'):
+    "`value` coerced to the annotated type `typ` of a dataclass field (`int | None`, `float`, `list`, ...), else a `ConfigError`."
+    opts = _type_names(typ)
+    if 'None' in opts and isinstance(value, str) and value.strip().lower() in _NONE_WORDS: value = None
+    if value is None:
+        if 'None' in opts or not opts: return None
+        raise ConfigError(source, field, f"must not be empty (expected {' | '.join(opts)})")
+    for t in opts:
+        if t == 'None': continue
+        if t not in _KNOWN_TYPES: return value          # a type coercion does not know: the class validates it
+        try: return _coerce_one(value, t)
+        except (TypeError, ValueError, OverflowError): continue
+    raise ConfigError(source, field, f"{value!r} is not a valid {' | '.join(opts)}")
+
+# %% ../nbs/00_core.ipynb #407f2876
+def _where(section, k) -> str: return f'{section}.{k}' if section else str(k)
+
+def config_from_dict(cls, d, source: str = '<dict>', section: str | None = None):
+    """Build the dataclass `cls` from the mapping `d` (None = all defaults): unknown keys refused, values coerced to the
+    fields' types, then `validate()` if `cls` has one. Errors are `ConfigError`s naming `source` and `section.key`."""
+    if isinstance(d, cls): d = {f.name: getattr(d, f.name) for f in fields(cls) if f.init}
+    if d is None: d = {}
+    if not isinstance(d, Mapping): raise ConfigError(source, section or cls.__name__, f"must be a mapping, got {d!r}")
+    known = {f.name: f for f in fields(cls) if f.init}
+    for k in d:
+        if k not in known: raise ConfigError(source, _where(section, k), f"unknown key for {cls.__name__}" + suggest(k, known))
+    kw = {k: coerce(v, known[k].type, _where(section, k), source) for k, v in d.items()}
+    try:
+        obj = cls(**kw)
+        if callable(getattr(obj, 'validate', None)): obj.validate()
+    except CXRDataError as e:                   # the class's own check: re-address it to the file and section
+        if source == '<dict>' and section is None: raise
+        raise ConfigError(source, _where(section, e.field), e.problem) from None
+    except (TypeError, ValueError) as e: raise ConfigError(source, section or cls.__name__, str(e)) from None
+    return obj
+
+# %% ../nbs/00_core.ipynb #77d5b6b6
+def check_findings(findings, source: str = '<config>', field: str = 'findings', known=KNOWN_FINDINGS,
+                   allow_empty: bool = False) -> tuple:
+    "`findings` as a tuple, after checking it is non-empty (unless `allow_empty`), has no duplicates and only `known` names."
+    if findings is None: findings = ()
+    if isinstance(findings, str): findings = [f.strip() for f in findings.split(',') if f.strip()]
+    findings = tuple(findings)
+    if not findings and not allow_empty: raise ConfigError(source, field, 'needs at least one finding')
+    for i, f in enumerate(findings):
+        if f in known: continue
+        c = canonical_finding(f) if isinstance(f, str) else None
+        hint = f"; the package's name for it is {c!r}" if c in known else suggest(f, known)
+        raise ConfigError(source, f'{field}[{i}]', f"unknown finding {f!r}" + hint)
+    dup = sorted({f for f in findings if findings.count(f) > 1})
+    if dup: raise ConfigError(source, field, f"{list(findings)} has duplicates ({', '.join(dup)})")
+    return findings
+
+# %% ../nbs/00_core.ipynb #86a1f884
+def read_config_file(path) -> dict:
+    "The mapping in YAML file `path`; a missing, empty, non-YAML or non-mapping file is a `ConfigError` naming it."
+    p, source = Path(path), str(path)
+    if not p.exists(): raise ConfigError(source, '<file>', 'config file not found')
+    try: raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e: raise ConfigError(source, '<yaml>', f"not valid YAML: {str(e).splitlines()[0]}") from None
+    if raw is None: raise ConfigError(source, '<file>', 'is empty; write the fields to change (an empty file is not "all defaults")')
+    if not isinstance(raw, dict): raise ConfigError(source, '<top level>', f'must be a mapping of fields, got {type(raw).__name__}')
+    return raw
+
+def parse_override(s: str, source: str = '<command line>') -> tuple:
+    "'optim.lr=1e-4' -> ('optim.lr', 0.0001): the value is read as YAML (numbers, true/false, null, [lists])."
+    if '=' not in s: raise ConfigError(source, s, "an override must look like key=value (section.key=value)")
+    k, v = s.split('=', 1)
+    try: return k.strip(), yaml.safe_load(v) if v.strip() else None
+    except yaml.YAMLError: raise ConfigError(source, k.strip(), f'{v!r} is not a YAML value') from None
+
+def set_dotted(d: dict, key: str, value, source: str = '<command line>') -> dict:
+    "Set `d['a']['b'] = value` for `key='a.b'`, creating sections on the way; returns `d`."
+    parts, cur = key.split('.'), d
+    for p in parts[:-1]:
+        if cur.get(p) is None: cur[p] = {}
+        if not isinstance(cur[p], dict): raise ConfigError(source, key, f"{p!r} is not a section")
+        cur = cur[p]
+    cur[parts[-1]] = value
+    return d
 
 # %% ../nbs/00_core.ipynb #85b46477
 def default_device(prefer: str | None = None) -> torch.device:
@@ -90,17 +214,44 @@ def sample_data_root() -> Path:
     "The bundled real sample, `data/cxr14_sample` in the repository."
     return project_root()/'data'/'cxr14_sample'
 
+def _shared_hidden() -> bool:
+    "True when env `CXR_NO_SHARED` is set (to anything but '', '0', 'false', 'no'): act as if `../shared` were absent."
+    return os.environ.get('CXR_NO_SHARED', '').strip().lower() not in ('', '0', 'false', 'no')
+
 def find_data_root(prefer_full: bool = True) -> Path:
-    "`CXR_DATA_ROOT` if set, else the full shared subset if present (and `prefer_full`), else the bundled sample."
+    "`CXR_DATA_ROOT` if set, else the full shared subset if present (and `prefer_full`, and not `CXR_NO_SHARED`), else the bundled sample."
     env = os.environ.get('CXR_DATA_ROOT')
     if env:
         if not (Path(env)/'manifest.csv').exists(): raise ManifestError(Path(env)/'manifest.csv', 'CXR_DATA_ROOT', 'no manifest.csv there')
         return Path(env)
     full = project_root().parent/'shared'/'data'/'nih_cxr14_subset'
-    if prefer_full and (full/'manifest.csv').exists(): return full
+    if prefer_full and not _shared_hidden() and (full/'manifest.csv').exists(): return full
     return sample_data_root()
 
 def dicom_data_root() -> Path:
-    "Folder of real DICOM files: the shared one if present, else the bundled copy `data/dicom`."
+    "Folder of real DICOM files: the shared one if present (and not `CXR_NO_SHARED`), else the bundled copy `data/dicom`."
     full = project_root().parent/'shared'/'data'/'nih_cxr14_subset_dicom'
-    return full if full.exists() else project_root()/'data'/'dicom'
+    return full if full.exists() and not _shared_hidden() else project_root()/'data'/'dicom'
+
+# %% ../nbs/00_core.ipynb #85796883
+def resolve_path(p) -> Path:
+    "A path as given if it exists (or is absolute), else relative to the project root (so `data/...` works from `nbs/`)."
+    p = Path(p)
+    if p.is_absolute() or p.exists(): return p
+    alt = project_root()/p
+    return alt if alt.exists() else p
+
+def shareable_path(p) -> str:
+    """`p` as it may appear in an output meant to be shared (a cohort, a report): relative to the project root when
+    inside it, as given when relative, else only its name, so that no machine's folder layout leaks out."""
+    p = Path(p)
+    if not p.is_absolute(): return p.as_posix()
+    try: return p.resolve().relative_to(project_root().resolve()).as_posix()
+    except ValueError: return p.name
+
+def sha256_file(path, chunk: int = 1 << 20) -> str:
+    "Hex SHA-256 of a file, read in chunks (weights files can be large)."
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for b in iter(lambda: f.read(chunk), b''): h.update(b)
+    return h.hexdigest()

@@ -6,20 +6,22 @@ Docs: https://cxr-diffusion-nbs.github.io/cxr_diffusion_nbs/dataset.html.md"""
 
 # %% ../nbs/05_dataset.ipynb #1811d40a
 from __future__ import annotations
-import math
+import math, textwrap
 from dataclasses import dataclass
 import numpy as np, pandas as pd, torch
+from torch.utils.data import default_collate
 import torch.nn.functional as F
 from scipy import ndimage
 import matplotlib.pyplot as plt, seaborn as sns
 from .core import RARE_FINDINGS, MASK_MODES, ManifestError
 from .image_io import read_image, resize_with_masks
-from .masks import lesion_masks, mask_centroid
+from .masks import lesion_masks, mask_centroid, overlay
 from .manifest import Manifest, load_shared_subset
 
 # %% auto #0
-__all__ = ['lesion_side', 'lesion_zone', 'describe_finding', 'describe', 'Augment', 'affine_pair', 'CXRDataset', 'overlay',
-           'finding_examples', 'examples_grid', 'prevalence_figure', 'browse_figure', 'browse_widget']
+__all__ = ['lesion_side', 'lesion_zone', 'describe_finding', 'describe', 'Augment', 'affine_pair', 'CXRDataset',
+           'finding_examples', 'examples_grid', 'prevalence_figure', 'browse_figure', 'browse_widget', 'condition_rows',
+           'repeat_batch']
 
 # %% ../nbs/05_dataset.ipynb #9bf95373
 _SIDED = {'pneumothorax': '{side}-sided pneumothorax', 'effusion': '{side} pleural effusion',
@@ -102,6 +104,9 @@ class CXRDataset(torch.utils.data.Dataset):
         self.mask_mode, self.augment, self.resize_mode, self.seed = mask_mode, augment, resize_mode, seed
         self.trust_annotations = trust_annotations
         self.images = imgs.reset_index(drop=True)
+        # plain arrays for the per-item look-ups: a pandas row per item costs more than decoding a cached image
+        self._ids, self._paths = self.images['image_id'].tolist(), self.images['path'].tolist()
+        self._raw_labels = self.images[findings].to_numpy(dtype=float)
         self._ann = {k: g for k, g in manifest.annotations.groupby('image_id')} if len(manifest.annotations) else {}
         self._cache = {} if cache else None
         self.epoch = 0
@@ -117,9 +122,8 @@ class CXRDataset(torch.utils.data.Dataset):
         if self._cache is not None and i in self._cache:
             im, ms = self._cache[i]
             return im.astype(np.float32), ms.astype(np.float32)
-        row = self.images.iloc[i]
-        im = read_image(row['path'])
-        ann = self._ann.get(row['image_id'])
+        im = read_image(self._paths[i])
+        ann = self._ann.get(self._ids[i])
         ms = (lesion_masks(ann, self.findings, im.shape) if ann is not None
               else np.zeros((len(self.findings), *im.shape), np.float32))
         im, ms, _ = resize_with_masks(im, ms, self.size, mode=self.resize_mode)
@@ -128,14 +132,13 @@ class CXRDataset(torch.utils.data.Dataset):
         return im.astype(np.float32), ms.astype(np.float32)
 
     def __getitem__(self, i: int) -> dict:
-        row = self.images.iloc[i]
         im, ms = self.load(i)
         image, masks = torch.from_numpy(im)[None], torch.from_numpy(ms)
         if self.augment is not None:
             rng = np.random.default_rng([self.seed, self.epoch, i])
             image, masks = affine_pair(image, masks, **self.augment.params(rng))
             masks = (masks > .5).float()
-        raw = row[self.findings].to_numpy(dtype=float)
+        raw = self._raw_labels[i]
         if self.trust_annotations:   # a radiologist's box or outline outranks an NLP-mined negative label
             raw = np.where(ms.reshape(len(self.findings), -1).any(1), 1., raw)
         known = ~np.isnan(raw)
@@ -143,23 +146,15 @@ class CXRDataset(torch.utils.data.Dataset):
         text = describe({f: int(v) for f, v in zip(self.findings, labels)},
                         {f: masks[k].numpy() for k, f in enumerate(self.findings) if masks[k].any()})
         item = dict(image=image.clamp(0, 1) * 2 - 1, labels=torch.from_numpy(labels),
-                    label_known=torch.from_numpy(known), text=text, image_id=row['image_id'])
+                    label_known=torch.from_numpy(known), text=text, image_id=self._ids[i])
         if self.mask_mode == 'union': item['mask'] = masks.amax(0, keepdim=True) if len(self.findings) else masks[:1]
         elif self.mask_mode == 'per_finding': item['mask'] = masks
         return item
 
 # %% ../nbs/05_dataset.ipynb #c09b04b1
-def overlay(ax, image, mask=None, title=None, color=(1., .2, .2), alpha=.35):
-    "Show a [-1,1] or [0,1] image on `ax` with an optional mask (H,W) tinted on top."
-    im = np.asarray(image, dtype=np.float32).squeeze()
-    if im.min() < 0: im = (im + 1) / 2
-    ax.imshow(im, cmap='gray', vmin=0, vmax=1)
-    if mask is not None and np.asarray(mask).any():
-        m = np.asarray(mask, dtype=np.float32).squeeze()
-        rgba = np.zeros((*m.shape, 4), np.float32); rgba[..., :3] = color; rgba[..., 3] = m * alpha
-        ax.imshow(rgba); ax.contour(m, levels=[.5], colors=[color], linewidths=.8)
-    if title: ax.set_title(title, fontsize=8)
-    ax.axis('off')
+def _short_title(text: str, width: int = 22, lines: int = 2) -> str:
+    "A description wrapped to fit over one small panel (at most `lines` lines), so neighbouring titles do not overlap."
+    return textwrap.fill(text, width, max_lines=lines, placeholder='..')
 
 def finding_examples(ds: CXRDataset, finding: str, n: int = 4, with_mask_first: bool = True) -> list:
     "Indices of up to `n` images positive for `finding`, those with a lesion mask first."
@@ -173,7 +168,7 @@ def finding_examples(ds: CXRDataset, finding: str, n: int = 4, with_mask_first: 
 def examples_grid(ds: CXRDataset, findings=None, n: int = 4, figsize=None):
     "Figure: one row per finding, `n` real images with that finding's mask and their text."
     findings = list(findings or ds.findings)
-    fig, axs = plt.subplots(len(findings), n, figsize=figsize or (1.6 * n, 1.7 * len(findings)), squeeze=False)
+    fig, axs = plt.subplots(len(findings), n, figsize=figsize or (1.7 * n, 2.0 * len(findings)), squeeze=False)
     for r, f in enumerate(findings):
         idx = finding_examples(ds, f, n)
         for c in range(n):
@@ -181,7 +176,7 @@ def examples_grid(ds: CXRDataset, findings=None, n: int = 4, figsize=None):
             if c >= len(idx): ax.axis('off'); continue
             it = ds[idx[c]]
             m = it['mask'][ds.findings.index(f)] if ds.mask_mode == 'per_finding' else it.get('mask', [None])[0]
-            overlay(ax, it['image'], m, title=it['text'] if len(it['text']) <= 30 else it['text'][:28] + '..')
+            overlay(ax, it['image'], m, title=_short_title(it['text']), title_size=7)
         axs[r, 0].text(-.08, .5, f, transform=axs[r, 0].transAxes, rotation=90, va='center', ha='right', fontsize=9)
     fig.tight_layout()
     return fig
@@ -233,3 +228,19 @@ def browse_widget(ds: CXRDataset):
     box = W.VBox([W.HBox([finding, show]), idx, out])
     display(box)
     return box
+
+# %% ../nbs/05_dataset.ipynb #f12b7764
+def condition_rows(ds, findings, fallback_ds=None) -> tuple:
+    "One real example per finding (with a lesion mask first, a different image per row when possible) from `ds` (else `fallback_ds`): (items, row titles)."
+    items, titles, used = [], [], set()
+    for f in findings:
+        cands = [(d, i) for d in (ds, fallback_ds) if d is not None for i in finding_examples(d, f, n=len(d))]
+        if not cands: continue
+        d, i = next(((d, i) for d, i in cands if d.images.iloc[i]['image_id'] not in used), cands[0])
+        used.add(d.images.iloc[i]['image_id'])
+        items.append(d[i]); titles.append(f)
+    return items, titles
+
+def repeat_batch(items: list, n: int) -> dict:
+    "Collate `items`, each repeated `n` times in a row (row-major), into a batch dict."
+    return default_collate([it for it in items for _ in range(n)])

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 import numpy as np, pandas as pd
 from scipy import stats
+from sklearn.metrics import roc_auc_score, average_precision_score, roc_curve, recall_score
+from tqdm.auto import tqdm
 from .core import CXRDataError, PatientLeakageError, atomic_write
-from .manifest import Manifest, empty_annotations
+from .manifest import Manifest, empty_annotations, mix_real_synthetic
 from .splits import check_no_leakage
 from .classifier import ClassifierConfig, train_classifier, load_images, predict_proba
-from .cohort import mix_real_synthetic
 from .dataset import CXRDataset
 from PIL import Image
 import matplotlib.pyplot as plt
@@ -42,43 +43,33 @@ def _yp(y, p):
     return y.astype(bool), p
 
 def auroc(y, p) -> float:
-    "AUROC (Mann-Whitney with midranks: ties count 1/2); NaN unless both classes are present."
+    "AUROC (scikit-learn's `roc_auc_score`; ties count 1/2); NaN unless both classes are present."
     y, p = _yp(y, p)
-    m, n = int(y.sum()), int((~y).sum())
-    if not m or not n: return np.nan
-    return float((stats.rankdata(p)[y].sum() - m * (m + 1) / 2) / (m * n))
+    return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else np.nan
 
 def average_precision(y, p) -> float:
-    "AUPRC as average precision (scikit-learn's step-wise definition; tied scores are one threshold); NaN without positives."
+    "AUPRC as average precision (scikit-learn's `average_precision_score`; tied scores are one threshold); NaN without positives."
     y, p = _yp(y, p)
-    if not y.any(): return np.nan
-    o = np.argsort(-p, kind='mergesort')
-    ys, ps = y[o], p[o]
-    last = np.r_[np.flatnonzero(np.diff(ps)), len(ps) - 1]   # last index of each group of tied scores
-    tp = np.cumsum(ys)[last]
-    prec, rec = tp / (last + 1), tp / tp[-1]
-    return float(np.sum(np.diff(np.r_[0., rec]) * prec))
+    return float(average_precision_score(y, p)) if y.any() else np.nan
 
 def sensitivity(y, p, threshold: float) -> float:
-    "Fraction of positives with score >= `threshold` (NaN without positives)."
+    "Fraction of positives with score >= `threshold` (scikit-learn's `recall_score` of the positives; NaN without positives)."
     y, p = _yp(y, p)
-    return float((p[y] >= threshold).mean()) if y.any() else np.nan
+    return float(recall_score(y, p >= threshold, pos_label=True)) if y.any() else np.nan
 
 def specificity(y, p, threshold: float) -> float:
-    "Fraction of negatives with score < `threshold` (NaN without negatives)."
+    "Fraction of negatives with score < `threshold` (scikit-learn's `recall_score` of the negatives; NaN without negatives)."
     y, p = _yp(y, p)
-    return float((p[~y] < threshold).mean()) if (~y).any() else np.nan
+    return float(recall_score(y, p >= threshold, pos_label=False)) if (~y).any() else np.nan
 
 def youden_threshold(y, p) -> float:
     """The score threshold (positive iff score >= threshold) maximising Youden's J = sensitivity + specificity - 1 on
-    *these* data (on ties of J, the highest threshold). Choose it on training or validation data, never on the test set."""
+    *these* data (scikit-learn's `roc_curve`; on ties of J, the highest threshold). Choose it on training or
+    validation data, never on the test set."""
     y, p = _yp(y, p)
     if not y.any() or y.all(): return np.nan
-    o = np.argsort(-p, kind='mergesort')
-    ys, ps = y[o], p[o]
-    last = np.r_[np.flatnonzero(np.diff(ps)), len(ps) - 1]
-    tpr, fpr = np.cumsum(ys)[last] / ys.sum(), np.cumsum(~ys)[last] / (~ys).sum()
-    return float(ps[last][int(np.argmax(tpr - fpr))])
+    fpr, tpr, thr = roc_curve(y, p, drop_intermediate=False)
+    return float(thr[1:][int(np.argmax((tpr - fpr)[1:]))])     # thr[0] = +inf: "nobody positive"
 
 def binary_metrics(y, p, threshold: float | None = None) -> dict:
     """AUROC, AUPRC, sensitivity and specificity of scores `p` for 0/1 labels `y`. Sensitivity and specificity are
@@ -93,43 +84,75 @@ def binary_metrics(y, p, threshold: float | None = None) -> dict:
 # %% ../nbs/19_downstream.ipynb #622d52b2
 METRICS = ('auroc', 'auprc', 'sensitivity', 'specificity')
 
-def _metric_fn(metric, threshold):
-    if callable(metric): return metric
-    if metric == 'auroc': return auroc
-    if metric == 'auprc': return average_precision
+def _auroc_rows(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+    "AUROC of each row: positives' scores `pos` (B, m) against negatives' `neg` (B, n), Mann-Whitney U / (m n) (scipy)."
+    u = stats.mannwhitneyu(pos, neg, axis=-1, method='asymptotic', use_continuity=False).statistic
+    return u / (pos.shape[-1] * neg.shape[-1])
+
+def _ap_rows(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+    "Average precision of each row (scikit-learn's step-wise definition, tied scores one threshold), vectorised over rows."
+    m = pos.shape[-1]
+    s = np.concatenate([pos, neg], -1)
+    o = np.argsort(-s, axis=-1, kind='stable')
+    ss = np.take_along_axis(s, o, -1)
+    tp = np.cumsum(o < m, axis=-1)
+    last = np.concatenate([np.diff(ss, axis=-1) != 0, np.ones(ss.shape[:-1] + (1,), bool)], -1)   # end of a tie group
+    tp_end = np.where(last, tp, 0)
+    prev = np.concatenate([np.zeros(ss.shape[:-1] + (1,), tp.dtype), np.maximum.accumulate(tp_end, -1)[..., :-1]], -1)
+    return (last * (tp - prev) / m * tp / np.arange(1, s.shape[-1] + 1)).sum(-1)
+
+def _row_statistic(metric, threshold):
+    "f(pos (B, m), neg (B, n)) -> (B,) for a metric name or a function (y, p) -> float."
+    if callable(metric):
+        def f(pos, neg):
+            y = np.r_[np.ones(pos.shape[-1], bool), np.zeros(neg.shape[-1], bool)]
+            return np.array([metric(y, np.r_[a, b]) for a, b in zip(pos, neg)], float)
+        return f
+    if metric == 'auroc': return _auroc_rows
+    if metric == 'auprc': return _ap_rows
     if metric in ('sensitivity', 'specificity'):
         if threshold is None or not np.isfinite(threshold):
             raise ValueError(f'{metric} needs a finite threshold chosen on other data than the test set')
-        return (lambda y, p: sensitivity(y, p, threshold)) if metric == 'sensitivity' else (lambda y, p: specificity(y, p, threshold))
+        if metric == 'sensitivity': return lambda pos, neg: (pos >= threshold).mean(-1)
+        return lambda pos, neg: (neg < threshold).mean(-1)
     raise ValueError(f'unknown metric {metric!r}; use one of {METRICS} or a function (y, p) -> float')
 
-def _strat_indices(y: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
-    "(n_boot, N) indices: each row resamples the positives among the positives and the negatives among the negatives."
-    rng = np.random.default_rng(seed)
-    pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
-    return np.concatenate([pos[rng.integers(0, len(pos), (n_boot, len(pos)))],
-                           neg[rng.integers(0, len(neg), (n_boot, len(neg)))]], axis=1)
+def _point_metric(metric, threshold):
+    "The metric on all images, from scikit-learn (or the given function)."
+    if callable(metric): return metric
+    if metric == 'auroc': return auroc
+    if metric == 'auprc': return average_precision
+    return lambda y, p: (sensitivity if metric == 'sensitivity' else specificity)(y, p, threshold)
 
-def _auroc_rows(pp: np.ndarray, m: int) -> np.ndarray:
-    "AUROC of each row of scores `pp` (B, m + n) whose first m columns are the positives."
-    n = pp.shape[1] - m
-    return (stats.rankdata(pp, axis=1)[:, :m].sum(1) - m * (m + 1) / 2) / (m * n)
+def _stratified_bootstrap(y, scores, statistic, n_boot: int, seed: int, alpha: float):
+    """`scipy.stats.bootstrap` of `statistic(pos_scores, neg_scores)` (each (K, B, m) / (K, B, n) for K score rows),
+    resampling positives among positives and negatives among negatives (indices, so all K rows share the images)."""
+    pos, neg = scores[:, y], scores[:, ~y]
+    def stat(ip, ineg, axis=-1):
+        one = ip.ndim == 1
+        ip, ineg = np.atleast_2d(ip), np.atleast_2d(ineg)
+        out = statistic(pos[:, ip], neg[:, ineg])
+        return out[0] if one else out
+    return stats.bootstrap((np.arange(pos.shape[1]), np.arange(neg.shape[1])), stat, n_resamples=n_boot, vectorized=True,
+                           paired=False, axis=-1, confidence_level=1 - alpha, method='percentile',
+                           rng=np.random.default_rng(seed))
 
 def bootstrap_ci(y, p, metric='auroc', n_boot: int = 1000, seed: int = 0, alpha: float = .05,
                  threshold: float | None = None) -> dict:
-    """Stratified percentile bootstrap over test images: `estimate` (on all images), (`lo`, `hi`) the `alpha/2` and
-    `1 - alpha/2` percentiles of `n_boot` replicates. `metric`: 'auroc', 'auprc', 'sensitivity', 'specificity' (these
-    two at the fixed `threshold`) or a function (y, p) -> float. Seeded: the same call gives the same interval."""
+    """Stratified percentile bootstrap over test images (`scipy.stats.bootstrap`): `estimate` (on all images), (`lo`,
+    `hi`) the `alpha/2` and `1 - alpha/2` percentiles of `n_boot` replicates. `metric`: 'auroc', 'auprc',
+    'sensitivity', 'specificity' (these two at the fixed `threshold`) or a function (y, p) -> float. Seeded: the
+    same call gives the same interval. Fewer than 2 positives or 2 negatives: no interval (NaN)."""
     y, p = _yp(y, p)
-    fn = _metric_fn(metric, threshold)
-    est = fn(y, p)
-    if not y.any() or y.all() or n_boot < 1: return dict(estimate=est, lo=np.nan, hi=np.nan, n_boot=0)
-    idx = _strat_indices(y, n_boot, seed)
-    if metric == 'auroc': reps = _auroc_rows(p[idx], int(y.sum()))          # vectorised, same numbers as the loop
-    else: reps = np.array([fn(y[i], p[i]) for i in idx])
-    reps = reps[np.isfinite(reps)]
-    lo, hi = np.quantile(reps, [alpha / 2, 1 - alpha / 2]) if len(reps) else (np.nan, np.nan)
-    return dict(estimate=est, lo=float(lo), hi=float(hi), n_boot=len(reps))
+    f = _row_statistic(metric, threshold)
+    est = _point_metric(metric, threshold)(y, p)
+    if min(y.sum(), (~y).sum()) < 2 or n_boot < 1: return dict(estimate=est, lo=np.nan, hi=np.nan, n_boot=0)
+    res = _stratified_bootstrap(y, p[None], lambda a, b: f(a[0], b[0]), n_boot, seed, alpha)
+    reps = res.bootstrap_distribution
+    ok = np.isfinite(reps)
+    if ok.all(): lo, hi = res.confidence_interval
+    else: lo, hi = np.quantile(reps[ok], [alpha / 2, 1 - alpha / 2]) if ok.any() else (np.nan, np.nan)
+    return dict(estimate=est, lo=float(lo), hi=float(hi), n_boot=int(ok.sum()))
 
 # %% ../nbs/19_downstream.ipynb #fc727eee
 @dataclass
@@ -183,15 +206,14 @@ def delong_ci(y, p, alpha: float = .05) -> dict:
     return dict(estimate=float(aucs[0]), lo=max(0., float(aucs[0] - h)), hi=min(1., float(aucs[0] + h)))
 
 def paired_bootstrap_auroc_diff(y, p1, p2, n_boot: int = 1000, seed: int = 0, alpha: float = .05) -> dict:
-    """AUROC(p1) - AUROC(p2) with a stratified paired bootstrap: both models are scored on the *same* resampled
-    images. Returns diff, the percentile interval (lo, hi) and a two-sided bootstrap p-value (twice the smaller tail
-    of the replicates beyond 0; resolution 1/n_boot)."""
+    """AUROC(p1) - AUROC(p2) with a stratified paired bootstrap (`scipy.stats.bootstrap` on indices): both models are
+    scored on the *same* resampled images. Returns diff, the percentile interval (lo, hi) and a two-sided bootstrap
+    p-value (twice the smaller tail of the replicates beyond 0; resolution 1/n_boot)."""
     y, p1 = _yp(y, p1)
     _, p2 = _yp(y, p2)
-    m = int(y.sum())
-    idx = _strat_indices(y, n_boot, seed)
-    d = _auroc_rows(p1[idx], m) - _auroc_rows(p2[idx], m)
-    lo, hi = np.quantile(d, [alpha / 2, 1 - alpha / 2])
+    res = _stratified_bootstrap(y, np.vstack([p1, p2]), lambda a, b: _auroc_rows(a[0], b[0]) - _auroc_rows(a[1], b[1]),
+                                n_boot, seed, alpha)
+    d, (lo, hi) = res.bootstrap_distribution, res.confidence_interval
     pv = min(1., 2 * min((d <= 0).mean(), (d >= 0).mean()))
     return dict(diff=auroc(y, p1) - auroc(y, p2), lo=float(lo), hi=float(hi), p_value=float(pv))
 
@@ -343,9 +365,7 @@ def downstream_experiment(real: Manifest, synthetic: Manifest | None = None, rat
     tr = load_images(real_train, train_split, size, findings)   # real training images only: the thresholds
     rows, preds = [], {}
     it = [(s, c) for s in seeds for c in plans[s]]
-    if progress:
-        from tqdm.auto import tqdm
-        it = tqdm(it, desc='trainings')
+    if progress: it = tqdm(it, desc='trainings')
     for seed, (name, ratio, n_syn, man) in it:
         c = dataclasses.replace(cfg, seed=int(seed))
         model, hist = train_classifier(man, c, split=train_split)

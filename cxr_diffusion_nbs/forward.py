@@ -17,7 +17,8 @@ from .core import MaskError
 # %% auto #0
 __all__ = ['DIFFUSERS_BETA_SCHEDULES', 'linear_betas', 'cosine_alpha_bar', 'cosine_betas', 'NoiseSchedule', 'make_schedule',
            'diffusers_schedule_kwargs', 'as_schedule', 'q_step', 'q_sample', 'snr', 'log_snr', 'q_posterior_mean_var',
-           'v_target', 'prediction_target', 'convert_prediction', 'ring_mask', 'lesion_cnr', 'expected_lesion_cnr',
+           'v_target', 'schedule_target', 'convert_prediction', 'prediction_type_of', 'as_timesteps', 'alpha_bar',
+           'prediction_target', 'predicted_x0', 'predicted_eps', 'ring_mask', 'lesion_cnr', 'expected_lesion_cnr',
            'lesion_cnr_curve', 'cnr_noise_floor', 'image_correlation', 'noised_view', 'show_noised']
 
 # %% ../nbs/06_forward_process.ipynb #de5888e4
@@ -162,8 +163,8 @@ def v_target(x0: torch.Tensor, noise: torch.Tensor, t, schedule) -> torch.Tensor
     s = as_schedule(schedule); t = _timesteps(t, s)
     return _gather(s.alphas_cumprod.sqrt(), t, x0) * noise - _gather((1 - s.alphas_cumprod).sqrt(), t, x0) * x0
 
-def prediction_target(x0: torch.Tensor, noise: torch.Tensor, t, schedule, prediction_type: str = 'v_prediction') -> torch.Tensor:
-    "The regression target for `prediction_type` 'epsilon' (noise), 'sample' (x0) or 'v_prediction'."
+def schedule_target(x0: torch.Tensor, noise: torch.Tensor, t, schedule, prediction_type: str = 'v_prediction') -> torch.Tensor:
+    "The regression target for `prediction_type` 'epsilon' (noise), 'sample' (x0) or 'v_prediction', from a `NoiseSchedule` (float64 lesson)."
     if prediction_type == 'epsilon': return noise
     if prediction_type == 'sample': return x0
     if prediction_type == 'v_prediction': return v_target(x0, noise, t, schedule)
@@ -180,6 +181,59 @@ def convert_prediction(pred: torch.Tensor, x_t: torch.Tensor, t, schedule, src: 
     elif src == 'sample': x0, eps = pred, (x_t - a * pred) / b
     else: x0, eps = a * x_t - b * pred, b * x_t + a * pred
     return {'epsilon': eps, 'sample': x0, 'v_prediction': a * eps - b * x0}[dst]
+
+# %% ../nbs/06_forward_process.ipynb #ae7dcc39
+def prediction_type_of(scheduler) -> str:
+    "The scheduler's `config.prediction_type`, checked against the types the package supports."
+    pt = getattr(getattr(scheduler, 'config', None), 'prediction_type', None)
+    if pt not in PREDICTION_TYPES:
+        raise ValueError(f"scheduler.config.prediction_type: {pt!r} is not supported; use one of {PREDICTION_TYPES}")
+    return pt
+
+def as_timesteps(t, batch_size: int, scheduler, device=None) -> torch.Tensor:
+    "`t` (int, 0-d or (B,) tensor) as a long tensor of shape (B,) on `device`, checked against the scheduler's training range."
+    t = torch.as_tensor(t)
+    if t.is_floating_point():
+        if not torch.equal(t, t.round()): raise ValueError(f"t: timesteps must be integers, got {t.tolist()}")
+        t = t.round()
+    t = t.long().reshape(-1)
+    if t.numel() == 1: t = t.expand(batch_size)
+    if t.numel() != batch_size:
+        raise ValueError(f"t: expected one timestep per sample ({batch_size}), got shape {tuple(t.shape)}")
+    n = len(scheduler.alphas_cumprod)
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= n):
+        raise ValueError(f"t: timesteps must lie in [0, {n - 1}] for this scheduler, got min {int(t.min())} max {int(t.max())}")
+    return t if device is None else t.to(device)
+
+def alpha_bar(t, scheduler, like: torch.Tensor) -> torch.Tensor:
+    "ᾱ_t = `scheduler.alphas_cumprod[t]` in float32 on `like`'s device, shaped (B, 1, 1, ...) to broadcast against `like`."
+    t = as_timesteps(t, like.shape[0], scheduler)
+    ac = scheduler.alphas_cumprod.to(torch.float32)[t].to(like.device)   # cast on the CPU first: MPS has no float64
+    return ac.reshape(-1, *([1] * (like.ndim - 1)))
+
+def prediction_target(x0: torch.Tensor, noise: torch.Tensor, t, scheduler) -> torch.Tensor:
+    "The regression target for `scheduler.config.prediction_type`: the noise, the velocity or the clean image."
+    pt = prediction_type_of(scheduler)
+    if pt == 'epsilon': return noise
+    if pt == 'sample': return x0
+    ac = alpha_bar(t, scheduler, x0).to(x0.dtype)
+    return ac.sqrt() * noise - (1 - ac).sqrt() * x0
+
+def predicted_x0(pred: torch.Tensor, x_t: torch.Tensor, t, scheduler) -> torch.Tensor:
+    "The clean image implied by the network output `pred` at noisy input `x_t` and timestep `t`."
+    pt = prediction_type_of(scheduler)
+    if pt == 'sample': return pred
+    ac = alpha_bar(t, scheduler, x_t).to(pred.dtype)
+    if pt == 'epsilon': return (x_t - (1 - ac).sqrt() * pred) / ac.sqrt()
+    return ac.sqrt() * x_t - (1 - ac).sqrt() * pred
+
+def predicted_eps(pred: torch.Tensor, x_t: torch.Tensor, t, scheduler) -> torch.Tensor:
+    "The noise implied by the network output `pred` at `(x_t, t)` (what ε-only schedulers such as RePaint expect)."
+    pt = prediction_type_of(scheduler)
+    if pt == 'epsilon': return pred
+    ac = alpha_bar(t, scheduler, x_t).to(pred.dtype)
+    if pt == 'v_prediction': return ac.sqrt() * pred + (1 - ac).sqrt() * x_t
+    return (x_t - ac.sqrt() * pred) / (1 - ac).sqrt()
 
 # %% ../nbs/06_forward_process.ipynb #d7674537
 def _as_mask(mask, shape, name='mask') -> torch.Tensor:

@@ -13,7 +13,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from skimage.exposure import equalize_hist, match_histograms
-from .sampling import SamplingError, SampleResult, sample, check_guidance, image_seeds
+from .conditioning import ConditioningError, model_inputs
+from .masks import overlay
+from .sampling import SamplingError, SampleResult, sample, image_seeds
 
 # %% auto #0
 __all__ = ['ILVRError', 'check_factor', 'low_pass', 'ILVRReference', 'complement_weight', 'check_references', 'ilvr_hook',
@@ -148,10 +150,9 @@ def ilvr_sample(model, noise_scheduler, references, conds: dict | None = None, n
                 sampler: str = 'ddim', steps: int | None = 50, guidance: dict | None = None, seed=0,
                 record: list | None = None, **kwargs) -> SampleResult:
     """`sample` with ILVR guidance from `references` (ILVRReference or a list), everything checked before any
-    compute. `conds`, `guidance`, `sampler`, `steps`, `seed` and `kwargs` go to `sample`; `n` defaults to the
+    compute (the references here, the rest once by `sample`). `conds`, `guidance`, `sampler`, `steps`, `seed` and `kwargs` go to `sample`; `n` defaults to the
     conditions' batch, else the references' batch, else 1."""
     if 'step_hook' in kwargs: raise ILVRError('ilvr_sample', 'step_hook', 'ILVR brings its own hook: call sample(step_hook=...) with ilvr_hook() inside yours')
-    check_guidance(model, guidance, conds, where='ilvr_sample')
     if n is None:
         bs = [v.shape[0] for v in (conds or {}).values() if torch.is_tensor(v)]
         refs0 = [references] if isinstance(references, ILVRReference) else list(references)
@@ -254,27 +255,23 @@ def anatomy_patch_references(anatomy, patch_ref, box, factor: int = 8, stop_t: i
 
 def lesion_conditions(model, finding: str, mask=None, n: int = 1) -> dict:
     """Forward conditions (batch `n`) for one `finding`: its label, and `mask` (H, W) as the lesion mask (union channel,
-    or the finding's channel for per-finding models), for the conditions the model has."""
-    cc, size = model.cond_cfg, model.unet_cfg.image_size
-    if finding not in cc.findings: raise ILVRError('lesion_conditions', 'finding', f"{finding!r} is not one of the model's findings {cc.findings}")
+    or the finding's channel for per-finding models), for the conditions the model has (`conditioning.model_inputs`)."""
+    cc, W = model.cond_cfg, 'lesion_conditions'
     if not {'labels', 'mask'} & set(cc.conditions):
-        raise ILVRError('lesion_conditions', 'model', f'the model takes neither labels nor masks (it has {cc.conditions or "no conditions"})')
-    k, out = cc.findings.index(finding), {}
-    if cc.use_labels:
-        out['labels'] = torch.zeros(n, len(cc.findings)); out['labels'][:, k] = 1
+        raise ILVRError(W, 'model', f'the model takes neither labels nor masks (it has {cc.conditions or "no conditions"})')
+    if finding not in cc.findings: raise ILVRError(W, 'finding', f"{finding!r} is not one of the model's findings {cc.findings}")
     if mask is not None and cc.mask_mode is not None:
-        m = torch.as_tensor(np.asarray(mask.detach().cpu() if torch.is_tensor(mask) else mask), dtype=torch.float32).squeeze()
-        if tuple(m.shape) != (size, size): raise ILVRError('lesion_conditions', 'mask', f'shape {tuple(m.shape)} is not the model size {size}x{size}')
-        out['mask'] = torch.zeros(n, cc.mask_channels, size, size)
-        out['mask'][:, 0 if cc.mask_mode == 'union' else k] = (m > .5).float()
-    return out
+        mask = torch.as_tensor(np.asarray(mask.detach().cpu() if torch.is_tensor(mask) else mask), dtype=torch.float32).squeeze()
+        if mask.ndim != 2: raise ILVRError(W, 'mask', f'shape {tuple(mask.shape)}: give one (H, W) mask')
+    else: mask = None
+    try: return model_inputs(model, n, findings=finding, masks=mask, where=W)
+    except ConditioningError as e: raise ILVRError(e.path, e.field, e.problem) from None
 
 # %% ../nbs/13_ilvr.ipynb #ea2172da
 def ilvr_figure(model, noise_scheduler, references, conds: dict | None = None, n: int = 2, seed=0, steps: int = 25,
                 mask=None, sampler: str = 'ddim', title: str | None = None):
     "Figure: each reference with its weight map, then `n` ILVR samples (with `mask` outlined, if given)."
     import matplotlib.pyplot as plt
-    from cxr_diffusion_nbs.dataset import overlay
     refs = [references] if isinstance(references, ILVRReference) else list(references)
     out = ilvr_sample(model, noise_scheduler, refs, conds, n=n, steps=steps, seed=seed, sampler=sampler).images
     cols = 2 * len(refs) + n

@@ -9,18 +9,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from scipy import sparse
 import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, apply_windowing, get_decoder
-from .core import ImageReadError, MaskError, atomic_write
+from .core import CXRDataError, ImageReadError, MaskError, atomic_write
 
 # %% auto #0
 __all__ = ['DICOM_SUFFIXES', 'RASTER_SUFFIXES', 'apply_window', 'read_dicom', 'dicom_info', 'write_dicom', 'read_raster',
-           'read_image', 'ResizeTransform', 'resize_with_masks']
+           'read_image', 'ResizeTransform', 'resize_with_masks', 'to_uint8', 'write_png']
 
 # %% ../nbs/01_image_io.ipynb #5eaf9c5e
 def apply_window(values, center: float, width: float) -> np.ndarray:
@@ -338,3 +338,19 @@ def resize_with_masks(image, masks=None, size=256, mode: str = 'pad', *, interpo
         chans.append(b)
     mo = np.stack(chans).astype(m.dtype)
     return out, (mo[0] if m.ndim == 2 else mo), tf
+
+# %% ../nbs/01_image_io.ipynb #f17e6fd6
+def to_uint8(img) -> np.ndarray:
+    "A [-1, 1] image (tensor or array, any shape, e.g. (S, S)) as uint8 grey levels: -1 -> 0, 1 -> 255, clipped and rounded."
+    a = img.detach().float().cpu().numpy() if hasattr(img, 'detach') else np.asarray(img, dtype=np.float32)
+    return np.round((np.clip(a.astype(np.float32), -1, 1) + 1) * np.float32(127.5)).astype(np.uint8)
+
+def write_png(path, pixels: np.ndarray, text: dict | None = None) -> Path:
+    "Write `pixels` (uint8, (H, W)) as an 8-bit greyscale PNG with text chunks `text` ({key: value}), atomically."
+    pixels = np.asarray(pixels)
+    if pixels.dtype != np.uint8 or pixels.ndim != 2:
+        raise CXRDataError(path, 'pixels', f'expected a uint8 (H, W) array, got {pixels.dtype} {pixels.shape} (use to_uint8)')
+    info = PngImagePlugin.PngInfo()
+    for k, v in (text or {}).items(): info.add_text(k, str(v))
+    with atomic_write(path) as tmp: Image.fromarray(pixels).save(tmp, format='PNG', pnginfo=info)
+    return Path(path)

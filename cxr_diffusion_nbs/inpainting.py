@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 import matplotlib.pyplot as plt
 from diffusers import RePaintScheduler
-from .core import canonical_finding
-from .sampling import (SamplingError, check_guidance, model_prediction, predicted_eps, image_seeds,
-                                        initial_noise)
-from .conditioning import GUIDANCE_MODES
+from .forward import predicted_eps
+from .conditioning import ConditioningConfig, ConditioningError, model_inputs
+from .sampling import (SamplingError, check_request, model_prediction, image_seeds, loop_device,
+                                        loop_setup)
 
 # %% auto #0
 __all__ = ['InpaintingError', 'make_repaint_scheduler', 'model_calls', 'lesion_region', 'finding_labels', 'InpaintResult',
@@ -63,27 +63,22 @@ def lesion_region(mask: torch.Tensor, dilate: int = 2) -> torch.Tensor:
     return F.max_pool2d(m4, 2 * dilate + 1, stride=1, padding=dilate).reshape(shape)
 
 # %% ../nbs/12_inpainting.ipynb #93ff6047
+def _findings_each(findings, n: int, where: str):
+    "`findings` as `model_inputs` reads them: one name for all images as is, a list as one entry per image (checked: n entries)."
+    if findings is None or isinstance(findings, str): return findings
+    entries = list(findings)
+    if len(entries) != n:
+        raise InpaintingError(where, 'findings', f'{len(entries)} entries for {n} images: give one finding for all, '
+                              'or one entry per image (a list of names for several findings in one image)')
+    return [[] if e is None or (isinstance(e, str) and not e.strip()) else [e] if isinstance(e, str) else list(e) for e in entries]
+
 def finding_labels(findings, model_findings, n: int, where: str = 'insert_lesion') -> torch.Tensor:
     """Multi-hot labels (n, F) over `model_findings` from `findings`: one finding name for every image, or a list
-    with one entry per image (a name, or a list of names for several findings; '' or [] = no finding)."""
-    model_findings = tuple(model_findings)
-    if isinstance(findings, str): findings = [findings] * n
-    findings = list(findings)
-    if len(findings) != n:
-        raise InpaintingError(where, 'findings', f'{len(findings)} entries for {n} images: give one finding for all, '
-                              'or one entry per image (a list of names for several findings in one image)')
-    out = torch.zeros(n, len(model_findings))
-    for i, fs in enumerate(findings):
-        fs = [fs] if isinstance(fs, str) else list(fs)
-        for f in fs:
-            if f == '': continue
-            if f not in model_findings:
-                c = canonical_finding(f)
-                hint = f' (did you mean {c!r}?)' if c in model_findings and c != f else ''
-                raise InpaintingError(where, 'findings', f'{f!r} (image {i}) is not a finding the model was trained on '
-                                      f'{model_findings}{hint}')
-            out[i, model_findings.index(f)] = 1.
-    return out
+    with one entry per image (a name, or a list of names for several findings; '' or [] = no finding). Built by
+    `conditioning.model_inputs`; errors are `InpaintingError`s naming the field."""
+    cc = ConditioningConfig(findings=tuple(model_findings), mask_mode=None)
+    try: return model_inputs(cc, n, findings=_findings_each(findings, n, where), where=where)['labels']
+    except ConditioningError as e: raise InpaintingError(e.path, e.field, e.problem) from None
 
 def _as_images(x, name: str, where: str) -> torch.Tensor:
     "(H,W), (C,H,W) or (B,C,H,W) -> float (B,C,H,W)."
@@ -108,6 +103,35 @@ class InpaintResult:
     model_calls: int
     seconds: float = 0.0
 
+def _check_image_and_mask(model, image, mask, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    "The images (B, C, H, W) and binary union masks (B, 1, H, W) of a request, checked against the model."
+    img = _as_images(image, 'image', where)
+    B, C, H, Wd = img.shape
+    S, Cm = model.unet_cfg.image_size, model.unet_cfg.in_channels
+    if C != Cm: raise InpaintingError(where, 'image', f'has {C} channels, the model takes {Cm}')
+    if (H, Wd) != (S, S): raise InpaintingError(where, 'image', f'size {H}x{Wd} is not the model size {S}x{S} (resize it first)')
+    if not torch.isfinite(img).all() or img.min() < -1.001 or img.max() > 1.001:
+        raise InpaintingError(where, 'image', f'values in [{img.min():.3g}, {img.max():.3g}]: expected [-1, 1] (as CXRDataset gives)')
+    msk = _as_images(mask, 'mask', where)
+    if msk.shape[-2:] != img.shape[-2:]:
+        raise InpaintingError(where, 'mask', f'size {msk.shape[-2]}x{msk.shape[-1]} is not the image size {H}x{Wd}')
+    if msk.shape[1] != 1: raise InpaintingError(where, 'mask', f'has {msk.shape[1]} channels: give one lesion mask (the union) per image')
+    if msk.shape[0] not in (1, B): raise InpaintingError(where, 'mask', f'batch {msk.shape[0]} for {B} images: give one mask for all or one each')
+    if msk.min() < 0 or msk.max() > 1: raise InpaintingError(where, 'mask', f'values in [{msk.min():.3g}, {msk.max():.3g}]: expected 0/1')
+    msk = (msk > .5).float().expand(B, 1, H, Wd).clone()
+    empty = [i for i in range(B) if not msk[i].any()]
+    if empty: raise InpaintingError(where, 'mask', f'is empty for image(s) {empty}: nothing to inpaint')
+    return img, msk
+
+def _lesion_inputs(model, findings, msk: torch.Tensor, where: str) -> dict:
+    "Forward kwargs for `findings` in the masks `msk` (`model_inputs`), for the conditions the model has."
+    cc = model.cond_cfg
+    if not cc.use_labels and findings:
+        raise InpaintingError(where, 'findings', f'the model has no label conditioning (it was trained with {cc.conditions}); pass findings=[]')
+    try: return model_inputs(model, len(msk), findings=_findings_each(findings, len(msk), where) if cc.use_labels else None,
+                             masks=msk if cc.mask_mode else None, where=where)
+    except ConditioningError as e: raise InpaintingError(e.path, e.field, e.problem) from None
+
 @torch.no_grad()
 def insert_lesion(model, noise_scheduler, image, mask, findings, steps: int = 50, jump_length: int = 10,
                   jump_n_sample: int = 3, eta: float = 1.0, guidance: dict | None = None,
@@ -117,72 +141,41 @@ def insert_lesion(model, noise_scheduler, image, mask, findings, steps: int = 50
     conditional `model`; outside `lesion_region(mask, dilate)` the result equals `image`.
     `image`: [-1, 1], (1, H, W) or (B, 1, H, W) at the model's size; `mask`: 1 = lesion, (H, W), (1, H, W) or
     (B, 1, H, W) (one mask for all images, or one each); `findings`: a finding name for all images or one entry per
-    image (see `finding_labels`); `guidance`: per-condition classifier-free guidance scales (`sampling.check_guidance`);
+    image (see `finding_labels`); `guidance`: per-condition classifier-free guidance scales (`conditioning.check_guidance`);
     `seed`: int or one per image; `steps`, `jump_length`, `jump_n_sample`, `eta`: the RePaint schedule
     (`make_repaint_scheduler`); `mixed_precision`: 'no' | 'bf16'."""
     W = 'insert_lesion'
-    # ---- checks, all before any compute ----
-    img = _as_images(image, 'image', W)
+    # ---- checks, all here and before any compute; the loop trusts them ----
+    img, msk = _check_image_and_mask(model, image, mask, W)
     B, C, H, Wd = img.shape
-    S, Cm = model.unet_cfg.image_size, model.unet_cfg.in_channels
-    if C != Cm: raise InpaintingError(W, 'image', f'has {C} channels, the model takes {Cm}')
-    if (H, Wd) != (S, S): raise InpaintingError(W, 'image', f'size {H}x{Wd} is not the model size {S}x{S} (resize it first)')
-    if not torch.isfinite(img).all() or img.min() < -1.001 or img.max() > 1.001:
-        raise InpaintingError(W, 'image', f'values in [{img.min():.3g}, {img.max():.3g}]: expected [-1, 1] (as CXRDataset gives)')
-    msk = _as_images(mask, 'mask', W)
-    if msk.shape[-2:] != img.shape[-2:]:
-        raise InpaintingError(W, 'mask', f'size {msk.shape[-2]}x{msk.shape[-1]} is not the image size {H}x{Wd}')
-    if msk.shape[1] != 1: raise InpaintingError(W, 'mask', f'has {msk.shape[1]} channels: give one lesion mask (the union) per image')
-    if msk.shape[0] not in (1, B): raise InpaintingError(W, 'mask', f'batch {msk.shape[0]} for {B} images: give one mask for all or one each')
-    if msk.min() < 0 or msk.max() > 1: raise InpaintingError(W, 'mask', f'values in [{msk.min():.3g}, {msk.max():.3g}]: expected 0/1')
-    msk = (msk > .5).float().expand(B, 1, H, Wd).clone()
-    empty = [i for i in range(B) if not msk[i].any()]
-    if empty: raise InpaintingError(W, 'mask', f'is empty for image(s) {empty}: nothing to inpaint')
     if isinstance(dilate, bool) or not isinstance(dilate, (int, np.integer)) or dilate < 0:
         raise InpaintingError(W, 'dilate', f'{dilate!r} must be a non-negative integer (pixels)')
-    cc = model.cond_cfg
-    if cc.use_labels: labels = finding_labels(findings, cc.findings, B, W)
-    elif findings: raise InpaintingError(W, 'findings', f'the model has no label conditioning (it was trained with {cc.conditions}); pass findings=[]')
-    else: labels = None
-    if cc.mask_mode not in (None, 'union'):
-        raise InpaintingError(W, 'mask', f"the model takes {cc.mask_mode!r} masks; insert_lesion passes one union mask ('union' models)")
-    conds = {k: v for k, v in dict(labels=labels, mask=msk if cc.mask_mode else None).items() if v is not None}
-    if guidance_mode not in GUIDANCE_MODES: raise InpaintingError(W, 'guidance_mode', f'{guidance_mode!r} is not one of {GUIDANCE_MODES}')
-    try:
-        scales = check_guidance(model, guidance, conds, where=W)
-        seeds = image_seeds(seed, B)
+    conds = _lesion_inputs(model, findings, msk, W)
+    scales = check_request(model, conds, guidance, guidance_mode, mixed_precision, W, InpaintingError)
+    try: seeds = image_seeds(seed, B)
     except SamplingError as e: raise InpaintingError(W, e.field, e.problem) from None
-    if mixed_precision not in ('no', 'bf16'): raise InpaintingError(W, 'mixed_precision', f"{mixed_precision!r} is not 'no' or 'bf16'")
     rs = make_repaint_scheduler(noise_scheduler, steps, jump_length, jump_n_sample, eta)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = loop_device(model, device)
     conds = {k: v.to(device) for k, v in conds.items()}
     model.check_inputs(torch.zeros(B, C, H, Wd, device=device), 0, **conds)
     region = lesion_region(msk, dilate)
-    # ---- the RePaint loop ----
+    # ---- the RePaint loop, on sampling's shared set-up ----
     t0 = time.time()
     x0, known = img.to(device), (1 - region).to(device)              # diffusers' convention: mask 1 = keep
-    gens = [torch.Generator().manual_seed(s + 1_000_003) for s in seeds]
-    x = initial_noise(seeds, (C, H, Wd)).to(device) * rs.init_noise_sigma
-    was_training = model.training
-    model.eval()
-    ts = rs.timesteps.tolist()
-    if progress:
-        from tqdm.auto import tqdm
-        ts = tqdm(ts, desc=f'RePaint {steps} steps x{jump_n_sample}', leave=False)
-    t_last = rs.timesteps[0].item() + 1
-    try:
-        for t in ts:
+    with loop_setup(model, seeds, rs.timesteps.tolist(), rs.init_noise_sigma, H, device, mixed_precision, progress,
+                    f'RePaint {steps} steps x{jump_n_sample}') as s:
+        x, t_last = s.x, rs.timesteps[0].item() + 1
+        for t in s.timesteps:
             if t < t_last:     # down: predict, step the unknown part, paste the known part noised to t-1
                 tt = torch.full((B,), t, device=device, dtype=torch.long)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed_precision == 'bf16'):
-                    pred = model_prediction(model, x, tt, conds, scales, guidance_mode)
+                with s.autocast(): pred = model_prediction(model, x, tt, conds, scales, guidance_mode)
                 eps = predicted_eps(pred, x, tt, noise_scheduler)
-                x = rs.step(eps, t, x, x0, known, generator=gens).prev_sample
+                x = rs.step(eps, t, x, x0, known, generator=s.generators).prev_sample
             else:              # up: re-noise from t_last to t (resampling), no model call
-                x = rs.undo_step(x, t_last, generator=gens)
+                x = rs.undo_step(x, t_last, generator=s.generators)
             t_last = t
-    finally: model.train(was_training)
     out = x.clamp(-1, 1).float().cpu()
+    labels = conds.get('labels')
     return InpaintResult(out, img, msk, region, labels.cpu() if labels is not None else torch.zeros(B, 0), seeds,
                          int(steps), int(jump_length), int(jump_n_sample), model_calls(rs), time.time() - t0)
 

@@ -9,58 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, asdict
 import torch
 import torch.nn.functional as F
+from .core import PREDICTION_TYPES
+from .forward import alpha_bar, as_timesteps, prediction_type_of, prediction_target, predicted_x0
 
 # %% auto #0
-__all__ = ['prediction_type_of', 'as_timesteps', 'alpha_bar', 'target_for', 'predicted_x0', 'lesion_union', 'lesion_weight_map',
-           'snr_of', 'min_snr_weight', 'ssim', 'lesion_bboxes', 'LesionLossConfig', 'lesion_ssim_term',
-           'lesion_preserving_loss']
-
-# %% ../nbs/09_lesion_loss.ipynb #6a335098
-from .core import PREDICTION_TYPES
-
-def prediction_type_of(scheduler) -> str:
-    "The scheduler's `config.prediction_type`, checked against the types this module supports."
-    pt = getattr(getattr(scheduler, 'config', None), 'prediction_type', None)
-    if pt not in PREDICTION_TYPES:
-        raise ValueError(f"scheduler.config.prediction_type: {pt!r} is not supported; use one of {PREDICTION_TYPES}")
-    return pt
-
-def as_timesteps(t, batch_size: int, scheduler, device=None) -> torch.Tensor:
-    "`t` (int, 0-d or (B,) tensor) as a long tensor of shape (B,), checked against the scheduler's training range."
-    t = torch.as_tensor(t, device=device)
-    if t.is_floating_point():
-        if not torch.equal(t, t.round()): raise ValueError(f"t: timesteps must be integers, got {t.tolist()}")
-        t = t.round()
-    t = t.long().reshape(-1)
-    if t.numel() == 1: t = t.expand(batch_size)
-    if t.numel() != batch_size:
-        raise ValueError(f"t: expected one timestep per sample ({batch_size}), got shape {tuple(t.shape)}")
-    n = len(scheduler.alphas_cumprod)
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= n):
-        raise ValueError(f"t: timesteps must lie in [0, {n - 1}] for this scheduler, got min {int(t.min())} max {int(t.max())}")
-    return t
-
-def alpha_bar(t, scheduler, like: torch.Tensor) -> torch.Tensor:
-    "ᾱ_t = `scheduler.alphas_cumprod[t]`, shaped (B, 1, 1, ...) to broadcast against `like`."
-    t = as_timesteps(t, like.shape[0], scheduler, like.device)
-    ac = scheduler.alphas_cumprod.to(device=like.device, dtype=torch.float32)[t]
-    return ac.reshape(-1, *([1] * (like.ndim - 1)))
-
-# %% ../nbs/09_lesion_loss.ipynb #45550195
-def target_for(x0, noise, t, scheduler) -> torch.Tensor:
-    "The regression target for `scheduler.config.prediction_type`: noise, velocity or the clean image."
-    pt = prediction_type_of(scheduler)
-    if pt == 'epsilon': return noise
-    if pt == 'sample': return x0
-    return scheduler.get_velocity(x0, noise, as_timesteps(t, x0.shape[0], scheduler, x0.device))
-
-def predicted_x0(pred, x_t, t, scheduler) -> torch.Tensor:
-    "The clean image implied by the network output `pred` at noisy input `x_t` and timestep `t`."
-    pt = prediction_type_of(scheduler)
-    if pt == 'sample': return pred
-    ac = alpha_bar(t, scheduler, x_t).to(pred.dtype)
-    if pt == 'epsilon': return (x_t - (1 - ac).sqrt() * pred) / ac.sqrt()
-    return ac.sqrt() * x_t - (1 - ac).sqrt() * pred
+__all__ = ['lesion_union', 'lesion_weight_map', 'snr_of', 'min_snr_weight', 'ssim', 'lesion_bboxes', 'LesionLossConfig',
+           'lesion_ssim_term', 'lesion_preserving_loss']
 
 # %% ../nbs/09_lesion_loss.ipynb #8f608f8c
 def lesion_union(mask: torch.Tensor) -> torch.Tensor:
@@ -202,7 +156,7 @@ def lesion_preserving_loss(pred, x0, x_t, noise, t, mask, scheduler, cfg: Lesion
     _check_inputs(pred, x0, x_t, noise, mask)
     B, C = pred.shape[:2]
     t = as_timesteps(t, B, scheduler, pred.device)
-    target = target_for(x0, noise, t, scheduler).float()
+    target = prediction_target(x0, noise, t, scheduler).float()
     p = pred.float()
     union = lesion_union(mask.to(pred.device)) if mask is not None else None
     weighted = cfg.lesion_weight > 0 and union is not None

@@ -7,17 +7,18 @@ Docs: https://cxr-diffusion-nbs.github.io/cxr_diffusion_nbs/manifest.html.md"""
 
 # %% ../nbs/03_manifest.ipynb #d2683995
 from __future__ import annotations
-import os, json, re
+import os, json, math, re
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np, pandas as pd
-from .core import (NIH_FINDINGS, RARE_FINDINGS, canonical_finding, ManifestError, atomic_write,
-                                    find_data_root)
+from .core import (NIH_FINDINGS, RARE_FINDINGS, canonical_finding, ManifestError, PatientLeakageError,
+                                    atomic_write, find_data_root)
 
 # %% auto #0
 __all__ = ['IMAGE_COLUMNS', 'ANNOTATION_COLUMNS', 'ANNOTATION_KINDS', 'CHESTXDET_FINDINGS', 'CHEXPERT_LABELS', 'VINDR_CLASSES',
            'empty_annotations', 'validate_manifest', 'Manifest', 'load_shared_subset', 'load_nih_chestxray14',
-           'load_chexpert', 'load_mimic_cxr_jpg', 'load_siim_acr', 'load_vindr_cxr', 'load_chestx_det']
+           'load_chexpert', 'load_mimic_cxr_jpg', 'load_siim_acr', 'load_vindr_cxr', 'load_chestx_det',
+           'mix_real_synthetic']
 
 # %% ../nbs/03_manifest.ipynb #bf53a749
 IMAGE_COLUMNS = ('image_id', 'path', 'patient_id', 'source', 'view', 'split', 'width', 'height')
@@ -609,3 +610,33 @@ def load_chestx_det(json_path, image_dir, patient_ids: dict | None = None, split
         im[f] = [float(f in i['pos']) for i in imgs] if f in CHESTXDET_FINDINGS or f in seen else np.nan
     im['no_finding'] = [float(not i['pos']) for i in imgs]
     return _finish(im, pd.DataFrame(rows), findings, image_dir, 'chestx_det', path, missing)
+
+# %% ../nbs/03_manifest.ipynb #ed4d1757
+def mix_real_synthetic(real: Manifest, synthetic: Manifest, ratio: float, split: str = 'train', seed: int = 0) -> Manifest:
+    """Real images of `split` plus `round(ratio * n_real)` synthetic images (without replacement, seeded), restricted
+    to the synthetic cohort's findings, with a `synthetic` column. Raises if the cohort lacks images or its donors
+    are outside `split`."""
+    src = synthetic.origin or synthetic.name
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or ratio < 0 or not math.isfinite(ratio):
+        raise ManifestError(src, 'ratio', f'{ratio!r} must be a number >= 0 (synthetic images per real image)')
+    if 'synthetic' not in synthetic.images or not (synthetic.images['synthetic'] == 1).all():
+        raise ManifestError(src, 'synthetic', 'is not a synthetic cohort manifest (no synthetic = 1 column)')
+    missing = [f for f in synthetic.findings if f not in real.findings]
+    if missing: raise ManifestError(real.origin or real.name, missing[0], 'the synthetic cohort has this finding but the real manifest does not')
+    r = real.subset(split=split, findings=synthetic.findings)
+    if 'donor_image_id' in synthetic.images:
+        split_of = dict(zip(real.images['image_id'], real.images['split']))
+        bad = sorted({d for d in synthetic.images['donor_image_id'] if split_of.get(d, split) != split})
+        if bad: raise PatientLeakageError(src, 'donor_image_id', f"{len(bad)} donor image(s) are not in the {split!r} split, "
+                                          f"e.g. {bad[0]} ({split_of[bad[0]]}): their masks would leak into training")
+    n_syn = int(round(ratio * len(r.images)))
+    if n_syn > len(synthetic.images):
+        raise ManifestError(src, 'ratio', f'{ratio} x {len(r.images)} real images needs {n_syn} synthetic images; the cohort has {len(synthetic.images)}')
+    pick = np.sort(np.random.default_rng(seed).choice(len(synthetic.images), n_syn, replace=False))
+    s = synthetic.images.iloc[pick].assign(split=split)
+    dup = set(s['image_id']) & set(r.images['image_id'])
+    if dup: raise ManifestError(src, 'image_id', f'ids shared with the real manifest, e.g. {sorted(dup)[0]}')
+    im = pd.concat([r.images.assign(synthetic=0), s], ignore_index=True)
+    an = pd.concat([a for a in (r.annotations, synthetic.annotations[synthetic.annotations['image_id'].isin(set(s['image_id']))]) if len(a)]
+                   or [empty_annotations()], ignore_index=True)
+    return Manifest(im, an, list(synthetic.findings), real.root, f'{real.name}+{synthetic.name}@{ratio:g}', src)

@@ -17,7 +17,7 @@ from .core import MaskError, canonical_finding
 
 # %% auto #0
 __all__ = ['box_to_mask', 'polygon_to_mask', 'rle_decode', 'rle_encode', 'render_annotation', 'lesion_masks', 'mask_bbox',
-           'mask_centroid', 'mask_area_fraction']
+           'mask_centroid', 'mask_area_fraction', 'overlay']
 
 # %% ../nbs/02_masks.ipynb #28253a49
 def _hw(shape) -> tuple[int, int]:
@@ -261,3 +261,16 @@ def mask_centroid(mask) -> tuple[float, float] | None:
 def mask_area_fraction(mask) -> float:
     "Fraction of the image covered by the mask (0 for an empty mask)."
     return float(_mask2d(mask).mean())
+
+# %% ../nbs/02_masks.ipynb #e06f4053
+def overlay(ax, image, mask=None, title=None, color=(1., .2, .2), alpha=.35, title_size: float = 8):
+    "Show a [-1,1] or [0,1] image on `ax` with an optional mask (H,W) tinted and outlined on top."
+    im = np.asarray(image, dtype=np.float32).squeeze()
+    if im.min() < 0: im = (im + 1) / 2
+    ax.imshow(im, cmap='gray', vmin=0, vmax=1)
+    if mask is not None and np.asarray(mask).any():
+        m = np.asarray(mask, dtype=np.float32).squeeze()
+        rgba = np.zeros((*m.shape, 4), np.float32); rgba[..., :3] = color; rgba[..., 3] = m * alpha
+        ax.imshow(rgba); ax.contour(m, levels=[.5], colors=[color], linewidths=.8)
+    if title: ax.set_title(title, fontsize=title_size)
+    ax.axis('off')

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np, pandas as pd
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import pairwise_distances
 from .core import CXRDataError
 from .losses import ssim as _ssim
 from .metrics import check_images, check_features, check_same_size
@@ -24,16 +25,10 @@ class MemorisationError(CXRDataError):
     "Inputs the memorisation check cannot use; the message names which set and which field."
 
 def feature_distances(a: np.ndarray, b: np.ndarray, metric: str = 'cosine') -> np.ndarray:
-    "Distances (Na, Nb) between feature rows: 'cosine' (1 - cosine similarity, in [0, 2]) or 'euclidean'."
+    "Distances (Na, Nb) between feature rows (scikit-learn's `pairwise_distances`): 'cosine' (1 - cosine similarity, in [0, 2]) or 'euclidean'."
     a, b = check_features(a, 'synthetic', 1), check_features(b, 'real', 1)
     if a.shape[1] != b.shape[1]: raise MemorisationError('real', 'features', f'{b.shape[1]} dimensions vs {a.shape[1]} for synthetic')
-    if metric == 'cosine':
-        an = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-        bn = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
-        return np.clip(1 - an @ bn.T, 0, 2)
-    if metric == 'euclidean':
-        d2 = (a ** 2).sum(1)[:, None] + (b ** 2).sum(1)[None] - 2 * a @ b.T
-        return np.sqrt(np.maximum(d2, 0))
+    if metric in ('cosine', 'euclidean'): return pairwise_distances(a, b, metric=metric)
     raise MemorisationError('feature_distances', 'metric', f"{metric!r}: use 'cosine' or 'euclidean'")
 
 def _ssim_to_many(x: torch.Tensor, ys: torch.Tensor, window: int, sigma: float) -> np.ndarray:

@@ -13,9 +13,17 @@ from pathlib import Path
 import numpy as np, pandas as pd
 import torch
 from torch import nn
+from sklearn.metrics import pairwise_distances
+from sklearn.decomposition import PCA
+from skimage.metrics import structural_similarity, peak_signal_noise_ratio
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
+from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
 from .core import CXRDataError, RARE_FINDINGS, project_root
+from .image_io import read_image
 from .manifest import Manifest
-from .losses import ssim as _ssim, lesion_bboxes
+from .classifier import load_images, load_classifier, shipped_classifier
+from .losses import lesion_bboxes
 
 # %% auto #0
 __all__ = ['IMAGE_SUFFIXES', 'MS_SSIM_BETAS', 'MetricsError', 'check_images', 'check_same_size', 'check_features',
@@ -59,7 +67,6 @@ def check_features(f, name: str = 'features', min_count: int = 1) -> np.ndarray:
 
 # %% ../nbs/16_fidelity.ipynb #2abc5e6a
 def _read_native(paths, name) -> torch.Tensor:
-    from cxr_diffusion_nbs.image_io import read_image
     ims, first = [], None
     for p in paths:
         im = read_image(p)
@@ -74,7 +81,6 @@ def load_image_set(source, size: int | None = None, findings=None, split: str | 
     """`dict(images (N,1,S,S) in [-1,1], labels (N,F) or None, image_ids, findings, name)` from a `Manifest`, a cohort
     or manifest folder (with `images.csv`), or a folder of image files. `size=None`: the images' own (common) size;
     otherwise resized with the dataset rules. `findings`: label columns required (refused when missing)."""
-    from cxr_diffusion_nbs.classifier import load_images
     if isinstance(source, dict): return dict(source, images=check_images(source, name or 'images'))
     if isinstance(source, (str, Path)):
         d = Path(source)
@@ -145,7 +151,6 @@ def feature_extractor(spec=None, image_size: int | None = None, device='cpu') ->
     a folder written by `save_classifier`; a TorchScript file (`torch.jit.save` of a module mapping (B, 1, S, S) in
     [-1, 1] to (B, D), e.g. your own Inception or foundation-model weights) or a `torch.export` program (`.pt2`);
     or any `nn.Module`."""
-    from cxr_diffusion_nbs.classifier import load_classifier, shipped_classifier
     if isinstance(spec, FeatureExtractor): return spec
     if spec is None:
         model, cfg = shipped_classifier(device)
@@ -178,7 +183,6 @@ class _Precomputed(nn.Module):
 
 def fid_from_features(real: np.ndarray, synthetic: np.ndarray) -> float:
     "FID between two feature sets (N, D) with torchmetrics' `FrechetInceptionDistance` (float64 statistics)."
-    from torchmetrics.image.fid import FrechetInceptionDistance
     r, s = check_features(real, 'real', 2), check_features(synthetic, 'synthetic', 2)
     if r.shape[1] != s.shape[1]: raise MetricsError('synthetic', 'features', f'{s.shape[1]} dimensions vs {r.shape[1]} for real')
     m = FrechetInceptionDistance(feature=_Precomputed(r.shape[1])).double()
@@ -189,7 +193,6 @@ def kid_from_features(real: np.ndarray, synthetic: np.ndarray, subsets: int = 10
                       degree: int = 3, seed: int = 0) -> tuple[float, float]:
     """(KID mean, std over subsets) with torchmetrics' `KernelInceptionDistance` (polynomial kernel, unbiased MMD²).
     `subset_size` default: half the smaller set, at most 1000 (subsets of the whole set would all be equal, std 0)."""
-    from torchmetrics.image.kid import KernelInceptionDistance
     r, s = check_features(real, 'real', 2), check_features(synthetic, 'synthetic', 2)
     if r.shape[1] != s.shape[1]: raise MetricsError('synthetic', 'features', f'{s.shape[1]} dimensions vs {r.shape[1]} for real')
     n = min(len(r), len(s))
@@ -206,13 +209,11 @@ def kid_from_features(real: np.ndarray, synthetic: np.ndarray, subsets: int = 10
 
 # %% ../nbs/16_fidelity.ipynb #4631cefd
 def _kth_radius(f: np.ndarray, k: int) -> np.ndarray:
-    from sklearn.metrics import pairwise_distances
     d = pairwise_distances(f, f)
     return np.partition(d, k, axis=1)[:, k]            # column 0 after partition is the point itself (distance 0)
 
 def prdc(real: np.ndarray, synthetic: np.ndarray, k: int = 5) -> dict:
     "Precision, recall, density and coverage (Naeem et al. 2020) of synthetic features against real ones, k-NN balls."
-    from sklearn.metrics import pairwise_distances
     r, s = check_features(real, 'real', k + 1), check_features(synthetic, 'synthetic', k + 1)
     if r.shape[1] != s.shape[1]: raise MetricsError('synthetic', 'features', f'{s.shape[1]} dimensions vs {r.shape[1]} for real')
     r_rad, s_rad = _kth_radius(r, k), _kth_radius(s, k)
@@ -228,13 +229,12 @@ MS_SSIM_BETAS = tuple(float(b) for b in np.array([0.0448, 0.2856, 0.3001]) / sum
 
 def ms_ssim(a: torch.Tensor, b: torch.Tensor, kernel_size: int = 7, betas=MS_SSIM_BETAS) -> torch.Tensor:
     "MS-SSIM per pair of images (N, 1, S, S) in [-1, 1] (3 scales, 7 px window by default), torchmetrics."
-    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as msssim
     a, b = check_images(a, 'a'), check_images(b, 'b')
     if a.shape != b.shape: raise MetricsError('b', 'images', f'shape {tuple(b.shape)} differs from {tuple(a.shape)}')
     need = (kernel_size - 1) * max(1, len(betas) - 1) ** 2 + 1
     if a.shape[-1] < max(need, 2 ** len(betas)):
         raise MetricsError('ms_ssim', 'kernel_size', f'{a.shape[-1]} px images are too small for {len(betas)} scales with a {kernel_size} px window; use fewer betas or a smaller kernel')
-    return msssim(a, b, kernel_size=kernel_size, betas=tuple(betas), data_range=2.0, reduction='none', normalize='relu')
+    return multiscale_structural_similarity_index_measure(a, b, kernel_size=kernel_size, betas=tuple(betas), data_range=2.0, reduction='none', normalize='relu')
 
 def pairwise_ms_ssim(images, max_pairs: int = 300, seed: int = 0, batch_size: int = 256, **kw) -> np.ndarray:
     "MS-SSIM of distinct pairs within one image set: all pairs, or `max_pairs` random ones when there are more."
@@ -266,32 +266,38 @@ def diversity_by_finding(real: dict, synthetic: dict, findings=None, max_pairs: 
     return pd.DataFrame(rows)
 
 # %% ../nbs/16_fidelity.ipynb #afe9af90
-def paired_ssim(a, b, window: int = 11, sigma: float = 1.5) -> np.ndarray:
-    "SSIM per pair of images (N, 1, S, S) in [-1, 1] (Gaussian window; skimage-equivalent)."
+def _check_pair(a, b) -> tuple[np.ndarray, np.ndarray]:
+    "Two image sets of one shape, as float64 (N, S, S) arrays for scikit-image."
     a, b = check_images(a, 'a'), check_images(b, 'b')
     if a.shape != b.shape: raise MetricsError('b', 'images', f'shape {tuple(b.shape)} differs from {tuple(a.shape)}')
-    return _ssim(a.double(), b.double(), data_range=2.0, window=window, kernel='gaussian', sigma=sigma).numpy()
+    return a[:, 0].double().numpy(), b[:, 0].double().numpy()
+
+def _skimage_ssim(x: np.ndarray, y: np.ndarray, window: int, sigma: float) -> float:
+    "scikit-image's SSIM of two [-1, 1] images with a Gaussian window (Wang et al.: population covariances)."
+    return float(structural_similarity(x, y, data_range=2.0, gaussian_weights=True, sigma=sigma, win_size=window,
+                                       use_sample_covariance=False))
+
+def paired_ssim(a, b, window: int = 11, sigma: float = 1.5) -> np.ndarray:
+    "SSIM per pair of images (N, 1, S, S) in [-1, 1] (scikit-image, Gaussian window)."
+    a, b = _check_pair(a, b)
+    return np.array([_skimage_ssim(x, y, window, sigma) for x, y in zip(a, b)])
 
 def psnr(a, b) -> np.ndarray:
-    "PSNR (dB) per pair of images in [-1, 1] (data range 2); inf for identical images."
-    a, b = check_images(a, 'a'), check_images(b, 'b')
-    if a.shape != b.shape: raise MetricsError('b', 'images', f'shape {tuple(b.shape)} differs from {tuple(a.shape)}')
-    mse = ((a.double() - b.double()) ** 2).mean((1, 2, 3)).numpy()
-    with np.errstate(divide='ignore'): return 10 * np.log10(4.0 / mse)
+    "PSNR (dB) per pair of images in [-1, 1] (scikit-image, data range 2); inf for identical images."
+    a, b = _check_pair(a, b)
+    with np.errstate(divide='ignore'): return np.array([peak_signal_noise_ratio(x, y, data_range=2.0) for x, y in zip(a, b)])
 
 def lesion_ssim(a, b, mask, margin: int = 4, window: int = 7, sigma: float = 0.9) -> np.ndarray:
     "SSIM per pair inside the bounding box of the lesion mask (N, M, S, S) grown by `margin`; NaN where the mask is empty."
-    a, b = check_images(a, 'a'), check_images(b, 'b')
-    if a.shape != b.shape: raise MetricsError('b', 'images', f'shape {tuple(b.shape)} differs from {tuple(a.shape)}')
+    an, bn = _check_pair(a, b)
     mask = torch.as_tensor(mask)
-    if mask.ndim != 4 or len(mask) != len(a) or mask.shape[-2:] != a.shape[-2:]:
-        raise MetricsError('mask', 'mask', f'expected (N, M, {a.shape[-2]}, {a.shape[-1]}) with N = {len(a)}, got {tuple(mask.shape)}')
-    out = np.full(len(a), np.nan)
+    if mask.ndim != 4 or len(mask) != len(an) or mask.shape[-2:] != an.shape[-2:]:
+        raise MetricsError('mask', 'mask', f'expected (N, M, {an.shape[-2]}, {an.shape[-1]}) with N = {len(an)}, got {tuple(mask.shape)}')
+    out = np.full(len(an), np.nan)
     for n, box in enumerate(lesion_bboxes(mask, margin=margin, min_size=window)):
         if box is None: continue
         y0, y1, x0, x1 = box
-        out[n] = float(_ssim(a[n:n + 1, :, y0:y1, x0:x1].double(), b[n:n + 1, :, y0:y1, x0:x1].double(),
-                             data_range=2.0, window=window, kernel='gaussian', sigma=sigma))
+        out[n] = _skimage_ssim(an[n, y0:y1, x0:x1], bn[n, y0:y1, x0:x1], window, sigma)
     return out
 
 # %% ../nbs/16_fidelity.ipynb #78a115f6
@@ -309,7 +315,6 @@ def embed_2d(real: np.ndarray, synthetic: np.ndarray, method: str = 'auto', seed
         import umap
         xy = umap.UMAP(n_components=2, random_state=seed).fit_transform(x)
     elif method == 'pca':
-        from sklearn.decomposition import PCA
         xy = PCA(2, random_state=seed).fit_transform(x)
     else: raise MetricsError('embed_2d', 'method', f"{method!r}: use 'auto', 'umap' or 'pca'")
     return xy[:len(r)], xy[len(r):], method

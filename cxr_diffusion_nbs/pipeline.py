@@ -9,9 +9,10 @@ Docs: https://cxr-diffusion-nbs.github.io/cxr_diffusion_nbs/pipeline.html.md"""
 
 # %% ../nbs/21_pipeline.ipynb #575cc51e
 from __future__ import annotations
-import hashlib, json, os, sys, time, datetime
+import argparse, hashlib, json, os, sys, time, datetime
 from pathlib import Path
 import numpy as np, pandas as pd
+import yaml
 from .core import CXRDataError, atomic_write, project_root
 
 # %% auto #0
@@ -59,7 +60,6 @@ PIPELINE_NOTEBOOK = '21_pipeline.ipynb'
 
 def _yaml_value(s: str):
     "A command-line value read as YAML 1.2 would: numbers, lists, true/false, null; 'no', 'yes', 'on', 'off' stay strings."
-    import yaml
     if s.strip().lower() in ('no', 'yes', 'on', 'off', 'y', 'n'): return s
     return yaml.safe_load(s) if s.strip() else None
 
@@ -79,7 +79,6 @@ def run_pipeline(output_dir, parameters: dict | None = None, notebook=None, prog
 
 def main(argv=None):
     "The `cxr-pipeline` command line: papermill on the pipeline notebook, with `-p name value` parameters."
-    import argparse
     p = argparse.ArgumentParser(prog='cxr-pipeline', description='Run the whole study (train, sample, cohort, evaluate, report) into a run folder.')
     p.add_argument('--output', default='runs/pipeline', help='the run folder (a folder of the same run resumes)')
     p.add_argument('-p', '--parameter', nargs=2, action='append', default=[], metavar=('NAME', 'VALUE'),

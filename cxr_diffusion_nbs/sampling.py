@@ -8,21 +8,28 @@ Docs: https://cxr-diffusion-nbs.github.io/cxr_diffusion_nbs/sampling.html.md"""
 
 # %% ../nbs/11_sampling.ipynb #39b3d43c
 from __future__ import annotations
-import math
+import argparse, contextlib, importlib, json, sys
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import torch
 from diffusers import DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler
-from .core import CXRDataError, default_device, project_root
-from .conditioning import CONDITION_NAMES, GUIDANCE_MODES, guided_prediction
-from .losses import predicted_x0, alpha_bar
+from tqdm.auto import tqdm
+from . import __version__
+from .core import (CXRDataError, atomic_write, canonical_finding, resolve_path, shareable_path, sha256_file,
+                                    suggest)
+from .image_io import read_image, to_uint8, write_png
+from .forward import predicted_x0
+from .conditioning import (GUIDANCE_MODES, ConditioningError, guided_prediction, check_guidance,
+                                            check_guidance_mode, model_inputs)
+from .checkpoints import generator_kind, load_denoiser, weights_file
 
 # %% auto #0
-__all__ = ['SAMPLERS', 'SAMPLER_LABELS', 'DEFAULT_STEPS', 'SYNTHETIC_NOTE', 'SamplingError', 'make_sampler', 'check_guidance',
-           'model_prediction', 'predicted_eps', 'image_seeds', 'initial_noise', 'SampleResult', 'sample',
-           'trajectory_frame', 'trajectory_figure', 'trajectory_widget', 'to_uint8', 'write_png', 'sha256_file',
-           'resolve_path', 'checkpoint_weights', 'main']
+__all__ = ['SAMPLERS', 'SAMPLER_LABELS', 'DEFAULT_STEPS', 'MIXED_PRECISION', 'STEP_SEED_OFFSET', 'GENERATOR_KINDS',
+           'DIFFUSION_OPTIONS', 'SYNTHETIC_NOTE', 'SamplingError', 'check_sampler', 'make_sampler', 'image_seeds',
+           'initial_noise', 'loop_device', 'check_request', 'model_prediction', 'LoopSetup', 'loop_setup',
+           'SampleResult', 'sample', 'trajectory_frame', 'trajectory_figure', 'trajectory_widget',
+           'PixelDiffusionGenerator', 'load_generator', 'write_samples', 'main']
 
 # %% ../nbs/11_sampling.ipynb #48140347
 class SamplingError(CXRDataError):
@@ -32,53 +39,31 @@ SAMPLERS = ('ddpm', 'ddim', 'dpmpp')
 SAMPLER_LABELS = dict(ddpm='DDPM', ddim='DDIM', dpmpp='DPM-Solver++')
 DEFAULT_STEPS = dict(ddpm=1000, ddim=50, dpmpp=20)
 
+def check_sampler(name: str, noise_scheduler, steps: int | None = None, where: str = 'sampler') -> int:
+    "The number of steps sampler `name` would take (`steps`, default `DEFAULT_STEPS[name]`), after checking both; builds nothing."
+    if name not in SAMPLERS: raise SamplingError(where, 'sampler', f'{name!r} is not one of {SAMPLERS}')
+    T = noise_scheduler.config.num_train_timesteps
+    steps = DEFAULT_STEPS[name] if steps is None else steps
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= T:
+        raise SamplingError(where, 'steps', f'{steps!r} must be an integer in [1, {T}] (the training timesteps)')
+    return int(steps)
+
 def make_sampler(name: str, noise_scheduler, steps: int | None = None):
     """A diffusers scheduler for sampler `name` ('ddpm' | 'ddim' | 'dpmpp') built from the training
     `noise_scheduler`'s config, with `steps` inference steps set (default `DEFAULT_STEPS[name]`)."""
-    if name not in SAMPLERS: raise SamplingError('sampler', 'name', f'{name!r} is not one of {SAMPLERS}')
-    T = noise_scheduler.config.num_train_timesteps
-    steps = DEFAULT_STEPS[name] if steps is None else steps
-    if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= T:
-        raise SamplingError('sampler', 'steps', f'{steps!r} must be an integer in [1, {T}] (the training timesteps)')
+    steps = check_sampler(name, noise_scheduler, steps)
     # overrides go in as keyword arguments: a value changed inside a copied config dict is silently replaced by
     # the class default when the training scheduler had used the default (diffusers' `_use_default_values`)
     cfg, kw = noise_scheduler.config, dict(timestep_spacing='trailing')
     if name == 'ddpm': s = DDPMScheduler.from_config(cfg, **kw)
     elif name == 'ddim': s = DDIMScheduler.from_config(cfg, set_alpha_to_one=False, **kw)
     else: s = DPMSolverMultistepScheduler.from_config(cfg, algorithm_type='dpmsolver++', solver_order=2, **kw)
-    s.set_timesteps(int(steps))
+    s.set_timesteps(steps)
     return s
 
 # %% ../nbs/11_sampling.ipynb #a032febc
-def check_guidance(model, guidance: dict | None, conds: dict | None = None, where: str = 'guidance') -> dict:
-    "Validate per-condition guidance scales against the model's conditions (and `conds`); return them as a dict."
-    scales = dict(guidance or {})
-    have = model.cond_cfg.conditions
-    for k, s in scales.items():
-        if k not in CONDITION_NAMES: raise SamplingError(where, k, f'unknown condition; guidance scales are for {CONDITION_NAMES}')
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
-            raise SamplingError(where, k, f'scale must be a finite number, got {s!r}')
-        if k not in have:
-            raise SamplingError(where, k, f"the model has no {k} conditioning (it was trained with {', '.join(have) or 'none'})")
-        key = 'text_emb' if k == 'text' else k
-        if s != 0 and conds is not None and conds.get(key) is None:
-            raise SamplingError(where, k, f'a scale is given but no {k} condition was passed')
-    return scales
-
-def model_prediction(model, x, t, conds: dict | None = None, guidance: dict | None = None,
-                     guidance_mode: str = 'compositional') -> torch.Tensor:
-    "The network output at `(x, t)`: plain conditional if `guidance` is empty, else guided (float32)."
-    conds = conds or {}
-    out = guided_prediction(model, x, t, conds, guidance, mode=guidance_mode) if guidance else model(x, t, **conds)
-    return out.float()
-
-def predicted_eps(pred, x_t, t, scheduler) -> torch.Tensor:
-    "The noise implied by the network output `pred` at `(x_t, t)` (what eps-only schedulers such as RePaint expect)."
-    pt = scheduler.config.prediction_type
-    if pt == 'epsilon': return pred
-    ac = alpha_bar(t, scheduler, x_t).to(pred.dtype)
-    if pt == 'v_prediction': return ac.sqrt() * pred + (1 - ac).sqrt() * x_t
-    return (x_t - ac.sqrt() * pred) / (1 - ac).sqrt()
+MIXED_PRECISION = ('no', 'bf16')
+STEP_SEED_OFFSET = 1_000_003   # image i's step noise comes from seeds[i] + this: separate from its starting noise
 
 def image_seeds(seed, n: int) -> list[int]:
     "Per-image seeds: a list is used as is (length `n`), an int `s` gives `s, s+1, ..., s+n-1`."
@@ -90,6 +75,64 @@ def image_seeds(seed, n: int) -> list[int]:
 def initial_noise(seeds: list[int], shape: tuple) -> torch.Tensor:
     "Starting noise `(len(seeds), *shape)` on the CPU, image i from `torch.Generator().manual_seed(seeds[i])`."
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+def loop_device(model, device=None) -> torch.device:
+    "Where a loop runs: `device` if given, else where the model's weights are."
+    return torch.device(device) if device is not None else next(model.parameters()).device
+
+def check_request(model, conds: dict | None, guidance: dict | None, guidance_mode: str, mixed_precision: str,
+                  where: str = 'sample', error=SamplingError) -> dict:
+    """The checks every denoising loop makes once, at its edge: guidance scales against the model's conditions (and
+    `conds`), the guidance mode, the precision. Returns the scales; errors are `error`s naming `where` and the field."""
+    if mixed_precision not in MIXED_PRECISION:
+        raise error(where, 'mixed_precision', f'{mixed_precision!r} is not one of {MIXED_PRECISION}')
+    try:
+        check_guidance_mode(guidance_mode, where)
+        return check_guidance(model.cond_cfg, guidance, conds, where)
+    except ConditioningError as e: raise error(where, e.field, e.problem) from None
+
+def model_prediction(model, x, t, conds: dict | None = None, guidance: dict | None = None,
+                     guidance_mode: str = 'compositional') -> torch.Tensor:
+    """The network output at `(x, t)` for inputs checked at the edge (no checks here): plain conditional if
+    `guidance` is empty, else guided (float32)."""
+    conds = conds or {}
+    out = guided_prediction(model, x, t, conds, guidance, mode=guidance_mode) if guidance else model(x, t, **conds, validate=False)
+    return out.float()
+
+@dataclass
+class LoopSetup:
+    "The start of a denoising loop (`loop_setup`): noise, per-image step generators, device, precision, the steps to run."
+    x: torch.Tensor              # starting noise on `device`, times the scheduler's init_noise_sigma
+    seeds: list
+    generators: list             # one CPU generator per image for the noise added during the loop
+    device: torch.device
+    mixed_precision: str
+    timesteps: object            # the timesteps to iterate (a tqdm bar over them if progress)
+
+    def autocast(self):
+        "The context every model call of the loop runs in (bfloat16 autocast with mixed_precision='bf16')."
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.mixed_precision == 'bf16')
+
+@contextlib.contextmanager
+def loop_setup(model, seeds: list, timesteps, init_noise_sigma: float = 1.0, size: int | None = None, device=None,
+               mixed_precision: str = 'no', progress: bool = False, desc: str = 'sampling'):
+    """The set-up every denoising loop shares (`sample`, `inpainting.insert_lesion`), for inputs already checked:
+    image i's starting noise from `seeds[i]` (drawn on the CPU, moved to `device`) times `init_noise_sigma`, its
+    step-noise generator seeded `seeds[i] + STEP_SEED_OFFSET`, `timesteps` behind a tqdm bar if `progress`, and
+    `model` in eval mode inside the `with` block (its mode restored after, also on an error)."""
+    size = size or model.unet_cfg.image_size
+    device = loop_device(model, device)
+    x = initial_noise(seeds, (model.unet_cfg.in_channels, size, size)).to(device) * init_noise_sigma
+    gens = [torch.Generator().manual_seed(s + STEP_SEED_OFFSET) for s in seeds]
+    ts = timesteps
+    if progress:
+        ts = tqdm(timesteps, desc=desc, leave=False)
+    was_training = model.training
+    model.eval()
+    try: yield LoopSetup(x, list(seeds), gens, device, mixed_precision, ts)
+    finally:
+        model.train(was_training)
+        if progress: ts.close()
 
 # %% ../nbs/11_sampling.ipynb #ee9cff57
 @dataclass
@@ -108,62 +151,56 @@ def _batch_size(conds: dict) -> int | None:
     if len(set(sizes.values())) > 1: raise SamplingError('sample', 'conds', f'batch sizes differ: {sizes}')
     return next(iter(sizes.values()), None)
 
+def _check_eta(eta, sampler: str, where: str = 'sample'):
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
+        raise SamplingError(where, 'eta', f'{eta!r} is not a number in [0, 1]')
+    if eta and sampler != 'ddim': raise SamplingError(where, 'eta', f'eta={eta} only applies to DDIM, not {sampler!r}')
+
 @torch.no_grad()
 def sample(model, noise_scheduler, conds: dict | None = None, n: int | None = None, sampler: str = 'ddim',
            steps: int | None = None, eta: float = 0.0, guidance: dict | None = None,
            guidance_mode: str = 'compositional', seed=0, size: int | None = None, keep_trajectory: bool = False,
            step_hook=None, mixed_precision: str = 'no', progress: bool = False, device=None) -> SampleResult:
     """Generate `n` images with `model` (a `ConditionalDenoiser`) and `sampler` ('ddpm' | 'ddim' | 'dpmpp').
-    `conds`: forward kwargs (`labels`, `mask`, `text_emb`, `text_mask`, and `drop`: per-image bool tensors that switch
-    a condition off for single images) with batch `n`; `guidance`: per-condition
-    classifier-free guidance scales, e.g. `{'labels': 3, 'mask': 1}` (empty: the plain conditional); `eta`: DDIM
-    stochasticity; `seed`: int or one seed per image; `step_hook(i, t, t_prev, x) -> x | None` may edit x (now at
-    timestep `t_prev`, -1 = clean) after step i;
-    `mixed_precision`: 'no' | 'bf16'."""
+    `conds`: forward kwargs (`labels`, `mask`, `text_emb`, `text_mask`, as `conditioning.model_inputs` builds them,
+    and `drop`: per-image bool tensors that switch a condition off for single images) with batch `n`; `guidance`:
+    per-condition classifier-free guidance scales, e.g. `{'labels': 3, 'mask': 1}` (empty: the plain conditional);
+    `eta`: DDIM stochasticity; `seed`: int or one seed per image; `step_hook(i, t, t_prev, x) -> x | None` may edit x
+    (now at timestep `t_prev`, -1 = clean) after step i; `mixed_precision`: 'no' | 'bf16'.
+    Everything is checked here, once, before any compute; the steps trust it."""
     conds = {k: v for k, v in (conds or {}).items() if v is not None}
     drop = conds.pop('drop', None) or {}
     B = _batch_size(conds)
     if n is None: n = B
     if n is None: raise SamplingError('sample', 'n', 'give the number of images (no condition tensors to take it from)')
     if B is not None and B != n: raise SamplingError('sample', 'n', f'{n} images requested but the conditions have batch {B}')
-    if eta and sampler != 'ddim': raise SamplingError('sample', 'eta', f'eta={eta} only applies to DDIM, not {sampler!r}')
-    if not 0 <= eta <= 1: raise SamplingError('sample', 'eta', f'{eta} is not in [0, 1]')
-    if guidance_mode not in GUIDANCE_MODES: raise SamplingError('sample', 'guidance_mode', f'{guidance_mode!r} is not one of {GUIDANCE_MODES}')
-    if mixed_precision not in ('no', 'bf16'): raise SamplingError('sample', 'mixed_precision', f"{mixed_precision!r} is not 'no' or 'bf16'")
-    scales = check_guidance(model, guidance, conds)
+    steps = check_sampler(sampler, noise_scheduler, steps, 'sample')
+    _check_eta(eta, sampler)
+    scales = check_request(model, conds, guidance, guidance_mode, mixed_precision)
+    seeds = image_seeds(seed, n)
     size = size or model.unet_cfg.image_size
-    C = model.unet_cfg.in_channels
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = loop_device(model, device)
     conds = {k: v.to(device) for k, v in conds.items()}
     if drop: conds['drop'] = {k: torch.as_tensor(v).to(device=device, dtype=torch.bool) for k, v in drop.items()}
-    model.check_inputs(torch.zeros(n, C, size, size, device=device), 0, **conds)   # shapes, before any compute
+    model.check_inputs(torch.zeros(n, model.unet_cfg.in_channels, size, size, device=device), 0, **conds)
+    # ---- checked: from here on no call validates again ----
     sched = make_sampler(sampler, noise_scheduler, steps)
-    seeds = image_seeds(seed, n)
-    gens = [torch.Generator().manual_seed(s + 1_000_003) for s in seeds]   # step noise, separate from the start noise
-    x = initial_noise(seeds, (C, size, size)).to(device) * sched.init_noise_sigma
     res = SampleResult(None, seeds, sampler, len(sched.timesteps))
-    was_training = model.training
-    model.eval()
-    ts = sched.timesteps
-    if progress:
-        from tqdm.auto import tqdm
-        ts = tqdm(ts, desc=f'{SAMPLER_LABELS[sampler]} {len(sched.timesteps)} steps', leave=False)
-    try:
-        for i, t in enumerate(ts):
-            xin = sched.scale_model_input(x, t)
+    kw = dict(eta=eta) if sampler == 'ddim' else {}
+    with loop_setup(model, seeds, sched.timesteps, sched.init_noise_sigma, size, device, mixed_precision, progress,
+                    f'{SAMPLER_LABELS[sampler]} {steps} steps') as s:
+        x = s.x
+        for i, t in enumerate(s.timesteps):
             tt = torch.full((n,), int(t), device=device, dtype=torch.long)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed_precision == 'bf16'):
-                pred = model_prediction(model, xin, tt, conds, scales, guidance_mode)
+            with s.autocast(): pred = model_prediction(model, sched.scale_model_input(x, t), tt, conds, scales, guidance_mode)
             if keep_trajectory:
                 res.timesteps.append(int(t)); res.x_t.append(x.float().cpu())
                 res.x0.append(predicted_x0(pred, x, tt, noise_scheduler).clamp(-1, 1).cpu())
-            kw = dict(eta=eta, generator=gens) if sampler == 'ddim' else dict(generator=gens)
-            x = sched.step(pred, t, x, **kw).prev_sample
+            x = sched.step(pred, t, x, generator=s.generators, **kw).prev_sample
             if step_hook is not None:
                 t_prev = int(sched.timesteps[i + 1]) if i + 1 < len(sched.timesteps) else -1
                 new = step_hook(i, int(t), t_prev, x)
                 if new is not None: x = new
-    finally: model.train(was_training)
     res.images = x.clamp(-1, 1).float().cpu()
     return res
 
@@ -205,46 +242,114 @@ def trajectory_widget(res: SampleResult, index: int = 0):
     step.observe(redraw, 'value'); redraw()
     return W.VBox([step, out])
 
+# %% ../nbs/11_sampling.ipynb #ca08744b
+GENERATOR_KINDS = {'pixel-diffusion': 'cxr_diffusion_nbs.sampling:PixelDiffusionGenerator.load'}
+DIFFUSION_OPTIONS = dict(sampler='dpmpp', steps=None, eta=0.0, guidance={}, guidance_mode='compositional',
+                         mixed_precision='no', progress=False)
+
+def _mask_inputs(masks, cond_cfg, where: str):
+    "Masks for `model_inputs`, and a per-image 'no mask' flag where an entry of a list is None (None if there is none)."
+    if not isinstance(masks, (list, tuple)) or not any(m is None for m in masks): return masks, None
+    none = torch.tensor([m is None for m in masks])
+    if bool(none.all()): return None, None                  # no mask at all: the model's no-mask input
+    if cond_cfg.mask_mode is None: raise SamplingError(where, 'masks', f'given, but the model has no mask conditioning (it takes {cond_cfg.conditions})')
+    ms = [None if m is None else torch.as_tensor(np.asarray(m) if not torch.is_tensor(m) else m).float() for m in masks]
+    like = next(m for m in ms if m is not None)
+    return torch.stack([torch.zeros_like(like) if m is None else m for m in ms]), none
+
+class PixelDiffusionGenerator:
+    "A trained pixel-space conditional diffusion model (`ConditionalDenoiser` + noise scheduler) as a generator."
+    kind = 'pixel-diffusion'
+    options = tuple(DIFFUSION_OPTIONS)
+
+    def __init__(self, model, noise_scheduler, checkpoint=None, weights=None):
+        self.model, self.noise_scheduler = model.eval(), noise_scheduler
+        self.checkpoint, self.weights = (Path(checkpoint) if checkpoint else None), (Path(weights) if weights else None)
+        self.defaults, self._sha = dict(DIFFUSION_OPTIONS), None
+
+    def _merged(self, options: dict, where: str = 'generate') -> dict:
+        for k in options:
+            if k not in self.options: raise SamplingError(where, k, f'not an option of {self.kind} generators' + suggest(k, self.options))
+        return {**self.defaults, **options}
+
+    @classmethod
+    def load(cls, path, device=None) -> 'PixelDiffusionGenerator':
+        "Open a pixel-diffusion checkpoint, model or run folder (`checkpoints.load_denoiser`, EMA weights if present)."
+        model, noise_scheduler, ck = load_denoiser(path, device=device)
+        return cls(model, noise_scheduler, ck, weights_file(ck))
+
+    findings = property(lambda self: tuple(self.model.cond_cfg.findings), doc='The finding names labels and per-finding masks refer to, in order.')
+    image_size = property(lambda self: int(self.model.unet_cfg.image_size), doc='Side S of the (S, S) images it draws.')
+    conditions = property(lambda self: tuple(self.model.cond_cfg.conditions), doc="The conditions it takes, among 'labels', 'mask', 'text'.")
+    mask_mode = property(lambda self: self.model.cond_cfg.mask_mode, doc="None | 'union' | 'per_finding'.")
+    device = property(lambda self: loop_device(self.model), doc='Where its weights are.')
+
+    def check_options(self, where: str = 'generate', **options) -> dict:
+        "`options` merged over the defaults, each checked (unknown names, sampler, steps, eta, guidance, precision), naming it."
+        o = self._merged(options, where)
+        o['steps'] = check_sampler(o['sampler'], self.noise_scheduler, o['steps'], where)
+        _check_eta(o['eta'], o['sampler'], where)
+        o['guidance'] = check_request(self.model, None, o['guidance'], o['guidance_mode'], o['mixed_precision'], where)
+        if not isinstance(o['progress'], bool): raise SamplingError(where, 'progress', f"{o['progress']!r} is not true or false")
+        return o
+
+    def inputs(self, labels=None, masks=None, *, findings=None, text=None, n: int | None = None, where: str = 'generate') -> dict:
+        "Forward kwargs for these conditions (`conditioning.model_inputs`, plus `drop` for images whose mask entry is None)."
+        cc = self.model.cond_cfg
+        masks, no_mask = _mask_inputs(masks, cc, where)
+        try: conds = model_inputs(self.model, n, findings=findings, labels=labels, masks=masks, text=text, where=where)
+        except ConditioningError as e: raise SamplingError(e.path, e.field, e.problem) from None
+        if no_mask is not None and conds.get('mask') is not None: conds['drop'] = {'mask': no_mask}
+        return conds
+
+    def generate(self, labels=None, masks=None, seed=0, *, findings=None, text=None, n: int | None = None, **options) -> torch.Tensor:
+        """Images (n, 1, S, S) in [-1, 1] for the given conditions: `findings` (a name or list of names for all images,
+        or one entry per image) or ready multi-hot `labels` (n, F); `masks` (H, W), (n, H, W), (n, 1, H, W) union or
+        (n, F, H, W) per finding, or a list with one entry per image (None: no mask); `text` for text models; `seed`
+        an int (image i gets seed + i) or one per image; `options` as in `self.options` (defaults: `self.defaults`)."""
+        o = self._merged(options)                   # names only: `sample` checks the values, once
+        if n is None and not isinstance(seed, (int, np.integer)): n = len(seed)
+        if n is None and all(v is None for v in (labels, masks, findings, text)): n = 1
+        conds = self.inputs(labels, masks, findings=findings, text=text, n=n)
+        if n is None: n = _batch_size({k: v for k, v in conds.items() if k != 'drop'}) or 1
+        return sample(self.model, self.noise_scheduler, conds, n=n, seed=seed, **o).images
+
+    def model_sha256(self) -> str:
+        "SHA-256 of the weights file (computed once)."
+        if self._sha is None: self._sha = sha256_file(self.weights) if self.weights else ''
+        return self._sha
+
+    def provenance(self) -> dict:
+        "What made the images: kind, checkpoint and weights names (no absolute paths), weights checksum, the model's conditions, default options."
+        return dict(kind=self.kind, checkpoint=self.checkpoint.name if self.checkpoint else None,
+                    weights=self.weights.name if self.weights else None, model_sha256=self.model_sha256(),
+                    findings=list(self.findings), image_size=self.image_size, conditions=list(self.conditions),
+                    mask_mode=self.mask_mode, defaults={k: v for k, v in self.defaults.items() if k != 'progress'},
+                    package=f'cxr_diffusion_nbs {__version__}')
+
+    def __repr__(self):
+        return (f'{type(self).__name__}(kind={self.kind!r}, image_size={self.image_size}, findings={self.findings}, '
+                f'conditions={self.conditions}, mask_mode={self.mask_mode!r}, checkpoint={self.checkpoint.name if self.checkpoint else None!r})')
+
+def _resolve_loader(spec: str):
+    mod, _, attr = spec.partition(':')
+    obj = importlib.import_module(mod)
+    for a in attr.split('.'): obj = getattr(obj, a)
+    return obj
+
+def load_generator(path, device=None):
+    """Open the trained generator at `path` (a checkpoint, a model folder such as `data/models/cpu64_demo`, or a run
+    folder: its newest checkpoint), whatever its kind (`checkpoints.generator_kind`, looked up in `GENERATOR_KINDS`)."""
+    p = resolve_path(path)
+    if not p.exists(): raise SamplingError(str(path), 'path', 'does not exist')
+    kind = generator_kind(p)
+    if kind not in GENERATOR_KINDS:
+        raise SamplingError(str(p), 'kind', f'{kind!r} is not a generator kind this package can open' + suggest(kind, GENERATOR_KINDS))
+    return _resolve_loader(GENERATOR_KINDS[kind])(p, device=device)
+
 # %% ../nbs/11_sampling.ipynb #392e634c
 SYNTHETIC_NOTE = ('SYNTHETIC chest X-ray generated by a diffusion model (cxr_diffusion_nbs); '
                   'not an image of a real patient; not for clinical use.')
-
-def to_uint8(img: torch.Tensor) -> np.ndarray:
-    "A [-1, 1] image (S, S) as uint8 grey levels."
-    return ((img.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
-
-def write_png(path, pixels: np.ndarray, text: dict | None = None):
-    "8-bit greyscale PNG with text chunks, written atomically."
-    from PIL import Image, PngImagePlugin
-    from cxr_diffusion_nbs.core import atomic_write
-    info = PngImagePlugin.PngInfo()
-    for k, v in (text or {}).items(): info.add_text(k, str(v))
-    with atomic_write(path) as tmp: Image.fromarray(pixels).save(tmp, format='PNG', pnginfo=info)
-    return path
-
-def sha256_file(path, chunk: int = 1 << 20) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for b in iter(lambda: f.read(chunk), b''): h.update(b)
-    return h.hexdigest()
-
-def resolve_path(p) -> Path:
-    "A path as given if it exists (or is absolute), else relative to the project root (so `data/...` works from `nbs/`)."
-    p = Path(p)
-    if p.is_absolute() or p.exists(): return p
-    alt = project_root()/p
-    return alt if alt.exists() else p
-
-def checkpoint_weights(checkpoint) -> tuple[Path, Path]:
-    "(checkpoint folder, the weights file `load_for_sampling` uses: EMA if present) for a run or checkpoint folder."
-    from cxr_diffusion_nbs.training import _checkpoint_folder      # the trainer's own rule: newest complete checkpoint
-    ck = resolve_path(checkpoint)
-    if not ck.exists(): raise SamplingError(str(checkpoint), 'checkpoint', 'does not exist')
-    ck = _checkpoint_folder(ck)
-    for name in ('ema.safetensors', 'model.safetensors'):
-        if (ck/name).exists(): return ck, ck/name
-    raise SamplingError(str(ck), 'checkpoint', 'holds neither ema.safetensors nor model.safetensors')
 
 def _parse_scales(s: str | None) -> dict:
     out = {}
@@ -254,14 +359,25 @@ def _parse_scales(s: str | None) -> dict:
         except ValueError: raise SamplingError('--guidance', k.strip() or item, f'{item!r} is not condition=scale') from None
     return out
 
+def _read_mask(path, size: int) -> torch.Tensor:
+    m = read_image(path)
+    if m.shape != (size, size): raise SamplingError(path, 'size', f'{m.shape[1]}x{m.shape[0]} px; the model draws {size}x{size}: resize the mask first')
+    return torch.from_numpy(m)
+
+def write_samples(out, images: torch.Tensor, seeds: list, provenance: dict) -> list:
+    "Write `sample_<seed>.png` per image (marked synthetic, with `provenance` and its seed), `grid.png` and `samples.json`."
+    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for s, img in zip(seeds, images):
+        f = out/f'sample_{s:06d}.png'
+        write_png(f, to_uint8(img[0]), {'Description': SYNTHETIC_NOTE, 'Provenance': json.dumps(dict(provenance, seed=s, synthetic=1))})
+        files.append(f.name)
+    write_png(out/'grid.png', to_uint8(torch.cat(list(images[:, 0]), 1)), {'Description': SYNTHETIC_NOTE})
+    with atomic_write(out/'samples.json') as tmp: tmp.write_text(json.dumps(dict(provenance, seeds=seeds, files=files), indent=1))
+    return files
+
 def main(argv=None):
     "The `cxr-sample` command line."
-    import argparse, json, sys
-    from pathlib import Path
-    from cxr_diffusion_nbs import __version__
-    from cxr_diffusion_nbs.core import canonical_finding
-    from cxr_diffusion_nbs.image_io import read_image
-    from cxr_diffusion_nbs.training import load_for_sampling
     p = argparse.ArgumentParser(prog='cxr-sample', description='Draw synthetic CXRs from a trained checkpoint.')
     p.add_argument('--checkpoint', default='data/models/cpu64_demo', help='run folder or checkpoint-<step>/')
     p.add_argument('--finding', action='append', default=[], help='finding to draw (repeatable); none: no finding')
@@ -275,42 +391,21 @@ def main(argv=None):
     p.add_argument('--device'); p.add_argument('--bf16', action='store_true')
     a = p.parse_args(argv)
     try:
-        ck, weights = checkpoint_weights(a.checkpoint)
-        model, noise_scheduler, _ = load_for_sampling(ck, device=a.device)
-        cc, S = model.cond_cfg, model.unet_cfg.image_size
         if a.n < 1: raise SamplingError('--n', 'n', f'{a.n} must be >= 1')
+        gen = load_generator(a.checkpoint, device=a.device)
         findings = [canonical_finding(f) for f in a.finding]
-        for f in findings:
-            if f not in cc.findings: raise SamplingError('--finding', f, f"the model was not trained on this finding; it knows {', '.join(cc.findings)}")
-        if findings and not cc.use_labels: raise SamplingError('--finding', findings[0], 'the model has no label conditioning')
-        conds = {}
-        if cc.use_labels: conds['labels'] = torch.tensor([[float(f in findings) for f in cc.findings]] * a.n)
-        if a.mask:
-            if cc.mask_mode is None: raise SamplingError(a.mask, 'mask', 'the model has no mask conditioning')
-            m = read_image(a.mask)
-            if m.shape != (S, S): raise SamplingError(a.mask, 'size', f'{m.shape[1]}x{m.shape[0]} px; the model draws {S}x{S}: resize the mask first')
-            m = torch.from_numpy((m > .5).astype(np.float32))
-            if cc.mask_mode == 'union': conds['mask'] = m[None, None].repeat(a.n, 1, 1, 1)
-            else: conds['mask'] = torch.stack([m if f in findings else torch.zeros_like(m) for f in cc.findings])[None].repeat(a.n, 1, 1, 1)
-        guidance = check_guidance(model, _parse_scales(a.guidance), conds, where='--guidance')
-        make_sampler(a.sampler, noise_scheduler, a.steps)
-        res = sample(model, noise_scheduler, conds, n=a.n, sampler=a.sampler, steps=a.steps, eta=a.eta, guidance=guidance,
-                     guidance_mode=a.guidance_mode, seed=a.seed, progress=True, mixed_precision='bf16' if a.bf16 else 'no')
+        mask = _read_mask(a.mask, gen.image_size) if a.mask else None
+        opts = dict(sampler=a.sampler, steps=a.steps, eta=a.eta, guidance=_parse_scales(a.guidance), guidance_mode=a.guidance_mode,
+                    mixed_precision='bf16' if a.bf16 else 'no')
+        seeds = image_seeds(a.seed, a.n)
+        images = gen.generate(masks=mask, seed=seeds, findings=[findings] * a.n if findings else None, progress=True, **opts)
     except CXRDataError as e:
         print(f'cxr-sample: refused: {e}', file=sys.stderr)
         raise SystemExit(2)
-    out = Path(a.output); out.mkdir(parents=True, exist_ok=True)
-    prov = dict(model_sha256=sha256_file(weights), checkpoint=str(ck), sampler=a.sampler, steps=res.steps, eta=a.eta,
-                guidance=guidance, guidance_mode=a.guidance_mode, findings=findings, mask=a.mask, package=f'cxr_diffusion_nbs {__version__}')
-    files = []
-    for s, img in zip(res.seeds, res.images):
-        f = out/f'sample_{s:06d}.png'
-        write_png(f, to_uint8(img[0]), {'Description': SYNTHETIC_NOTE, 'Provenance': json.dumps(dict(prov, seed=s, synthetic=1))})
-        files.append(f.name)
-    grid = torch.cat(list(res.images[:, 0]), 1)
-    write_png(out/'grid.png', to_uint8(grid), {'Description': SYNTHETIC_NOTE})
-    from cxr_diffusion_nbs.core import atomic_write
-    with atomic_write(out/'samples.json') as tmp: tmp.write_text(json.dumps(dict(prov, seeds=res.seeds, files=files), indent=1))
-    print(json.dumps(dict(output=str(out), files=len(files)), indent=1))
+    prov = dict(gen.provenance(), checkpoint=shareable_path(a.checkpoint), **opts, findings=findings,
+                mask=shareable_path(a.mask) if a.mask else None)
+    prov['steps'] = a.steps or DEFAULT_STEPS[a.sampler]
+    files = write_samples(a.output, images, seeds, prov)
+    print(json.dumps(dict(output=str(a.output), files=len(files)), indent=1))
 
 if __name__ == '__main__' and '__file__' in globals() and 'get_ipython' not in globals(): main()

@@ -7,34 +7,41 @@ Docs: https://cxr-diffusion-nbs.github.io/cxr_diffusion_nbs/training.html.md"""
 
 # %% ../nbs/10_training.ipynb #d6da859c
 from __future__ import annotations
-import os, sys, json, time, random, shutil, argparse, difflib, copy, warnings, csv, dataclasses
+import os, sys, json, time, argparse, copy, warnings, csv, dataclasses
 from dataclasses import dataclass, field, fields, asdict, is_dataclass
 from pathlib import Path
-import numpy as np
+import pandas as pd
 import torch
 import yaml
-from .core import (NIH_FINDINGS, RARE_FINDINGS, FINDING_SYNONYMS, canonical_finding, CXRDataError,
-                                    atomic_write, find_data_root, default_device, project_root)
-from .unet import UNetConfig, PRESETS, unet_preset, make_noise_scheduler
-from .conditioning import (ConditioningConfig, ConditionalDenoiser, ConditioningError, FrozenTextEncoder,
-                                            batch_conditions, guided_prediction)
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, PartialState
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+from .core import (RARE_FINDINGS, MASK_MODES, CXRDataError, ConfigError, suggest, config_from_dict,
+                                    check_findings, read_config_file, parse_override, set_dotted, atomic_write, find_data_root, default_device, project_root, resolve_path)
+from .unet import UNetConfig, PRESETS, make_noise_scheduler
+from .conditioning import ConditioningConfig, ConditionalDenoiser, FrozenTextEncoder, batch_conditions
 from .losses import LesionLossConfig, lesion_preserving_loss
 from .manifest import load_shared_subset
-from .dataset import CXRDataset, Augment, finding_examples, overlay
+from .masks import overlay
+from .dataset import CXRDataset, Augment, finding_examples, condition_rows, repeat_batch
+from .checkpoints import (CKPT_PREFIX, CheckpointError, list_checkpoints, prune_checkpoints, resolve_resume,
+                                           checkpoint_folder, save_checkpoint, load_checkpoint, load_weights, read_signature,
+                                           load_denoiser)
+from .sampling import sample
 
 # %% auto #0
-__all__ = ['SCHEDULES', 'MIXED_PRECISION', 'CKPT_PREFIX', 'ConfigError', 'ModelSection', 'DataSection', 'OptimSection',
-           'OutputSection', 'TrainConfig', 'parse_override', 'unet_config', 'conditioning_config', 'loss_config',
-           'model_signature', 'validate_config', 'load_config', 'epoch_batches', 'list_checkpoints',
-           'prune_checkpoints', 'resolve_resume', 'check_resume_compatible', 'read_log', 'truncate_log', 'append_log',
-           'plot_loss', 'cpu_supports_bf16', 'resolve_mixed_precision', 'save_checkpoint', 'load_checkpoint',
-           'ddim_sample', 'condition_rows', 'repeat_batch', 'sample_grid_figure', 'train', 'main', 'init_weights',
-           'load_for_sampling']
+__all__ = ['SCHEDULES', 'MIXED_PRECISION', 'ModelSection', 'DataSection', 'OptimSection', 'OutputSection', 'TrainConfig',
+           'unet_config', 'conditioning_config', 'loss_config', 'signature_of', 'model_signature', 'validate_config',
+           'load_config', 'epoch_batches', 'check_resume_compatible', 'read_log', 'truncate_log', 'append_log',
+           'plot_loss', 'cpu_supports_bf16', 'resolve_mixed_precision', 'sample_grid_figure', 'save_figure',
+           'grid_samples', 'TrainRun', 'start_checks', 'training_manifest', 'make_dataset', 'build_run',
+           'prepare_outputs', 'run_batches', 'train_step', 'log_window', 'draw_grid', 'save_run_checkpoint',
+           'finish_run', 'train', 'main', 'init_weights', 'load_for_sampling']
 
 # %% ../nbs/10_training.ipynb #067d024b
-class ConfigError(CXRDataError):
-    "A training configuration that cannot work. The message names the config file and the field (`optim.lr`)."
-
 @dataclass
 class ModelSection:
     preset: str = 'tiny'                          # a name in unet.PRESETS
@@ -112,154 +119,80 @@ class TrainConfig:
 # %% ../nbs/10_training.ipynb #cdf8f7f5
 def _choice(cfg, fld: str, value, options) -> ConfigError:
     "The error for a value that is not one of `options` (with the closest one, if any)."
-    m = difflib.get_close_matches(str(value), [str(o) for o in options], n=1)
-    return cfg.err(fld, f"{value!r} is not one of {tuple(options)}" + (f"; did you mean {m[0]!r}?" if m else ''))
+    hint = suggest(value, options)
+    return cfg.err(fld, f"{value!r} is not one of {tuple(options)}" + (hint if 'did you mean' in hint else ''))
 
-def _suggest(name, options) -> str:
-    m = difflib.get_close_matches(str(name), [str(o) for o in options], n=1)
-    return f"; did you mean {m[0]!r}?" if m else f"; known: {sorted(map(str, options))}"
 
-def _coerce(value, typ: str, where: str, source: str):
-    "Coerce a YAML value to the annotated type string of a dataclass field (`int | None`, `float`, `list`, ...)."
-    opts = [t.strip() for t in typ.split('|')]
-    if 'None' in opts and isinstance(value, str) and value.strip().lower() in ('none', 'null', '~', ''): value = None
-    if value is None:
-        if 'None' in opts: return None
-        raise ConfigError(source, where, f"must not be empty (expected {typ})")
-    for t in opts:
-        try:
-            if t == 'bool':
-                if isinstance(value, bool): return value
-                if isinstance(value, str) and value.lower() in ('true', 'false', 'yes', 'no'): return value.lower() in ('true', 'yes')
-                if isinstance(value, int) and value in (0, 1): return bool(value)
-                continue
-            if t == 'int':
-                if isinstance(value, bool): continue
-                if isinstance(value, int): return value
-                if isinstance(value, float) and value.is_integer(): return int(value)
-                if isinstance(value, str): return int(float(value)) if float(value).is_integer() else int(value)
-                continue
-            if t == 'float':
-                if isinstance(value, bool): continue
-                return float(value)
-            if t == 'str':
-                if isinstance(value, (str, int, float)) and not isinstance(value, bool): return str(value)
-                continue
-            if t == 'list':
-                if isinstance(value, (list, tuple)): return list(value)
-                if isinstance(value, str): return [v.strip() for v in value.split(',') if v.strip()]
-                continue
-            if t == 'dict':
-                if isinstance(value, dict): return dict(value)
-                continue
-        except (TypeError, ValueError): continue
-    raise ConfigError(source, where, f"{value!r} is not a valid {typ}")
-
-def _section_from_dict(cls, d, name: str, source: str):
-    if d is None: d = {}
-    if not isinstance(d, dict): raise ConfigError(source, name, f"must be a mapping, got {d!r}")
-    known = {f.name: f for f in fields(cls)}
-    for k in d:
-        if k not in known: raise ConfigError(source, f"{name}.{k}", "unknown key" + _suggest(k, known))
-    return cls(**{k: _coerce(v, str(known[k].type), f"{name}.{k}", source) for k, v in d.items()})
-
-def _set_dotted(d: dict, key: str, value, source: str):
-    parts = key.split('.')
-    cur = d
-    for p in parts[:-1]:
-        if cur.get(p) is None: cur[p] = {}
-        if not isinstance(cur[p], dict): raise ConfigError(source, key, f"{p!r} is not a section")
-        cur = cur[p]
-    cur[parts[-1]] = value
-
-def parse_override(s: str) -> tuple:
-    "'optim.lr=1e-4' -> ('optim.lr', 0.0001): the value is read as YAML (numbers, true/false, null, [lists])."
-    if '=' not in s: raise ConfigError('<command line>', s, "an override must look like section.key=value")
-    k, v = s.split('=', 1)
-    return k.strip(), yaml.safe_load(v) if v.strip() else None
 
 # %% ../nbs/10_training.ipynb #57d9f3bf
-from .core import KNOWN_FINDINGS, MASK_MODES
 SCHEDULES = ('cosine', 'linear', 'constant')
 MIXED_PRECISION = ('no', 'bf16', 'fp16', 'auto')
 
-def _dataclass_kwargs(cls, d: dict, section: str, source: str, skip=()) -> dict:
-    known = {f.name for f in fields(cls)}
-    for k in d:
-        if k not in known or k in skip:
-            raise ConfigError(source, f"{section}.{k}", f"unknown key for {cls.__name__}" + _suggest(k, known - set(skip)))
-    return dict(d)
+def _unet_field(cfg, name: str, overrides: dict) -> str:
+    "The config field to blame for a `UNetConfig` error on `name`: the override, else the data's size, else the preset."
+    if name in overrides and name != 'image_size': return f'model.overrides.{name}'
+    if name in ('image_size', 'attention_resolutions'): return 'data.image_size'   # the preset's sizes vs the data's
+    return 'model.preset'
 
-def unet_config(cfg: TrainConfig):
+def unet_config(cfg: TrainConfig) -> UNetConfig:
     """The `UNetConfig` of a run: preset + overrides, with `image_size` from `data.image_size` (and, unless overridden,
     the preset's attention levels kept at that size)."""
     m = cfg.model
-    if m.preset not in PRESETS: raise cfg.err('model.preset', f"unknown U-Net preset {m.preset!r}" + _suggest(m.preset, PRESETS))
-    ov = _dataclass_kwargs(UNetConfig, m.overrides or {}, 'model.overrides', cfg.source)
+    if m.preset not in PRESETS: raise cfg.err('model.preset', f"unknown U-Net preset {m.preset!r}" + suggest(m.preset, PRESETS))
+    ov = dict(m.overrides or {})
+    known = {f.name for f in fields(UNetConfig)}
+    for k in ov:
+        if k not in known: raise cfg.err(f'model.overrides.{k}', "unknown key for UNetConfig" + suggest(k, known))
     if 'image_size' in ov and ov['image_size'] != cfg.data.image_size:
         raise cfg.err('model.overrides.image_size', f"{ov['image_size']} differs from data.image_size={cfg.data.image_size}; set only data.image_size")
     base = PRESETS[m.preset]
+    d = dict(base.to_dict(), **ov, image_size=cfg.data.image_size)
     if 'attention_resolutions' not in ov and cfg.data.image_size != base.image_size:
         # keep the preset's attention *levels* at another image size (16 px of a 32 px preset -> 32 px at 64 px)
         scaled = [r * cfg.data.image_size / base.image_size for r in base.attention_resolutions]
-        if all(float(s).is_integer() for s in scaled): ov['attention_resolutions'] = tuple(int(s) for s in scaled)
-    ov['image_size'] = cfg.data.image_size
-    for k in ('block_out_channels', 'attention_resolutions'):
-        if k in ov and ov[k] is not None: ov[k] = tuple(ov[k])
-    try: return unet_preset(m.preset, **ov)
-    except (ValueError, TypeError) as e:
-        msg = str(e)
-        name = next((f.name for f in fields(UNetConfig) if f"'{f.name}'" in msg), None)
-        if name in ov and name != 'image_size': fld = f"model.overrides.{name}"
-        elif name in ('image_size', 'attention_resolutions'): fld = 'data.image_size'   # the preset's sizes vs the data's
-        else: fld = 'model.preset'
-        raise cfg.err(fld, f"{msg} (preset {m.preset!r} with image_size={cfg.data.image_size})") from None
+        if all(float(s).is_integer() for s in scaled): d['attention_resolutions'] = [int(s) for s in scaled]
+    try: return config_from_dict(UNetConfig, d)      # UNetConfig's errors name their field directly
+    except ConfigError as e:
+        raise cfg.err(_unet_field(cfg, e.field, ov), f"{e.problem} (preset {m.preset!r} with image_size={cfg.data.image_size})") from None
 
-def conditioning_config(cfg: TrainConfig):
+def conditioning_config(cfg: TrainConfig) -> ConditioningConfig:
     "The `ConditioningConfig`: the `conditioning` section with `findings`/`mask_mode` taken from `data`."
-    c = _dataclass_kwargs(ConditioningConfig, cfg.conditioning or {}, 'conditioning', cfg.source)
-    if 'findings' in c and c['findings'] is not None and list(c['findings']) != list(cfg.data.findings):
+    c = dict(cfg.conditioning or {})
+    if c.get('findings') is not None and list(c['findings']) != list(cfg.data.findings):
         raise cfg.err('conditioning.findings', f"{list(c['findings'])} differs from data.findings={list(cfg.data.findings)}; "
                       "the label vector the model sees is the data's (set only data.findings)")
-    c['findings'] = tuple(cfg.data.findings)
-    if 'mask_mode' not in c: c['mask_mode'] = cfg.data.mask_mode
-    try: cc = ConditioningConfig(**c)
-    except ConditioningError as e:
-        fld = 'data.findings' if e.field == 'findings' else f'conditioning.{e.field}'
-        raise cfg.err(fld, e.problem) from None
-    except (ValueError, TypeError) as e: raise cfg.err('conditioning', str(e)) from None
+    c['findings'] = list(cfg.data.findings)
+    c.setdefault('mask_mode', cfg.data.mask_mode)
+    try: cc = config_from_dict(ConditioningConfig, c, cfg.source, 'conditioning')
+    except ConfigError as e:
+        if e.field.startswith('conditioning.findings'): raise cfg.err('data.findings', e.problem) from None
+        raise
     data_ch = 0 if cfg.data.mask_mode is None else (1 if cfg.data.mask_mode == 'union' else len(cfg.data.findings))
     if cc.mask_channels and cc.mask_channels != data_ch:
         raise cfg.err('conditioning.mask_mode', f"the model expects {cc.mask_channels} mask channel(s) (mask_mode={cc.mask_mode!r}) "
                       f"but data.mask_mode={cfg.data.mask_mode!r} delivers {data_ch}")
     return cc
 
-def loss_config(cfg: TrainConfig):
+def loss_config(cfg: TrainConfig) -> LesionLossConfig:
     "The `LesionLossConfig` of the `loss` section."
-    c = _dataclass_kwargs(LesionLossConfig, cfg.loss or {}, 'loss', cfg.source)
-    try: return LesionLossConfig(**c)
-    except (ValueError, TypeError) as e: raise cfg.err('loss', str(e)) from None
+    return config_from_dict(LesionLossConfig, cfg.loss or {}, cfg.source, 'loss')
+
+def signature_of(ucfg: UNetConfig, ccfg: ConditioningConfig) -> dict:
+    "What must not change between a checkpoint and a resume: the U-Net and the conditioning (minus dropout rates)."
+    cd = {k: v for k, v in asdict(ccfg).items() if not k.startswith('p_drop')}
+    return json.loads(json.dumps({'unet': asdict(ucfg), 'conditioning': cd}, default=list))
 
 def model_signature(cfg: TrainConfig) -> dict:
-    "What must not change between a checkpoint and a resume: the U-Net and the conditioning (minus dropout rates)."
-    u, c = unet_config(cfg), conditioning_config(cfg)
-    cd = {k: v for k, v in asdict(c).items() if not k.startswith('p_drop')}
-    return json.loads(json.dumps({'unet': asdict(u), 'conditioning': cd}, default=list))
+    "The signature (`signature_of`) of a run's network, as `model_config.json` stores it."
+    return signature_of(unet_config(cfg), conditioning_config(cfg))
 
-def validate_config(cfg: TrainConfig, build: bool = True) -> TrainConfig:
-    "Raise a `ConfigError` naming the file and the field for anything that cannot train; returns `cfg`."
-    d, o, out = cfg.data, cfg.optim, cfg.output
-    if not d.findings: raise cfg.err('data.findings', 'needs at least one finding')
-    for i, f in enumerate(d.findings):
-        if f not in KNOWN_FINDINGS:
-            c = canonical_finding(f)
-            hint = f"; the package's name for it is {c!r}" if c in KNOWN_FINDINGS else _suggest(f, KNOWN_FINDINGS)
-            raise cfg.err(f'data.findings[{i}]', f"unknown finding {f!r}" + hint)
-    if len(set(d.findings)) != len(d.findings): raise cfg.err('data.findings', f"{d.findings} has duplicates")
-    if d.mask_mode not in MASK_MODES: raise _choice(cfg, 'data.mask_mode', d.mask_mode, MASK_MODES)
-    if d.image_size <= 0: raise cfg.err('data.image_size', f"{d.image_size} must be positive")
-    if d.num_workers < 0: raise cfg.err('data.num_workers', 'must be >= 0')
-    if d.limit is not None and d.limit < 1: raise cfg.err('data.limit', f"{d.limit} must be >= 1 or null")
+def _normalised_signature(sig: dict, source: str) -> dict:
+    "A stored signature rebuilt through the config classes, so fields added later compare at their defaults."
+    return signature_of(config_from_dict(UNetConfig, sig['unet'], source, 'unet'),
+                        config_from_dict(ConditioningConfig, sig['conditioning'], source, 'conditioning'))
+
+def _check_optim(cfg: TrainConfig):
+    o = cfg.optim
     if o.batch_size < 1: raise cfg.err('optim.batch_size', f"{o.batch_size} must be >= 1")
     if not o.lr > 0: raise cfg.err('optim.lr', f"{o.lr} must be > 0")
     if len(o.betas) != 2 or not all(0 <= float(b) < 1 for b in o.betas): raise cfg.err('optim.betas', f"{o.betas} must be two numbers in [0, 1)")
@@ -275,55 +208,65 @@ def validate_config(cfg: TrainConfig, build: bool = True) -> TrainConfig:
     if o.grad_clip is not None and not o.grad_clip > 0: raise cfg.err('optim.grad_clip', 'must be > 0 or null')
     if o.ema_decay is not None and not 0 < o.ema_decay < 1: raise cfg.err('optim.ema_decay', f"{o.ema_decay} must be in (0, 1) or null")
     if o.mixed_precision not in MIXED_PRECISION: raise _choice(cfg, 'optim.mixed_precision', o.mixed_precision, MIXED_PRECISION)
+
+def _check_output(cfg: TrainConfig, cc: ConditioningConfig):
+    out = cfg.output
     for k in ('log_every', 'sample_every', 'checkpoint_every', 'sample_steps', 'samples_per_row', 'keep_last'):
         v = getattr(out, k)
         if v is not None and v < 1: raise cfg.err(f'output.{k}', f"{v} must be >= 1" + (' or null' if k in ('sample_every', 'checkpoint_every') else ''))
     if out.log_every is None: raise cfg.err('output.log_every', 'must be >= 1')
-    if out.resume is not None and out.resume != 'auto' and not Path(out.resume).exists():
+    if out.resume is not None and out.resume != 'auto' and not resolve_path(out.resume).exists():
         raise cfg.err('output.resume', f"{out.resume} does not exist (use 'auto', null or a checkpoint folder)")
-    if cfg.model.init_from is not None and not Path(cfg.model.init_from).exists():
-        raise cfg.err('model.init_from', f"{cfg.model.init_from} does not exist (a run folder or a checkpoint-<step>/ folder)")
-    # the other notebooks' configs, and their consistency
-    u, cc = unet_config(cfg), conditioning_config(cfg)
-    lc = loss_config(cfg)
-    if getattr(lc, 'lesion_weight', 0) and d.mask_mode is None:
-        warnings.warn(f"{cfg.source}: loss.lesion_weight={lc.lesion_weight} has no effect with data.mask_mode=None (no masks)")
     for k, v in (out.guidance or {}).items():
         if k not in cc.conditions:
             raise cfg.err(f'output.guidance.{k}', f"no such condition in this model; it uses {cc.conditions}")
         try: float(v)
         except (TypeError, ValueError): raise cfg.err(f'output.guidance.{k}', f"{v!r} is not a number") from None
+
+def validate_config(cfg: TrainConfig, build: bool = True) -> TrainConfig:
+    "Raise a `ConfigError` naming the file and the field for anything that cannot train; returns `cfg`."
+    d = cfg.data
+    d.findings = list(check_findings(d.findings, cfg.source, 'data.findings'))
+    if d.mask_mode not in MASK_MODES: raise _choice(cfg, 'data.mask_mode', d.mask_mode, MASK_MODES)
+    if d.image_size <= 0: raise cfg.err('data.image_size', f"{d.image_size} must be positive")
+    if d.num_workers < 0: raise cfg.err('data.num_workers', 'must be >= 0')
+    if d.limit is not None and d.limit < 1: raise cfg.err('data.limit', f"{d.limit} must be >= 1 or null")
+    _check_optim(cfg)
+    if cfg.model.init_from is not None and not resolve_path(cfg.model.init_from).exists():
+        raise cfg.err('model.init_from', f"{cfg.model.init_from} does not exist (a run folder or a checkpoint-<step>/ folder)")
+    # the other notebooks' configs, and their consistency
+    u, cc, lc = unet_config(cfg), conditioning_config(cfg), loss_config(cfg)
+    _check_output(cfg, cc)
+    if getattr(lc, 'lesion_weight', 0) and d.mask_mode is None:
+        warnings.warn(f"{cfg.source}: loss.lesion_weight={lc.lesion_weight} has no effect with data.mask_mode=None (no masks)")
     if build:
         try:
             with torch.device('meta'): ConditionalDenoiser(u, cc)
         except Exception as e: raise cfg.err('model', f"cannot build the denoiser: {type(e).__name__}: {e}") from None
     return cfg
 
+def _read_config(path_or_dict) -> tuple:
+    "(raw dict, source) of a YAML file, a dict or a `TrainConfig`."
+    if isinstance(path_or_dict, TrainConfig): return path_or_dict.to_dict(), path_or_dict.source
+    if isinstance(path_or_dict, dict): return copy.deepcopy(path_or_dict), '<dict>'
+    return read_config_file(path_or_dict), str(path_or_dict)
+
 def load_config(path_or_dict, overrides=()) -> TrainConfig:
     "A validated `TrainConfig` from a YAML file (or a dict, or a `TrainConfig`) plus `key.sub=value` overrides."
-    if isinstance(path_or_dict, TrainConfig): raw, source = path_or_dict.to_dict(), path_or_dict.source
-    elif isinstance(path_or_dict, dict): raw, source = copy.deepcopy(path_or_dict), '<dict>'
-    else:
-        source = str(path_or_dict)
-        if not Path(source).exists(): raise ConfigError(source, '<file>', 'config file not found')
-        try: raw = yaml.safe_load(Path(source).read_text()) or {}
-        except yaml.YAMLError as e: raise ConfigError(source, '<yaml>', f"not valid YAML: {e}") from None
-        if not isinstance(raw, dict): raise ConfigError(source, '<top level>', 'must be a mapping of sections')
+    raw, source = _read_config(path_or_dict)
+    known = ['model', 'conditioning', 'loss', *_SECTIONS]
     for ov in overrides:
         k, v = parse_override(ov) if isinstance(ov, str) else ov
-        if k.split('.')[0] not in ('model', 'conditioning', 'loss', *_SECTIONS):
-            raise ConfigError(source, k, "unknown section" + _suggest(k.split('.')[0], ['model', 'conditioning', 'loss', *_SECTIONS]))
-        _set_dotted(raw, k, v, source)
-    known = {'model', 'conditioning', 'loss', *_SECTIONS}
+        if k.split('.')[0] not in known: raise ConfigError(source, k, "unknown section" + suggest(k.split('.')[0], known))
+        set_dotted(raw, k, v, source)
     for k in raw:
-        if k not in known: raise ConfigError(source, k, "unknown section" + _suggest(k, known))
-    kw = {name: _section_from_dict(cls, raw.get(name), name, source) for name, cls in _SECTIONS.items()}
-    for name in ('conditioning', 'loss'):
+        if k not in known: raise ConfigError(source, k, "unknown section" + suggest(k, known))
+    kw = {name: config_from_dict(cls, raw.get(name), source, name) for name, cls in _SECTIONS.items()}
+    for name in ('conditioning', 'loss'):          # checked against their config classes by validate_config
         v = raw.get(name) or {}
         if not isinstance(v, dict): raise ConfigError(source, name, f"must be a mapping, got {v!r}")
         kw[name] = dict(v)
-    cfg = TrainConfig(**kw, source=source)
-    return validate_config(cfg)
+    return validate_config(TrainConfig(**kw, source=source))
 
 # %% ../nbs/10_training.ipynb #ec350b86
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> list:
@@ -335,54 +278,20 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
     return perm.tolist()
 
 # %% ../nbs/10_training.ipynb #0006f716
-CKPT_PREFIX = 'checkpoint-'
-
-def list_checkpoints(output_dir) -> list:
-    "Complete checkpoint folders in `output_dir`, oldest first."
-    out = Path(output_dir)
-    if not out.is_dir(): return []
-    cks = [p for p in out.glob(f'{CKPT_PREFIX}*') if p.is_dir() and p.name[len(CKPT_PREFIX):].isdigit()
-           and (p/'train_state.json').exists()]
-    return sorted(cks, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
-
-def prune_checkpoints(output_dir, keep_last: int) -> list:
-    "Delete all but the newest `keep_last` checkpoints (and stale temporary folders); returns the deleted paths."
-    cks = list_checkpoints(output_dir)
-    gone = cks[:max(0, len(cks) - keep_last)]
-    gone += [p for p in Path(output_dir).glob(f'.tmp-{CKPT_PREFIX}*') if p.is_dir()]
-    for p in gone: shutil.rmtree(p, ignore_errors=True)
-    return gone
-
-def resolve_resume(resume, output_dir) -> Path | None:
-    "None, or the checkpoint folder to resume from: `'auto'` = the newest in `output_dir`; a path = that checkpoint (or the newest in that run folder)."
-    if resume is None: return None
-    if resume == 'auto':
-        cks = list_checkpoints(output_dir)
-        return cks[-1] if cks else None
-    p = Path(resume)
-    if (p/'train_state.json').exists(): return p
-    cks = list_checkpoints(p)
-    if cks: return cks[-1]
-    raise ConfigError(str(p), 'output.resume', 'is neither a complete checkpoint folder nor a run folder with checkpoints')
-
 def check_resume_compatible(ckpt: Path, cfg: TrainConfig):
     "Raise a `ConfigError` when the checkpoint's model/conditioning differ from the config's."
     f = Path(ckpt)/'model_config.json'
-    if not f.exists(): raise ConfigError(str(f), '<file>', 'missing: not a checkpoint written by this trainer')
-    saved, now = json.loads(f.read_text()), model_signature(cfg)
-    diffs = [f"{sec}.{k}: checkpoint {saved.get(sec, {}).get(k)!r} vs config {now[sec].get(k)!r}"
-             for sec in now for k in sorted(set(now[sec]) | set(saved.get(sec, {})))
-             if saved.get(sec, {}).get(k) != now[sec].get(k)]
+    saved, now = _normalised_signature(read_signature(ckpt), str(f)), model_signature(cfg)
+    diffs = [f"{sec}.{k}: checkpoint {saved[sec].get(k)!r} vs config {now[sec].get(k)!r}"
+             for sec in now for k in sorted(set(now[sec]) | set(saved[sec])) if saved[sec].get(k) != now[sec].get(k)]
     if diffs:
-        sec = diffs[0].split('.')[0]
-        fld = 'model' if sec == 'unet' else 'conditioning'
+        fld = 'model' if diffs[0].startswith('unet') else 'conditioning'
         raise ConfigError(cfg.source, fld, f"cannot resume from {ckpt}: it was saved from another config ("
                           + '; '.join(diffs) + ')')
 
 # %% ../nbs/10_training.ipynb #939d36da
-def read_log(path) -> 'pd.DataFrame':
+def read_log(path) -> pd.DataFrame:
     "The training log as a DataFrame."
-    import pandas as pd
     return pd.read_csv(path)
 
 def truncate_log(path, step: int):
@@ -434,110 +343,7 @@ def resolve_mixed_precision(mp: str, device_type: str, source: str = '<config>')
         raise ConfigError(source, 'optim.mixed_precision', "'fp16' needs a GPU; use 'bf16', 'auto' or 'no' on a CPU")
     return mp
 
-# %% ../nbs/10_training.ipynb #c9efb519
-def _rng_state(gen: torch.Generator) -> dict:
-    s = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(), generator=gen.get_state())
-    if torch.cuda.is_available(): s['cuda'] = torch.cuda.get_rng_state_all()
-    return s
-
-def _set_rng_state(s: dict, gen: torch.Generator):
-    random.setstate(s['python']); np.random.set_state(s['numpy']); torch.set_rng_state(s['torch'])
-    gen.set_state(s['generator'])
-    if 'cuda' in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s['cuda'])
-
-def save_checkpoint(output_dir, step: int, *, accelerator, model, optimizer, lr_scheduler, ema, gen, cfg: TrainConfig,
-                    state: dict, keep_last: int = 3) -> Path:
-    "Write `checkpoint-<step>/` atomically (all processes call it) and prune to `keep_last`; returns its path."
-    from safetensors.torch import save_model, save_file
-    out = Path(output_dir); final = out/f'{CKPT_PREFIX}{step}'; tmp = out/f'.tmp-{CKPT_PREFIX}{step}'
-    acc = accelerator
-    if acc.is_main_process:
-        if tmp.exists(): shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    acc.wait_for_everyone()
-    torch.save({'rng': _rng_state(gen), 'log_sums': state.get('log_sums')}, tmp/f'random_states_{acc.process_index}.pt')
-    if acc.is_main_process:
-        m = acc.unwrap_model(model)
-        save_model(m, str(tmp/'model.safetensors'))
-        if ema is not None:
-            names = [n for n, _ in m.named_parameters()]
-            save_file({n: p.detach().contiguous().cpu() for n, p in zip(names, ema.shadow_params)}, str(tmp/'ema.safetensors'))
-            (tmp/'ema_state.json').write_text(json.dumps({k: v for k, v in ema.state_dict().items() if k != 'shadow_params'}))
-        torch.save(optimizer.state_dict(), tmp/'optimizer.pt')
-        torch.save(lr_scheduler.state_dict(), tmp/'scheduler.pt')
-        (tmp/'config.yaml').write_text(cfg.to_yaml())
-        (tmp/'model_config.json').write_text(json.dumps(model_signature(cfg), indent=1))
-        st = {k: v for k, v in state.items() if k != 'log_sums'}
-        (tmp/'train_state.json').write_text(json.dumps(dict(st, step=step, num_processes=acc.num_processes), indent=1))
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        if final.exists(): shutil.rmtree(final)
-        os.replace(tmp, final)
-        prune_checkpoints(out, keep_last)
-    acc.wait_for_everyone()
-    return final
-
-def load_checkpoint(ckpt, *, accelerator, model, optimizer, lr_scheduler, ema, gen) -> dict:
-    "Restore everything `save_checkpoint` wrote into the given objects; returns the train state (step, epoch, ...)."
-    from safetensors.torch import load_model, load_file
-    ckpt, acc = Path(ckpt), accelerator
-    state = json.loads((ckpt/'train_state.json').read_text())
-    m = acc.unwrap_model(model)
-    load_model(m, str(ckpt/'model.safetensors'), device=str(acc.device))
-    if ema is not None:
-        if not (ckpt/'ema.safetensors').exists(): raise ConfigError(str(ckpt), 'ema.safetensors', 'missing but optim.ema_decay is set')
-        sh = load_file(str(ckpt/'ema.safetensors'), device=str(acc.device))
-        names = [n for n, _ in m.named_parameters()]
-        ema.load_state_dict(dict(json.loads((ckpt/'ema_state.json').read_text()), shadow_params=[sh[n] for n in names]))
-    optimizer.load_state_dict(torch.load(ckpt/'optimizer.pt', map_location=acc.device, weights_only=False))
-    lr_scheduler.load_state_dict(torch.load(ckpt/'scheduler.pt', weights_only=False))
-    rs = ckpt/f'random_states_{acc.process_index}.pt'
-    if rs.exists() and state.get('num_processes') == acc.num_processes:
-        r = torch.load(rs, weights_only=False)
-        _set_rng_state(r['rng'], gen)
-        state['log_sums'] = r.get('log_sums')
-    else:
-        warnings.warn(f"{ckpt}: saved with {state.get('num_processes')} process(es), resuming with {acc.num_processes}: "
-                      "the run continues but will not repeat the uninterrupted one exactly")
-    return state
-
 # %% ../nbs/10_training.ipynb #8cb753ec
-@torch.no_grad()
-def ddim_sample(model, noise_scheduler, conds: dict, n: int, image_size: int, steps: int = 25, seed: int = 0,
-                guidance: dict | None = None, in_channels: int = 1, device=None) -> torch.Tensor:
-    "`n` images (n, C, S, S) in [-1, 1] from `model` with DDIM (`eta=0`); noise from `seed` (same on every device)."
-    from diffusers import DDIMScheduler
-    device = device or next(model.parameters()).device
-    ddim = DDIMScheduler.from_config(noise_scheduler.config)
-    ddim.set_timesteps(steps)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn((n, in_channels, image_size, image_size), generator=g).to(device)
-    was_training = model.training
-    model.eval()
-    try:
-        for t in ddim.timesteps:
-            tt = torch.full((n,), int(t), device=device, dtype=torch.long)
-            out = guided_prediction(model, x, tt, conds, guidance) if guidance else model(x, tt, **conds)
-            x = ddim.step(out.float(), t, x).prev_sample
-    finally: model.train(was_training)
-    return x.clamp(-1, 1)
-
-def condition_rows(ds, findings, fallback_ds=None) -> tuple:
-    "One real example per finding (with a lesion mask first, a different image per row when possible) from `ds` (else `fallback_ds`): (items, row titles)."
-    items, titles, used = [], [], set()
-    for f in findings:
-        cands = [(d, i) for d in (ds, fallback_ds) if d is not None for i in finding_examples(d, f, n=len(d))]
-        if not cands: continue
-        d, i = next(((d, i) for d, i in cands if d.images.iloc[i]['image_id'] not in used), cands[0])
-        used.add(d.images.iloc[i]['image_id'])
-        items.append(d[i]); titles.append(f)
-    return items, titles
-
-def repeat_batch(items: list, n: int) -> dict:
-    "Collate `items`, each repeated `n` times in a row (row-major), into a batch dict."
-    from torch.utils.data import default_collate
-    return default_collate([it for it in items for _ in range(n)])
-
 def sample_grid_figure(samples: torch.Tensor, items: list, titles: list, n: int, title: str = ''):
     "Figure: one row per condition, the real conditioning image (with its mask) then `n` samples."
     import matplotlib.pyplot as plt
@@ -553,11 +359,22 @@ def sample_grid_figure(samples: torch.Tensor, items: list, titles: list, n: int,
     fig.tight_layout()
     return fig
 
+def save_figure(fig, path, dpi: int = 80) -> Path:
+    "Save `fig` to `path` atomically and close it."
+    import matplotlib.pyplot as plt
+    with atomic_write(path) as tmp: fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    return Path(path)
+
+def grid_samples(model, noise_scheduler, items: list, n: int, cond_cfg, *, steps: int, seed: int, guidance=None,
+                 text_encoder=None, mixed_precision: str = 'no', device=None) -> torch.Tensor:
+    "`n` samples per conditioning item (row-major) with `sampling.sample` (DDIM, one seed per image from `seed`)."
+    conds = batch_conditions(repeat_batch(items, n), cond_cfg, text_encoder=text_encoder, device=device)
+    return sample(model, noise_scheduler, conds, sampler='ddim', steps=steps, seed=seed, guidance=guidance or None,
+                  mixed_precision=mixed_precision, device=device).images
+
 # %% ../nbs/10_training.ipynb #db4916c6
-def _accelerator(cfg: TrainConfig):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import DistributedDataParallelKwargs
+def _accelerator(cfg: TrainConfig) -> Accelerator:
     cpu = cfg.optim.cpu or os.environ.get('ACCELERATE_USE_CPU', '').lower() in ('1', 'true', 'yes')
     dev = 'cpu' if cpu else default_device().type
     cpu = cpu or dev == 'cpu'   # no GPU: say so, or torchrun-style launches would not form a (gloo) process group
@@ -573,24 +390,54 @@ def _elapsed_budget_hit(acc, elapsed: float, max_minutes) -> bool:
     if acc.num_processes > 1: hit = acc.reduce(hit, 'max')  # all processes stop at the same step
     return bool(hit.item())
 
-def train(cfg, overrides=()) -> dict:
-    "Run (or resume) the training described by `cfg` (a `TrainConfig`, YAML path or dict). Returns a summary dict."
-    from diffusers.training_utils import EMAModel
-    from diffusers.optimization import get_scheduler
-    from accelerate.utils import set_seed
-    from tqdm import tqdm
-    cfg = load_config(cfg, overrides) if overrides or not isinstance(cfg, TrainConfig) else validate_config(cfg)
-    d, o, out_cfg = cfg.data, cfg.optim, cfg.output
-    out = Path(out_cfg.output_dir)
-    # --- checks that need no data or model: fail before any work
-    ckpt = resolve_resume(out_cfg.resume, out)
-    if out_cfg.resume is None and list_checkpoints(out):
+@dataclass
+class TrainRun:
+    "Everything a running training holds, and its position (step, epoch, batch in the epoch, log window sums)."
+    cfg: TrainConfig
+    acc: Accelerator
+    ds: CXRDataset
+    model: torch.nn.Module          # as prepared by accelerate (DDP-wrapped with several processes)
+    core: ConditionalDenoiser       # the unwrapped model
+    opt: torch.optim.Optimizer
+    lr_sched: object
+    ema: EMAModel | None
+    gen: torch.Generator            # noise, timesteps and condition dropout of this process
+    noise_sched: object
+    loss_cfg: LesionLossConfig
+    text_encoder: object = None
+    grid_items: list | None = None  # the fixed real conditions of the sample grid (main process)
+    grid_titles: list | None = None
+    step: int = 0
+    epoch: int = 0
+    pos: int = 0                    # batches of `epoch` already trained on
+    images_seen: int = 0
+    elapsed0: float = 0.0           # training seconds before this process started (summed over resumes)
+    t0: float = 0.0
+    sums: torch.Tensor | None = None  # loss sums of the current log window, and their count
+    count: int = 0
+    part_names: list | None = None
+
+    @property
+    def out(self) -> Path: return Path(self.cfg.output.output_dir)
+    def elapsed(self) -> float: return self.elapsed0 + time.perf_counter() - self.t0
+    def budget_spent(self) -> bool:
+        o = self.cfg.optim
+        return (o.max_steps is not None and self.step >= o.max_steps) or _elapsed_budget_hit(self.acc, self.elapsed(), o.max_minutes)
+
+# %% ../nbs/10_training.ipynb #ece84562
+def start_checks(cfg: TrainConfig) -> Path | None:
+    "The checkpoint to resume from (or None), after refusing to overwrite a run and checking the network matches."
+    out = Path(cfg.output.output_dir)
+    ckpt = resolve_resume(cfg.output.resume, out)
+    if cfg.output.resume is None and list_checkpoints(out):
         raise cfg.err('output.resume', f"{out} already holds checkpoints ({list_checkpoints(out)[-1].name}); "
                       "resume them with --resume auto (output.resume=auto) or choose another output.output_dir")
     if ckpt is not None: check_resume_compatible(ckpt, cfg)
-    acc = _accelerator(cfg)
-    is_main, rank, world, dev = acc.is_main_process, acc.process_index, acc.num_processes, acc.device
-    # --- data
+    return ckpt
+
+def training_manifest(cfg: TrainConfig):
+    "The run's manifest, checked against `data` (findings, split) and trimmed to `data.limit` training images."
+    d = cfg.data
     root = Path(d.root) if d.root else find_data_root()
     manifest = load_shared_subset(root)
     for i, f in enumerate(d.findings):
@@ -602,20 +449,25 @@ def train(cfg, overrides=()) -> dict:
         im = manifest.images
         keep = (im['split'] != d.split) | (im.groupby('split').cumcount() < d.limit)
         manifest = dataclasses.replace(manifest, images=im[keep].reset_index(drop=True))
-    mk = lambda split, aug: CXRDataset(manifest, findings=d.findings, size=d.image_size, split=split, mask_mode=d.mask_mode,
-                                       augment=Augment() if aug else None, seed=o.seed, cache=d.cache)
-    ds = mk(d.split, d.augment)
-    if len(ds) < o.batch_size * world:
-        raise cfg.err('optim.batch_size', f"{o.batch_size} x {world} process(es) > {len(ds)} images in split {d.split!r}")
-    # --- model, optimiser, schedules
+    return manifest
+
+def make_dataset(cfg: TrainConfig, manifest, split: str, augment: bool = False) -> CXRDataset:
+    "The run's `CXRDataset` of `split` (augmented if `augment`)."
+    d = cfg.data
+    return CXRDataset(manifest, findings=d.findings, size=d.image_size, split=split, mask_mode=d.mask_mode,
+                      augment=Augment() if augment else None, seed=cfg.optim.seed, cache=d.cache)
+
+# %% ../nbs/10_training.ipynb #493b6e98
+def build_run(cfg: TrainConfig, acc: Accelerator, manifest, ckpt: Path | None) -> TrainRun:
+    "A `TrainRun` ready to train: data, model, optimiser, LR schedule, EMA and generator, restored from `ckpt` if given."
+    d, o = cfg.data, cfg.optim
+    ds = make_dataset(cfg, manifest, d.split, d.augment)
+    if len(ds) < o.batch_size * acc.num_processes:
+        raise cfg.err('optim.batch_size', f"{o.batch_size} x {acc.num_processes} process(es) > {len(ds)} images in split {d.split!r}")
     set_seed(o.seed)
-    ucfg, ccfg, lcfg = unet_config(cfg), conditioning_config(cfg), loss_config(cfg)
+    ucfg, ccfg = unet_config(cfg), conditioning_config(cfg)
     model = ConditionalDenoiser(ucfg, ccfg)
-    if cfg.model.init_from is not None and ckpt is None:      # fine-tuning; a resume restores its own weights
-        init_weights(model, cfg.model.init_from, cfg)
-    noise_sched = make_noise_scheduler(ucfg)
-    T = noise_sched.config.num_train_timesteps
-    text_encoder = FrozenTextEncoder.shared() if ccfg.use_text else None   # frozen, cached per prompt; not trained
+    if cfg.model.init_from is not None and ckpt is None: init_weights(model, cfg.model.init_from, cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
     sched_name = {'cosine': 'cosine', 'linear': 'linear', 'constant': 'constant_with_warmup'}[o.schedule]
     lr_sched = get_scheduler(sched_name, opt, num_warmup_steps=o.warmup_steps, num_training_steps=o.max_steps or 1)
@@ -625,143 +477,157 @@ def train(cfg, overrides=()) -> dict:
     if o.ema_decay is not None:
         ema = EMAModel(core.parameters(), decay=o.ema_decay, use_ema_warmup=o.ema_warmup, power=o.ema_power,
                        update_after_step=o.ema_update_after_step, foreach=True)
-        ema.to(dev)
-    gen = torch.Generator(device=dev).manual_seed(o.seed * 1000 + 17 + rank)  # noise, t, condition dropout
-    state = dict(step=0, epoch=0, batch_in_epoch=0, elapsed=0.0, images_seen=0, log_sums=None)
+        ema.to(acc.device)
+    gen = torch.Generator(device=acc.device).manual_seed(o.seed * 1000 + 17 + acc.process_index)
+    run = TrainRun(cfg, acc, ds, model, core, opt, lr_sched, ema, gen, make_noise_scheduler(ucfg), loss_config(cfg),
+                   text_encoder=FrozenTextEncoder.shared() if ccfg.use_text else None)   # frozen, not trained
     if ckpt is not None:
-        state.update(load_checkpoint(ckpt, accelerator=acc, model=model, optimizer=opt, lr_scheduler=lr_sched, ema=ema, gen=gen))
-    step, epoch, pos = state['step'], state['epoch'], state['batch_in_epoch']
-    # --- outputs
-    log_path, sample_dir = out/'log.csv', out/'samples'
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True); sample_dir.mkdir(exist_ok=True)
-        if ckpt is not None: truncate_log(log_path, step)
-        elif log_path.exists(): log_path.unlink()     # a run killed before its first checkpoint
+        st = load_checkpoint(ckpt, accelerator=acc, model=model, optimizer=opt, lr_scheduler=lr_sched, ema=ema, gen=gen)
+        run.step, run.epoch, run.pos = st['step'], st['epoch'], st['batch_in_epoch']
+        run.images_seen, run.elapsed0 = st['images_seen'], st['elapsed']
+        if st.get('log_sums'): run.sums, run.count = st['log_sums'][0].to(acc.device), st['log_sums'][1]
+    return run
+
+def prepare_outputs(run: TrainRun, manifest, ckpt: Path | None):
+    "Create the run folder (log cut back to the checkpoint on resume, config written) and pick the grid's conditions."
+    cfg, acc, out, d = run.cfg, run.acc, run.out, run.cfg.data
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True); (out/'samples').mkdir(exist_ok=True)
+        if ckpt is not None: truncate_log(out/'log.csv', run.step)
+        elif (out/'log.csv').exists(): (out/'log.csv').unlink()     # a run killed before its first checkpoint
         (out/'config.yaml').write_text(cfg.to_yaml())
+        # the fixed conditions of the sample grid: one real validation image per finding
+        has_val = d.val_split and d.val_split in set(manifest.images['split'])
+        val = make_dataset(cfg, manifest, d.val_split) if has_val else None
+        run.grid_items, run.grid_titles = condition_rows(val, d.findings, fallback_ds=make_dataset(cfg, manifest, d.split))
     acc.wait_for_everyone()
-    # the fixed conditions of the sample grid: one real validation image per finding
-    grid_items = grid_titles = None
-    if is_main:
-        val = mk(d.val_split, False) if d.val_split and d.val_split in splits else None
-        grid_items, grid_titles = condition_rows(val, d.findings, fallback_ds=mk(d.split, False))
-    n_grid = out_cfg.samples_per_row
 
-    def draw_grid(at_step):
-        if not grid_items: return None
-        if ema is not None: ema.store(core.parameters()); ema.copy_to(core.parameters())
-        try:
-            b = repeat_batch(grid_items, n_grid)
-            conds = batch_conditions(b, ccfg, text_encoder=text_encoder, device=dev)
-            with acc.autocast():
-                x = ddim_sample(core, noise_sched, conds, len(grid_items) * n_grid, d.image_size, out_cfg.sample_steps,
-                                seed=out_cfg.sample_seed, guidance=out_cfg.guidance or None, in_channels=ucfg.in_channels, device=dev)
-        finally:
-            if ema is not None: ema.restore(core.parameters())
-        import matplotlib.pyplot as plt
-        fig = sample_grid_figure(x, grid_items, grid_titles, n_grid, title=f"step {at_step} ({'EMA' if ema else 'raw'} weights)")
-        p = sample_dir/f'step-{at_step:07d}.png'
-        with atomic_write(p) as tmp: fig.savefig(tmp, dpi=80)
-        plt.close(fig)
-        return p
+# %% ../nbs/10_training.ipynb #97c4c795
+def run_batches(run: TrainRun):
+    "Endless batches of this process, epoch after epoch, from the run's position (updates `run.epoch`, `run.pos`)."
+    o = run.cfg.optim
+    while True:
+        bl = epoch_batches(len(run.ds), o.batch_size, o.seed, run.epoch, run.acc.process_index, run.acc.num_processes)
+        if run.pos < len(bl):
+            run.ds.set_epoch(run.epoch)
+            dl = torch.utils.data.DataLoader(run.ds, batch_sampler=bl[run.pos:], num_workers=run.cfg.data.num_workers,
+                                             generator=torch.Generator().manual_seed(o.seed + run.epoch))
+            for b in dl:
+                run.pos += 1
+                yield b
+        run.epoch, run.pos = run.epoch + 1, 0
 
-    def batches():
-        nonlocal epoch, pos
-        while True:
-            bl = epoch_batches(len(ds), o.batch_size, o.seed, epoch, rank, world)
-            if pos < len(bl):
-                ds.set_epoch(epoch)
-                dl = torch.utils.data.DataLoader(ds, batch_sampler=bl[pos:], num_workers=d.num_workers,
-                                                 generator=torch.Generator().manual_seed(o.seed + epoch))
-                for b in dl:
-                    pos += 1
-                    yield b
-            epoch, pos = epoch + 1, 0
+def train_step(run: TrainRun, batch: dict):
+    "One optimiser step on `batch`; adds the loss and its parts to the log window. Returns the loss."
+    dev, o, core = run.acc.device, run.cfg.optim, run.core
+    x0 = batch['image'].to(dev)
+    mask = batch['mask'].to(dev) if 'mask' in batch else None
+    conds = core.drop_conditions(batch_conditions(batch, core.cond_cfg, text_encoder=run.text_encoder, device=dev), generator=run.gen)
+    noise = torch.randn(x0.shape, generator=run.gen, device=dev)
+    t = torch.randint(0, run.noise_sched.config.num_train_timesteps, (x0.shape[0],), generator=run.gen, device=dev)
+    x_t = run.noise_sched.add_noise(x0, noise, t)
+    pred = run.model(x_t, t, **conds)                                   # autocast by accelerate
+    loss, parts = lesion_preserving_loss(pred.float(), x0, x_t, noise, t, mask, run.noise_sched, run.loss_cfg)
+    run.acc.backward(loss)
+    if o.grad_clip is not None: run.acc.clip_grad_norm_(run.model.parameters(), o.grad_clip)
+    run.opt.step(); run.lr_sched.step(); run.opt.zero_grad(set_to_none=True)
+    if run.ema is not None: run.ema.step(core.parameters())
+    run.step += 1; run.images_seen += x0.shape[0] * run.acc.num_processes
+    if run.part_names is None: run.part_names = [k for k in parts if k != 'total']
+    vec = torch.tensor([float(loss.detach())] + [float(parts[k]) for k in run.part_names], dtype=torch.float64, device=dev)
+    run.sums, run.count = (vec if run.sums is None else run.sums + vec), run.count + 1
+    return loss
 
-    def save(at_step):
-        st = dict(step=at_step, epoch=epoch, batch_in_epoch=pos, elapsed=elapsed(), images_seen=images_seen,
-                  log_sums=(None if sums is None else (sums.cpu(), count)))
-        return save_checkpoint(out, at_step, accelerator=acc, model=model, optimizer=opt, lr_scheduler=lr_sched,
-                               ema=ema, gen=gen, cfg=cfg, state=st, keep_last=out_cfg.keep_last)
+def log_window(run: TrainRun, images_per_s: float) -> dict:
+    "Close the current log window: its mean over steps and processes as one CSV row (written by the main process)."
+    mean = run.acc.reduce(run.sums / run.count, 'mean').tolist()
+    names = run.part_names or []
+    row = dict(step=run.step, epoch=run.epoch, loss=mean[0], **{f'loss_{k}': v for k, v in zip(names, mean[1:])},
+               lr=run.lr_sched.get_last_lr()[0], images_per_s=round(images_per_s, 2), elapsed_s=round(run.elapsed(), 2))
+    if run.acc.is_main_process: append_log(run.out/'log.csv', row)
+    run.sums, run.count = None, 0
+    return row
 
-    # --- the loop
-    t0, elapsed0 = time.perf_counter(), state['elapsed']
-    elapsed = lambda: elapsed0 + time.perf_counter() - t0
-    images_seen = state['images_seen']
-    sums, count = (None, 0) if not state.get('log_sums') else (state['log_sums'][0].to(dev), state['log_sums'][1])
-    part_names = None
-    win_t, win_step, overhead = time.perf_counter(), step, 0.0  # images/s window (sampling/checkpoint time excluded)
-    last_row, last_ckpt, last_grid, start_step = None, None, None, step
-    bar = tqdm(total=o.max_steps, initial=step, disable=not (is_main and out_cfg.progress), desc='train', dynamic_ncols=True)
-    model.train()
-    it = batches()
-    while not ((o.max_steps is not None and step >= o.max_steps) or _elapsed_budget_hit(acc, elapsed(), o.max_minutes)):
-        batch = next(it)
-        x0 = batch['image'].to(dev)
-        mask = batch['mask'].to(dev) if 'mask' in batch else None
-        conds = core.drop_conditions(batch_conditions(batch, ccfg, text_encoder=text_encoder, device=dev), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen, device=dev)
-        t = torch.randint(0, T, (x0.shape[0],), generator=gen, device=dev)
-        x_t = noise_sched.add_noise(x0, noise, t)
-        pred = model(x_t, t, **conds)                                   # autocast by accelerate
-        loss, parts = lesion_preserving_loss(pred.float(), x0, x_t, noise, t, mask, noise_sched, lcfg)
-        acc.backward(loss)
-        if o.grad_clip is not None: acc.clip_grad_norm_(model.parameters(), o.grad_clip)
-        opt.step(); lr_sched.step(); opt.zero_grad(set_to_none=True)
-        if ema is not None: ema.step(core.parameters())
-        step += 1; images_seen += x0.shape[0] * world
-        if part_names is None: part_names = [k for k in parts if k != 'total']
-        vec = torch.tensor([float(loss.detach())] + [float(parts[k]) for k in part_names], dtype=torch.float64, device=dev)
-        sums, count = (vec if sums is None else sums + vec), count + 1
-        bar.update(1)
-        done = (o.max_steps is not None and step >= o.max_steps)
-        if step % out_cfg.log_every == 0 or done:
-            mean = acc.reduce(sums / count, 'mean').tolist()   # mean over the window and the processes
-            now = time.perf_counter()
-            ips = (step - win_step) * o.batch_size * world / max(1e-9, now - win_t - overhead)
-            win_t, win_step, overhead = now, step, 0.0
-            last_row = dict(step=step, epoch=epoch, loss=mean[0], **{f'loss_{k}': v for k, v in zip(part_names, mean[1:])},
-                            lr=lr_sched.get_last_lr()[0], images_per_s=round(ips, 2), elapsed_s=round(elapsed(), 2))
-            if is_main:
-                append_log(log_path, last_row)
-                bar.set_postfix(loss=f"{mean[0]:.4f}", ips=f"{ips:.1f}")
-            sums, count = None, 0
-        t_over = time.perf_counter()
-        if out_cfg.sample_every and step % out_cfg.sample_every == 0:
-            if is_main: last_grid = draw_grid(step)
-            acc.wait_for_everyone()
-        if out_cfg.checkpoint_every and step % out_cfg.checkpoint_every == 0:
-            last_ckpt = save(step)
-        overhead += time.perf_counter() - t_over
-    bar.close()
-    # --- the end: a final checkpoint, grid and loss plot
-    if sums is not None:   # stopped by the time budget inside a log window
-        mean = acc.reduce(sums / count, 'mean').tolist()
-        last_row = dict(step=step, epoch=epoch, loss=mean[0], **{f'loss_{k}': v for k, v in zip(part_names, mean[1:])},
-                        lr=lr_sched.get_last_lr()[0], images_per_s=float('nan'), elapsed_s=round(elapsed(), 2))
-        if is_main: append_log(log_path, last_row)
-        sums, count = None, 0
-    if step > start_step or ckpt is None:
-        if not (last_ckpt is not None and last_ckpt.name == f'{CKPT_PREFIX}{step}'): last_ckpt = save(step)
-        if is_main and not (last_grid is not None and last_grid.name == f'step-{step:07d}.png'): last_grid = draw_grid(step)
-    plot_path = out/'loss.png'
-    if is_main and log_path.exists():
-        import matplotlib.pyplot as plt
-        fig = plot_loss(log_path)
-        with atomic_write(plot_path) as tmp: fig.savefig(tmp, dpi=80)
-        plt.close(fig)
+def draw_grid(run: TrainRun, at_step: int) -> Path | None:
+    "The sample grid at `at_step` with the EMA weights (if any), saved as `samples/step-<step>.png` (main process)."
+    if not run.grid_items: return None
+    o, core, ema = run.cfg.output, run.core, run.ema
+    if ema is not None: ema.store(core.parameters()); ema.copy_to(core.parameters())
+    try:
+        x = grid_samples(core, run.noise_sched, run.grid_items, o.samples_per_row, core.cond_cfg, steps=o.sample_steps,
+                         seed=o.sample_seed, guidance=o.guidance, text_encoder=run.text_encoder, device=run.acc.device,
+                         mixed_precision='bf16' if run.acc.mixed_precision == 'bf16' else 'no')
+    finally:
+        if ema is not None: ema.restore(core.parameters())
+    fig = sample_grid_figure(x, run.grid_items, run.grid_titles, o.samples_per_row,
+                             title=f"step {at_step} ({'EMA' if ema else 'raw'} weights)")
+    return save_figure(fig, run.out/'samples'/f'step-{at_step:07d}.png')
+
+def save_run_checkpoint(run: TrainRun, at_step: int) -> Path:
+    "`checkpoints.save_checkpoint` of the run's state at `at_step` (all processes call it)."
+    st = dict(step=at_step, epoch=run.epoch, batch_in_epoch=run.pos, elapsed=run.elapsed(), images_seen=run.images_seen,
+              log_sums=(None if run.sums is None else (run.sums.cpu(), run.count)))
+    return save_checkpoint(run.out, at_step, accelerator=run.acc, model=run.model, optimizer=run.opt,
+                           lr_scheduler=run.lr_sched, ema=run.ema, gen=run.gen, config_yaml=run.cfg.to_yaml(),
+                           signature=model_signature(run.cfg), state=st, keep_last=run.cfg.output.keep_last)
+
+# %% ../nbs/10_training.ipynb #c008634f
+def finish_run(run: TrainRun, ckpt: Path | None, start_step: int, last_row, last_ckpt, last_grid) -> dict:
+    "The last (partial) log row, a final checkpoint and grid, the loss plot and `summary.json`; returns the summary."
+    acc, o, out = run.acc, run.cfg.optim, run.out
+    if run.sums is not None: last_row = log_window(run, float('nan'))   # stopped by the time budget inside a window
+    if run.step > start_step or ckpt is None:
+        if not (last_ckpt is not None and last_ckpt.name == f'{CKPT_PREFIX}{run.step}'): save_run_checkpoint(run, run.step)
+        if acc.is_main_process and not (last_grid is not None and last_grid.name == f'step-{run.step:07d}.png'):
+            last_grid = draw_grid(run, run.step)
+    log_path, plot_path = out/'log.csv', out/'loss.png'
+    if acc.is_main_process and log_path.exists(): save_figure(plot_loss(log_path), plot_path)
     acc.wait_for_everyone()
-    cks = list_checkpoints(out)
-    wall = time.perf_counter() - t0
-    summary = dict(output_dir=str(out), steps=step, start_step=start_step, epoch=epoch, images_seen=images_seen,
-                   final_loss=None if last_row is None else last_row['loss'], lr=lr_sched.get_last_lr()[0],
-                   images_per_s=round((step - start_step) * o.batch_size * world / max(wall, 1e-9), 2),
-                   elapsed_s=round(elapsed(), 2), mixed_precision=acc.mixed_precision, device=str(dev),
-                   num_processes=world, resumed_from=None if ckpt is None else str(ckpt),
+    cks, wall = list_checkpoints(out), time.perf_counter() - run.t0
+    summary = dict(output_dir=str(out), steps=run.step, start_step=start_step, epoch=run.epoch, images_seen=run.images_seen,
+                   final_loss=None if last_row is None else last_row['loss'], lr=run.lr_sched.get_last_lr()[0],
+                   images_per_s=round((run.step - start_step) * o.batch_size * acc.num_processes / max(wall, 1e-9), 2),
+                   elapsed_s=round(run.elapsed(), 2), mixed_precision=acc.mixed_precision, device=str(acc.device),
+                   num_processes=acc.num_processes, resumed_from=None if ckpt is None else str(ckpt),
                    last_checkpoint=str(cks[-1]) if cks else None, log=str(log_path),
                    loss_plot=str(plot_path) if plot_path.exists() else None,
                    last_grid=None if last_grid is None else str(last_grid))
-    if is_main: (out/'summary.json').write_text(json.dumps(summary, indent=1))
+    if acc.is_main_process: (out/'summary.json').write_text(json.dumps(summary, indent=1))
     return summary
+
+def train(cfg, overrides=()) -> dict:
+    "Run (or resume) the training described by `cfg` (a `TrainConfig`, YAML path or dict). Returns a summary dict."
+    cfg = load_config(cfg, overrides) if overrides or not isinstance(cfg, TrainConfig) else validate_config(cfg)
+    o, out_cfg = cfg.optim, cfg.output
+    ckpt = start_checks(cfg)                 # fail before any work
+    acc = _accelerator(cfg)
+    manifest = training_manifest(cfg)
+    run = build_run(cfg, acc, manifest, ckpt)
+    prepare_outputs(run, manifest, ckpt)
+    run.t0 = time.perf_counter()
+    start_step, last_row, last_ckpt, last_grid = run.step, None, None, None
+    win_t, win_step, overhead = time.perf_counter(), run.step, 0.0  # images/s window (sampling/checkpoint time excluded)
+    bar = tqdm(total=o.max_steps, initial=run.step, disable=not (acc.is_main_process and out_cfg.progress), desc='train',
+               dynamic_ncols=True)
+    run.model.train()
+    batches = run_batches(run)
+    while not run.budget_spent():
+        train_step(run, next(batches))
+        bar.update(1)
+        if run.step % out_cfg.log_every == 0 or (o.max_steps is not None and run.step >= o.max_steps):
+            now = time.perf_counter()
+            ips = (run.step - win_step) * o.batch_size * acc.num_processes / max(1e-9, now - win_t - overhead)
+            win_t, win_step, overhead = now, run.step, 0.0
+            last_row = log_window(run, ips)
+            bar.set_postfix(loss=f"{last_row['loss']:.4f}", ips=f"{ips:.1f}")
+        t_over = time.perf_counter()
+        if out_cfg.sample_every and run.step % out_cfg.sample_every == 0:
+            if acc.is_main_process: last_grid = draw_grid(run, run.step)
+            acc.wait_for_everyone()
+        if out_cfg.checkpoint_every and run.step % out_cfg.checkpoint_every == 0: last_ckpt = save_run_checkpoint(run, run.step)
+        overhead += time.perf_counter() - t_over
+    bar.close()
+    return finish_run(run, ckpt, start_step, last_row, last_ckpt, last_grid)
 
 # %% ../nbs/10_training.ipynb #e112efe6
 def main(argv=None):
@@ -780,49 +646,32 @@ def main(argv=None):
     except ConfigError as e:
         print(f"cxr-train: config error: {e}", file=sys.stderr)
         raise SystemExit(2)
-    from accelerate.state import PartialState
+    except CheckpointError as e:
+        print(f"cxr-train: checkpoint error: {e}", file=sys.stderr)
+        raise SystemExit(2)
     if PartialState().is_main_process: print(json.dumps(summary, indent=1))
     # returns None: the console script does sys.exit(main()), and any other value would be an error exit
 
 if __name__ == '__main__' and '__file__' in globals() and 'get_ipython' not in globals(): main()  # python -m, not a notebook
 
 # %% ../nbs/10_training.ipynb #a93c225d
-def _checkpoint_folder(checkpoint) -> Path:
-    "A `checkpoint-<step>/` folder as given, or a run folder's newest one."
-    ckpt = Path(checkpoint)
-    if not (ckpt/'train_state.json').exists():
-        found = list_checkpoints(ckpt)
-        if not found: raise ConfigError(str(ckpt), 'checkpoint', 'no checkpoint-<step>/ folder with train_state.json here')
-        ckpt = found[-1]
-    return ckpt
-
-def _load_weights(model, ckpt: Path, use_ema: bool = True):
-    "Copy a checkpoint's EMA weights (if present and `use_ema`) or raw weights into `model`."
-    from safetensors.torch import load_model, load_file
-    if use_ema and (ckpt/'ema.safetensors').exists():
-        sh = load_file(str(ckpt/'ema.safetensors'))
-        missing = [n for n, _ in model.named_parameters() if n not in sh]
-        if missing: raise ConfigError(str(ckpt/'ema.safetensors'), missing[0], 'parameter missing from the EMA weights')
-        with torch.no_grad():
-            for n, p in model.named_parameters(): p.copy_(sh[n].to(p.dtype))
-    else: load_model(model, str(ckpt/'model.safetensors'))
-
-def init_weights(model, checkpoint, cfg: TrainConfig):
+def init_weights(model, checkpoint, cfg: TrainConfig) -> Path:
     "Fine-tuning: load `checkpoint`'s weights (EMA if present) into `model` after checking both describe the same network."
-    ckpt = _checkpoint_folder(checkpoint)
-    theirs = model_signature(load_config(yaml.safe_load((ckpt/'config.yaml').read_text())))
+    try:
+        ckpt = checkpoint_folder(checkpoint)
+        theirs = _normalised_signature(read_signature(ckpt), str(ckpt/'model_config.json'))
+    except CXRDataError as e: raise cfg.err('model.init_from', f"{e.path}: field '{e.field}': {e.problem}") from None
     ours = model_signature(cfg)
     for part in ('unet', 'conditioning'):
         diff = sorted(k for k in set(ours[part]) | set(theirs[part]) if ours[part].get(k) != theirs[part].get(k))
         if diff: raise cfg.err('model.init_from', f"{ckpt} is a different network ({part}.{diff[0]}: "
                                f"{theirs[part].get(diff[0])!r} there, {ours[part].get(diff[0])!r} here)")
-    _load_weights(model, ckpt)
+    return load_weights(model, ckpt)
 
 def load_for_sampling(checkpoint, use_ema: bool = True, device=None) -> tuple:
-    "(model, noise_scheduler, cfg) from a `checkpoint-<step>/` folder (or a run folder: its newest checkpoint)."
-    ckpt = _checkpoint_folder(checkpoint)
-    cfg = load_config(yaml.safe_load((ckpt/'config.yaml').read_text()))
-    model = ConditionalDenoiser(unet_config(cfg), conditioning_config(cfg))
-    _load_weights(model, ckpt, use_ema)
-    device = device or default_device()
-    return model.to(device).eval(), make_noise_scheduler(unet_config(cfg)), cfg
+    """(model, noise_scheduler, cfg) from a checkpoint, model or run folder: `checkpoints.load_denoiser` plus the run's
+    `TrainConfig`. Kept for older code; open a generator with `cxr_diffusion_nbs.load_generator(path)` instead."""
+    model, noise_scheduler, ckpt = load_denoiser(checkpoint, use_ema=use_ema, device=device)
+    f = ckpt/'config.yaml'
+    if not f.exists(): raise CheckpointError(str(f), '<file>', 'missing: the run config (load_denoiser needs only model_config.json)')
+    return model, noise_scheduler, load_config(yaml.safe_load(f.read_text()))

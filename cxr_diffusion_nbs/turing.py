@@ -9,10 +9,12 @@ Docs: https://cxr-diffusion-nbs.github.io/cxr_diffusion_nbs/turing.html.md"""
 
 # %% ../nbs/20_turing.ipynb #674dd66c
 from __future__ import annotations
-import base64, datetime, hashlib, html, io, json, math, os, shutil, tempfile
+import base64, datetime, hashlib, html, io, json, math, os, shutil, tempfile, textwrap
 from pathlib import Path
 import numpy as np, pandas as pd
 from PIL import Image
+from scipy.stats import binomtest, binom
+from sklearn.metrics import cohen_kappa_score
 from . import __version__
 from .core import CXRDataError, atomic_write, canonical_finding
 from .manifest import Manifest
@@ -202,7 +204,6 @@ def contact_sheet_pdf(path, cases: pd.DataFrame, pixels: list, instructions: lis
     "A printable PDF (A4 pages of `rows` x `cols` cases with their numbers), written atomically."
     from matplotlib.figure import Figure
     from matplotlib.backends.backend_pdf import PdfPages
-    import textwrap
     per = rows * cols
     with atomic_write(path) as tmp, PdfPages(tmp, metadata={'Title': title, 'Author': '', 'Subject': '', 'Keywords': '',
                                                             'Creator': 'reader study kit'}) as pdf:
@@ -373,7 +374,6 @@ def read_reader_forms(forms, kit=None) -> pd.DataFrame:
 
 # %% ../nbs/20_turing.ipynb #e7a34d4c
 def _score(d: pd.DataFrame) -> dict:
-    from scipy.stats import binomtest
     n, right = len(d), int((d['answer'] == d['truth']).sum())
     syn, rl = d[d['truth'] == 'synthetic'], d[d['truth'] == 'real']
     t = binomtest(right, n, 0.5, alternative='two-sided')
@@ -407,16 +407,12 @@ def confusion_table(forms: pd.DataFrame, answer_key, reader=None) -> pd.DataFram
 
 # %% ../nbs/20_turing.ipynb #3dc6e7dc
 def cohens_kappa(a, b, labels=None) -> float:
-    "Cohen's kappa of two raters' labels `a`, `b` (same cases, same order); `nan` when chance agreement is 1."
+    """Cohen's kappa of two raters' labels `a`, `b` (same cases, same order): scikit-learn's `cohen_kappa_score`;
+    `nan` when chance agreement is 1 (both raters always give one and the same answer)."""
     a, b = np.asarray(a, dtype=object), np.asarray(b, dtype=object)
     if a.shape != b.shape or a.ndim != 1 or not len(a): raise ValueError(f'need two equal-length, non-empty 1-D label sequences, got {a.shape} and {b.shape}')
-    cats = list(labels) if labels is not None else sorted(set(a) | set(b), key=str)
-    idx = {c: i for i, c in enumerate(cats)}
-    m = np.zeros((len(cats), len(cats)))
-    for x, y in zip(a, b): m[idx[x], idx[y]] += 1
-    n = m.sum()
-    po, pe = np.trace(m) / n, float((m.sum(1) * m.sum(0)).sum()) / n**2
-    return float('nan') if math.isclose(pe, 1.0) else float((po - pe) / (1 - pe))
+    if len(set(a) | set(b)) == 1: return float('nan')
+    return float(cohen_kappa_score(a.astype(str), b.astype(str), labels=None if labels is None else [str(c) for c in labels]))
 
 def ratings_table(labels, categories=None) -> np.ndarray:
     "(cases, raters) labels -> (cases, categories) counts, the input of `fleiss_kappa`."
@@ -508,7 +504,6 @@ def plot_reader_accuracy(scores: pd.DataFrame, confusion: pd.DataFrame | None = 
 def binomial_power(n: int, p1: float, p0: float = 0.5, alpha: float = 0.05) -> float:
     """Power of the two-sided exact binomial test of `p0` (scipy's `binomtest`: outcomes no more likely than the one
     observed) at level `alpha`, with `n` cases and true accuracy `p1`."""
-    from scipy.stats import binom
     k = np.arange(n + 1)
     pmf = binom.pmf(k, n, p0)
     srt = np.sort(pmf)

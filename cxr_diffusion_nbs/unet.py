@@ -8,6 +8,7 @@ Docs: https://cxr-diffusion-nbs.github.io/cxr_diffusion_nbs/unet.html.md"""
 # %% ../nbs/07_unet.ipynb #b3ba4c6e
 from __future__ import annotations
 from dataclasses import dataclass, field, asdict, fields, replace
+import pandas as pd
 import torch
 from torch import nn
 from diffusers import UNet2DModel, UNet2DConditionModel, DDPMScheduler
@@ -16,7 +17,7 @@ from diffusers import UNet2DModel, UNet2DConditionModel, DDPMScheduler
 __all__ = ['PRESETS', 'UNetConfig', 'unet_preset', 'build_unet', 'count_params', 'unet_levels', 'make_noise_scheduler']
 
 # %% ../nbs/07_unet.ipynb #6c8f30cd
-from .core import PREDICTION_TYPES
+from .core import PREDICTION_TYPES, ConfigError, config_from_dict, suggest
 
 @dataclass
 class UNetConfig:
@@ -53,10 +54,12 @@ class UNetConfig:
         "Width of the time embedding (diffusers: 4 x the first level's channels); label embeddings must match it."
         return self.block_out_channels[0] * 4
 
-    def _err(self, name, problem): return ValueError(f"UNetConfig field '{name}': {problem}")
+    def _err(self, name, problem) -> ConfigError:
+        "The error for field `name`: a `ConfigError` (a `ValueError`) whose `.field` a caller can re-address (`model.overrides.<name>`)."
+        return ConfigError('UNetConfig', name, problem)
 
     def validate(self):
-        "Raise a `ValueError` naming the field for any configuration diffusers would reject (or silently misbuild)."
+        "Raise a `ConfigError` naming the field for any configuration diffusers would reject (or silently misbuild)."
         if not self.block_out_channels: raise self._err('block_out_channels', 'needs at least one level')
         if any(c <= 0 for c in self.block_out_channels): raise self._err('block_out_channels', f'{self.block_out_channels} must be positive')
         if not isinstance(self.image_size, int) or self.image_size <= 0:
@@ -73,7 +76,8 @@ class UNetConfig:
             raise self._err('norm_num_groups', f'{self.norm_num_groups} does not divide the channels {bad} of '
                             f'block_out_channels={self.block_out_channels}')
         if self.layers_per_block < 1: raise self._err('layers_per_block', f'{self.layers_per_block} must be >= 1')
-        if self.in_channels < 1 or self.out_channels < 1: raise self._err('in_channels', 'in/out channels must be >= 1')
+        if self.in_channels < 1: raise self._err('in_channels', f'{self.in_channels} must be >= 1')
+        if self.out_channels < 1: raise self._err('out_channels', f'{self.out_channels} must be >= 1')
         unknown = [r for r in self.attention_resolutions if r not in self.resolutions]
         if unknown:
             raise self._err('attention_resolutions', f'{unknown} px is not a feature-map size of this U-Net; '
@@ -92,11 +96,9 @@ class UNetConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> 'UNetConfig':
-        known = {f.name for f in fields(cls)}
-        extra = set(d) - known
-        if extra: raise ValueError(f"UNetConfig: unknown field(s) {sorted(extra)}; known: {sorted(known)}")
-        return cls(**d)
+    def from_dict(cls, d: dict, source: str = '<dict>', section: str | None = None) -> 'UNetConfig':
+        "A validated config from a mapping (a YAML section, `model_config.json`): `core.config_from_dict`."
+        return config_from_dict(cls, d, source, section)
 
 # %% ../nbs/07_unet.ipynb #90fb41cc
 PRESETS: dict[str, UNetConfig] = {
@@ -112,10 +114,10 @@ PRESETS: dict[str, UNetConfig] = {
 
 def unet_preset(name: str, **overrides) -> UNetConfig:
     "A copy of preset `name` with `overrides` applied (and validated)."
-    if name not in PRESETS: raise ValueError(f"unet_preset: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    if name not in PRESETS: raise ConfigError('unet_preset', 'preset', f"unknown preset {name!r}" + suggest(name, PRESETS))
     known = {f.name for f in fields(UNetConfig)}
-    extra = set(overrides) - known
-    if extra: raise ValueError(f"unet_preset({name!r}): unknown field(s) {sorted(extra)}; known: {sorted(known)}")
+    for k in overrides:
+        if k not in known: raise ConfigError(f'unet_preset({name!r})', k, "unknown field of UNetConfig" + suggest(k, known))
     return replace(PRESETS[name], **overrides)
 
 # %% ../nbs/07_unet.ipynb #7dad9f8b
@@ -150,9 +152,8 @@ def count_params(cfg: UNetConfig, **build_kwargs) -> int:
     with torch.device('meta'): m = build_unet(cfg, **build_kwargs)
     return sum(p.numel() for p in m.parameters())
 
-def unet_levels(cfg: UNetConfig) -> 'pd.DataFrame':
+def unet_levels(cfg: UNetConfig) -> pd.DataFrame:
     "One row per resolution level (and the middle block): feature-map size, channels and where attention sits."
-    import pandas as pd
     cross = cfg.cross_attention_dim is not None
     down, up = _block_types(cfg, cross)
     rows = [dict(level=i, size_px=r, channels=c, attention=a, down_block=d, up_block=u)

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np, pandas as pd, pytest, torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
-from cxr_diffusion_nbs.core import find_data_root, project_root
+from cxr_diffusion_nbs.core import ConfigError, find_data_root, project_root
 from cxr_diffusion_nbs.manifest import Manifest, load_shared_subset, empty_annotations
 from cxr_diffusion_nbs.classifier import CXRClassifier, ClassifierConfig, predict_proba
 from cxr_diffusion_nbs.adherence import (AdherenceError, SegmenterConfig, LesionSegmenter, dice, iou, dice_bce_loss,
@@ -16,9 +16,9 @@ from cxr_diffusion_nbs.adherence import (AdherenceError, SegmenterConfig, Lesion
 torch.set_num_threads(1)
 SHIPPED = project_root()/'data'/'models'/'segmenter64'
 
-def refused(field, fn, *a, **kw):
-    "Call `fn`, expect an AdherenceError naming `field`; return it."
-    with pytest.raises(AdherenceError) as e: fn(*a, **kw)
+def refused(field, fn, *a, err=AdherenceError, **kw):
+    "Call `fn`, expect an `err` (AdherenceError; ConfigError for configs) naming `field`; return it."
+    with pytest.raises(err) as e: fn(*a, **kw)
     assert e.value.field == field, f'expected field {field!r}, got {e.value.field!r}: {e.value}'
     assert f"'{field}'" in str(e.value)
     return e.value
@@ -213,10 +213,16 @@ def test_train_refusals(tmp_path):
     refused('split', train_segmenter, m, SegmenterConfig(findings=('nodule',), image_size=32, levels=3), 'test')
     refused('effusion', train_segmenter, m, SegmenterConfig(findings=('effusion',), image_size=32, levels=3))
     refused('annotations', train_segmenter, m, SegmenterConfig(findings=('mass',), image_size=32, levels=3))
-    refused('image_size', SegmenterConfig, image_size=60)
-    refused('findings', SegmenterConfig, findings=('not_a_finding',))
-    refused('negatives', SegmenterConfig, negatives=-1)
-    refused('depth', SegmenterConfig.from_dict, dict(depth=3))
+
+def test_config_refusals_name_the_field():
+    refused('image_size', SegmenterConfig, image_size=60, err=ConfigError)
+    refused('findings[0]', SegmenterConfig, findings=('not_a_finding',), err=ConfigError)
+    refused('findings', SegmenterConfig, findings=('nodule', 'nodule'), err=ConfigError)
+    refused('negatives', SegmenterConfig, negatives=-1, err=ConfigError)
+    refused('depth', SegmenterConfig.from_dict, dict(depth=3), err=ConfigError)
+    refused('levels', SegmenterConfig.from_dict, dict(levels='four'), err=ConfigError)
+    refused('config.max_images', SegmenterConfig.from_dict, dict(max_images=1), 'seg.json', 'config', err=ConfigError)
+    assert SegmenterConfig.from_dict(dict(levels='3', findings='nodule, mass')) == SegmenterConfig(levels=3, findings=('nodule', 'mass'))
 
 def test_load_refusals(tmp_path):
     refused('file', load_segmenter, tmp_path)
@@ -224,6 +230,12 @@ def test_load_refusals(tmp_path):
     meta = json.loads((tmp_path/'segmenter.json').read_text()); meta['config']['width'] = 8
     (tmp_path/'segmenter.json').write_text(json.dumps(meta))
     refused('state_dict', load_segmenter, tmp_path)
+    meta['config']['widht'] = 8
+    (tmp_path/'segmenter.json').write_text(json.dumps(meta))
+    e = refused('config.widht', load_segmenter, tmp_path, err=ConfigError)
+    assert str(tmp_path/'segmenter.json') in str(e)
+    (tmp_path/'segmenter.json').write_text('{not json')
+    refused('json', load_segmenter, tmp_path)
     refused('images', predict_masks, LesionSegmenter(4, 3), torch.zeros(1, 1, 30, 30))   # not a multiple of 4
 
 # ---------------------------------------------------------------- the shipped segmenter on real images

@@ -2,11 +2,11 @@
 import json, os, signal, subprocess, sys, time
 from pathlib import Path
 import numpy as np, pandas as pd, pytest, torch, pydicom
-from cxr_diffusion_nbs.core import project_root, sample_data_root, PatientLeakageError
-from cxr_diffusion_nbs.manifest import load_shared_subset, Manifest, IMAGE_COLUMNS
+from cxr_diffusion_nbs.core import project_root, sample_data_root, PatientLeakageError, ManifestError
+from cxr_diffusion_nbs.manifest import load_shared_subset, Manifest, IMAGE_COLUMNS, mix_real_synthetic
 from cxr_diffusion_nbs.image_io import read_image
 from cxr_diffusion_nbs.cohort import (CohortConfig, CohortError, DonorPool, build_cohort, load_cohort, target_counts,
-                                      plan_cohort, plan_conditions, jitter_mask, move_masks, mix_real_synthetic,
+                                      plan_cohort, plan_conditions, jitter_mask, move_masks,
                                       image_seed, load_cohort_config)
 
 BIN = Path(sys.executable).parent
@@ -92,7 +92,7 @@ def test_cohort_provenance_dicom_and_schema(tmp_path, real):
     (dict(counts={'hernia': 2}), 'not trained on'), (dict(counts={'nodule': -1}), 'counts.nodule'),
     (dict(counts={'nodule': 1}, guidance={'text': 2}), 'no text conditioning'),
     (dict(counts={'nodule': 1}, severity=2, guidance={'labels': 1}), "'severity'"),
-    (dict(counts={'nodule': 1}, sampler='euler'), "'name'"), (dict(counts={'nodule': 1}, split='test'), "'split'"),
+    (dict(counts={'nodule': 1}, sampler='euler'), "'sampler'"), (dict(counts={'nodule': 1}, split='test'), "'split'"),
     (dict(counts={'nodule': 1}, balance='max'), 'not both'), (dict(), 'nothing to generate'),
     (dict(counts={'nodule': 1}, lesion_scale=(1.2, .8)), "'lesion_scale'"), (dict(counts={'nodule': 1}, colour=1), "'colour'")])
 def test_refusals_write_nothing(tmp_path, kw, field):
@@ -152,9 +152,9 @@ def test_mix_ratio_and_leakage(tmp_path, real):
     assert int(mixed.images.synthetic.sum()) == 4 and int((mixed.images.synthetic == 0).sum()) == n_real
     assert mixed.findings == list(FINDINGS) and (mixed.images.split == 'train').all()
     mixed.validate()
-    with pytest.raises(CohortError, match='needs'): mix_real_synthetic(real, syn, ratio=1.)
-    with pytest.raises(CohortError, match="'ratio'"): mix_real_synthetic(real, syn, ratio=-1)
+    with pytest.raises(ManifestError, match='needs'): mix_real_synthetic(real, syn, ratio=1.)
+    with pytest.raises(ManifestError, match="'ratio'"): mix_real_synthetic(real, syn, ratio=-1)
     val_id = real.images.loc[real.images.split == 'val', 'image_id'].iloc[0]
     leaky = Manifest(syn.images.assign(donor_image_id=val_id), syn.annotations, syn.findings, syn.root, 'leaky')
     with pytest.raises(PatientLeakageError, match='donor_image_id'): mix_real_synthetic(real, leaky, ratio=.01)
-    with pytest.raises(CohortError, match="'synthetic'"): mix_real_synthetic(real, real.subset(findings=list(FINDINGS)), ratio=.1)
+    with pytest.raises(ManifestError, match="'synthetic'"): mix_real_synthetic(real, real.subset(findings=list(FINDINGS)), ratio=.1)

@@ -2,11 +2,11 @@
 the frozen text encoder and the widget's pure function."""
 import itertools, os
 import pytest, torch
-from cxr_diffusion_nbs.core import RARE_FINDINGS, CXRDataError
+from cxr_diffusion_nbs.core import RARE_FINDINGS, CXRDataError, ConfigError
 from cxr_diffusion_nbs.unet import unet_preset, make_noise_scheduler
 from cxr_diffusion_nbs.conditioning import (ConditioningConfig, ConditioningError, ConditionalDenoiser, FrozenTextEncoder,
                                             batch_conditions, guided_prediction, condition_tensors, show_conditions,
-                                            ellipse_mask)
+                                            ellipse_mask, model_inputs, check_guidance, check_guidance_mode)
 
 torch.set_num_threads(1)
 TINY = unet_preset('tiny')
@@ -132,9 +132,28 @@ def test_guided_prediction():
         want = m(d['x_t'], t500) + 3 * (m(d['x_t'], t500, labels=d['labels']) - m(d['x_t'], t500)) \
                - (m(d['x_t'], t500, text_emb=d['text_emb'], text_mask=d['text_mask']) - m(d['x_t'], t500))
         torch.testing.assert_close(g, want, atol=1e-4, rtol=1e-4)
-    with pytest.raises(ConditioningError, match='scales'): guided_prediction(m, d['x_t'], d['t'], conds, dict(colour=1.))
-    with pytest.raises(ConditioningError, match='no such condition'):
-        guided_prediction(m, d['x_t'], d['t'], dict(labels=d['labels']), dict(mask=1.))
+
+def test_guidance_is_checked_once_at_the_edge(monkeypatch):
+    m = ConditionalDenoiser(TINY, ConditioningConfig()).eval()
+    d = inputs()
+    conds = dict(labels=d['labels'], mask=d['mask'])
+    assert check_guidance(m, dict(labels=2, mask=0.5), conds) == dict(labels=2, mask=0.5)
+    assert check_guidance(m.cond_cfg, None) == {}
+    with pytest.raises(ConditioningError, match="guidance: field 'colour'"): check_guidance(m, dict(colour=1.))
+    with pytest.raises(ConditioningError, match='no text conditioning'): check_guidance(m, dict(text=1.))
+    with pytest.raises(ConditioningError, match='finite'): check_guidance(m, dict(labels=float('inf')))
+    with pytest.raises(ConditioningError, match='finite'): check_guidance(m, dict(labels=True))
+    with pytest.raises(ConditioningError, match="--guidance: field 'mask'.*no mask condition was passed"):
+        check_guidance(m, dict(mask=1.), dict(labels=d['labels']), where='--guidance')
+    assert check_guidance_mode('nested', 'x') == 'nested'
+    with pytest.raises(ConditioningError, match="sample: field 'guidance_mode'"): check_guidance_mode('joint', 'sample')
+    # guided_prediction trusts its inputs: the model is called without re-validation
+    calls = []
+    monkeypatch.setattr(m, 'check_inputs', lambda *a, **k: calls.append(1))
+    with torch.no_grad(): guided_prediction(m, d['x_t'], d['t'], conds, dict(labels=2., mask=1.))
+    assert calls == []
+    with torch.no_grad(): m(d['x_t'], d['t'], **conds)
+    assert calls == [1]
 
 def test_errors_before_compute():
     m = ConditionalDenoiser(TINY, ConditioningConfig(mask_mode='per_finding'))
@@ -152,11 +171,20 @@ def test_errors_before_compute():
     assert issubclass(ConditioningError, CXRDataError) and issubclass(ConditioningError, ValueError)
 
 def test_config_errors():
-    with pytest.raises(ConditioningError, match="use 'effusion'"): ConditioningConfig(findings=('Pleural Effusion',))
-    with pytest.raises(ConditioningError, match='unknown finding'): ConditioningConfig(findings=('pneumothoraxx',))
-    with pytest.raises(ConditioningError, match='duplicates'): ConditioningConfig(findings=('mass', 'mass'))
-    with pytest.raises(ConditioningError, match='mask_mode'): ConditioningConfig(mask_mode='both')
-    with pytest.raises(ConditioningError, match='p_drop_text'): ConditioningConfig(p_drop_text=-0.1)
+    with pytest.raises(ConfigError, match="name for it is 'effusion'"): ConditioningConfig(findings=('Pleural Effusion',))
+    with pytest.raises(ConfigError, match=r"field 'findings\[0\]': unknown finding"): ConditioningConfig(findings=('pneumothoraxx',))
+    with pytest.raises(ConfigError, match='duplicates'): ConditioningConfig(findings=('mass', 'mass'))
+    with pytest.raises(ConfigError, match="field 'mask_mode'"): ConditioningConfig(mask_mode='both')
+    with pytest.raises(ConfigError, match="field 'p_drop_text'"): ConditioningConfig(p_drop_text=-0.1)
+    with pytest.raises(ConfigError, match="field 'findings'.*at least one"): ConditioningConfig(findings=())
+    assert ConditioningConfig(findings=(), use_labels=False).findings == ()
+    # from a config file: unknown keys with a hint, strings coerced, errors addressed to the file and section
+    with pytest.raises(ConfigError, match=r"train.yaml: field 'conditioning.use_label'.*did you mean 'use_labels'"):
+        ConditioningConfig.from_dict(dict(use_label=True), 'train.yaml', 'conditioning')
+    with pytest.raises(ConfigError, match=r"train.yaml: field 'conditioning.p_drop_mask'"):
+        ConditioningConfig.from_dict(dict(p_drop_mask=2), 'train.yaml', 'conditioning')
+    c = ConditioningConfig.from_dict(dict(findings='nodule,mass', use_text='true', mask_mode='null', text_dim='384'))
+    assert c == ConditioningConfig(findings=('nodule', 'mass'), use_text=True, mask_mode=None)
     with pytest.raises(ConditioningError, match='cross_attention_dim'):
         ConditionalDenoiser(unet_preset('tiny', cross_attention_dim=384), ConditioningConfig(use_text=False))
     assert ConditioningConfig(findings=['nodule']).findings == ('nodule',)
@@ -222,3 +250,85 @@ def test_frozen_text_encoder_offline_and_cached():
     assert ct['tokens'][0] == '[CLS]' and ct['text_emb'].shape == (len(ct['tokens']), 384)
     m = ConditionalDenoiser(TINY, cc)
     with torch.no_grad(): assert m(torch.randn(2, 1, S, S), 5, **kw).shape == (2, 1, S, S)
+
+
+# ---------------------------------------------------------------- the one builder
+def test_model_inputs_findings_forms():
+    cc = ConditioningConfig()
+    kw = model_inputs(cc, 2, findings='mass')
+    assert set(kw) == {'labels'} and kw['labels'].tolist() == [[0., 0, 1, 0, 0]] * 2
+    assert model_inputs(cc, 1, findings=['nodule', 'mass'])['labels'].tolist() == [[0., 1, 1, 0, 0]]      # both, every image
+    assert model_inputs(cc, findings=[['nodule'], ['mass']])['labels'].tolist() == [[0., 1, 0, 0, 0], [0., 0, 1, 0, 0]]
+    assert model_inputs(cc, findings=['nodule', None, []])['labels'].tolist() == [[0., 1, 0, 0, 0], [0.] * 5, [0.] * 5]
+    assert model_inputs(cc, 3)['labels'].sum() == 0 and model_inputs(cc)['labels'].shape == (1, F)       # no finding; n = 1
+    lab = torch.tensor([[1., 0, 0, 0, 1]])
+    assert torch.equal(model_inputs(cc, labels=lab)['labels'], lab)
+    assert model_inputs(cc, 3, labels=lab[0])['labels'].shape == (3, F)                                    # (F,) for all
+    with pytest.raises(ConditioningError, match=r"where: field 'findings\[1\]'.*did you mean 'nodule'"):
+        model_inputs(cc, findings=['mass', 'nodul', ''], where='where')
+    with pytest.raises(ConditioningError, match="field 'labels'.*expected"): model_inputs(cc, labels=torch.ones(2, 3))
+    with pytest.raises(ConditioningError, match="field 'labels'.*multi-hot"): model_inputs(cc, labels=torch.full((1, F), 2.))
+    with pytest.raises(ConditioningError, match='not both'): model_inputs(cc, findings='mass', labels=lab)
+    with pytest.raises(ConditioningError, match="field 'findings'.*no label conditioning"):
+        model_inputs(ConditioningConfig(use_labels=False), findings='mass')
+    with pytest.raises(ConditioningError, match="field 'findings'"): model_inputs(cc, findings=3)
+
+def test_model_inputs_masks_to_the_model_mask_mode():
+    g = torch.Generator().manual_seed(0)
+    m2 = torch.rand(2, S, S, generator=g)
+    union, per = ConditioningConfig(), ConditioningConfig(mask_mode='per_finding')
+    want = (m2 > .5).float()[:, None]
+    for given in (m2, m2[:, None], m2[:, None].repeat(1, F, 1, 1), m2.numpy()):
+        kw = model_inputs(union, masks=given)
+        assert torch.equal(kw['mask'], want) and kw['labels'].shape == (2, F)
+    kw = model_inputs(union, 4, masks=m2[0])                                           # (H, W) for every image
+    assert kw['mask'].shape == (4, 1, S, S) and torch.equal(kw['mask'][3, 0], want[0, 0])
+    kw = model_inputs(per, findings=[['nodule', 'mass'], ['effusion']], masks=m2)      # union -> the findings' channels
+    assert kw['mask'].shape == (2, F, S, S)
+    assert torch.equal(kw['mask'][0, 1], want[0, 0]) and torch.equal(kw['mask'][0, 2], want[0, 0]) and kw['mask'][0, [0, 3, 4]].sum() == 0
+    assert torch.equal(kw['mask'][1, 3], want[1, 0]) and kw['mask'][1, [0, 1, 2, 4]].sum() == 0
+    pf = (torch.rand(2, F, S, S, generator=g) > .9).float()
+    assert torch.equal(model_inputs(per, masks=pf)['mask'], pf)                        # per finding as is
+    assert torch.equal(model_inputs(union, masks=pf)['mask'], pf.amax(1, keepdim=True))
+    # a per-finding, label-free model: findings only place the union mask
+    kw = model_inputs(ConditioningConfig(use_labels=False, mask_mode='per_finding'), findings='mass', masks=m2)
+    assert set(kw) == {'mask'} and kw['mask'][:, 2].sum() > 0 and kw['mask'][:, [0, 1, 3, 4]].sum() == 0
+    with pytest.raises(ConditioningError, match="image 1 has a union mask but no finding"):
+        model_inputs(per, findings=['mass', ''], masks=m2)
+    with pytest.raises(ConditioningError, match="field 'masks'.*channels"): model_inputs(union, masks=torch.zeros(2, 3, S, S))
+    with pytest.raises(ConditioningError, match="field 'masks'.*shape"): model_inputs(union, masks=torch.zeros(S))
+    with pytest.raises(ConditioningError, match="mask_mode=None"): model_inputs(ConditioningConfig(mask_mode=None), masks=m2)
+    with pytest.raises(ConditioningError, match="field 'masks'.*disagree"): model_inputs(union, 3, masks=m2)
+    with pytest.raises(ConditioningError, match="field 'masks'.*disagree"): model_inputs(union, findings=[['mass']] * 3, masks=m2)
+    model = ConditionalDenoiser(TINY, union)                                          # a model also checks the size
+    assert model_inputs(model, masks=m2)['mask'].shape == (2, 1, S, S)
+    with pytest.raises(ConditioningError, match='the model draws 32x32'): model_inputs(model, masks=torch.zeros(16, 16))
+    # what it builds is what the model takes
+    with torch.no_grad(): assert model(torch.randn(2, 1, S, S), 5, **model_inputs(model, findings='nodule', masks=m2)).shape == (2, 1, S, S)
+
+class FakeEncoder:
+    "A stand-in text encoder: one 384-dim token per character (no model download in this test)."
+    def __call__(self, texts):
+        L = max(len(t) for t in texts) or 1
+        emb, am = torch.zeros(len(texts), L, 384), torch.zeros(len(texts), L, dtype=torch.long)
+        for i, t in enumerate(texts): emb[i, :len(t)] = float(len(t)); am[i, :len(t)] = 1
+        return emb, am
+
+def test_model_inputs_text_and_device():
+    cc = ConditioningConfig(use_labels=False, mask_mode=None, use_text=True)
+    kw = model_inputs(cc, 3, text='nodule', text_encoder=FakeEncoder())
+    assert kw['text_emb'].shape == (3, 6, 384) and kw['text_mask'].sum().item() == 18
+    kw = model_inputs(cc, text=['a', 'bcd'], text_encoder=FakeEncoder(), device='cpu')
+    assert kw['text_emb'].shape[0] == 2 and kw['text_mask'].tolist() == [[1, 0, 0], [1, 1, 1]]
+    assert model_inputs(cc, 2) == {}                                                  # absent: the model uses its null
+    with pytest.raises(ConditioningError, match="field 'text'.*disagree"): model_inputs(cc, 3, text=['a', 'b'], text_encoder=FakeEncoder())
+    with pytest.raises(ConditioningError, match="field 'text'.*str"): model_inputs(cc, text=['a', 3], text_encoder=FakeEncoder())
+    with pytest.raises(ConditioningError, match="use_text=False"): model_inputs(ConditioningConfig(), text='a')
+    with pytest.raises(ConditioningError, match="field 'n'"): model_inputs(cc, 0)
+
+def test_validate_false_skips_checks_only():
+    torch.manual_seed(0)
+    m = ConditionalDenoiser(TINY, ConditioningConfig(use_text=True)).eval()
+    d = inputs()
+    kw = dict(labels=d['labels'], mask=d['mask'], text_emb=d['text_emb'], text_mask=d['text_mask'])
+    with torch.no_grad(): assert torch.equal(m(d['x_t'], d['t'], **kw), m(d['x_t'], d['t'], **kw, validate=False))

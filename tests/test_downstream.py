@@ -1,18 +1,18 @@
-"""Downstream utility: metrics against scikit-learn, DeLong against a brute-force implementation of its definition,
+"""Downstream utility: the scikit-learn metrics against their definitions, the vectorised bootstrap statistics against
+scikit-learn, DeLong against a brute-force implementation of its definition,
 bootstrap determinism and coverage, the rarity cap, refusals before training, and one tiny end-to-end experiment."""
 import dataclasses, math
 import numpy as np, pandas as pd, pytest, torch
 from scipy import stats
 from sklearn.metrics import roc_auc_score, average_precision_score, roc_curve
 from cxr_diffusion_nbs.core import sample_data_root, PatientLeakageError, CXRDataError
-from cxr_diffusion_nbs.manifest import load_shared_subset, Manifest, empty_annotations
+from cxr_diffusion_nbs.manifest import load_shared_subset, Manifest, empty_annotations, ManifestError
 from cxr_diffusion_nbs.classifier import ClassifierConfig
-from cxr_diffusion_nbs.cohort import CohortError
 from cxr_diffusion_nbs.downstream import (DownstreamError, auroc, average_precision, sensitivity, specificity,
                                           youden_threshold, binary_metrics, bootstrap_ci, delong_test, delong_cov,
                                           delong_ci, paired_bootstrap_auroc_diff, hanley_mcneil_se, auroc_test_size,
                                           simulate_rarity, resized_copy, downstream_experiment, summarise,
-                                          utility_figure)
+                                          utility_figure, _auroc_rows, _ap_rows)
 
 torch.set_num_threads(1)
 FINDINGS = ('pneumothorax', 'nodule', 'mass', 'effusion', 'cardiomegaly')
@@ -95,18 +95,29 @@ def test_delong_size_under_null_and_agreement_with_paired_bootstrap():
 
 # ---------------------------------------------------------------- metrics against scikit-learn
 @pytest.mark.parametrize('seed', range(15))
-def test_metrics_match_sklearn(seed):
+def test_metrics_match_definitions_and_sklearn(seed):
+    "The exported metrics call scikit-learn; here they meet the definitions written out independently."
     y, p, _ = tied_case(seed, n=80, prev=.2)
-    assert auroc(y, p) == pytest.approx(roc_auc_score(y, p), abs=1e-12)
-    assert average_precision(y, p) == pytest.approx(average_precision_score(y, p), abs=1e-12)
+    d = p[y][:, None] - p[~y][None, :]
+    assert auroc(y, p) == pytest.approx(((d > 0) + .5 * (d == 0)).mean(), abs=1e-12)          # pairs, ties 1/2
+    thr = np.unique(p)[::-1]                                                              # each distinct score a threshold
+    prec, rec = [y[p >= t].mean() for t in thr], [y[p >= t].sum() / y.sum() for t in thr]
+    assert average_precision(y, p) == pytest.approx(np.sum(np.diff(np.r_[0., rec]) * prec), abs=1e-12)
     t = youden_threshold(y, p)
-    fpr, tpr, thr = roc_curve(y, p)
-    j = tpr - fpr
-    assert (sensitivity(y, p, t) - (1 - specificity(y, p, t))) == pytest.approx(j.max())
-    assert t in thr
+    j = {u: np.mean(p[y] >= u) + np.mean(p[~y] < u) - 1 for u in thr}
+    assert t == max(j, key=lambda u: (round(j[u], 12), u))                               # best J, the highest on ties
+    fpr, tpr, rthr = roc_curve(y, p)
+    assert (sensitivity(y, p, t) - (1 - specificity(y, p, t))) == pytest.approx((tpr - fpr).max()) and t in rthr
     m = binary_metrics(y, p, threshold=.3)
     assert m['sensitivity'] == pytest.approx(np.mean(p[y] >= .3)) and m['specificity'] == pytest.approx(np.mean(p[~y] < .3))
     assert m['threshold_source'] == 'given' and binary_metrics(y, p)['threshold_source'] == 'youden_on_these_data'
+
+def test_vectorised_bootstrap_statistics_match_sklearn():
+    "The per-replicate statistics of the bootstrap (vectorised over replicates) equal scikit-learn row by row."
+    s, m = np.round(np.random.default_rng(0).normal(size=(40, 50)), 1), 12               # many ties
+    yy = np.r_[np.ones(m), np.zeros(50 - m)]
+    np.testing.assert_allclose(_auroc_rows(s[:, :m], s[:, m:]), [roc_auc_score(yy, r) for r in s], atol=1e-12)
+    np.testing.assert_allclose(_ap_rows(s[:, :m], s[:, m:]), [average_precision_score(yy, r) for r in s], atol=1e-12)
 
 def test_metrics_published_example_and_degenerate_inputs():
     # scikit-learn's documented example: roc_auc_score 0.75, average_precision_score 0.83
@@ -130,8 +141,18 @@ def test_bootstrap_deterministic_and_stratified():
     bootstrap_ci(y, p, lambda yy, pp: seen.append(yy.mean()) or 0., n_boot=50, seed=0)
     assert set(np.round(seen, 12)) == {round(y.mean(), 12)}
     with pytest.raises(ValueError, match='threshold'): bootstrap_ci(y, p, 'sensitivity')
+    one = bootstrap_ci(np.r_[1, np.zeros(20)], np.arange(21.), n_boot=50)                # one positive: no interval
+    assert one['estimate'] == 0 and np.isnan(one['lo']) and one['n_boot'] == 0
     s = bootstrap_ci(y, p, 'specificity', threshold=.5, n_boot=100)
     assert 0 <= s['lo'] <= s['estimate'] <= s['hi'] <= 1
+
+def test_bootstrap_agrees_with_a_hand_written_stratified_bootstrap():
+    "scipy.stats.bootstrap (indices of positives and negatives resampled apart) against the loop it replaced."
+    y, p, _ = tied_case(4, n=120)
+    g, pos, neg = np.random.default_rng(11), np.flatnonzero(y), np.flatnonzero(~y)
+    reps = [roc_auc_score(y[i], p[i]) for i in (np.r_[g.choice(pos, len(pos)), g.choice(neg, len(neg))] for _ in range(2000))]
+    ci = bootstrap_ci(y, p, 'auroc', n_boot=2000, seed=0)
+    assert ci['lo'] == pytest.approx(np.quantile(reps, .025), abs=.015) and ci['hi'] == pytest.approx(np.quantile(reps, .975), abs=.015)
 
 def test_bootstrap_coverage_on_known_auroc():
     d = 1.0
@@ -213,12 +234,12 @@ def test_refusals_before_training(small, fake_cohort, monkeypatch):
     with pytest.raises(DownstreamError, match="'images'"): downstream_experiment(small, empty, counts=[2], cfg=TINY)
     with pytest.raises(DownstreamError, match="'images'"): downstream_experiment(small, None, counts=[2], cfg=TINY)
     with pytest.raises(DownstreamError, match="'counts'"): downstream_experiment(small, fake_cohort, counts=[13], cfg=TINY)
-    with pytest.raises(CohortError, match="'ratio'"): downstream_experiment(small, fake_cohort, ratios=[.5], cfg=TINY)
+    with pytest.raises(ManifestError, match="'ratio'"): downstream_experiment(small, fake_cohort, ratios=[.5], cfg=TINY)
     to_test = fake_cohort.images.assign(donor_image_id=small.images.loc[val0, 'image_id'])
     with pytest.raises(PatientLeakageError, match="'donor_image_id'"):
         downstream_experiment(small, dataclasses.replace(fake_cohort, images=to_test), counts=[2], cfg=TINY)
     # an error in a later seed's mix also fails before the first training (all mixes are built first)
-    with pytest.raises(CohortError, match="'ratio'"): downstream_experiment(small, fake_cohort, ratios=[.1, .5], cfg=TINY, seeds=[0, 1])
+    with pytest.raises(ManifestError, match="'ratio'"): downstream_experiment(small, fake_cohort, ratios=[.1, .5], cfg=TINY, seeds=[0, 1])
 
 def test_end_to_end_tiny_experiment(small, fake_cohort):
     preds = {}

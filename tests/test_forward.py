@@ -10,8 +10,9 @@ from fastcore.test import test_close as close, test_eq as eq, test_fail as fails
 from cxr_diffusion_nbs.core import MaskError, sample_data_root
 from cxr_diffusion_nbs.forward import (NoiseSchedule, PREDICTION_TYPES, as_schedule, cnr_noise_floor, convert_prediction,
     cosine_betas, diffusers_schedule_kwargs, expected_lesion_cnr, image_correlation, lesion_cnr, lesion_cnr_curve,
-    linear_betas, log_snr, make_schedule, noised_view, prediction_target, q_posterior_mean_var, q_sample, q_step,
-    ring_mask, show_noised, snr, v_target)
+    linear_betas, log_snr, make_schedule, noised_view, schedule_target, q_posterior_mean_var, q_sample, q_step,
+    ring_mask, show_noised, snr, v_target,
+    alpha_bar, as_timesteps, prediction_type_of, prediction_target, predicted_x0, predicted_eps)
 
 KINDS = [('linear', 'linear'), ('cosine', 'squaredcos_cap_v2')]
 
@@ -101,11 +102,43 @@ def test_v_target_and_conversions(kind, bs, real_lesion):
     t = torch.tensor([0, 250, 500, 900])
     close(v_target(x0, noise, t, s), ref.get_velocity(x0, noise, t), eps=1e-5)
     xt = q_sample(x0, t, noise, s)
-    truth = {p: prediction_target(x0, noise, t, s, p) for p in PREDICTION_TYPES}
+    truth = {p: schedule_target(x0, noise, t, s, p) for p in PREDICTION_TYPES}
     for src in PREDICTION_TYPES:
         for dst in PREDICTION_TYPES:
             close(convert_prediction(truth[src], xt, t, s, src, dst), truth[dst], eps=2e-3)
     fails(lambda: convert_prediction(noise, xt, t, s, 'eps', 'sample'), contains='prediction type')
+
+@pytest.mark.parametrize('kind,bs', KINDS)
+@pytest.mark.parametrize('pt', PREDICTION_TYPES)
+def test_hot_path_maths_match_the_float64_lesson(kind, bs, pt, real_lesion):
+    "The float32 scheduler-based functions agree with the float64 NoiseSchedule versions, in every direction."
+    ref, s = ddpm(bs, prediction_type=pt), make_schedule(kind)
+    x0 = real_lesion[0].expand(4, 1, 128, 128)
+    noise = torch.randn(4, 1, 128, 128, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([5, 250, 500, 900])
+    eq(prediction_type_of(ref), pt)
+    close(alpha_bar(t, ref, x0).double().flatten(), s.alphas_cumprod[t], eps=1e-6)
+    xt = q_sample(x0, t, noise, s).float()
+    target = prediction_target(x0, noise, t, ref)
+    eq(target.dtype, torch.float32)
+    close(target, schedule_target(x0, noise, t, s, pt).float(), eps=1e-5)
+    close(predicted_x0(target, xt, t, ref), convert_prediction(target.double(), xt.double(), t, s, pt, 'sample').float(), eps=1e-3)
+    close(predicted_eps(target, xt, t, ref), convert_prediction(target.double(), xt.double(), t, s, pt, 'epsilon').float(), eps=1e-3)
+    close(predicted_x0(target, xt, t, ref), x0, eps=1e-3)
+    close(predicted_eps(target, xt, t, ref), noise, eps=2e-3)
+
+def test_hot_path_timesteps_and_dtypes():
+    ref = ddpm('linear', T=10)
+    x = torch.zeros(3, 1, 4, 4, dtype=torch.bfloat16)
+    eq(as_timesteps(4, 3, ref), torch.tensor([4, 4, 4]))
+    eq(as_timesteps(torch.tensor([1., 2., 3.]), 3, ref, device='cpu').dtype, torch.long)
+    eq(alpha_bar(torch.tensor(2), ref, x).shape, (3, 1, 1, 1))
+    eq(alpha_bar(2, ref, x).dtype, torch.float32)                     # float32 whatever the image dtype
+    eq(predicted_x0(x, x, 2, ref).dtype, torch.bfloat16)               # conversions keep the prediction's dtype
+    fails(lambda: as_timesteps(torch.tensor([1.5, 2., 3.]), 3, ref), contains='integers')
+    fails(lambda: as_timesteps(10, 3, ref), contains='[0, 9]')
+    fails(lambda: as_timesteps([1, 2], 3, ref), contains='one timestep per sample')
+    fails(lambda: prediction_type_of(object()), contains='prediction_type')
 
 def test_snr():
     s = make_schedule('linear')

@@ -173,7 +173,7 @@ def test_lesion_conditions(tiny):
     cp = lesion_conditions(pf, 'mass', m)
     assert cp['mask'].shape == (1, len(pf.cond_cfg.findings), 32, 32) and cp['mask'][0, k].sum() == 16 and cp['mask'].sum() == 16
     with pytest.raises(ILVRError, match="'finding'"): lesion_conditions(model, 'fracture', m)
-    with pytest.raises(ILVRError, match="'mask'"): lesion_conditions(model, 'mass', torch.zeros(64, 64))
+    with pytest.raises(ILVRError, match="'masks'"): lesion_conditions(model, 'mass', torch.zeros(64, 64))
 
 def test_figure_function(tiny):
     import matplotlib; matplotlib.use('Agg')
@@ -227,12 +227,12 @@ def test_errors_are_cxr_data_errors():
 # --- the real effect, on the committed demo model ----------------------------------------------------------------
 @pytest.fixture(scope='module')
 def demo():
-    from cxr_diffusion_nbs.training import load_for_sampling
+    from cxr_diffusion_nbs.checkpoints import load_denoiser
     from cxr_diffusion_nbs.core import sample_data_root
     from cxr_diffusion_nbs.manifest import load_shared_subset
     from cxr_diffusion_nbs.dataset import CXRDataset
-    model, sched, cfg = load_for_sampling(DEMO, device='cpu')
-    ds = CXRDataset(load_shared_subset(sample_data_root()), findings=cfg.data.findings, size=64, split='val', mask_mode='union')
+    model, sched, _ = load_denoiser(DEMO, device='cpu')
+    ds = CXRDataset(load_shared_subset(sample_data_root()), findings=model.cond_cfg.findings, size=64, split='val', mask_mode='union')
     healthy = [i for i in range(len(ds)) if ds.images.iloc[i]['no_finding'] == 1]
     return model, sched, ds[healthy[0]]['image']
 

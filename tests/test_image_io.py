@@ -328,3 +328,18 @@ def test_resize_transform_box_clip():
 def test_apply_window():
     assert_close(apply_window([0, 100.0, 200], 100.5, 101), [0, 0.5, 1], eps=1e-6)
     with pytest.raises(ValueError): apply_window([1], 0, 0.5)
+
+# --- writing 8-bit PNGs (moved here from sampling) ---------------------------------------------------------------
+def test_to_uint8_and_write_png_round_trip(tmp_path):
+    import torch
+    from cxr_diffusion_nbs.image_io import to_uint8, write_png
+    x = torch.linspace(-1.5, 1.5, 64).reshape(8, 8)
+    px = to_uint8(x)
+    assert px.dtype == np.uint8 and px.min() == 0 and px.max() == 255
+    assert np.array_equal(px, to_uint8(x.numpy()))                     # tensor or array, same grey levels
+    assert np.array_equal(px, ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy())
+    f = write_png(tmp_path/'a.png', px, {'Description': 'SYNTHETIC test', 'Provenance': '{"seed": 1}'})
+    im = Image.open(f)
+    assert im.mode == 'L' and im.text['Description'] == 'SYNTHETIC test' and im.text['Provenance'] == '{"seed": 1}'
+    assert np.array_equal(np.asarray(im), px) and not list(tmp_path.glob('.*'))      # atomic: no temporary file left
+    with pytest.raises(CXRDataError, match="'pixels'"): write_png(tmp_path/'b.png', x.numpy())

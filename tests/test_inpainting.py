@@ -182,14 +182,14 @@ def test_metrics_table_and_figure(tiny, data):
 
 def test_demo_model_inserts_a_brighter_nodule():
     "The shipped demo model: outside exact, and a nodule makes the masked area of a healthy image brighter on average."
-    from cxr_diffusion_nbs.training import load_for_sampling
+    from cxr_diffusion_nbs.checkpoints import load_denoiser
     from cxr_diffusion_nbs.manifest import load_shared_subset
     from cxr_diffusion_nbs.core import sample_data_root, RARE_FINDINGS
     from cxr_diffusion_nbs.dataset import CXRDataset
     from cxr_diffusion_nbs.conditioning import ellipse_mask
     d = project_root()/'data'/'models'/'cpu64_demo'
     if not d.exists(): pytest.skip('demo model not present')
-    model, ns, _ = load_for_sampling(d, device='cpu')
+    model, ns, _ = load_denoiser(d, device='cpu')
     val = CXRDataset(load_shared_subset(sample_data_root()), findings=RARE_FINDINGS, size=64, split='val', mask_mode='union')
     healthy = [i for i in range(len(val)) if val.images.iloc[i]['no_finding'] == 1][:2]
     img = torch.stack([val[i]['image'] for i in healthy])

@@ -10,7 +10,7 @@ from skimage.metrics import structural_similarity
 
 from cxr_diffusion_nbs import losses
 from cxr_diffusion_nbs.losses import (PREDICTION_TYPES, LesionLossConfig, lesion_bboxes, lesion_preserving_loss,
-                                      lesion_weight_map, min_snr_weight, predicted_x0, snr_of, ssim, target_for)
+                                      lesion_weight_map, min_snr_weight, predicted_x0, snr_of, ssim, prediction_target)
 
 OFF = LesionLossConfig(lesion_weight=0, ssim_weight=0, min_snr_gamma=None)
 
@@ -32,21 +32,21 @@ def batch(B=3, C=1, H=16, W=16, seed=0):
 
 
 # ---------------------------------------------------------------- targets and predicted x0
-def test_target_for_each_prediction_type():
+def test_prediction_target_each_prediction_type():
     x0, noise, _ = batch()
     t = torch.tensor([0, 1, 1])
-    torch.testing.assert_close(target_for(x0, noise, t, two_step('epsilon')), noise)
-    torch.testing.assert_close(target_for(x0, noise, t, two_step('sample')), x0)
+    torch.testing.assert_close(prediction_target(x0, noise, t, two_step('epsilon')), noise)
+    torch.testing.assert_close(prediction_target(x0, noise, t, two_step('sample')), x0)
     ac = torch.tensor([0.5, 0.25, 0.25]).view(3, 1, 1, 1)
     v = ac.sqrt() * noise - (1 - ac).sqrt() * x0          # Salimans & Ho 2022, by hand
-    torch.testing.assert_close(target_for(x0, noise, t, two_step('v_prediction')), v)
+    torch.testing.assert_close(prediction_target(x0, noise, t, two_step('v_prediction')), v)
 
 
 def test_unknown_prediction_type_is_a_clear_error():
     x0, noise, _ = batch()
     s = DDPMScheduler(prediction_type='flow_matching')
     with pytest.raises(ValueError, match=r"scheduler.config.prediction_type: 'flow_matching'"):
-        target_for(x0, noise, 0, s)
+        prediction_target(x0, noise, 0, s)
     with pytest.raises(ValueError, match='prediction_type'):
         predicted_x0(x0, x0, 0, s)
     with pytest.raises(ValueError, match='prediction_type'):
@@ -59,7 +59,7 @@ def test_predicted_x0_inverts_the_forward_process(pt):
     s = sched(pt, beta_schedule='squaredcos_cap_v2')
     t = torch.tensor([0, 300, 700])
     x_t = s.add_noise(x0, noise, t)
-    torch.testing.assert_close(predicted_x0(target_for(x0, noise, t, s), x_t, t, s), x0, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(predicted_x0(prediction_target(x0, noise, t, s), x_t, t, s), x0, atol=1e-4, rtol=1e-4)
 
 
 def test_predicted_x0_by_hand():
@@ -131,11 +131,11 @@ def test_all_off_is_exactly_mse(pt, with_mask):
     x_t, pred = s.add_noise(x0, noise, t), torch.randn(4, 1, 16, 16, generator=g)
     mask = (torch.rand(4, 2, 16, 16, generator=g) > 0.8).float() if with_mask else None
     loss, parts = lesion_preserving_loss(pred, x0, x_t, noise, t, mask, s, OFF)
-    assert torch.equal(loss, F.mse_loss(pred, target_for(x0, noise, t, s)))
+    assert torch.equal(loss, F.mse_loss(pred, prediction_target(x0, noise, t, s)))
     assert parts['total'] == pytest.approx(parts['mse'])
     # lesion weighting on but no mask: plain MSE too; a mask of zeros: the same value
     cfg = LesionLossConfig(lesion_weight=4, ssim_weight=0.5, min_snr_gamma=None)
-    ref = F.mse_loss(pred, target_for(x0, noise, t, s))
+    ref = F.mse_loss(pred, prediction_target(x0, noise, t, s))
     assert lesion_preserving_loss(pred, x0, x_t, noise, t, None, s, cfg)[0].item() == pytest.approx(ref.item(), rel=1e-6)
     zeros = torch.zeros(4, 1, 16, 16)
     assert lesion_preserving_loss(pred, x0, x_t, noise, t, zeros, s, cfg)[0].item() == pytest.approx(ref.item(), rel=1e-6)
@@ -178,7 +178,7 @@ def test_min_snr_loss_by_hand(pt, weights):
     x0, noise, g = batch(B=2, H=4, W=4)
     t = torch.tensor([0, 1])
     pred = torch.randn(2, 1, 4, 4, generator=g)
-    per_sample = ((pred - target_for(x0, noise, t, s)) ** 2).mean((1, 2, 3))
+    per_sample = ((pred - prediction_target(x0, noise, t, s)) ** 2).mean((1, 2, 3))
     cfg = LesionLossConfig(lesion_weight=0, ssim_weight=0, min_snr_gamma=0.5)
     loss, parts = lesion_preserving_loss(pred, x0, s.add_noise(x0, noise, t), noise, t, None, s, cfg)
     expected = (weights[0] * per_sample[0] + weights[1] * per_sample[1]) / 2
@@ -302,7 +302,7 @@ def test_mask_none_with_defaults():
     loss.backward()
     assert parts['ssim'] == 0.0 and parts['lesion_mse'] == 0.0 and torch.isfinite(pred.grad).all()
     w = min_snr_weight(snr_of(t, s), 5.0, 'v_prediction')
-    per_sample = ((pred.detach() - target_for(x0, noise, t, s)) ** 2).mean((1, 2, 3))
+    per_sample = ((pred.detach() - prediction_target(x0, noise, t, s)) ** 2).mean((1, 2, 3))
     assert loss.item() == pytest.approx((w * per_sample).mean().item(), rel=1e-5)
 
 

@@ -413,3 +413,28 @@ def test_chestx_det_errors(cxd_dir, tmp_path):
     with pytest.raises(ManifestError, match="field 'image_id'.*chestxdet_36199"): load_chestx_det(tmp_path/'c.json', cxd_dir)
     (tmp_path/'d.json').write_text('{not json')
     with pytest.raises(ManifestError, match="d.json: field 'json'"): load_chestx_det(tmp_path/'d.json', cxd_dir)
+
+# --- mixing real and synthetic images (moved here from cohort) --------------------------------------------------
+def _stand_in_cohort(real, n=6):
+    "A synthetic-cohort manifest made of real training rows (new ids, synthetic = 1, donors from the training split)."
+    tr = real.images[real.images.split == 'train'].head(n)
+    im = tr.assign(image_id=[f'syn_{i:06d}' for i in range(len(tr))], synthetic=1, donor_image_id=tr.image_id.values)
+    return Manifest(im.reset_index(drop=True), real.annotations.iloc[:0], list(RARE_FINDINGS), real.root, 'stand_in')
+
+def test_mix_real_synthetic_ratio_and_refusals():
+    from cxr_diffusion_nbs.core import PatientLeakageError
+    from cxr_diffusion_nbs.manifest import mix_real_synthetic
+    real = load_shared_subset(sample_data_root())
+    syn = _stand_in_cohort(real)
+    n_real = int((real.images.split == 'train').sum())
+    mixed = mix_real_synthetic(real, syn, ratio=4 / n_real, seed=1)
+    assert int(mixed.images.synthetic.sum()) == 4 and int((mixed.images.synthetic == 0).sum()) == n_real
+    assert mixed.findings == list(RARE_FINDINGS) and (mixed.images.split == 'train').all()
+    assert mixed.images.equals(mix_real_synthetic(real, syn, ratio=4 / n_real, seed=1).images)   # seeded
+    mixed.validate()
+    with pytest.raises(ManifestError, match='needs'): mix_real_synthetic(real, syn, ratio=1.)
+    with pytest.raises(ManifestError, match="'ratio'"): mix_real_synthetic(real, syn, ratio=float('nan'))
+    with pytest.raises(ManifestError, match="'synthetic'"): mix_real_synthetic(real, real.subset(findings=list(RARE_FINDINGS)), ratio=.1)
+    val_id = real.images.loc[real.images.split == 'val', 'image_id'].iloc[0]
+    leaky = Manifest(syn.images.assign(donor_image_id=val_id), syn.annotations, syn.findings, syn.root, 'leaky')
+    with pytest.raises(PatientLeakageError, match='donor_image_id'): mix_real_synthetic(real, leaky, ratio=.01)

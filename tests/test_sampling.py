@@ -6,9 +6,9 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from cxr_diffusion_nbs.core import project_root
 from cxr_diffusion_nbs.conditioning import ConditionalDenoiser, ConditioningConfig, guided_prediction
 from cxr_diffusion_nbs.unet import unet_preset, make_noise_scheduler
-from cxr_diffusion_nbs.sampling import (sample, make_sampler, SamplingError, check_guidance, predicted_eps, image_seeds,
-                                        trajectory_frame, trajectory_figure, initial_noise)
-from cxr_diffusion_nbs.losses import predicted_x0
+from cxr_diffusion_nbs.sampling import (sample, make_sampler, SamplingError, image_seeds, trajectory_frame, trajectory_figure,
+                                        initial_noise, loop_setup)
+from cxr_diffusion_nbs.forward import predicted_x0, predicted_eps
 
 BIN = Path(sys.executable).parent
 DEMO = project_root()/'data'/'models'/'cpu64_demo'
@@ -83,6 +83,25 @@ def test_predicted_eps_inverts_every_parametrisation():
         torch.testing.assert_close(predicted_eps(pred, x_t, t, ns), eps, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(predicted_x0(pred, x_t, t, ns), x0, atol=1e-4, rtol=1e-4)
 
+def test_inputs_checked_once_per_request(tiny, monkeypatch):
+    "Validation at the edge: `check_inputs` runs once per request, not at every step or guidance pass."
+    m, ns = tiny
+    calls, orig = [], m.check_inputs
+    monkeypatch.setattr(m, 'check_inputs', lambda *a, **k: (calls.append(1), orig(*a, **k))[1])
+    sample(m, ns, conds(2), steps=5, guidance=dict(labels=2, mask=1))
+    assert len(calls) == 1
+
+def test_loop_setup_restores_training_mode(tiny):
+    m, _ = tiny
+    m.train()
+    try:
+        with pytest.raises(RuntimeError):
+            with loop_setup(m, [0, 1], range(3)) as s:
+                assert not m.training and s.x.shape == (2, 1, 16, 16) and len(s.generators) == 2
+                raise RuntimeError('inside the loop')
+        assert m.training
+    finally: m.eval()
+
 def test_trajectory(tiny):
     m, ns = tiny
     r = sample(m, ns, conds(1), steps=6, seed=0, keep_trajectory=True)
@@ -94,7 +113,7 @@ def test_trajectory(tiny):
     with pytest.raises(SamplingError, match="'step'"): trajectory_frame(r, 6)
 
 @pytest.mark.parametrize('kw,field', [
-    (dict(sampler='euler'), "'name'"), (dict(steps=0), "'steps'"), (dict(steps=1001), "'steps'"),
+    (dict(sampler='euler'), "'sampler'"), (dict(steps=0), "'steps'"), (dict(steps=1001), "'steps'"),
     (dict(sampler='dpmpp', eta=.3), "'eta'"), (dict(guidance={'text': 1.}), 'no text conditioning'),
     (dict(guidance={'colour': 1.}), 'unknown condition'), (dict(guidance={'labels': float('nan')}), 'finite'),
     (dict(guidance_mode='joint'), "'guidance_mode'"), (dict(n=3), "'n'"), (dict(seed=[1, 2, 3]), "'seed'"),
@@ -129,7 +148,7 @@ def test_cli_writes_marked_samples(tmp_path):
     assert json.loads(im.text['Provenance'])['seed'] == 5
 
 @pytest.mark.parametrize('args,msg', [
-    (['--finding', 'hernia'], 'not trained on'), (['--guidance', 'text=2'], 'no text conditioning'),
+    (['--finding', 'hernia'], "not one of the model's findings"), (['--guidance', 'text=2'], 'no text conditioning'),
     (['--mask', 'BIG'], "'size'"), (['--sampler', 'dpmpp', '--steps', '5000'], "'steps'")])
 def test_cli_refuses_before_writing(tmp_path, args, msg):
     from PIL import Image

@@ -9,24 +9,25 @@ from scipy.stats import binomtest, binom
 from sklearn.metrics import cohen_kappa_score
 from cxr_diffusion_nbs.core import project_root, sample_data_root, CXRDataError
 from cxr_diffusion_nbs.manifest import load_shared_subset, Manifest
-from cxr_diffusion_nbs.cohort import build_cohort, load_cohort
+from cxr_diffusion_nbs.cohort import load_cohort
 from cxr_diffusion_nbs import turing
 from cxr_diffusion_nbs.turing import (TuringError, export_turing_kit, draw_cases, read_reader_forms, score_readers,
                                       confusion_table, cohens_kappa, fleiss_kappa, ratings_table, reader_agreement,
                                       simulate_reader, load_answer_key, png_text_chunks, blind_image, allocate,
                                       binomial_power, cases_for_power, FLEISS_WIKIPEDIA_EXAMPLE)
 
-DEMO = project_root()/'data'/'models'/'cpu64_demo'
 DATA_URI = re.compile(r'data:image/png;base64,[A-Za-z0-9+/=]+')
 
 @pytest.fixture(scope='module')
 def real(): return load_shared_subset(sample_data_root())
 
 @pytest.fixture(scope='module')
-def syn(tmp_path_factory):
-    out = build_cohort(dict(checkpoint=str(DEMO), output_dir=str(tmp_path_factory.mktemp('c')/'cohort'),
-                            counts={'nodule': 3, 'mass': 3}, data_root=str(sample_data_root()), steps=2, seed=4), progress=False)
-    return load_cohort(out)
+def syn():
+    "Three nodules and three masses of the synthetic cohort shipped in data/synthetic_sample (no sampling here)."
+    m = load_cohort(project_root()/'data'/'synthetic_sample')
+    im = m.images[m.images.target_finding.isin(['nodule', 'mass'])].groupby('target_finding').head(3).reset_index(drop=True)
+    return Manifest(im, m.annotations[m.annotations.image_id.isin(im.image_id)].reset_index(drop=True), m.findings, m.root,
+                    m.name, m.origin)
 
 @pytest.fixture(scope='module')
 def kit(real, syn, tmp_path_factory):

@@ -1,18 +1,17 @@
 """Evidence figure for the docs: real images per rare finding next to samples of a trained run.
 
-Usage (after `cxr-train --config configs/cpu64.yaml`):  python tools/make_demo_figure.py runs/cpu64 [--n 4] [--steps 50]
+Usage:  python tools/make_demo_figure.py data/models/cpu64_demo [--n 4] [--steps 50]
+(or a run folder after `cxr-train --config configs/cpu64.yaml`: python tools/make_demo_figure.py runs/cpu64)
+Samples are drawn by `sampling.sample` (DDIM, one seed per image: seed, seed+1, ...), the package's one sampling loop.
 Writes nbs/images/cpu64_demo_samples.png and nbs/images/cpu64_demo.json (the run's summary facts), atomically.
 """
 import argparse, json
 from pathlib import Path
 import matplotlib; matplotlib.use('Agg')
-import torch
 from cxr_diffusion_nbs.core import atomic_write, project_root
 from cxr_diffusion_nbs.manifest import load_shared_subset
-from cxr_diffusion_nbs.dataset import CXRDataset
-from cxr_diffusion_nbs.conditioning import batch_conditions
-from cxr_diffusion_nbs.training import (load_for_sampling, condition_rows, repeat_batch, ddim_sample, sample_grid_figure,
-                                        conditioning_config, read_log)
+from cxr_diffusion_nbs.dataset import CXRDataset, condition_rows
+from cxr_diffusion_nbs.training import load_for_sampling, grid_samples, sample_grid_figure
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
@@ -21,13 +20,12 @@ def main():
     a = ap.parse_args()
     run = Path(a.run)
     model, sched, cfg = load_for_sampling(run, device='cpu')
+    run = run if (run/'summary.json').exists() else run.parent    # a checkpoint folder: its run's summary
     d = cfg.data
     man = load_shared_subset(d.root) if d.root else load_shared_subset()
     mk = lambda split: CXRDataset(man, findings=d.findings, size=d.image_size, split=split, mask_mode=d.mask_mode)
     items, titles = condition_rows(mk(d.val_split), d.findings, fallback_ds=mk(d.split))
-    conds = batch_conditions(repeat_batch(items, a.n), conditioning_config(cfg), device='cpu')
-    with torch.no_grad():
-        x = ddim_sample(model, sched, conds, n=len(items) * a.n, image_size=d.image_size, steps=a.steps, seed=a.seed)
+    x = grid_samples(model, sched, items, a.n, model.cond_cfg, steps=a.steps, seed=a.seed, device='cpu')
     summary = json.loads((run/'summary.json').read_text())
     o, m = cfg.optim, cfg.model
     facts = dict(config=dict(preset=m.preset, overrides=m.overrides, lr=o.lr, batch_size=o.batch_size, ema_decay=o.ema_decay,
@@ -36,7 +34,7 @@ def main():
                  images_seen=summary['images_seen'], epochs=summary['epoch'],
                  elapsed_min=round(summary['elapsed_s'] / 60, 1), images_per_s=summary.get('images_per_s'),
                  mixed_precision=summary.get('mixed_precision'), final_loss=summary.get('final_loss'),
-                 train_images=len(mk(d.split)), image_size=d.image_size, sampler=f'DDIM {a.steps} steps, EMA weights, no guidance',
+                 train_images=len(mk(d.split)), image_size=d.image_size, sampler=f'sampling.sample: DDIM {a.steps} steps (trailing spacing), seeds {a.seed}..{a.seed + len(items) * a.n - 1} (one per image), EMA weights, no guidance',
                  conditions=f"labels + {d.mask_mode} lesion mask of the real image in the first column")
     fig = sample_grid_figure(x, items, titles, a.n, title=f"cpu64 demo: {facts['steps']} steps, {facts['images_seen']} images seen, "
                              f"{facts['elapsed_min']} CPU-min")

@@ -1,0 +1,73 @@
+"""The generator interface: `load_generator` on the shipped demo model, `generate`, options and conditions refused by name."""
+import json
+from pathlib import Path
+import numpy as np, pytest, torch
+import cxr_diffusion_nbs
+from cxr_diffusion_nbs.core import project_root, CXRDataError
+from cxr_diffusion_nbs.conditioning import ConditionalDenoiser, ConditioningConfig, model_inputs
+from cxr_diffusion_nbs.unet import unet_preset, make_noise_scheduler
+from cxr_diffusion_nbs.masks import box_to_mask
+from cxr_diffusion_nbs.sampling import (GENERATOR_KINDS, PixelDiffusionGenerator, SamplingError, load_generator, sample)
+
+DEMO = project_root()/'data'/'models'/'cpu64_demo'
+
+@pytest.fixture(scope='module')
+def gen(): return cxr_diffusion_nbs.load_generator(DEMO, device='cpu')
+
+def test_top_level_and_registry(gen):
+    assert cxr_diffusion_nbs.load_generator is load_generator and 'pixel-diffusion' in GENERATOR_KINDS
+    assert (gen.kind, gen.image_size, gen.mask_mode) == ('pixel-diffusion', 64, 'union')
+    assert gen.findings == ('pneumothorax', 'nodule', 'mass', 'effusion', 'cardiomegaly')
+    assert gen.conditions == ('labels', 'mask')
+    assert set(gen.options) == {'sampler', 'steps', 'eta', 'guidance', 'guidance_mode', 'mixed_precision', 'progress'}
+    with pytest.raises(AttributeError): cxr_diffusion_nbs.no_such_thing
+
+def test_generate_shape_range_and_equals_sample(gen):
+    box = box_to_mask((20, 14, 34, 28), (64, 64))
+    imgs = gen.generate(findings='nodule', masks=box, seed=[3, 4], steps=4)
+    assert imgs.shape == (2, 1, 64, 64) and imgs.dtype == torch.float32 and -1 <= imgs.min() and imgs.max() <= 1
+    conds = model_inputs(gen.model, 2, findings='nodule', masks=box)
+    assert torch.equal(imgs, sample(gen.model, gen.noise_scheduler, conds, sampler='dpmpp', steps=4, seed=[3, 4]).images)
+    one = gen.generate(findings='nodule', masks=box, seed=4, steps=4)        # an image depends on its seed alone
+    torch.testing.assert_close(one[0], imgs[1], atol=1e-4, rtol=0)
+
+def test_per_image_conditions_and_no_mask_entries(gen):
+    m = torch.zeros(5, 64, 64); m[2, 20:34, 14:28] = 1                       # a per-finding mask (mass channel)
+    labels = torch.zeros(3, 5); labels[0, 2] = labels[1, 2] = labels[2, 1] = 1
+    imgs = gen.generate(labels=labels, masks=[m, None, None], seed=[0, 1, 2], steps=3)
+    assert imgs.shape == (3, 1, 64, 64)
+    alone = gen.generate(labels=labels[1:2], seed=[1], steps=3)              # None = the model's no-mask input
+    torch.testing.assert_close(imgs[1], alone[0], atol=1e-4, rtol=0)
+    assert gen.generate(findings=['nodule', ['mass', 'effusion'], ''], steps=2).shape == (3, 1, 64, 64)
+
+@pytest.mark.parametrize('kw,field', [
+    (dict(temperature=.7), "'temperature'"), (dict(sampler='euler'), "'sampler'"), (dict(steps=0), "'steps'"),
+    (dict(guidance={'text': 2.}), "'text'"), (dict(guidance_mode='joint'), "'guidance_mode'"),
+    (dict(findings='hernia'), "'findings'"), (dict(masks=torch.ones(32, 32)), "'masks'"), (dict(text='a nodule'), "'text'"),
+    (dict(eta=.5), "'eta'"), (dict(mixed_precision='fp8'), "'mixed_precision'")])
+def test_refused_by_name_before_compute(gen, kw, field, monkeypatch):
+    calls = []
+    monkeypatch.setattr(gen.model, 'forward', lambda *a, **k: calls.append(1))
+    kw = dict(dict(findings='nodule', steps=2), **kw)
+    with pytest.raises(SamplingError, match=field): gen.generate(**kw)
+    assert not calls
+    with pytest.raises(SamplingError, match="'temperature'"): gen.check_options(temperature=1)
+
+def test_a_mask_for_a_model_without_masks():
+    torch.manual_seed(0)
+    m = ConditionalDenoiser(unet_preset('tiny', image_size=16), ConditioningConfig(mask_mode=None))
+    g = PixelDiffusionGenerator(m, make_noise_scheduler(m.unet_cfg))
+    assert g.conditions == ('labels',) and g.mask_mode is None and g.image_size == 16
+    with pytest.raises(SamplingError, match="'masks'"): g.generate(findings='nodule', masks=torch.ones(16, 16), steps=2)
+    with pytest.raises(SamplingError, match="'masks'"): g.generate(findings='nodule', masks=[torch.ones(16, 16), None], steps=2)
+    assert g.generate(findings='nodule', steps=2).shape == (1, 1, 16, 16)
+
+def test_provenance_has_no_paths(gen):
+    p = gen.provenance()
+    assert p['kind'] == 'pixel-diffusion' and len(p['model_sha256']) == 64 and p['checkpoint'] == 'cpu64_demo'
+    assert p['defaults']['sampler'] == 'dpmpp' and str(project_root()) not in json.dumps(p)
+
+def test_unknown_kind_and_missing_path(tmp_path):
+    with pytest.raises(CXRDataError, match='does not exist'): load_generator(tmp_path/'nope')
+    (tmp_path/'gan').mkdir(); (tmp_path/'gan'/'generator.json').write_text(json.dumps({'kind': 'gan'}))
+    with pytest.raises(SamplingError, match="'kind'"): load_generator(tmp_path/'gan')
