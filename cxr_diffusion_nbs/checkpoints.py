@@ -95,7 +95,7 @@ def safe_load(path, map_location=None):
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[-1][:200]
         raise CheckpointError(str(path), '<file>', 'refused: it holds objects other than tensors and plain values, '
-                              f'which only an unsafe load (weights_only=False) would build ({first})') from None
+                              f'which only a full unpickling, able to run code, would build ({first})') from None
     except (RuntimeError, EOFError) as e:
         raise CheckpointError(str(path), '<file>', f'unreadable: {type(e).__name__}: {str(e)[:200]}') from None
 
