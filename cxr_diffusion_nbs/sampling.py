@@ -311,7 +311,6 @@ class PixelDiffusionGenerator:
         if n is None and not isinstance(seed, (int, np.integer)): n = len(seed)
         if n is None and all(v is None for v in (labels, masks, findings, text)): n = 1
         conds = self.inputs(labels, masks, findings=findings, text=text, n=n)
-        if n is None: n = _batch_size({k: v for k, v in conds.items() if k != 'drop'}) or 1
         return sample(self.model, self.noise_scheduler, conds, n=n, seed=seed, **o).images
 
     def model_sha256(self) -> str:
