@@ -21,7 +21,8 @@ from .core import (CXRDataError, ConfigError, RARE_FINDINGS, check_findings, con
 from .manifest import Manifest
 from .masks import overlay
 from .dataset import CXRDataset, Augment
-from .classifier import conv_block, fit, save_model_folder, load_model_folder, predict_proba
+from .classifier import (conv_block, fit, save_model_folder, load_model_folder, predict_proba, check_low_res,
+                                          low_res_augment)
 
 # %% auto #0
 __all__ = ['AdherenceError', 'dice', 'iou', 'select_training_images', 'SegmenterConfig', 'LesionSegmenter', 'dice_bce_loss',
@@ -106,6 +107,8 @@ class SegmenterConfig:
     bce_weight: float = 1.0           # loss = soft Dice + bce_weight * BCE
     augment: bool = True              # small affine augmentation applied to image and mask together
     max_images: int | None = None     # cap on the training images (demos); None: all eligible
+    low_res: int | None = None        # also train on images brought to this size and back (classifier.low_res_augment)
+    p_low_res: float = 0.5            # the share of training images so degraded when `low_res` is set
     seed: int = 0
     device: str | None = None
 
@@ -124,6 +127,7 @@ class SegmenterConfig:
         if not self.negatives >= 0: raise err('negatives', f'{self.negatives} must be >= 0')
         if not self.bce_weight >= 0: raise err('bce_weight', f'{self.bce_weight} must be >= 0')
         if self.max_images is not None and self.max_images < 2: raise err('max_images', f'{self.max_images} must be >= 2 or None')
+        check_low_res(self, 'SegmenterConfig')
 
     def to_dict(self) -> dict: d = asdict(self); d['findings'] = list(self.findings); return d
 
@@ -190,7 +194,8 @@ def train_segmenter(manifest: Manifest, cfg: SegmenterConfig | None = None, spli
     ds = CXRDataset(manifest, findings=cfg.findings, size=cfg.image_size, split=split, mask_mode='union',
                     augment=Augment() if cfg.augment else None, seed=cfg.seed)
     pos = np.flatnonzero(ds.images['image_id'].isin(set(use['image_id'])).to_numpy())
-    loss = lambda model, b: dice_bce_loss(model(b['image']), b['mask'], cfg.bce_weight)
+    low = low_res_augment(cfg)
+    loss = lambda model, b: dice_bce_loss(model(low(b['image'])), b['mask'], cfg.bce_weight)
     return fit(lambda: LesionSegmenter(cfg.width, cfg.levels), loss, ds, pos, epochs=cfg.epochs, batch_size=cfg.batch_size,
                lr=cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed, device=cfg.device, progress=progress,
                desc='segmenter epochs')

@@ -25,10 +25,10 @@ from .manifest import Manifest
 from .dataset import CXRDataset, Augment
 
 # %% auto #0
-__all__ = ['ClassifierError', 'ClassifierConfig', 'conv_block', 'CXRClassifier', 'masked_bce', 'positive_weights', 'collate',
-           'fit', 'train_classifier', 'load_images', 'predict_proba', 'image_features', 'predict', 'per_finding_auroc',
-           'save_model_folder', 'read_model_json', 'load_model_folder', 'save_classifier', 'load_classifier',
-           'shipped_classifier']
+__all__ = ['ClassifierError', 'ClassifierConfig', 'to_size', 'round_trip', 'check_low_res', 'low_res_augment', 'conv_block',
+           'CXRClassifier', 'masked_bce', 'positive_weights', 'collate', 'fit', 'train_classifier', 'load_images',
+           'predict_proba', 'image_features', 'predict', 'per_finding_auroc', 'save_model_folder', 'read_model_json',
+           'load_model_folder', 'save_classifier', 'load_classifier', 'shipped_classifier']
 
 # %% ../nbs/15_classifier.ipynb #d2a87d4f
 class ClassifierError(CXRDataError):
@@ -45,6 +45,9 @@ class ClassifierConfig:
     lr: float = 3e-3
     weight_decay: float = 1e-4
     augment: bool = True              # small affine augmentation (no flips: they fake dextrocardia)
+    stem: int = 1                     # 2: a stride-2 first layer, so a 128-px judge costs about what a 64-px one does
+    low_res: int | None = None        # also train on images brought to this size and back (a judge for a lower-resolution generator)
+    p_low_res: float = 0.5            # the share of training images so degraded when `low_res` is set
     max_pos_weight: float = 10.0      # cap of the per-finding positive weight (negatives / positives) in the BCE
     seed: int = 0
     device: str | None = None
@@ -60,6 +63,9 @@ class ClassifierConfig:
             if int(getattr(self, k)) < 1: raise ConfigError('ClassifierConfig', k, f'{getattr(self, k)} must be >= 1')
         if not self.lr > 0: raise ConfigError('ClassifierConfig', 'lr', f'{self.lr} must be > 0')
         if not self.max_pos_weight >= 1: raise ConfigError('ClassifierConfig', 'max_pos_weight', f'{self.max_pos_weight} must be >= 1')
+        if self.stem not in (1, 2): raise ConfigError('ClassifierConfig', 'stem', f'{self.stem} must be 1 or 2')
+        if self.image_size % (16 * self.stem): raise ConfigError('ClassifierConfig', 'image_size', f'{self.image_size} is not a multiple of {16 * self.stem} (stem={self.stem})')
+        check_low_res(self, 'ClassifierConfig')
 
     def to_dict(self) -> dict: d = asdict(self); d['findings'] = list(self.findings); return d
 
@@ -68,6 +74,33 @@ class ClassifierConfig:
         "A validated config from a mapping: `core.config_from_dict` (unknown keys, types, errors naming `source` and the field)."
         return config_from_dict(cls, d, source, section)
 
+# %% ../nbs/15_classifier.ipynb #8f470ffa
+def to_size(images: torch.Tensor, size: int) -> torch.Tensor:
+    "Images (N, C, S, S) at `size`: area-averaged down, bilinear up, unchanged when already that size."
+    if images.shape[-1] == size: return images
+    if images.shape[-1] > size: return F.interpolate(images, size=(size, size), mode='area')
+    return F.interpolate(images, size=(size, size), mode='bilinear', align_corners=False).clamp(-1, 1)
+
+def round_trip(images: torch.Tensor, size: int) -> torch.Tensor:
+    "Images brought to `size` and back to their own: what a `size`-px generator's detail looks like at theirs."
+    return to_size(to_size(images, size), images.shape[-1])
+
+def check_low_res(cfg, where: str):
+    "Raise a `ConfigError` when a judge config's `low_res` / `p_low_res` cannot work."
+    if cfg.low_res is not None and not 8 <= cfg.low_res < cfg.image_size:
+        raise ConfigError(where, 'low_res', f'{cfg.low_res} must be null or in [8, image_size={cfg.image_size})')
+    if not 0 <= cfg.p_low_res <= 1: raise ConfigError(where, 'p_low_res', f'{cfg.p_low_res} must be in [0, 1]')
+
+def low_res_augment(cfg):
+    """The training-time degradation of a judge config: a function of a batch (N, 1, S, S) that sends a random
+    `p_low_res` share of it through `round_trip(., low_res)` (identity when `low_res` is None), seeded by `cfg.seed`."""
+    if cfg.low_res is None or cfg.p_low_res == 0: return lambda x: x
+    g = torch.Generator().manual_seed(cfg.seed + 7)
+    def degrade(x):
+        pick = (torch.rand(len(x), generator=g) < cfg.p_low_res).to(x.device)
+        return torch.where(pick[:, None, None, None], round_trip(x, cfg.low_res), x)
+    return degrade
+
 # %% ../nbs/15_classifier.ipynb #c39b16e3
 def conv_block(cin: int, cout: int) -> nn.Sequential:
     "Two 3x3 conv-BN-ReLU layers, `cin` -> `cout` channels at the same size: a stage of the classifier, a level of the segmenter's U-Net."
@@ -75,16 +108,21 @@ def conv_block(cin: int, cout: int) -> nn.Sequential:
                          nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 class CXRClassifier(nn.Module):
-    "Four conv stages (each a `conv_block`, then 2x2 max-pool), global average pooling, a linear head per finding."
-    def __init__(self, n_findings: int, width: int = 24, dropout: float = 0.2):
+    """Four conv stages (each a `conv_block`, then 2x2 max-pool), global average pooling, a linear head per finding;
+    with `stem=2`, a stride-2 4x4 convolution first (half the width), so a 128-px input costs about what 64 px does."""
+    def __init__(self, n_findings: int, width: int = 24, dropout: float = 0.2, stem: int = 1):
         super().__init__()
         w = [width, 2 * width, 4 * width, 8 * width]
-        self.stages = nn.ModuleList([conv_block(i, o) for i, o in zip([1] + w[:-1], w)])
+        cin = 1 if stem == 1 else width // 2
+        self.stem = nn.Identity() if stem == 1 else nn.Sequential(
+            nn.Conv2d(1, cin, 4, stride=2, padding=1, bias=False), nn.BatchNorm2d(cin), nn.ReLU(inplace=True))
+        self.stages = nn.ModuleList([conv_block(i, o) for i, o in zip([cin] + w[:-1], w)])
         self.dropout, self.head = nn.Dropout(dropout), nn.Linear(w[-1], n_findings)
         self.num_features = w[-1]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         "Penultimate features (B, num_features) of images `x` (B, 1, S, S) in [-1, 1]."
+        x = self.stem(x)
         for i, s in enumerate(self.stages):
             x = s(x)
             x = F.max_pool2d(x, 2) if i < len(self.stages) - 1 else x
@@ -170,8 +208,9 @@ def train_classifier(manifest: Manifest, cfg: ClassifierConfig | None = None, sp
     if not known.any(): raise ClassifierError(src, 'labels', f'no known label for {cfg.findings} in split {split!r}')
     dev = torch.device(cfg.device) if cfg.device else default_device()
     pw = positive_weights(ds, cfg.max_pos_weight).to(dev)
-    loss = lambda model, b: masked_bce(model(b['image']), b['labels'], b['label_known'], pw)
-    return fit(lambda: CXRClassifier(len(cfg.findings), cfg.width), loss, ds, epochs=cfg.epochs, batch_size=cfg.batch_size,
+    low = low_res_augment(cfg)
+    loss = lambda model, b: masked_bce(model(low(b['image'])), b['labels'], b['label_known'], pw)
+    return fit(lambda: CXRClassifier(len(cfg.findings), cfg.width, stem=cfg.stem), loss, ds, epochs=cfg.epochs, batch_size=cfg.batch_size,
                lr=cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed, device=dev, progress=progress, desc='classifier epochs')
 
 # %% ../nbs/15_classifier.ipynb #e8b255b9
@@ -255,7 +294,7 @@ def save_classifier(model: CXRClassifier, cfg: ClassifierConfig, folder, half: b
 
 def load_classifier(folder, device=None) -> tuple[CXRClassifier, ClassifierConfig]:
     "(model in eval mode, config) from a folder written by `save_classifier`."
-    return load_model_folder(folder, 'classifier', ClassifierConfig, lambda c: CXRClassifier(len(c.findings), c.width),
+    return load_model_folder(folder, 'classifier', ClassifierConfig, lambda c: CXRClassifier(len(c.findings), c.width, stem=c.stem),
                              device, ClassifierError)
 
 def shipped_classifier(device=None) -> tuple[CXRClassifier, ClassifierConfig]:

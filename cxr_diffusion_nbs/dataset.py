@@ -20,8 +20,8 @@ from .manifest import Manifest, load_shared_subset
 
 # %% auto #0
 __all__ = ['lesion_side', 'lesion_zone', 'describe_finding', 'describe', 'Augment', 'affine_pair', 'CXRDataset',
-           'finding_examples', 'examples_grid', 'prevalence_figure', 'browse_figure', 'browse_widget', 'condition_rows',
-           'repeat_batch']
+           'finding_examples', 'examples_grid', 'prevalence_figure', 'positive_matrix', 'sampling_weights',
+           'browse_figure', 'browse_widget', 'condition_rows', 'repeat_batch']
 
 # %% ../nbs/05_dataset.ipynb #9bf95373
 _SIDED = {'pneumothorax': '{side}-sided pneumothorax', 'effusion': '{side} pleural effusion',
@@ -196,6 +196,29 @@ def prevalence_figure(images: pd.DataFrame, findings, figsize=(10, 3.6)):
     a2.tick_params(labelsize=7); a2.set_title('images with both findings (diagonal hidden)', fontsize=9)
     fig.tight_layout()
     return fig
+
+# %% ../nbs/05_dataset.ipynb #0c4ac2c0
+def positive_matrix(ds: CXRDataset) -> tuple[np.ndarray, np.ndarray]:
+    """Per image of `ds` and finding: positive (label 1, or a lesion outlined for it, as the dataset's items count it)
+    and outlined (a box or polygon annotation of that finding). Two bool arrays (n, F), without decoding any image."""
+    pos = np.nan_to_num(ds._raw_labels) > 0
+    outlined = np.zeros_like(pos)
+    col = {f: k for k, f in enumerate(ds.findings)}
+    for i, iid in enumerate(ds._ids):
+        ann = ds._ann.get(iid)
+        if ann is None: continue
+        for f in ann['finding']:
+            if f in col: outlined[i, col[f]] = True
+    return pos | (outlined if ds.trust_annotations else False), outlined
+
+def sampling_weights(ds: CXRDataset, power: float = 1.0, lesion_boost: float = 0.0) -> np.ndarray:
+    "Drawing weight per image of `ds` (mean 1): each finding and 'none' drawn alike when `power` = 1; outlined lesions x(1 + `lesion_boost`)."
+    if power < 0 or lesion_boost < 0: raise ValueError(f"power and lesion_boost must be >= 0, got {power}, {lesion_boost}")
+    pos, outlined = positive_matrix(ds)
+    groups = np.concatenate([pos, ~pos.any(1, keepdims=True)], 1)
+    per_image = groups.sum(0).clip(min=1).astype(float) ** -power
+    w = (groups * per_image).max(1) * (1 + lesion_boost * outlined.any(1))
+    return w / w.mean()
 
 # %% ../nbs/05_dataset.ipynb #d078cf98
 def browse_figure(ds: CXRDataset, index: int, show_mask: bool = True, figsize=(4, 4.3)):

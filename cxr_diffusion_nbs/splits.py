@@ -6,11 +6,12 @@ Docs: https://cxr-diffusion-nbs.github.io/cxr_diffusion_nbs/splits.html.md"""
 
 # %% ../nbs/04_splits.ipynb #15dc2a4a
 from __future__ import annotations
+import dataclasses
 import numpy as np, pandas as pd
-from .core import PatientLeakageError, ManifestError
+from .core import PatientLeakageError, ManifestError, RARE_FINDINGS
 
 # %% auto #0
-__all__ = ['check_no_leakage', 'patient_split', 'split_summary']
+__all__ = ['STUDY_SEED', 'check_no_leakage', 'patient_split', 'split_summary', 'hold_out_test', 'with_held_out_test']
 
 # %% ../nbs/04_splits.ipynb #60d71f67
 def check_no_leakage(images: pd.DataFrame, split_col: str = 'split', patient_col: str = 'patient_id',
@@ -71,3 +72,26 @@ def split_summary(images: pd.DataFrame, findings, split_col: str = 'split') -> p
     t.loc['n_images'] = images.groupby(split_col).size()
     t.loc['n_patients'] = images.groupby(split_col)['patient_id'].nunique()
     return t.astype(int)
+
+# %% ../nbs/04_splits.ipynb #fcbf97b2
+STUDY_SEED = 20261130   # the seed of the held-out test patients: one value, so every model and study agrees
+
+def hold_out_test(images: pd.DataFrame, fraction: float, seed: int = STUDY_SEED, stratify=None, from_split: str = 'train',
+                  source: str = 'manifest') -> pd.Series:
+    """The `split` column of `images` with `fraction` of the `from_split` patients moved to `'test'` (stratified over
+    the `stratify` finding columns). Unchanged when a `test` split already exists or `fraction` is 0."""
+    if 'split' not in images.columns: raise ManifestError(source, 'split', 'column is missing')
+    split = images['split'].copy()
+    if not 0 <= fraction < 1: raise ValueError(f"test fraction must be in [0, 1), got {fraction}")
+    if fraction == 0 or (split == 'test').any(): return split
+    src = images[split == from_split]
+    if not len(src): raise ManifestError(source, 'split', f"no rows with split={from_split!r} to hold a test split out of")
+    new = patient_split(src, {from_split: 1 - fraction, 'test': fraction}, seed=seed, stratify=stratify)
+    split.loc[new.index] = new
+    return split
+
+def with_held_out_test(manifest, fraction: float, seed: int = STUDY_SEED):
+    "A copy of `manifest` (a `Manifest`) whose images carry `hold_out_test`'s split, stratified over its rare findings."
+    strat = [f for f in RARE_FINDINGS if f in manifest.findings]
+    split = hold_out_test(manifest.images, fraction, seed, strat, source=manifest.name)
+    return dataclasses.replace(manifest, images=manifest.images.assign(split=split))

@@ -25,8 +25,9 @@ from .unet import UNetConfig, PRESETS, make_noise_scheduler
 from .conditioning import ConditioningConfig, ConditionalDenoiser, FrozenTextEncoder, batch_conditions
 from .losses import LesionLossConfig, lesion_preserving_loss
 from .manifest import load_shared_subset
+from .splits import with_held_out_test
 from .masks import overlay
-from .dataset import CXRDataset, Augment, finding_examples, condition_rows, repeat_batch
+from .dataset import CXRDataset, Augment, finding_examples, condition_rows, repeat_batch, sampling_weights
 from .checkpoints import (CKPT_PREFIX, CheckpointError, list_checkpoints, prune_checkpoints, resolve_resume,
                                            checkpoint_folder, save_checkpoint, load_checkpoint, load_weights, read_signature,
                                            load_denoiser)
@@ -58,6 +59,9 @@ class DataSection:
     mask_mode: str | None = 'union'   # 'union' | 'per_finding' | None (masks feed the lesion loss and mask conditioning)
     augment: bool = False             # dataset.Augment() (small affine), a function of (seed, epoch, index)
     limit: int | None = None          # use only the first N images of `split` (quick experiments, tests); None = all
+    test_fraction: float = 0.0        # hold this fraction of `split`'s patients out as 'test' (splits.hold_out_test), unless a test split exists
+    balance: float = 0.0              # draw batches with dataset.sampling_weights(power=balance): 0 uniform, 1 every finding alike
+    lesion_boost: float = 0.0         # images with outlined lesions drawn (1 + lesion_boost) times as often (with balance or alone)
     cache: bool = True                # keep decoded, resized images in memory (uint8)
     num_workers: int = 0
 
@@ -231,6 +235,9 @@ def validate_config(cfg: TrainConfig, build: bool = True) -> TrainConfig:
     if d.image_size <= 0: raise cfg.err('data.image_size', f"{d.image_size} must be positive")
     if d.num_workers < 0: raise cfg.err('data.num_workers', 'must be >= 0')
     if d.limit is not None and d.limit < 1: raise cfg.err('data.limit', f"{d.limit} must be >= 1 or null")
+    if not 0 <= d.test_fraction < 1: raise cfg.err('data.test_fraction', f"{d.test_fraction} must be in [0, 1)")
+    if d.balance < 0: raise cfg.err('data.balance', f"{d.balance} must be >= 0")
+    if d.lesion_boost < 0: raise cfg.err('data.lesion_boost', f"{d.lesion_boost} must be >= 0")
     _check_optim(cfg)
     if cfg.model.init_from is not None and not resolve_path(cfg.model.init_from).exists():
         raise cfg.err('model.init_from', f"{cfg.model.init_from} does not exist (a run folder or a checkpoint-<step>/ folder)")
@@ -269,10 +276,12 @@ def load_config(path_or_dict, overrides=()) -> TrainConfig:
     return validate_config(TrainConfig(**kw, source=source))
 
 # %% ../nbs/10_training.ipynb #ec350b86
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> list:
-    "This process's batches (lists of dataset indices) of `epoch`: a pure function of the arguments (drops the last partial batch)."
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1, weights=None) -> list:
+    """This process's batches (lists of dataset indices) of `epoch`: a pure function of the arguments (drops the last
+    partial batch). A permutation, or with `weights` (one per item) `n` draws with replacement in proportion to them."""
     g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
-    perm = torch.randperm(n, generator=g)
+    perm = (torch.randperm(n, generator=g) if weights is None else
+            torch.multinomial(torch.as_tensor(weights, dtype=torch.float64), n, replacement=True, generator=g))
     nb = n // (batch_size * world)
     perm = perm[:nb * batch_size * world].view(nb, world, batch_size)[:, rank]
     return perm.tolist()
@@ -406,6 +415,7 @@ class TrainRun:
     loss_cfg: LesionLossConfig
     text_encoder: object = None
     grid_items: list | None = None  # the fixed real conditions of the sample grid (main process)
+    weights: np.ndarray | None = None  # drawing weights of the training images (data.balance / lesion_boost), None = permutations
     grid_titles: list | None = None
     step: int = 0
     epoch: int = 0
@@ -439,7 +449,7 @@ def training_manifest(cfg: TrainConfig):
     "The run's manifest, checked against `data` (findings, split) and trimmed to `data.limit` training images."
     d = cfg.data
     root = Path(d.root) if d.root else find_data_root()
-    manifest = load_shared_subset(root)
+    manifest = with_held_out_test(load_shared_subset(root), d.test_fraction)
     for i, f in enumerate(d.findings):
         if f not in manifest.findings:
             raise cfg.err(f'data.findings[{i}]', f"{f!r} is not a label column of {root/'manifest.csv'} (it has {list(manifest.findings)})")
@@ -481,6 +491,7 @@ def build_run(cfg: TrainConfig, acc: Accelerator, manifest, ckpt: Path | None) -
     gen = torch.Generator(device=acc.device).manual_seed(o.seed * 1000 + 17 + acc.process_index)
     run = TrainRun(cfg, acc, ds, model, core, opt, lr_sched, ema, gen, make_noise_scheduler(ucfg), loss_config(cfg),
                    text_encoder=FrozenTextEncoder.shared() if ccfg.use_text else None)   # frozen, not trained
+    if d.balance or d.lesion_boost: run.weights = sampling_weights(ds, d.balance, d.lesion_boost)
     if ckpt is not None:
         st = load_checkpoint(ckpt, accelerator=acc, model=model, optimizer=opt, lr_scheduler=lr_sched, ema=ema, gen=gen)
         run.step, run.epoch, run.pos = st['step'], st['epoch'], st['batch_in_epoch']
@@ -507,7 +518,8 @@ def run_batches(run: TrainRun):
     "Endless batches of this process, epoch after epoch, from the run's position (updates `run.epoch`, `run.pos`)."
     o = run.cfg.optim
     while True:
-        bl = epoch_batches(len(run.ds), o.batch_size, o.seed, run.epoch, run.acc.process_index, run.acc.num_processes)
+        bl = epoch_batches(len(run.ds), o.batch_size, o.seed, run.epoch, run.acc.process_index, run.acc.num_processes,
+                           run.weights)
         if run.pos < len(bl):
             run.ds.set_epoch(run.epoch)
             dl = torch.utils.data.DataLoader(run.ds, batch_sampler=bl[run.pos:], num_workers=run.cfg.data.num_workers,

@@ -1,0 +1,105 @@
+"""The rarity study: capping, training sets of every arm, scores, verdicts, and a small resumable run (bundled sample)."""
+import dataclasses
+import numpy as np, pandas as pd, pytest, torch
+from cxr_diffusion_nbs.core import ConfigError, project_root, sample_data_root
+from cxr_diffusion_nbs.manifest import load_shared_subset
+from cxr_diffusion_nbs.rarity import (RarityConfig, RarityError, StudySet, cap_positives, sensitivity_at_specificity, _holm,
+                                      verdict, arm_training_set, augmented_positives, take_per_finding, train_arm,
+                                      real_sets, run_study, study_table, load_predictions, summary_markdown, main)
+from cxr_diffusion_nbs.sampling import load_generator
+
+F5 = ('pneumothorax', 'nodule', 'mass', 'effusion', 'cardiomegaly')
+
+def _set(n, labels, synthetic=0, target=None):
+    facts = pd.DataFrame(dict(image_id=[f'i{k}' for k in range(n)], patient_id=[f'p{k}' for k in range(n)], group='',
+                              synthetic=synthetic, source='x'))
+    if target is not None: facts['target'] = target
+    return StudySet(torch.rand(n, 1, 16, 16) * 2 - 1, np.asarray(labels, float), np.ones(n), facts)
+
+def test_cap_keeps_at_most_k_and_all_negatives():
+    rng = np.random.default_rng(0)
+    lab = (rng.random((300, 5)) < .15).astype(float); lab[rng.random((300, 5)) < .05] = np.nan
+    for k in (1, 5, 20):
+        keep = cap_positives(lab, k, seed=3)
+        assert (np.nan_to_num(lab[keep]) == 1).sum(0).max() <= k
+        assert keep[(np.nan_to_num(lab) != 1).all(1)].all()
+    assert (cap_positives(lab, 5, 1) == cap_positives(lab, 5, 1)).all()
+    assert (cap_positives(lab, 5, 1) != cap_positives(lab, 5, 2)).any()
+
+def test_config_refusals():
+    with pytest.raises(ConfigError, match='real-only'): RarityConfig(n_synthetic=(10,))
+    with pytest.raises(ConfigError, match="'augmnt'"): RarityConfig(arms=('augmnt',))
+    with pytest.raises(ConfigError, match='arm_n'): RarityConfig(n_synthetic=(0, 10), arm_n=20)
+    with pytest.raises(ConfigError, match='specificity'): RarityConfig(specificity=1.0)
+    c = RarityConfig.from_dict({'ks': '20, 50', 'n_synthetic': [0, 50, 100], 'arms': ['mix', 'pretrain'], 'seeds': [0, 1]})
+    runs = c.runs()
+    assert runs[0] == (20, 'real-only', 0, 0) and (50, 'pretrain', 100, 1) in runs and (50, 'pretrain', 50, 1) not in runs
+    assert len(runs) == 2 * 2 * (1 + 2 + 1)
+
+def test_scores_and_verdicts():
+    y = np.r_[np.zeros(10), np.ones(5)]
+    assert sensitivity_at_specificity(y, np.r_[np.arange(10) / 10, [.95, .99, .1, .2, .92]], .8) == pytest.approx(.6)
+    assert np.isnan(sensitivity_at_specificity(np.zeros(4), np.arange(4.), .8))
+    adj = _holm(np.array([.01, .04, np.nan, .03]))
+    assert adj[0] == pytest.approx(.03) and adj[1] == pytest.approx(.06) and np.isnan(adj[2]) and adj[3] == pytest.approx(.06)
+    assert verdict(.1, .01, 25, 20) == 'gain' and verdict(-.1, .01, 25, 20) == 'loss'
+    assert verdict(.1, .2, 25, 20) == 'no significant difference' and verdict(.3, .001, 8, 20).startswith('too few to conclude')
+
+def test_arm_training_sets():
+    cfg = RarityConfig(findings=F5, n_synthetic=(0, 2, 4), arms=('mix', 'unconditional', 'augment', 'pretrain', 'weighted', 'negatives'))
+    train = _set(10, np.eye(5)[np.arange(10) % 5])
+    tgt = np.repeat(F5, 4)
+    cond = _set(20, np.eye(5)[np.repeat(np.arange(5), 4)], 1, tgt)
+    cond.labels[:, 1] = np.nan                                    # a finding the generator does not model: unknown
+    pools = dict(conditional=cond, unconditional=_set(20, cond.labels, 1, tgt), negative=_set(20, np.zeros((20, 5)), 1))
+    mix, _ = arm_training_set('mix', 2, train, pools, cfg, 0)
+    assert len(mix) == 10 + 2 * 5 and np.isnan(mix.labels[10:, 1]).all()
+    w, _ = arm_training_set('weighted', 4, train, pools, cfg, 0)
+    assert (w.weights[10:] == .5).all() and (w.weights[:10] == 1).all()
+    neg, _ = arm_training_set('negatives', 4, train, pools, cfg, 0)
+    assert len(neg) == 10 + 20 + 20
+    real, pre = arm_training_set('pretrain', 4, train, pools, cfg, 0)
+    assert real is train and len(pre) == 20
+    aug, _ = arm_training_set('augment', 3, train, pools, cfg, 0)
+    assert len(aug) == 10 + 3 * 5 and (aug.facts.synthetic == 0).all()
+    assert arm_training_set('mix', 0, train, pools, cfg, 0)[0] is train
+    assert len(take_per_finding(cond, 1)) == 5
+
+def test_train_arm_learns_a_visible_finding():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(160, 1, 32, 32, generator=g) * .2 - .6
+    y = np.zeros((160, 1)); y[::2, 0] = 1
+    x[::2, :, 10:22, 10:22] += 1.                                 # positives carry a bright square
+    s = StudySet(x, y, np.ones(160), pd.DataFrame(dict(image_id=range(160))))
+    cfg = RarityConfig(findings=('nodule',), image_size=32, width=4, epochs=3, batch_size=32, device='cpu')
+    from cxr_diffusion_nbs.classifier import predict_proba
+    from cxr_diffusion_nbs.downstream import auroc
+    p = predict_proba(train_arm(s, cfg, 0), x)[:, 0]
+    assert auroc(y[:, 0], p) > .9
+
+def test_small_study_runs_resumes_and_refuses(tmp_path, monkeypatch):
+    monkeypatch.setenv('CXR_NO_SHARED', '1')
+    real = load_shared_subset(sample_data_root())
+    gen = load_generator(project_root()/'data'/'models'/'cpu64_demo')
+    cfg = RarityConfig(ks=(5,), n_synthetic=(0, 2), arms=('mix', 'unconditional', 'negatives'), seeds=(0,), epochs=1,
+                       width=4, n_boot=20, steps=2, device='cpu')
+    m, train, test = real_sets(real, cfg)
+    assert not set(train.facts.patient_id) & set(test.facts.patient_id)
+    out = run_study(gen, real, cfg, tmp_path/'s', progress=False)
+    preds, facts = load_predictions(out)
+    assert sorted(preds) == sorted(cfg.runs()) and all(p.shape == (len(facts), 5) for p in preds.values())
+    before = {f.name: f.stat().st_mtime_ns for f in (out/'predictions').iterdir()}
+    run_study(gen, real, cfg, out, progress=False)                # resumed: nothing retrained
+    assert before == {f.name: f.stat().st_mtime_ns for f in (out/'predictions').iterdir()}
+    more = dataclasses.replace(cfg, seeds=(0, 1))                 # extended with a seed: only the new runs
+    run_study(gen, real, more, out, progress=False)
+    assert len(list((out/'predictions').iterdir())) == len(more.runs())
+    with pytest.raises(RarityError, match='width'): run_study(gen, real, dataclasses.replace(cfg, width=8), out, progress=False)
+    t = study_table(out, more)
+    assert {'test', 'test AP', 'test PA'} <= set(t.eval_set) and set(t.arm) == {'real-only', 'mix', 'unconditional', 'negatives'}
+    assert t[t.arm != 'real-only'].verdict.str.startswith('too few').all()   # the bundled sample cannot conclude
+    assert '| k | arm |' in summary_markdown(t, more)
+
+def test_cli_refuses_bad_config(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e: main(['--output', str(tmp_path/'x'), '--set', 'arms=[mixx]', '--no-progress'])
+    assert e.value.code == 2 and "mixx" in capsys.readouterr().err
