@@ -25,10 +25,37 @@ from .manifest import Manifest
 from .dataset import CXRDataset, Augment
 
 # %% auto #0
-__all__ = ['ClassifierError', 'ClassifierConfig', 'to_size', 'round_trip', 'check_low_res', 'low_res_augment', 'conv_block',
+__all__ = ['to_size', 'round_trip', 'check_low_res', 'low_res_augment', 'ClassifierError', 'ClassifierConfig', 'conv_block',
            'CXRClassifier', 'masked_bce', 'positive_weights', 'collate', 'fit', 'train_classifier', 'load_images',
            'predict_proba', 'image_features', 'predict', 'per_finding_auroc', 'save_model_folder', 'read_model_json',
            'load_model_folder', 'save_classifier', 'load_classifier', 'shipped_classifier']
+
+# %% ../nbs/15_classifier.ipynb #8f470ffa
+def to_size(images: torch.Tensor, size: int) -> torch.Tensor:
+    "Images (N, C, S, S) at `size`: area-averaged down, bilinear up, unchanged when already that size."
+    if images.shape[-1] == size: return images
+    if images.shape[-1] > size: return F.interpolate(images, size=(size, size), mode='area')
+    return F.interpolate(images, size=(size, size), mode='bilinear', align_corners=False).clamp(-1, 1)
+
+def round_trip(images: torch.Tensor, size: int) -> torch.Tensor:
+    "Images brought to `size` and back to their own: what a `size`-px generator's detail looks like at theirs."
+    return to_size(to_size(images, size), images.shape[-1])
+
+def check_low_res(cfg, where: str):
+    "Raise a `ConfigError` when a judge config's `low_res` / `p_low_res` cannot work."
+    if cfg.low_res is not None and not 8 <= cfg.low_res < cfg.image_size:
+        raise ConfigError(where, 'low_res', f'{cfg.low_res} must be null or in [8, image_size={cfg.image_size})')
+    if not 0 <= cfg.p_low_res <= 1: raise ConfigError(where, 'p_low_res', f'{cfg.p_low_res} must be in [0, 1]')
+
+def low_res_augment(cfg):
+    """The training-time degradation of a judge config: a function of a batch (N, 1, S, S) that sends a random
+    `p_low_res` share of it through `round_trip(., low_res)` (identity when `low_res` is None), seeded by `cfg.seed`."""
+    if cfg.low_res is None or cfg.p_low_res == 0: return lambda x: x
+    g = torch.Generator().manual_seed(cfg.seed + 7)
+    def degrade(x):
+        pick = (torch.rand(len(x), generator=g) < cfg.p_low_res).to(x.device)
+        return torch.where(pick[:, None, None, None], round_trip(x, cfg.low_res), x)
+    return degrade
 
 # %% ../nbs/15_classifier.ipynb #d2a87d4f
 class ClassifierError(CXRDataError):
@@ -73,33 +100,6 @@ class ClassifierConfig:
     def from_dict(cls, d: dict, source: str = '<dict>', section: str | None = None) -> 'ClassifierConfig':
         "A validated config from a mapping: `core.config_from_dict` (unknown keys, types, errors naming `source` and the field)."
         return config_from_dict(cls, d, source, section)
-
-# %% ../nbs/15_classifier.ipynb #8f470ffa
-def to_size(images: torch.Tensor, size: int) -> torch.Tensor:
-    "Images (N, C, S, S) at `size`: area-averaged down, bilinear up, unchanged when already that size."
-    if images.shape[-1] == size: return images
-    if images.shape[-1] > size: return F.interpolate(images, size=(size, size), mode='area')
-    return F.interpolate(images, size=(size, size), mode='bilinear', align_corners=False).clamp(-1, 1)
-
-def round_trip(images: torch.Tensor, size: int) -> torch.Tensor:
-    "Images brought to `size` and back to their own: what a `size`-px generator's detail looks like at theirs."
-    return to_size(to_size(images, size), images.shape[-1])
-
-def check_low_res(cfg, where: str):
-    "Raise a `ConfigError` when a judge config's `low_res` / `p_low_res` cannot work."
-    if cfg.low_res is not None and not 8 <= cfg.low_res < cfg.image_size:
-        raise ConfigError(where, 'low_res', f'{cfg.low_res} must be null or in [8, image_size={cfg.image_size})')
-    if not 0 <= cfg.p_low_res <= 1: raise ConfigError(where, 'p_low_res', f'{cfg.p_low_res} must be in [0, 1]')
-
-def low_res_augment(cfg):
-    """The training-time degradation of a judge config: a function of a batch (N, 1, S, S) that sends a random
-    `p_low_res` share of it through `round_trip(., low_res)` (identity when `low_res` is None), seeded by `cfg.seed`."""
-    if cfg.low_res is None or cfg.p_low_res == 0: return lambda x: x
-    g = torch.Generator().manual_seed(cfg.seed + 7)
-    def degrade(x):
-        pick = (torch.rand(len(x), generator=g) < cfg.p_low_res).to(x.device)
-        return torch.where(pick[:, None, None, None], round_trip(x, cfg.low_res), x)
-    return degrade
 
 # %% ../nbs/15_classifier.ipynb #c39b16e3
 def conv_block(cin: int, cout: int) -> nn.Sequential:

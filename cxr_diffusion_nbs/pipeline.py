@@ -1,7 +1,8 @@
 """One papermill-parameterised notebook that runs the whole study and writes a run folder: the executed notebook,
-figures, tables, checkpoints and a report of fidelity, diversity, adherence, memorisation and downstream AUROC
-(real-only against augmented, with confidence intervals and p-values). Its defaults run on the bundled data on
-two CPU cores in under 15 minutes; its parameters scale it to a GPU study.
+figures, tables, checkpoints and a report of fidelity, diversity, conditioning fidelity (does each image show what
+it was asked for?), memorisation and a rarity study (what synthetic images are worth to a classifier with few real
+positives, on test patients no model of the run has seen). Its defaults run on the shared data on two CPU cores in
+under 15 minutes; its parameters scale it to a GPU study.
 
 Docs: https://cxr-diffusion-nbs.github.io/cxr_diffusion_nbs/pipeline.html.md"""
 
@@ -10,13 +11,15 @@ Docs: https://cxr-diffusion-nbs.github.io/cxr_diffusion_nbs/pipeline.html.md"""
 # %% ../nbs/21_pipeline.ipynb #575cc51e
 from __future__ import annotations
 import argparse, hashlib, json, os, sys, time, datetime
+from collections.abc import Mapping
 from pathlib import Path
 import numpy as np, pandas as pd
 import yaml
 from .core import CXRDataError, atomic_write, project_root
 
 # %% auto #0
-__all__ = ['PIPELINE_NOTEBOOK', 'PipelineError', 'Stages', 'save_table', 'save_figure', 'run_pipeline', 'main', 'markdown_table']
+__all__ = ['PIPELINE_NOTEBOOK', 'PipelineError', 'Stages', 'save_table', 'save_figure', 'run_pipeline', 'main', 'check_judges',
+           'rarity_study_config', 'evidence', 'rarity_sentences', 'markdown_table']
 
 # %% ../nbs/21_pipeline.ipynb #1fca0255
 class PipelineError(CXRDataError):
@@ -95,6 +98,69 @@ def main(argv=None):
     print(json.dumps(dict(run=str(Path(a.output).resolve()), notebook=str(nb), report=str(Path(a.output).resolve()/'report.md')), indent=1))
 
 if __name__ == '__main__' and '__file__' in globals() and 'get_ipython' not in globals(): main()
+
+# %% ../nbs/21_pipeline.ipynb #9c1e5a02
+def check_judges(judges, image_size: int, models=None) -> int:
+    """The `judges` parameter, checked: a size N in pixels, at least `image_size`, whose judges exist as
+    `models/classifier<N>` and `models/segmenter<N>` (default `data/models`, what `condition_fidelity.load_judges` opens)."""
+    models = Path(models) if models else project_root()/'data'/'models'
+    if isinstance(judges, bool) or not isinstance(judges, (int, np.integer)):
+        raise PipelineError('parameters', 'judges', f'{judges!r} is not a size in pixels (128, or 64)')
+    miss = [n for n in (f'classifier{judges}', f'segmenter{judges}') if not (models/n).is_dir()]
+    if miss:
+        raise PipelineError('parameters', 'judges', f'no {judges}-px judges: ' + ' and '.join(f'data/models/{m}' for m in miss)
+                            + ' missing (tools/train_classifier.py and tools/train_segmenter.py train them)')
+    if judges < image_size:
+        raise PipelineError('parameters', 'judges', f'{judges}-px judges cannot see the detail of {image_size}-px images; '
+                            'give judges of at least image_size')
+    return int(judges)
+
+def rarity_study_config(rarity_config, test_fraction: float, **small):
+    """The run's rarity study (`rarity.RarityConfig`). `rarity_config` None: the small study, whose fields are `small`;
+    a mapping: its fields over `small`; a path: a YAML file of fields (e.g. `configs/rarity.yaml`, the full study).
+    Its `test_fraction` is the run's unless set, and must be the run's."""
+    from cxr_diffusion_nbs.rarity import RarityConfig
+    from cxr_diffusion_nbs.core import read_config_file, resolve_path
+    if rarity_config is None: d, source = dict(small), 'rarity_config (the small study)'
+    elif isinstance(rarity_config, Mapping): d, source = dict(small, **rarity_config), 'rarity_config'
+    elif isinstance(rarity_config, (str, os.PathLike)): d, source = read_config_file(resolve_path(rarity_config)), str(rarity_config)
+    else: raise PipelineError('parameters', 'rarity_config', f'{rarity_config!r}: give null, a YAML path or a mapping of RarityConfig fields')
+    d.setdefault('test_fraction', test_fraction)
+    cfg = RarityConfig.from_dict(d, source)
+    if cfg.test_fraction != test_fraction:
+        raise PipelineError(source, 'test_fraction', f"{cfg.test_fraction} is not the run's test_fraction ({test_fraction}): "
+                            'the study must test on the patients the run held out')
+    return cfg
+
+def evidence(counts, too_few, what: str = 'real positives') -> list:
+    "What each row rests on, in words: '41 real positives', or '13 real positives: too few to conclude'."
+    return [f'{int(n)} ' + (what if int(n) != 1 else what.removesuffix('s')) + (': too few to conclude' if bool(t) else '')
+            for n, t in zip(counts, too_few)]
+
+def rarity_sentences(table: pd.DataFrame, min_test_positives: int, eval_set: str = 'test') -> list:
+    """One sentence per finding of a `rarity.study_table`: its test positives on `eval_set`, and whether any comparison
+    with real-only can support a conclusion (and which do: a gain or a loss after Holm's correction)."""
+    t = table[table['eval_set'] == eval_set]
+    out = []
+    for f in dict.fromkeys(t['finding']):
+        g = t[t['finding'] == f]
+        npos, comp = int(g['test_pos'].iloc[0]), g[g['arm'] != 'real-only']
+        if npos < min_test_positives:
+            out.append(f'{f}: {npos} test positives: too few to conclude (fewer than {min_test_positives}); '
+                       f'none of its {len(comp)} comparisons can support a conclusion.')
+            continue
+        sig = comp[comp['verdict'].isin(['gain', 'loss'])]
+        others = comp[~comp.index.isin(sig.index)]['verdict'].value_counts()
+        rest = ', '.join(f'{n} {v}' for v, n in others.items())
+        if len(sig):
+            parts = '; '.join(f'{r.arm} at n={r.n} (k={r.k}): {r.verdict}, AUROC {r.auroc_diff:+.3f}, Holm p {r.p_holm:.2g}'
+                              for r in sig.itertuples())
+            out.append(f'{f}: {npos} test positives, enough to test: {parts}' + (f'; the others: {rest}.' if rest else '.'))
+        else:
+            odd = others.drop('no significant difference', errors='ignore')     # e.g. 'not tested': say how many
+            out.append(f'{f}: {npos} test positives, enough to test: none of its {len(comp)} comparisons shows a significant '
+                       f"difference after Holm's correction" + (f' ({rest})' if len(odd) else '') + '.')
+    return out
 
 # %% ../nbs/21_pipeline.ipynb #1311c500
 def markdown_table(df: pd.DataFrame, floatfmt: str = '.3g') -> str:

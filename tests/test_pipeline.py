@@ -1,16 +1,24 @@
 """The main job end to end: `cxr-pipeline` (papermill on nbs/21_pipeline.ipynb) with small parameters writes a run
-folder whose report shows every part of the study; stage bookkeeping resumes and refuses changed parameters."""
+folder whose report shows every part of the study; stage bookkeeping resumes and refuses changed parameters; the
+parameters that could fail late are refused before anything is trained; the report's words follow the counts."""
 import json, subprocess, sys
 from pathlib import Path
-import pandas as pd, pytest
-from cxr_diffusion_nbs.pipeline import Stages, PipelineError, markdown_table
+import numpy as np, pandas as pd, pytest, yaml
+from cxr_diffusion_nbs.pipeline import (Stages, PipelineError, markdown_table, check_judges, rarity_study_config, evidence,
+                                        rarity_sentences)
 
+ROOT = Path(__file__).parents[1]
 BIN = Path(sys.executable).parent
-# the bundled sample (what a new user has): the mechanics of every stage, in half the time of the shared subset; the
-# default run on the shared subset is the one whose outputs nbs/21_pipeline.ipynb stores
-SMALL = dict(data_root=str(Path(__file__).parents[1]/'data'/'cxr14_sample'), train_steps=2, train_minutes=1,
-             cohort_per_finding=3, sample_steps=3, classifier_epochs=1, classifier_width=8, turing_cases=6, rarity_k=3,
-             mixed_precision='no')
+SAMPLE = ROOT/'data'/'cxr14_sample'
+# the bundled sample (what a new user has): the mechanics of every stage; the default run on the shared subset is the
+# one whose outputs nbs/21_pipeline.ipynb stores
+SMALL = dict(data_root=str(SAMPLE), train_steps=2, train_minutes=1, cohort_per_finding=3, sample_steps=3, classifier_epochs=1,
+             classifier_width=8, turing_cases=6, rarity_k=3, rarity_n=4, rarity_config={'n_boot': 100}, mixed_precision='no')
+
+def pipeline(out, params: dict):
+    args = [str(BIN/'cxr-pipeline'), '--output', str(out), '--no-progress']
+    for k, v in params.items(): args += ['-p', k, json.dumps(v) if not isinstance(v, str) else v]
+    return subprocess.run(args, capture_output=True, text=True, timeout=1800)
 
 def test_stages_resume_and_refuse(tmp_path):
     s = Stages(tmp_path)
@@ -22,23 +30,86 @@ def test_stages_resume_and_refuse(tmp_path):
 
 def test_pipeline_small_run(tmp_path):
     out = tmp_path/'run'
-    args = [str(BIN/'cxr-pipeline'), '--output', str(out), '--no-progress']
-    for k, v in SMALL.items(): args += ['-p', k, json.dumps(v) if not isinstance(v, str) else v]
-    r = subprocess.run(args, capture_output=True, text=True, timeout=1800)
+    r = pipeline(out, SMALL)
     assert r.returncode == 0, (r.stderr[-3000:], r.stdout[-1000:])
     for f in ('pipeline.ipynb', 'report.md', 'summary.json', 'stages.json', 'figures/samples.png', 'figures/embedding.png',
-              'figures/closest_pairs.png', 'figures/downstream.png', 'tables/fidelity.csv', 'tables/downstream_summary.csv',
-              'tables/class_consistency.csv', 'tables/memorisation.csv', 'cohort/images.csv', 'turing_kit/answer_key.csv'):
+              'figures/closest_pairs.png', 'figures/rarity.png', 'tables/fidelity.csv', 'tables/memorisation.csv',
+              'tables/conditioning_consistency.csv', 'tables/conditioning_adherence.csv', 'tables/conditioning_contrast.csv',
+              'tables/conditioning_coverage.csv', 'tables/rarity_table.csv', 'rarity/runs.csv', 'cohort/images.csv',
+              'turing_kit/answer_key.csv'):
         assert (out/f).exists(), f
-    assert set(json.loads((out/'stages.json').read_text())) >= {'train', 'cohort', 'classifier', 'downstream', 'turing'}
+    assert set(json.loads((out/'stages.json').read_text())) >= {'train', 'cohort', 'classifier', 'conditioning', 'rarity', 'turing'}
     report = (out/'report.md').read_text()
-    for section in ('Fidelity', 'Diversity', 'Mask adherence', 'Class consistency', 'Memorisation', 'Downstream'):
-        assert f'## {section}' in report, section
-    runs = pd.read_csv(out/'tables'/'downstream_runs.csv')
-    assert {'real-only'} < set(runs.condition) and runs.delong_p.notna().any() and runs.auroc_lo.notna().any()
+    for section in ('## Fidelity', '## Diversity', '## Conditioning fidelity', '### Class consistency', '### Mask adherence',
+                    '### Lesion contrast', '### Coverage per finding', '## Memorisation', '## Rarity study', '## Reader-study kit'):
+        assert section in report, section
+    # the generator trained, and the cohort drew its donors, without the held-out test patients
+    assert yaml.safe_load((out/'diffusion'/'config.yaml').read_text())['data']['test_fraction'] == .25
+    from cxr_diffusion_nbs.cohort import load_real_manifest
+    from cxr_diffusion_nbs.splits import with_held_out_test
+    split = with_held_out_test(load_real_manifest(SAMPLE), .25).images.set_index('image_id')['split']
+    assert (split == 'test').sum() > 0
+    assert set(split[pd.read_csv(out/'cohort'/'images.csv').donor_image_id]) == {'train'}
+    # conditioning fidelity: every row says in words what it rests on (the sample's 30 validation films: too few)
+    con = pd.read_csv(out/'tables'/'conditioning_consistency.csv')
+    assert len(con) == 5 and con.synthetic_auroc.notna().any()
+    assert (con.evidence.str.endswith('too few to conclude') == (con.real_positives < 20)).all() and (con.real_positives < 20).all()
+    assert con.evidence.iloc[0] in report
+    # the rarity study: real-only against three arms, and one sentence per finding that follows its test positives
+    rt = pd.read_csv(out/'tables'/'rarity_table.csv')
+    assert set(rt.arm) == {'real-only', 'mix', 'unconditional', 'augment'} and set(rt.n) == {0, 4}
+    test = rt[rt.eval_set == 'test'].groupby('finding').test_pos.first()
+    assert len(test) == 5 and (test > 0).all()
+    for f, n in test.items():
+        assert f'{f}: {n} test positives' + (': too few to conclude' if n < 20 else ', enough to test') in report, (f, n)
     nb = json.loads((out/'pipeline.ipynb').read_text())
     assert any('injected-parameters' in c['metadata'].get('tags', []) for c in nb['cells'])
     assert len(pd.read_csv(out/'cohort'/'images.csv')) == 3 * 5
+    summary = json.loads((out/'summary.json').read_text())
+    assert len(summary['rarity']['sentences']) == 5 and 'consistency_min' in summary['conditioning']
+
+def test_pipeline_refuses_bad_judges_before_training(tmp_path):
+    r = pipeline(tmp_path/'run', dict(SMALL, judges=32))
+    assert r.returncode != 0 and "field 'judges'" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path/'run'/'diffusion').exists()
+
+def test_check_judges(tmp_path):
+    with pytest.raises(PipelineError, match="'judges'"): check_judges('128', 64)
+    with pytest.raises(PipelineError, match='classifier128'): check_judges(128, 64, models=tmp_path)
+    for n in ('classifier128', 'segmenter128'): (tmp_path/n).mkdir()
+    assert check_judges(128, 64, models=tmp_path) == 128
+    with pytest.raises(PipelineError, match='at least image_size'): check_judges(128, 256, models=tmp_path)
+
+def test_rarity_study_config():
+    small = dict(ks=[20], n_synthetic=[0, 50], arms=['mix', 'unconditional', 'augment'], seeds=[0])
+    cfg = rarity_study_config(None, .25, **small)
+    assert cfg.runs() == [(20, 'real-only', 0, 0), (20, 'mix', 50, 0), (20, 'unconditional', 50, 0), (20, 'augment', 50, 0)]
+    assert cfg.test_fraction == .25
+    assert rarity_study_config({'seeds': [0, 1]}, .25, **small).seeds == (0, 1)
+    full = rarity_study_config(ROOT/'configs'/'rarity.yaml', .25)       # the full study, as a path
+    assert full.ks == (20, 50) and len(full.runs()) > len(cfg.runs())
+    with pytest.raises(PipelineError, match="'test_fraction'"): rarity_study_config(ROOT/'configs'/'rarity.yaml', .1)
+    with pytest.raises(PipelineError, match="'rarity_config'"): rarity_study_config(7, .25)
+
+def test_evidence_and_rarity_sentences():
+    assert evidence([41, 13, 1], [False, True, True], 'real positives') == ['41 real positives', '13 real positives: too few to conclude', '1 real positive: too few to conclude']
+    t = pd.DataFrame(dict(eval_set=['test'] * 6 + ['test PA'], k=20, n=[0, 50, 50, 0, 50, 50, 50],
+                          finding=['nodule'] * 3 + ['effusion'] * 4, arm=['real-only', 'mix', 'augment'] * 2 + ['mix'],
+                          test_pos=[4, 4, 4, 60, 60, 60, 30], auroc_diff=[np.nan, .1, 0, np.nan, -.08, .01, .2],
+                          p_holm=[np.nan, .2, .9, np.nan, .004, .7, .01],
+                          verdict=['reference'] + ['too few to conclude (4 test positives)'] * 2 + ['reference', 'loss',
+                                   'no significant difference', 'gain']))
+    s = rarity_sentences(t, 20)
+    assert s[0].startswith('nodule: 4 test positives: too few to conclude') and 'none of its 2 comparisons' in s[0]
+    assert s[1] == ('effusion: 60 test positives, enough to test: mix at n=50 (k=20): loss, AUROC -0.080, Holm p 0.004; '
+                    'the others: 1 no significant difference.')
+    s_nothing = rarity_sentences(t.assign(verdict=t.verdict.replace({'loss': 'no significant difference'})), 20)
+    assert s_nothing[1] == ("effusion: 60 test positives, enough to test: none of its 2 comparisons shows a significant difference "
+                            "after Holm's correction.")
+    s_untested = rarity_sentences(t.assign(verdict=t.verdict.replace({'loss': 'not tested'})), 20)
+    assert s_untested[1].endswith("after Holm's correction (1 not tested, 1 no significant difference).") or \
+           s_untested[1].endswith("after Holm's correction (1 no significant difference, 1 not tested).")
+    assert rarity_sentences(t, 20, 'test PA') == ['effusion: 30 test positives, enough to test: mix at n=50 (k=20): gain, AUROC +0.200, Holm p 0.01.']
 
 def test_markdown_table():
     assert markdown_table(pd.DataFrame({'x': [0.5]})) == '| x |\n|---|\n| 0.5 |'

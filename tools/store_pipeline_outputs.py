@@ -7,12 +7,19 @@ small with papermill) nor by the docs build, so its stored outputs come from a r
     .venv/bin/python tools/store_pipeline_outputs.py runs/pipeline/pipeline.ipynb
 
 Cells are matched by their source; papermill's injected-parameters cell is left out. Images larger than `--max-kb`
-are dropped (the figures are also in the run folder).
+are dropped (the figures are also in the run folder), and so is what a cell wrote to stderr (library warnings, not
+results). The stored outputs are shared with every reader of the docs: an output that still shows a path of this
+machine (the repository's absolute path or the user's home) is refused, naming the cell.
 """
 import argparse, json, sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+def machine_paths(output: dict) -> list:
+    "The machine-specific paths (this repository's absolute path, the home folder) an output's text shows."
+    text = json.dumps({k: v for k, v in output.get('data', {}).items() if not k.startswith('image/')}) + json.dumps(output.get('text', ''))
+    return [p for p in {str(ROOT), str(Path.home())} if p not in ('', '/') and p in text]
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,8 +39,11 @@ def main():
         outs = []
         for o in outputs[src(c)]:
             if o.get('output_type') == 'error': sys.exit(f'the run failed in a cell: {o.get("ename")}: {o.get("evalue")}')
+            if o.get('output_type') == 'stream' and o.get('name') == 'stderr': continue
             png = o.get('data', {}).get('image/png')
             if png and len(png) * 3 / 4 / 1024 > a.max_kb: continue
+            bad = machine_paths(o)
+            if bad: sys.exit(f'an output of the cell starting {src(c)[:60]!r} shows a path of this machine ({bad[0]}); use _shown(...)')
             outs.append(o)
         c['outputs'], n = outs, n + 1
     nb_path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + '\n')
