@@ -12,15 +12,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import save_model, save_file, load_model, load_file
-from .core import CXRDataError, ConfigError, config_from_dict, default_device, resolve_path
+from .core import CXRDataError, ConfigError, atomic_write, config_from_dict, default_device, resolve_path
 from .unet import UNetConfig, make_noise_scheduler
 from .conditioning import ConditioningConfig, ConditionalDenoiser
 
 # %% auto #0
 __all__ = ['CKPT_PREFIX', 'STATE_FILE', 'SIGNATURE_FILE', 'GENERATOR_FILE', 'DEFAULT_KIND', 'CheckpointError', 'list_checkpoints',
            'prune_checkpoints', 'checkpoint_folder', 'resolve_resume', 'rng_state', 'set_rng_state', 'safe_load',
-           'save_checkpoint', 'load_checkpoint', 'weights_file', 'load_weights', 'read_signature', 'generator_kind',
-           'load_denoiser']
+           'save_checkpoint', 'load_checkpoint', 'weights_file', 'load_weights', 'read_signature', 'generator_file',
+           'generator_kind', 'generator_defaults', 'recommend_defaults', 'load_denoiser']
 
 # %% ../nbs/09a_checkpoints.ipynb #6b1b4dfc
 CKPT_PREFIX = 'checkpoint-'
@@ -208,17 +208,38 @@ def read_signature(ckpt) -> dict:
         if not isinstance(d.get(k), dict): raise CheckpointError(str(f), k, 'section missing')
     return d
 
-def generator_kind(ckpt) -> str:
-    "What kind of generator a checkpoint (or model/run folder) is: `generator.json`'s `kind`, else 'pixel-diffusion'."
+def generator_file(ckpt) -> Path:
+    "The `generator.json` that describes a checkpoint, model or run folder (its newest checkpoint's); it may not exist."
     p = resolve_path(ckpt)
     if not (p/GENERATOR_FILE).exists():
         cks = list_checkpoints(p)
         p = cks[-1] if cks else p
-    f = p/GENERATOR_FILE
+    return p/GENERATOR_FILE
+
+def generator_kind(ckpt) -> str:
+    "What kind of generator a checkpoint (or model/run folder) is: `generator.json`'s `kind`, else 'pixel-diffusion'."
+    f = generator_file(ckpt)
     if not f.exists(): return DEFAULT_KIND
     kind = _read_json(f, 'the generator kind').get('kind')
     if not isinstance(kind, str) or not kind: raise CheckpointError(str(f), 'kind', f'{kind!r} must be a non-empty string')
     return kind
+
+def generator_defaults(ckpt) -> dict:
+    """The sampling options a model recommends (`generator.json`'s `defaults`, e.g. guidance scales chosen from a
+    measured curve), or {}. `load_generator` uses them wherever a caller does not set an option itself."""
+    f = generator_file(ckpt)
+    if not f.exists(): return {}
+    d = _read_json(f, 'the generator kind and defaults').get('defaults', {})
+    if not isinstance(d, dict): raise CheckpointError(str(f), 'defaults', f'{type(d).__name__}: must be a mapping of sampling options')
+    return d
+
+def recommend_defaults(folder, defaults: dict, why: str) -> Path:
+    "Record sampling `defaults` (and `why`: where they were measured) in the `generator.json` of a model `folder`, atomically."
+    f = resolve_path(folder)/GENERATOR_FILE
+    d = _read_json(f, 'the generator kind') if f.exists() else {'kind': DEFAULT_KIND}
+    d.update(defaults=dict(defaults), defaults_why=str(why))
+    with atomic_write(f) as tmp: _write_json(tmp, d)
+    return f
 
 def load_denoiser(checkpoint, use_ema: bool = True, device=None) -> tuple:
     "(model in eval mode, noise scheduler, checkpoint folder) of a pixel-diffusion checkpoint, model or run folder."

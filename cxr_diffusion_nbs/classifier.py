@@ -26,9 +26,9 @@ from .dataset import CXRDataset, Augment
 
 # %% auto #0
 __all__ = ['to_size', 'round_trip', 'check_low_res', 'low_res_augment', 'ClassifierError', 'ClassifierConfig', 'conv_block',
-           'CXRClassifier', 'masked_bce', 'positive_weights', 'collate', 'fit', 'train_classifier', 'load_images',
-           'predict_proba', 'image_features', 'predict', 'per_finding_auroc', 'save_model_folder', 'read_model_json',
-           'load_model_folder', 'save_classifier', 'load_classifier', 'shipped_classifier']
+           'CXRClassifier', 'masked_bce', 'label_weights', 'positive_weights', 'collate', 'fit', 'train_classifier',
+           'load_images', 'predict_proba', 'image_features', 'predict', 'per_finding_auroc', 'save_model_folder',
+           'read_model_json', 'load_model_folder', 'save_classifier', 'load_classifier', 'shipped_classifier']
 
 # %% ../nbs/15_classifier.ipynb #8f470ffa
 def to_size(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -139,12 +139,15 @@ def masked_bce(logits, labels, known, pos_weight=None) -> torch.Tensor:
     k = known.float()
     return (l * k).sum() / k.sum().clamp(min=1)
 
-def positive_weights(ds: CXRDataset, cap: float = 10.) -> torch.Tensor:
-    "Per finding: known negatives / known positives in the dataset's split (capped at `cap`; `cap` where no positive)."
-    raw = ds.images[list(ds.findings)].to_numpy(float)
+def label_weights(labels: np.ndarray, cap: float = 10.) -> torch.Tensor:
+    "Per column of `labels` (N, F; 1, 0 or NaN = unknown): known negatives / known positives, clipped to [1, `cap`] (`cap` where no positive)."
+    raw = np.asarray(labels, dtype=float)
     pos, neg = np.nansum(raw == 1, 0), np.nansum(raw == 0, 0)
-    w = np.where(pos > 0, neg / np.maximum(pos, 1), cap)
-    return torch.tensor(np.clip(w, 1., cap), dtype=torch.float32)
+    return torch.tensor(np.clip(np.where(pos > 0, neg / np.maximum(pos, 1), cap), 1., cap), dtype=torch.float32)
+
+def positive_weights(ds: CXRDataset, cap: float = 10.) -> torch.Tensor:
+    "`label_weights` of the dataset's split: the BCE `pos_weight` per finding."
+    return label_weights(ds.images[list(ds.findings)].to_numpy(float), cap)
 
 # %% ../nbs/15_classifier.ipynb #4bcaa872
 def collate(items: list, device=None) -> dict:

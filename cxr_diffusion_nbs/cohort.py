@@ -26,6 +26,7 @@ from .image_io import to_uint8, write_png, write_dicom
 from .manifest import (Manifest, load_shared_subset, IMAGE_COLUMNS, ANNOTATION_COLUMNS, empty_annotations,
                                         mix_real_synthetic)
 from .dataset import CXRDataset, affine_pair
+from .splits import with_held_out_test
 from .conditioning import CONDITION_NAMES
 from .sampling import SamplingError, SYNTHETIC_NOTE, load_generator
 
@@ -49,17 +50,19 @@ class CohortConfig:
     max_per_finding: int | None = None          # with balance: cap on the synthetic images per finding
     data_root: str | None = None                # real data the conditions come from (None: core.find_data_root())
     split: str = 'train'                        # donors come from this split only (never from val/test)
+    test_fraction: float = 0.25                 # the training patients held out as 'test' first (as the demo model and the
+                                                # rarity study do: `splits.with_held_out_test`), so no test patient is a donor
     co_occurring: bool = True                   # keep the donor's other findings (real combinations); False: one finding
     shift: float = 0.06                         # max mask translation, fraction of the image size
     rotate: float = 10.0                        # max mask rotation, degrees
     lesion_scale: tuple = (0.85, 1.15)          # lesion size range: linear scale factor of the donor mask
     min_inside: float = 0.9                     # a moved mask must keep this fraction inside the finding's region
-    severity: float | None = None               # label guidance scale (1 = as in the data, >1 pronounced); None: no label guidance
+    severity: float | None = None               # label guidance scale (1 = as in the data, >1 pronounced); None: as `guidance`
     sampler: str = 'dpmpp'                      # 'ddpm' | 'ddim' | 'dpmpp'
     steps: int = 20
     eta: float = 0.0
-    guidance: dict = field(default_factory=dict)  # per-condition CFG scales, e.g. {'mask': 1.5}
-    guidance_mode: str = 'compositional'
+    guidance: dict | None = None                # per-condition CFG scales, e.g. {'mask': 1.5}; None: the model's recommended
+    guidance_mode: str | None = None            # (its generator.json defaults, `checkpoints.generator_defaults`); {}: no guidance
     seed: int = 0
     batch_size: int = 8
     dicom: bool = False                         # also write DICOM Secondary Capture files
@@ -70,7 +73,7 @@ class CohortConfig:
         if isinstance(self.lesion_scale, (int, float)): self.lesion_scale = (float(self.lesion_scale),) * 2
         self.lesion_scale = tuple(float(v) for v in self.lesion_scale)
         self.counts = {canonical_finding(k): v for k, v in dict(self.counts or {}).items()}
-        self.guidance = dict(self.guidance or {})
+        self.guidance = None if self.guidance is None else dict(self.guidance)
 
     @classmethod
     def from_dict(cls, d: dict, source: str = '<config>') -> 'CohortConfig':
@@ -278,28 +281,35 @@ def _validate(cfg: CohortConfig, source: str):
               ('shift', 0 <= cfg.shift <= .5, 'must be in [0, 0.5]'), ('rotate', 0 <= cfg.rotate <= 180, 'must be in [0, 180] degrees'),
               ('lesion_scale', len(cfg.lesion_scale) == 2 and 0 < cfg.lesion_scale[0] <= cfg.lesion_scale[1], 'must be (low, high) with 0 < low <= high'),
               ('min_inside', 0 <= cfg.min_inside <= 1, 'must be in [0, 1]'),
-              ('max_per_finding', cfg.max_per_finding is None or cfg.max_per_finding >= 0, 'must be >= 0')]
+              ('max_per_finding', cfg.max_per_finding is None or cfg.max_per_finding >= 0, 'must be >= 0'),
+              ('test_fraction', isinstance(cfg.test_fraction, (int, float)) and 0 <= cfg.test_fraction < 1, 'must be in [0, 1)')]
     for name, ok, problem in checks:
         if not ok: raise CohortError(source, name, f'{getattr(cfg, name)!r} {problem}')
-    if cfg.severity is not None and 'labels' in cfg.guidance:
+    if cfg.split == 'test': raise CohortError(source, 'split', "'test': test patients are never donors (the classifiers are evaluated on them)")
+    if cfg.severity is not None and 'labels' in (cfg.guidance or {}):
         raise CohortError(source, 'severity', "is the labels guidance scale; do not also set guidance.labels")
 
-def cohort_guidance(cfg: CohortConfig) -> dict:
-    "The per-condition guidance scales a cohort samples with (`severity` is the labels scale)."
-    g = dict(cfg.guidance)
+def cohort_guidance(cfg: CohortConfig, recommended: dict | None = None) -> dict | None:
+    """The per-condition guidance scales a cohort asks for (`severity` is the labels scale, over `recommended`, the
+    model's own, when `guidance` is None); None: none asked, the model's recommended scales apply."""
+    if cfg.guidance is None and cfg.severity is None: return None
+    g = dict(cfg.guidance if cfg.guidance is not None else (recommended or {}))
     if cfg.severity is not None: g['labels'] = float(cfg.severity)
     return g
 
 def generator_options(cfg: CohortConfig, gen, source: str = '<config>') -> dict:
-    "The options a cohort passes to `gen.generate`, checked by the generator once; errors name the cohort's field."
-    opts = dict(sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, guidance=cohort_guidance(cfg), guidance_mode=cfg.guidance_mode,
-                mixed_precision=cfg.mixed_precision)
-    try: gen.check_options(source, **opts)
+    """The options a cohort passes to `gen.generate`, resolved over the model's recommended defaults and checked by the
+    generator once (what the images' provenance records); errors name the cohort's field."""
+    opts = dict(sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, mixed_precision=cfg.mixed_precision)
+    g = cohort_guidance(cfg, gen.defaults.get('guidance'))
+    if g is not None: opts['guidance'] = g
+    if cfg.guidance_mode is not None: opts['guidance_mode'] = cfg.guidance_mode
+    try: checked = gen.check_options(source, **opts)
     except SamplingError as e:
         f = e.field
         f = 'severity' if f == 'labels' and cfg.severity is not None else f'guidance.{f}' if f in CONDITION_NAMES else f
         raise CohortError(source, f, e.problem) from None
-    return opts
+    return {k: checked[k] for k in ('sampler', 'steps', 'eta', 'guidance', 'guidance_mode', 'mixed_precision')}
 
 def plan_batch(rows: pd.DataFrame, pool: DonorPool, cfg: CohortConfig) -> tuple[torch.Tensor, list]:
     "Labels (n, F) and per-finding masks of a batch of planned images: (F, S, S) each, None where the plan uses no mask."
@@ -314,7 +324,7 @@ def build_cohort(cfg: CohortConfig | dict, source: str = '<config>', progress: b
     _validate(cfg, source)
     gen = load_generator(cfg.checkpoint, device=cfg.device)
     opts = generator_options(cfg, gen, source)
-    manifest = load_real_manifest(cfg.data_root)
+    manifest = with_held_out_test(load_real_manifest(cfg.data_root), cfg.test_fraction)
     if cfg.split not in set(manifest.images['split']):
         raise CohortError(manifest.origin or manifest.name, 'split', f"no {cfg.split!r} images; found {sorted(set(manifest.images['split']))}")
     pool = DonorPool(manifest, gen.findings, gen.image_size, cfg.split)
@@ -323,7 +333,8 @@ def build_cohort(cfg: CohortConfig | dict, source: str = '<config>', progress: b
     if not len(plan): raise CohortError(source, 'counts', 'the request amounts to 0 images')
     plan_csv = plan.to_csv(index=False)
     model_sha, ck = gen.model_sha256(), gen.checkpoint
-    identity = dict(cfg.identity(), model_sha256=model_sha, plan_sha256=hashlib.sha256(plan_csv.encode()).hexdigest())
+    identity = dict(cfg.identity(), model_sha256=model_sha, plan_sha256=hashlib.sha256(plan_csv.encode()).hexdigest(),
+                    options={k: v for k, v in opts.items() if k != 'mixed_precision'})
     out = Path(cfg.output_dir)
     resuming = check_output_dir(out, identity)
     # -- nothing was written before this line --
@@ -382,7 +393,7 @@ def write_cohort_manifest(out) -> Manifest:
     missing = [i for i in plan['image_id'] if i not in done]
     if missing: raise CohortError(str(out/'records.jsonl'), 'image_id', f'{len(missing)} planned image(s) not generated yet, e.g. {missing[0]}; run build_cohort again to finish')
     req, findings, ident = meta['request'], meta['findings'], meta['identity']
-    g = cohort_guidance(CohortConfig.from_dict(req))
+    used = ident.get('options') or dict(req, guidance=cohort_guidance(CohortConfig.from_dict(req)) or {})   # resolved options (older cohorts: the request)
     rows, anns = [], []
     for _, r in plan.iterrows():
         rec, lab = done[r['image_id']], json.loads(r['labels'])
@@ -390,8 +401,8 @@ def write_cohort_manifest(out) -> Manifest:
                    view=r['donor_view'], split='train', width=np.nan, height=np.nan)
         row.update({f: float(v) for f, v in zip(findings, lab)})
         row.update(synthetic=1, target_finding=r['target_finding'], donor_image_id=r['donor_image_id'], seed=int(r['seed']),
-                   sampler=req['sampler'], steps=req['steps'], eta=req['eta'], guidance=json.dumps(g),
-                   guidance_mode=req['guidance_mode'], mask_used=int(bool(r['use_mask'])), mask_jitter=r['jitter'],
+                   sampler=used['sampler'], steps=used['steps'], eta=used['eta'], guidance=json.dumps(used['guidance']),
+                   guidance_mode=used['guidance_mode'], mask_used=int(bool(r['use_mask'])), mask_jitter=r['jitter'],
                    model_sha256=ident['model_sha256'], checkpoint=meta['checkpoint'], dicom_path=rec['dicom_path'],
                    config=json.dumps(CohortConfig.from_dict(req).identity()))
         rows.append(row)

@@ -75,6 +75,19 @@ class Augment:
                     tx=rng.uniform(-self.translate, self.translate) * 2, ty=rng.uniform(-self.translate, self.translate) * 2,
                     flip=bool(self.hflip and rng.random() < .5))
 
+    def batch(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        "The same kind of affine for a batch of images (N, C, H, W), one draw per image from `g` (bilinear, border padding)."
+        N = len(x)
+        u = lambda: torch.rand(N, generator=g)
+        a = torch.deg2rad((u() * 2 - 1) * self.rotate)
+        s = self.scale[0] + (self.scale[1] - self.scale[0]) * u()
+        tx, ty = (u() * 2 - 1) * self.translate * 2, (u() * 2 - 1) * self.translate * 2
+        sx = torch.where(u() < .5, -1., 1.) if self.hflip else torch.ones(N)
+        theta = torch.stack([torch.stack([a.cos() / s * sx, -a.sin() / s, tx], 1),
+                             torch.stack([a.sin() / s * sx, a.cos() / s, ty], 1)], 1)
+        grid = F.affine_grid(theta.to(x.device, x.dtype), tuple(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode='bilinear', padding_mode='border', align_corners=False)
+
 def affine_pair(image: torch.Tensor, masks: torch.Tensor, angle=0., scale=1., tx=0., ty=0., flip=False):
     "Apply one affine transform to `image` (C,H,W; bilinear, border padding) and `masks` (M,H,W; nearest, zero padding)."
     c, s = math.cos(angle) / scale, math.sin(angle) / scale

@@ -23,18 +23,18 @@ from .manifest import Manifest
 from .splits import with_held_out_test, check_no_leakage
 from .dataset import affine_pair, Augment
 from .cohort import CohortConfig, DonorPool, plan_cohort, plan_conditions
-from .classifier import CXRClassifier, fit, load_images, predict_proba, to_size
+from .classifier import CXRClassifier, fit, load_images, predict_proba, to_size, label_weights
 from .downstream import auroc, average_precision, bootstrap_ci, delong_test
+from .screening import ScreenedGenerator, load_screener
 
 # %% auto #0
 __all__ = ['ARMS', 'POOL_KINDS', 'RarityError', 'RarityConfig', 'cap_positives', 'StudySet', 'real_sets', 'capped_manifest',
-           'synthetic_pool', 'take_per_finding', 'classic_augment', 'augmented_positives', 'positive_weights_of',
-           'train_arm', 'sensitivity_at_specificity', 'evaluation_sets', 'arm_training_set', 'run_study',
-           'load_predictions', 'verdict', 'study_table', 'study_figure', 'real_vs_synthetic', 'summary_markdown',
-           'main']
+           'synthetic_pool', 'take_per_finding', 'classic_augment', 'augmented_positives', 'train_arm',
+           'sensitivity_at_specificity', 'evaluation_sets', 'arm_training_set', 'run_study', 'load_predictions',
+           'verdict', 'study_table', 'study_figure', 'real_vs_synthetic', 'summary_markdown', 'main']
 
 # %% ../nbs/19a_rarity.ipynb #3c4757d7
-ARMS = ('mix', 'unconditional', 'augment', 'pretrain', 'weighted', 'negatives')
+ARMS = ('mix', 'unconditional', 'augment', 'pretrain', 'weighted', 'negatives', 'screened')
 
 class RarityError(CXRDataError):
     "A rarity-study request that cannot run; the message names where and which field."
@@ -55,6 +55,7 @@ class RarityConfig:
     batch_size: int = 64
     lr: float = 3e-3
     synthetic_weight: float = 0.5       # the 'weighted' arm's loss weight of synthetic images
+    screen_candidates: int = 4          # the 'screened' arm: each image the best of this many by the shipped screener (17b_screening)
     specificity: float = 0.8            # sensitivity is reported at this specificity
     n_boot: int = 1000
     min_test_positives: int = 20        # fewer: "too few to conclude"
@@ -86,6 +87,8 @@ class RarityConfig:
         if max(self.n_synthetic) == 0 and self.arms: raise err('n_synthetic', 'only 0: no synthetic image to add (give a count > 0)')
         if not 0 < self.specificity < 1: raise err('specificity', f'{self.specificity} must be in (0, 1)')
         if not 0 < self.synthetic_weight <= 1: raise err('synthetic_weight', f'{self.synthetic_weight} must be in (0, 1]')
+        if isinstance(self.screen_candidates, bool) or not isinstance(self.screen_candidates, int) or self.screen_candidates < 2:
+            raise err('screen_candidates', f'{self.screen_candidates!r} must be an integer >= 2 (1 would be the mix arm)')
         for k in ('epochs', 'batch_size', 'width', 'sample_batch'):
             if int(getattr(self, k)) < 1: raise err(k, f'{getattr(self, k)} must be >= 1')
 
@@ -168,7 +171,7 @@ def real_sets(real: Manifest, cfg: RarityConfig) -> tuple[Manifest, StudySet, St
     return m, _real_set(m, 'train', cfg), _real_set(m, 'test', cfg)
 
 # %% ../nbs/19a_rarity.ipynb #94067a4b
-POOL_KINDS = ('conditional', 'unconditional', 'negative')
+POOL_KINDS = ('conditional', 'unconditional', 'negative', 'screened')
 
 def capped_manifest(m: Manifest, keep_ids) -> Manifest:
     "`m` with only the training images in `keep_ids` (other splits untouched), their annotations with them."
@@ -189,6 +192,7 @@ def synthetic_pool(gen, m: Manifest, cfg: RarityConfig, n: int, kind: str = 'con
     conditions from the training images of `m` (`capped_manifest`), at the classifier's size. Labels: as asked for the
     findings the generator models, NaN for the others."""
     if kind not in POOL_KINDS: raise RarityError('synthetic_pool', 'kind', f'{kind!r} is not one of {POOL_KINDS}')
+    if kind == 'screened': gen = ScreenedGenerator(gen, load_screener(), cfg.screen_candidates)   # plan and seeds as 'conditional'
     pool = DonorPool(m, gen.findings, gen.image_size, split='train')
     plan = _pool_plan(gen, pool, cfg, n, kind, seed)
     ccfg, F_ = CohortConfig(seed=seed), len(gen.findings)
@@ -260,20 +264,6 @@ class _Items(torch.utils.data.Dataset):
         return dict(image=self.s.images[i], labels=torch.from_numpy(np.nan_to_num(self.s.labels[i])).float(),
                     known=torch.from_numpy(self.known[i]), weight=torch.tensor(float(self.s.weights[i])))
 
-def _random_affine(x: torch.Tensor, g: torch.Generator, rotate: float = 5., scale=(.95, 1.05), shift: float = .03) -> torch.Tensor:
-    "The small per-image affine of `dataset.Augment`, for a whole batch at once (bilinear, border padding)."
-    N = len(x)
-    u = lambda: torch.rand(N, generator=g)
-    a, s = torch.deg2rad((u() * 2 - 1) * rotate), scale[0] + (scale[1] - scale[0]) * u()
-    theta = torch.stack([torch.stack([a.cos() / s, -a.sin() / s, (u() * 2 - 1) * shift * 2], 1),
-                         torch.stack([a.sin() / s, a.cos() / s, (u() * 2 - 1) * shift * 2], 1)], 1)
-    grid = F.affine_grid(theta.to(x.device, x.dtype), tuple(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode='bilinear', padding_mode='border', align_corners=False)
-
-def positive_weights_of(s: StudySet, cap: float = 10.) -> torch.Tensor:
-    "Per finding: known negatives / known positives of `s`, clipped to [1, `cap`] (`cap` where there is no positive)."
-    pos, neg = np.nansum(s.labels == 1, 0), np.nansum(s.labels == 0, 0)
-    return torch.tensor(np.clip(np.where(pos > 0, neg / np.maximum(pos, 1), cap), 1., cap), dtype=torch.float32)
 
 def train_arm(data: StudySet, cfg: RarityConfig, seed: int, pretrain: StudySet | None = None):
     "A classifier (eval mode) trained on `data` (after `pretrain`, if given) as described above."
@@ -282,9 +272,9 @@ def train_arm(data: StudySet, cfg: RarityConfig, seed: int, pretrain: StudySet |
     torch.manual_seed(seed)
     model = CXRClassifier(len(cfg.findings), cfg.width).to(dev)
     for stage in ([pretrain] if pretrain is not None and len(pretrain) else []) + [data]:
-        pw = positive_weights_of(stage).to(dev)
+        pw = label_weights(stage.labels).to(dev)
         def loss(m, b, pw=pw):
-            x = _random_affine(b['image'], g)
+            x = Augment().batch(b['image'], g)
             l = F.binary_cross_entropy_with_logits(m(x), b['labels'], reduction='none', pos_weight=pw)
             w = b['known'].float() * b['weight'][:, None]
             return (l * w).sum() / w.sum().clamp(min=1e-6)
@@ -314,7 +304,8 @@ def _identity(gen, cfg: RarityConfig, real: Manifest, external) -> dict:
                 external=None if external is None else external.name,
                 config={k: v for k, v in cfg.to_dict().items() if k not in _PLAN_FIELDS})
 
-_PLAN_FIELDS = ('ks', 'n_synthetic', 'arms', 'arm_n', 'seeds', 'device', 'n_boot', 'min_test_positives', 'specificity')
+_PLAN_FIELDS = ('ks', 'n_synthetic', 'arms', 'arm_n', 'seeds', 'device', 'n_boot', 'min_test_positives', 'specificity',
+                'screen_candidates')   # only the 'screened' pool depends on it, and its file name says how many
 
 def _save_set(s: StudySet, path: Path):
     with atomic_write(path) as tmp:
@@ -339,13 +330,14 @@ def _pools_needed(cfg: RarityConfig) -> dict:
         out['conditional'] = n_max if 'mix' in cfg.arms else n_arm
     if 'unconditional' in cfg.arms: out['unconditional'] = n_arm
     if 'negatives' in cfg.arms: out['negative'] = n_arm * len(cfg.findings)
+    if 'screened' in cfg.arms: out['screened'] = n_arm
     return out
 
 def arm_training_set(arm: str, n: int, train: StudySet, pools: dict, cfg: RarityConfig, seed: int) -> tuple[StudySet, StudySet | None]:
     "(training set, pretraining set or None) of one arm at `n` synthetic images per finding."
     if arm == 'real-only' or n == 0: return train, None
     if arm == 'augment': return StudySet.concat([train, augmented_positives(train, cfg.findings, n, seed)]), None
-    syn = take_per_finding(pools['unconditional' if arm == 'unconditional' else 'conditional'], n)
+    syn = take_per_finding(pools[arm if arm in ('unconditional', 'screened') else 'conditional'], n)
     if arm == 'pretrain': return train, syn
     if arm == 'weighted':
         syn = dataclasses.replace(syn, weights=np.full(len(syn), cfg.synthetic_weight))
@@ -383,7 +375,8 @@ def run_study(gen, real: Manifest, cfg: RarityConfig, out_dir, external: Manifes
     donors = train_all.take(np.flatnonzero(cap_positives(train_all.labels, k0, s0)))
     mk, pools = capped_manifest(m, donors.facts['image_id']), {}
     for kind, n in _pools_needed(cfg).items():
-        pools[kind] = _stored_set(out/'pools'/f'donors_k{k0}_seed{s0}_{kind}_n{n}.safetensors',
+        name = f'{kind}{cfg.screen_candidates}' if kind == 'screened' else kind
+        pools[kind] = _stored_set(out/'pools'/f'donors_k{k0}_seed{s0}_{name}_n{n}.safetensors',
                                   lambda kind=kind, n=n: synthetic_pool(gen, mk, cfg, n, kind, seed=1000 + k0))
     rf = out/'realness.json'
     if 'conditional' in pools and not rf.exists():   # can a classifier tell the real training films from the synthetic pool?

@@ -22,7 +22,7 @@ from .image_io import read_image, to_uint8, write_png
 from .forward import predicted_x0
 from .conditioning import (GUIDANCE_MODES, ConditioningError, guided_prediction, check_guidance,
                                             check_guidance_mode, model_inputs)
-from .checkpoints import generator_kind, load_denoiser, weights_file
+from .checkpoints import generator_kind, generator_defaults, generator_file, load_denoiser, weights_file
 
 # %% auto #0
 __all__ = ['SAMPLERS', 'SAMPLER_LABELS', 'DEFAULT_STEPS', 'MIXED_PRECISION', 'STEP_SEED_OFFSET', 'GENERATOR_KINDS',
@@ -274,9 +274,19 @@ class PixelDiffusionGenerator:
 
     @classmethod
     def load(cls, path, device=None) -> 'PixelDiffusionGenerator':
-        "Open a pixel-diffusion checkpoint, model or run folder (`checkpoints.load_denoiser`, EMA weights if present)."
+        """Open a pixel-diffusion checkpoint, model or run folder (`checkpoints.load_denoiser`, EMA weights if present),
+        with the sampling options it recommends (`checkpoints.generator_defaults`) as its defaults, each checked."""
         model, noise_scheduler, ck = load_denoiser(path, device=device)
-        return cls(model, noise_scheduler, ck, weights_file(ck))
+        gen = cls(model, noise_scheduler, ck, weights_file(ck))
+        rec = generator_defaults(path)
+        if rec:
+            where = str(generator_file(path))
+            unknown = [k for k in rec if k not in gen.options or k == 'progress']
+            if unknown: raise SamplingError(where, f'defaults.{unknown[0]}', 'is not a sampling option' + suggest(unknown[0], gen.options))
+            try: gen.check_options(where, **rec)
+            except SamplingError as e: raise SamplingError(where, f'defaults.{e.field}', e.problem) from None
+            gen.defaults.update(rec)
+        return gen
 
     findings = property(lambda self: tuple(self.model.cond_cfg.findings), doc='The finding names labels and per-finding masks refer to, in order.')
     image_size = property(lambda self: int(self.model.unet_cfg.image_size), doc='Side S of the (S, S) images it draws.')
@@ -384,8 +394,8 @@ def main(argv=None):
     p.add_argument('--n', type=int, default=4); p.add_argument('--seed', type=int, default=0)
     p.add_argument('--sampler', default='dpmpp', choices=SAMPLERS); p.add_argument('--steps', type=int)
     p.add_argument('--eta', type=float, default=0.)
-    p.add_argument('--guidance', help='per-condition scales, e.g. labels=2,mask=1')
-    p.add_argument('--guidance-mode', default='compositional', choices=GUIDANCE_MODES)
+    p.add_argument('--guidance', help="per-condition scales, e.g. labels=2,mask=1 ('none': no guidance; default: the model's recommended)")
+    p.add_argument('--guidance-mode', choices=GUIDANCE_MODES, help="default: the model's recommended")
     p.add_argument('--output', default='runs/samples')
     p.add_argument('--device'); p.add_argument('--bf16', action='store_true')
     a = p.parse_args(argv)
@@ -394,8 +404,10 @@ def main(argv=None):
         gen = load_generator(a.checkpoint, device=a.device)
         findings = [canonical_finding(f) for f in a.finding]
         mask = _read_mask(a.mask, gen.image_size) if a.mask else None
-        opts = dict(sampler=a.sampler, steps=a.steps, eta=a.eta, guidance=_parse_scales(a.guidance), guidance_mode=a.guidance_mode,
-                    mixed_precision='bf16' if a.bf16 else 'no')
+        opts = dict(sampler=a.sampler, steps=a.steps, eta=a.eta, mixed_precision='bf16' if a.bf16 else 'no')
+        if a.guidance is not None: opts['guidance'] = {} if a.guidance.strip().lower() == 'none' else _parse_scales(a.guidance)
+        if a.guidance_mode is not None: opts['guidance_mode'] = a.guidance_mode
+        opts = {k: v for k, v in gen.check_options('cxr-sample', **opts).items() if k != 'progress'}   # resolved: what the images record
         seeds = image_seeds(a.seed, a.n)
         images = gen.generate(masks=mask, seed=seeds, findings=[findings] * a.n if findings else None, progress=True, **opts)
     except CXRDataError as e:
@@ -403,7 +415,6 @@ def main(argv=None):
         raise SystemExit(2)
     prov = dict(gen.provenance(), checkpoint=shareable_path(a.checkpoint), **opts, findings=findings,
                 mask=shareable_path(a.mask) if a.mask else None)
-    prov['steps'] = a.steps or DEFAULT_STEPS[a.sampler]
     files = write_samples(a.output, images, seeds, prov)
     print(json.dumps(dict(output=str(a.output), files=len(files)), indent=1))
 

@@ -27,7 +27,8 @@ def test_generate_shape_range_and_equals_sample(gen):
     imgs = gen.generate(findings='nodule', masks=box, seed=[3, 4], steps=4)
     assert imgs.shape == (2, 1, 64, 64) and imgs.dtype == torch.float32 and -1 <= imgs.min() and imgs.max() <= 1
     conds = model_inputs(gen.model, 2, findings='nodule', masks=box)
-    assert torch.equal(imgs, sample(gen.model, gen.noise_scheduler, conds, sampler='dpmpp', steps=4, seed=[3, 4]).images)
+    rec = {k: gen.defaults[k] for k in ('guidance', 'guidance_mode')}        # the model's recommended guidance (generator.json)
+    assert torch.equal(imgs, sample(gen.model, gen.noise_scheduler, conds, sampler='dpmpp', steps=4, seed=[3, 4], **rec).images)
     one = gen.generate(findings='nodule', masks=box, seed=4, steps=4)        # an image depends on its seed alone
     torch.testing.assert_close(one[0], imgs[1], atol=1e-4, rtol=0)
 
@@ -71,3 +72,22 @@ def test_unknown_kind_and_missing_path(tmp_path):
     with pytest.raises(CXRDataError, match='does not exist'): load_generator(tmp_path/'nope')
     (tmp_path/'gan').mkdir(); (tmp_path/'gan'/'generator.json').write_text(json.dumps({'kind': 'gan'}))
     with pytest.raises(SamplingError, match="'kind'"): load_generator(tmp_path/'gan')
+
+def test_recommended_defaults_are_loaded_and_checked(tmp_path):
+    import shutil
+    from cxr_diffusion_nbs.checkpoints import recommend_defaults, generator_defaults
+    m = tmp_path/'model'; shutil.copytree(DEMO, m)
+    recommend_defaults(m, {'guidance': {'labels': 2.5}, 'guidance_mode': 'nested', 'steps': 12}, 'a test')
+    assert json.loads((m/'generator.json').read_text())['defaults_why'] == 'a test'
+    g = load_generator(m, device='cpu')
+    assert g.defaults['guidance'] == {'labels': 2.5} and g.defaults['steps'] == 12 and g.defaults['guidance_mode'] == 'nested'
+    assert generator_defaults(m)['steps'] == 12
+    a = g.generate(findings='mass', seed=1, steps=2)
+    b = g.generate(findings='mass', seed=1, steps=2, guidance={'labels': 2.5})
+    c = g.generate(findings='mass', seed=1, steps=2, guidance={})                  # a caller's option wins
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    for bad, field in (({'guidance': {'text': 2}}, 'defaults.text'), ({'sampler': 'euler'}, 'defaults.sampler'),
+                       ({'stepz': 3}, 'defaults.stepz')):
+        recommend_defaults(m, bad, 'broken')
+        with pytest.raises(SamplingError, match=field) as e: load_generator(m, device='cpu')
+        assert 'generator.json' in str(e.value)

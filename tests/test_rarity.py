@@ -5,7 +5,8 @@ from cxr_diffusion_nbs.core import ConfigError, project_root, sample_data_root
 from cxr_diffusion_nbs.manifest import load_shared_subset
 from cxr_diffusion_nbs.rarity import (RarityConfig, RarityError, StudySet, cap_positives, sensitivity_at_specificity, _holm,
                                       verdict, arm_training_set, augmented_positives, take_per_finding, train_arm,
-                                      real_sets, run_study, study_table, load_predictions, summary_markdown, main)
+                                      real_sets, run_study, study_table, load_predictions, summary_markdown, main,
+                                      _pools_needed)
 from cxr_diffusion_nbs.sampling import load_generator
 
 F5 = ('pneumothorax', 'nodule', 'mass', 'effusion', 'cardiomegaly')
@@ -64,6 +65,13 @@ def test_arm_training_sets():
     assert len(aug) == 10 + 3 * 5 and (aug.facts.synthetic == 0).all()
     assert arm_training_set('mix', 0, train, pools, cfg, 0)[0] is train
     assert len(take_per_finding(cond, 1)) == 5
+    scr = _set(20, cond.labels, 1, tgt); pools['screened'] = scr
+    sc, _ = arm_training_set('screened', 2, train, pools, cfg, 0)
+    assert len(sc) == 10 + 2 * 5
+    from_pool = lambda pool: [any(torch.equal(x, y) for y in pool.images) for x in sc.images[10:]]
+    assert all(from_pool(scr)) and not any(from_pool(cond))          # the screened arm draws on the screened pool only
+    assert _pools_needed(dataclasses.replace(cfg, arms=('screened',)))['screened'] == 4
+    with pytest.raises(ConfigError, match='screen_candidates'): RarityConfig(screen_candidates=1)
 
 def test_train_arm_learns_a_visible_finding():
     g = torch.Generator().manual_seed(0)
