@@ -353,12 +353,13 @@ def build_cohort(cfg: CohortConfig | dict, source: str = '<config>', progress: b
     if progress:
         bar = tqdm(total=len(plan), initial=len(plan) - len(todo), desc='synthetic images', unit='img')
     rec_opts = {k: opts[k] for k in ('sampler', 'steps', 'eta', 'guidance', 'guidance_mode')}
+    call = {k: v for k, v in opts.items() if not (k == 'guidance' and cohort_guidance(cfg) is None)}   # the model's own scales: per request
     # batches are fixed slices of the plan, so a resumed run computes exactly what an uninterrupted one did
     for b in range(0, len(plan), cfg.batch_size):
         rows = plan.iloc[b:b + cfg.batch_size]
         if rows['image_id'].isin(set(done)).all(): continue
         labels, masks = plan_batch(rows, pool, cfg)
-        images = gen.generate(labels=labels, masks=masks if gen.mask_mode else None, seed=[int(s) for s in rows['seed']], **opts)
+        images = gen.generate(labels=labels, masks=masks if gen.mask_mode else None, seed=[int(s) for s in rows['seed']], **call)
         for j, (_, r) in enumerate(rows.iterrows()):
             iid = r['image_id']
             if iid in done: continue

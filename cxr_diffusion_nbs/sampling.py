@@ -321,6 +321,9 @@ class PixelDiffusionGenerator:
         if n is None and not isinstance(seed, (int, np.integer)): n = len(seed)
         if n is None and all(v is None for v in (labels, masks, findings, text)): n = 1
         conds = self.inputs(labels, masks, findings=findings, text=text, n=n)
+        if 'guidance' not in options:               # recommended scales apply to the conditions this request has
+            have = {'labels': 'labels', 'mask': 'mask', 'text': 'text_emb'}
+            o['guidance'] = {k: v for k, v in o['guidance'].items() if conds.get(have.get(k, k)) is not None}
         return sample(self.model, self.noise_scheduler, conds, n=n, seed=seed, **o).images
 
     def model_sha256(self) -> str:
