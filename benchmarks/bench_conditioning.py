@@ -60,6 +60,8 @@ def main(argv=None):
     p.add_argument('--n-per-finding', type=int, default=0, help='top every rare finding up to this many synthetic positives')
     p.add_argument('--sampler', default='dpmpp', choices=SAMPLERS)
     p.add_argument('--steps', type=int, default=20)
+    p.add_argument('--mixed-precision', default='no', choices=['no', 'bf16'],
+                   help='bf16: sample under bfloat16 autocast (1.5-2x faster on a CPU with native bf16; not bit-exact)')
     p.add_argument('--guidance', default='', help="per-condition scales, e.g. labels=3,mask=1; 'none': no guidance (default: the generator's recommended)")
     p.add_argument('--guidance-mode', default=None, choices=GUIDANCE_MODES, help="default: the generator's own")
     p.add_argument('--screen', type=int, default=1, help='candidates per request, the best kept by the screener (screening.ScreenedGenerator; 1 = none)')
@@ -68,6 +70,7 @@ def main(argv=None):
     p.add_argument('--batch', type=int, default=32)
     p.add_argument('--min-positives', type=int, default=20, help='fewer real positives / lesion images: "too few to conclude"')
     p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--progress', action='store_true', help='print a line per batch drawn (for long runs such as DDPM 1000 steps)')
     p.add_argument('--record', help='append the summary as a row to this CSV (the experiments table of nbs/17a_condition_fidelity)')
     p.add_argument('--label', default='', help='what the row is (with --record), e.g. "balanced draws"')
     a = p.parse_args(argv)
@@ -86,17 +89,18 @@ def run(a):
     if a.screen > 1: gen = ScreenedGenerator(gen, load_screener(a.screener), candidates=a.screen)
     judges = load_judges(a.judges, a.classifier, a.segmenter)
     opts = dict(sampler=a.sampler, steps=a.steps)
+    if a.mixed_precision != 'no': opts['mixed_precision'] = a.mixed_precision
     if a.guidance: opts['guidance'] = {} if a.guidance.strip().lower() == 'none' else _parse_scales(a.guidance)
     if a.guidance_mode: opts['guidance_mode'] = a.guidance_mode
     o = gen.check_options('bench_conditioning', **opts)
     print(f"generator: {shareable_path(resolve_path(a.checkpoint))} ({gen.kind}, {gen.image_size} px, conditions "
           f"{list(gen.conditions)}, mask {gen.mask_mode}) | {o['sampler']} {o['steps']} steps | guidance "
-          f"{o['guidance'] or 'none'} ({o['guidance_mode']}) | seed {a.seed} | torch threads {torch.get_num_threads()}"
+          f"{o['guidance'] or 'none'} ({o['guidance_mode']}) | {o['mixed_precision']} | seed {a.seed} | torch threads {torch.get_num_threads()}"
           + (f" | best of {a.screen} by {gen.judges.name}" if a.screen > 1 else ''))
     print(f"judges: {judges.name} ({judges.size} px) | real data: {real.name}, split {a.split!r}")
     t = time.perf_counter()
     r = measure(gen, real, a.split, judges, repeats=a.repeats, n_per_finding=a.n_per_finding, seed=a.seed, batch=a.batch,
-                min_positives=a.min_positives, **opts)
+                min_positives=a.min_positives, progress=_progress(t) if a.progress else None, **opts)
     print(f"{len(r.synthetic)} synthetic images drawn and judged in {time.perf_counter() - t:.0f} s")
 
     c = r.consistency
@@ -142,11 +146,20 @@ def run(a):
           + (f"; * too few to conclude: {', '.join(s['too_few'])}" if s['too_few'] else ''))
 
 
+def _progress(t0):
+    "A `measure` progress callback printing images drawn, elapsed time and an estimate of the rest."
+    def show(done, total):
+        dt = time.perf_counter() - t0
+        print(f"  drawn {done}/{total} in {dt:.0f} s (about {dt / done * (total - done):.0f} s left)", flush=True)
+    return show
+
+
 def record(a, gen, o, judges, real, r, s):
     "Append this run's summary to the CSV `a.record` (written atomically)."
     import datetime, pandas as pd
     from cxr_diffusion_nbs.core import atomic_write
     row = dict(label=a.label, checkpoint=shareable_path(resolve_path(a.checkpoint)), screen=a.screen, sampler=o['sampler'], steps=o['steps'],
+               mixed_precision=o['mixed_precision'],
                guidance=json.dumps(o['guidance']), guidance_mode=o['guidance_mode'], judges=judges.size, data=real.name,
                split=a.split, donors=len(set(r.donors.tolist())),
                images=len(r.synthetic), seed=a.seed, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items() if k != 'too_few'},

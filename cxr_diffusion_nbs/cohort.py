@@ -33,8 +33,8 @@ from .sampling import SamplingError, SYNTHETIC_NOTE, load_generator
 # %% auto #0
 __all__ = ['CohortError', 'CohortConfig', 'DonorPool', 'move_masks', 'jitter_mask', 'target_counts', 'image_seed', 'plan_cohort',
            'plan_conditions', 'write_synthetic_dicom', 'check_output_dir', 'read_records', 'load_real_manifest',
-           'cohort_guidance', 'generator_options', 'plan_batch', 'build_cohort', 'write_cohort_manifest', 'load_cohort',
-           'load_cohort_config', 'main']
+           'cohort_guidance', 'image_guidance', 'generator_options', 'plan_batch', 'build_cohort',
+           'write_cohort_manifest', 'load_cohort', 'load_cohort_config', 'main']
 
 # %% ../nbs/14_cohort.ipynb #704c355f
 class CohortError(CXRDataError):
@@ -297,6 +297,11 @@ def cohort_guidance(cfg: CohortConfig, recommended: dict | None = None) -> dict 
     if cfg.severity is not None: g['labels'] = float(cfg.severity)
     return g
 
+def image_guidance(guidance: dict, mask_used: bool) -> dict:
+    """The scales that acted on one image: an image drawn without a mask has its mask dropped (conditional = unconditional
+    for the mask), so a mask scale does nothing to it and its provenance does not claim one."""
+    return {k: v for k, v in guidance.items() if mask_used or k != 'mask'}
+
 def generator_options(cfg: CohortConfig, gen, source: str = '<config>') -> dict:
     """The options a cohort passes to `gen.generate`, resolved over the model's recommended defaults and checked by the
     generator once (what the images' provenance records); errors name the cohort's field."""
@@ -363,7 +368,8 @@ def build_cohort(cfg: CohortConfig | dict, source: str = '<config>', progress: b
         for j, (_, r) in enumerate(rows.iterrows()):
             iid = r['image_id']
             if iid in done: continue
-            prov = dict(image_id=iid, synthetic=1, model_sha256=model_sha, checkpoint=shareable_path(ck), seed=int(r['seed']), **rec_opts,
+            prov = dict(image_id=iid, synthetic=1, model_sha256=model_sha, checkpoint=shareable_path(ck), seed=int(r['seed']),
+                        **dict(rec_opts, guidance=image_guidance(rec_opts['guidance'], bool(r['use_mask']))),
                         target_finding=r['target_finding'], donor_image_id=r['donor_image_id'], labels=json.loads(r['labels']),
                         mask_used=bool(r['use_mask']), mask_jitter=json.loads(r['jitter']), package=f'cxr_diffusion_nbs {__version__}')
             px = to_uint8(images[j, 0])
@@ -402,7 +408,7 @@ def write_cohort_manifest(out) -> Manifest:
                    view=r['donor_view'], split='train', width=np.nan, height=np.nan)
         row.update({f: float(v) for f, v in zip(findings, lab)})
         row.update(synthetic=1, target_finding=r['target_finding'], donor_image_id=r['donor_image_id'], seed=int(r['seed']),
-                   sampler=used['sampler'], steps=used['steps'], eta=used['eta'], guidance=json.dumps(used['guidance']),
+                   sampler=used['sampler'], steps=used['steps'], eta=used['eta'], guidance=json.dumps(image_guidance(used['guidance'], bool(r['use_mask']))),
                    guidance_mode=used['guidance_mode'], mask_used=int(bool(r['use_mask'])), mask_jitter=r['jitter'],
                    model_sha256=ident['model_sha256'], checkpoint=meta['checkpoint'], dicom_path=rec['dicom_path'],
                    config=json.dumps(CohortConfig.from_dict(req).identity()))

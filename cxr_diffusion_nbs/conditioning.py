@@ -19,7 +19,7 @@ from .core import (RARE_FINDINGS, MASK_MODES, canonical_finding, CXRDataError, C
 from .unet import UNetConfig, build_unet, unet_preset
 
 # %% auto #0
-__all__ = ['CONDITION_NAMES', 'GUIDANCE_MODES', 'ConditioningError', 'ConditioningConfig', 'FrozenTextEncoder',
+__all__ = ['CONDITION_NAMES', 'GUIDANCE_MODES', 'ConditioningError', 'ConditioningConfig', 'FrozenTextEncoder', 'level_injector',
            'ConditionalDenoiser', 'check_guidance_mode', 'check_guidance', 'guided_prediction', 'model_inputs',
            'batch_conditions', 'ellipse_mask', 'condition_tensors', 'show_conditions', 'conditioning_widget']
 
@@ -41,6 +41,7 @@ class ConditioningConfig:
     p_drop_text: float = 0.1
     text_dim: int = 384              # width of the text token embeddings (all-MiniLM-L6-v2: 384)
     null_text_tokens: int = 4        # length of the learned null token sequence that replaces a dropped prompt
+    mask_every_level: bool = False   # also inject the mask at every U-Net level (ControlNet-style zero-initialised convs)
 
     def __post_init__(self):
         if isinstance(self.findings, str): self.findings = tuple(f.strip() for f in self.findings.split(',') if f.strip())
@@ -55,8 +56,10 @@ class ConditioningConfig:
             raise self._err('findings', 'is empty, but use_labels or per_finding masks need at least one finding')
         check_findings(self.findings, 'ConditioningConfig', 'findings', allow_empty=True)
         if self.mask_mode not in MASK_MODES: raise self._err('mask_mode', f'{self.mask_mode!r} is not one of {MASK_MODES}')
-        for n in ('use_labels', 'use_text'):
+        for n in ('use_labels', 'use_text', 'mask_every_level'):
             if not isinstance(getattr(self, n), bool): raise self._err(n, f'{getattr(self, n)!r} is not true or false')
+        if self.mask_every_level and self.mask_mode is None:
+            raise self._err('mask_every_level', 'is true, but mask_mode is None: there is no mask to inject')
         for n in ('p_drop_labels', 'p_drop_mask', 'p_drop_text'):
             p = getattr(self, n)
             if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
@@ -175,6 +178,13 @@ class FrozenTextEncoder:
 def _check(cond, where, field, problem):
     if not cond: raise ConditioningError(where, field, problem)
 
+def level_injector(mask_channels: int, channels: int, hidden: int = 32) -> nn.Sequential:
+    """Step 4's per-level network: mask channels -> a 3x3 conv, SiLU -> a zero-initialised 1x1 conv to the level's
+    width, so a model that gains it starts out computing exactly what it computed without it (ControlNet's zero conv)."""
+    out = nn.Conv2d(hidden, channels, 1)
+    nn.init.zeros_(out.weight); nn.init.zeros_(out.bias)
+    return nn.Sequential(nn.Conv2d(mask_channels, hidden, 3, padding=1), nn.SiLU(), out)
+
 class ConditionalDenoiser(nn.Module):
     "A diffusers U-Net conditioned on finding labels, lesion masks and/or text, each optional and droppable."
     def __init__(self, unet_cfg: UNetConfig, cond_cfg: ConditioningConfig | None = None):
@@ -197,6 +207,13 @@ class ConditionalDenoiser(nn.Module):
         if cond_cfg.use_text:                                               # step 3
             self.text_in = nn.Sequential(nn.LayerNorm(cond_cfg.text_dim), nn.Linear(cond_cfg.text_dim, unet_cfg.cross_attention_dim))
             self.null_text = nn.Parameter(torch.randn(cond_cfg.null_text_tokens, cond_cfg.text_dim) * 0.02)
+        if cond_cfg.mask_every_level:                                       # step 4 (optional)
+            self.mask_levels = nn.ModuleList(level_injector(self.extra_in_channels, c) for c in unet_cfg.block_out_channels)
+            self._level_input = None
+            for i, block in enumerate(self.unet.down_blocks):               # bound methods: a deepcopy re-binds them
+                block.cxr_level = i
+                block.register_forward_hook(self._inject_down)
+            if self.unet.mid_block is not None: self.unet.mid_block.register_forward_hook(self._inject_mid)
 
     @property
     def prediction_type(self) -> str: return self.unet_cfg.prediction_type
@@ -259,6 +276,21 @@ class ConditionalDenoiser(nn.Module):
         keep = self._keep(drop, 'mask', B, x_t.device).to(x_t.dtype)[:, None, None, None]
         return torch.cat([mask.to(x_t.dtype) * keep, keep.expand(B, 1, H, W)], 1)
 
+    def _injection(self, level: int, h: torch.Tensor) -> torch.Tensor:
+        "Step 4: the mask input area-pooled to `h`'s grid, through level `level`'s injector (zero at initialisation)."
+        m = nn.functional.adaptive_avg_pool2d(self._level_input, h.shape[-2:]).to(h.dtype)
+        return self.mask_levels[level](m).to(h.dtype)
+
+    def _inject_down(self, block, args, out):
+        "Forward hook: add the mask's injection to a down block's output and to every skip connection it leaves."
+        if self._level_input is None: return out
+        h, skips = out
+        new = tuple(s + self._injection(block.cxr_level, s) for s in skips)
+        return (new[-1] if h is skips[-1] else h + self._injection(block.cxr_level, h)), new
+
+    def _inject_mid(self, module, args, out):
+        return out if self._level_input is None else out + self._injection(len(self.mask_levels) - 1, out)
+
     def text_states(self, text_emb, text_mask, drop, B, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         "Step 3: token sequence for cross-attention (projected) and its attention mask; the learned null where absent or dropped."
         cc, null = self.cond_cfg, self.null_text.to(dtype)
@@ -289,7 +321,10 @@ class ConditionalDenoiser(nn.Module):
         if cc.use_labels: kw['class_labels'] = self.label_embedding(labels, drop, B, dev, dt)
         if cc.mask_mode is not None: x = torch.cat([x_t, self.mask_input(x_t, mask, drop)], 1)
         if cc.use_text: kw['encoder_hidden_states'], kw['encoder_attention_mask'] = self.text_states(text_emb, text_mask, drop, B, dev, dt)
-        return self.unet(x, t, **kw).sample
+        if not cc.mask_every_level: return self.unet(x, t, **kw).sample
+        self._level_input = x[:, x_t.shape[1]:]                             # mask channels + 'present', as at the input
+        try: return self.unet(x, t, **kw).sample
+        finally: self._level_input = None
 
     def drop_conditions(self, conds: dict, generator: torch.Generator | None = None) -> dict:
         """Training-time condition dropout: each present condition is dropped per sample with its own probability,

@@ -7,7 +7,8 @@ from cxr_diffusion_nbs.manifest import load_shared_subset, Manifest, IMAGE_COLUM
 from cxr_diffusion_nbs.image_io import read_image
 from cxr_diffusion_nbs.cohort import (CohortConfig, CohortError, DonorPool, build_cohort, load_cohort, target_counts,
                                       plan_cohort, plan_conditions, jitter_mask, move_masks,
-                                      image_seed, load_cohort_config)
+                                      image_seed, load_cohort_config, image_guidance)
+from cxr_diffusion_nbs.checkpoints import generator_defaults
 
 BIN = Path(sys.executable).parent
 DEMO = project_root()/'data'/'models'/'cpu64_demo'
@@ -84,9 +85,20 @@ def test_cohort_provenance_dicom_and_schema(tmp_path, real):
         np.testing.assert_allclose(read_image(out/r.dicom_path), read_image(r.path), atol=1e-6)
     uids = {pydicom.dcmread(out/p).SOPInstanceUID for p in im.dicom_path}
     assert len(uids) == 3
+    rec = generator_defaults(DEMO)['guidance']                  # no guidance asked: the model's recommended scales
+    assert 'mask' in rec
+    for _, r in im.iterrows():                                  # provenance claims only the scales that acted on the image
+        want = rec if r.mask_used else {k: v for k, v in rec.items() if k != 'mask'}
+        assert json.loads(r.guidance) == want
+        png = json.loads(__import__('PIL.Image', fromlist=['Image']).open(out/r.path).text['Provenance'])
+        assert png['guidance'] == want and png['mask_used'] == bool(r.mask_used)
     ann = m.annotations
     assert set(ann.kind) == {'mask'} and all(Path(p).exists() for p in ann.mask_path)
     assert set(ann.loc[ann.image_id == im.image_id.iloc[0], 'finding']) >= {'nodule'}
+
+def test_image_guidance_drops_the_mask_scale_of_a_maskless_image():
+    g = {'labels': 4.0, 'mask': 2.0}
+    assert image_guidance(g, True) == g and image_guidance(g, False) == {'labels': 4.0} and image_guidance({}, False) == {}
 
 @pytest.mark.parametrize('kw,field', [
     (dict(counts={'hernia': 2}), 'not trained on'), (dict(counts={'nodule': -1}), 'counts.nodule'),

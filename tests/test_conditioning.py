@@ -332,3 +332,36 @@ def test_validate_false_skips_checks_only():
     d = inputs()
     kw = dict(labels=d['labels'], mask=d['mask'], text_emb=d['text_emb'], text_mask=d['text_mask'])
     with torch.no_grad(): assert torch.equal(m(d['x_t'], d['t'], **kw), m(d['x_t'], d['t'], **kw, validate=False))
+
+@pytest.mark.parametrize('mask_mode, use_text', [('union', False), ('per_finding', False), ('union', True)])
+def test_mask_every_level_starts_as_the_plain_model_and_then_uses_the_mask(mask_mode, use_text):
+    "Zero-initialised injectors: the same weights give the same prediction; trained injectors move it with the mask."
+    import copy
+    torch.manual_seed(0)
+    plain = ConditionalDenoiser(TINY, ConditioningConfig(mask_mode=mask_mode, use_text=use_text)).eval()
+    lv = ConditionalDenoiser(TINY, ConditioningConfig(mask_mode=mask_mode, use_text=use_text, mask_every_level=True)).eval()
+    keys = lv.load_state_dict(plain.state_dict(), strict=False)
+    assert not keys.unexpected_keys and all(k.startswith('mask_levels.') for k in keys.missing_keys)
+    assert len(lv.mask_levels) == len(TINY.block_out_channels)
+    d = inputs(); kw = kwargs_for(lv.cond_cfg, d)
+    with torch.no_grad():
+        torch.testing.assert_close(lv(d['x_t'], d['t'], **kw), plain(d['x_t'], d['t'], **kw))
+        for p in lv.mask_levels.parameters(): torch.nn.init.normal_(p, std=0.1)
+        y = lv(d['x_t'], d['t'], **kw)
+        assert (y - plain(d['x_t'], d['t'], **kw)).abs().max() > 1e-3
+        other = dict(kw, mask=torch.roll(kw['mask'], 7, -1))              # another mask: another prediction
+        assert (lv(d['x_t'], d['t'], **other) - y).abs().max() > 1e-4
+        # dropping the mask is the same as giving none, as for the input channels
+        drop = dict(mask=torch.tensor([True, True]))
+        torch.testing.assert_close(lv(d['x_t'], d['t'], **dict(kw, drop=drop)), lv(d['x_t'], d['t'], **{k: v for k, v in kw.items() if k != 'mask'}))
+        c = copy.deepcopy(lv)                                              # the hooks follow the copy (EMA, accelerate)
+        for p in c.mask_levels.parameters(): p.zero_()
+        torch.testing.assert_close(c(d['x_t'], d['t'], **kw), plain(d['x_t'], d['t'], **kw))
+        torch.testing.assert_close(lv(d['x_t'], d['t'], **kw), y)
+    lv.train(); lv.zero_grad()
+    lv(d['x_t'], d['t'], **kw).square().mean().backward()
+    assert nonzero_grad(lv.mask_levels[0][-1].weight) and nonzero_grad(lv.mask_levels[-1][-1].weight)
+    m2 = ConditionalDenoiser.from_config_dict(lv.config_dict())
+    m2.load_state_dict(lv.state_dict())                                   # strict: the injectors are part of the model
+    with pytest.raises(ConfigError, match="'mask_every_level'.*no mask"): ConditioningConfig(mask_mode=None, mask_every_level=True)
+    with pytest.raises(ConfigError, match="'mask_every_level'"): ConditioningConfig(mask_every_level='yes')
