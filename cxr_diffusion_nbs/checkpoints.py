@@ -17,15 +17,18 @@ from .unet import UNetConfig, make_noise_scheduler
 from .conditioning import ConditioningConfig, ConditionalDenoiser
 
 # %% auto #0
-__all__ = ['CKPT_PREFIX', 'STATE_FILE', 'SIGNATURE_FILE', 'GENERATOR_FILE', 'DEFAULT_KIND', 'CheckpointError', 'list_checkpoints',
-           'prune_checkpoints', 'checkpoint_folder', 'resolve_resume', 'rng_state', 'set_rng_state', 'safe_load',
-           'save_checkpoint', 'load_checkpoint', 'weights_file', 'load_weights', 'read_signature', 'generator_file',
-           'generator_kind', 'generator_defaults', 'recommend_defaults', 'load_denoiser']
+__all__ = ['CKPT_PREFIX', 'STATE_FILE', 'SIGNATURE_FILE', 'GENERATOR_FILE', 'DEFAULT_KIND', 'DENOISER_KINDS',
+           'AUTOENCODER_FOLDER', 'CheckpointError', 'list_checkpoints', 'prune_checkpoints', 'checkpoint_folder',
+           'resolve_resume', 'rng_state', 'set_rng_state', 'safe_load', 'save_checkpoint', 'load_checkpoint',
+           'weights_file', 'load_weights', 'read_signature', 'generator_file', 'generator_kind', 'generator_defaults',
+           'recommend_defaults', 'load_denoiser']
 
 # %% ../nbs/09a_checkpoints.ipynb #6b1b4dfc
 CKPT_PREFIX = 'checkpoint-'
 STATE_FILE, SIGNATURE_FILE, GENERATOR_FILE = 'train_state.json', 'model_config.json', 'generator.json'
 DEFAULT_KIND = 'pixel-diffusion'   # what a checkpoint without generator.json is (everything written before it existed)
+DENOISER_KINDS = ('pixel-diffusion', 'latent-diffusion')   # kinds whose network is a ConditionalDenoiser (load_denoiser)
+AUTOENCODER_FOLDER = 'vae'         # a latent-diffusion checkpoint's autoencoder (diffusers folder, as in its pipelines)
 
 class CheckpointError(CXRDataError):
     "A checkpoint that is missing, incomplete, of another network, or unsafe to load. Names the file and the field."
@@ -102,8 +105,9 @@ def safe_load(path, map_location=None):
 # %% ../nbs/09a_checkpoints.ipynb #2442dfc2
 def _write_json(path, obj): Path(path).write_text(json.dumps(obj, indent=1))
 
-def _write_main(tmp: Path, step, acc, model, optimizer, lr_scheduler, ema, config_yaml, signature, state, kind):
+def _write_main(tmp: Path, step, acc, model, optimizer, lr_scheduler, ema, config_yaml, signature, state, kind, parts):
     "The main process's files of a checkpoint (everything but the per-process random states)."
+    for name, save in (parts or {}).items(): save(tmp/name)   # e.g. the frozen autoencoder into vae/
     m = acc.unwrap_model(model)
     save_model(m, str(tmp/'model.safetensors'))
     if ema is not None:
@@ -114,13 +118,15 @@ def _write_main(tmp: Path, step, acc, model, optimizer, lr_scheduler, ema, confi
     torch.save(lr_scheduler.state_dict(), tmp/'scheduler.pt')
     (tmp/'config.yaml').write_text(config_yaml)
     _write_json(tmp/SIGNATURE_FILE, signature)
-    _write_json(tmp/GENERATOR_FILE, {'kind': kind})
+    _write_json(tmp/GENERATOR_FILE, dict(kind=kind, **({'parts': sorted(parts)} if parts else {})))
     st = {k: v for k, v in state.items() if k != 'log_sums'}
     _write_json(tmp/STATE_FILE, dict(st, step=step, num_processes=acc.num_processes))
 
 def save_checkpoint(output_dir, step: int, *, accelerator, model, optimizer, lr_scheduler, ema, gen, config_yaml: str,
-                    signature: dict, state: dict, keep_last: int = 3, kind: str = DEFAULT_KIND) -> Path:
-    "Write `checkpoint-<step>/` atomically (all processes call it) and prune to `keep_last`; returns its path."
+                    signature: dict, state: dict, keep_last: int = 3, kind: str = DEFAULT_KIND, parts: dict | None = None) -> Path:
+    """Write `checkpoint-<step>/` atomically (all processes call it) and prune to `keep_last`; returns its path. `parts`:
+    what else the generator needs besides the trained network, as `{subfolder: save(folder)}` (a latent model's frozen
+    autoencoder: `{'vae': partial(vae.save_autoencoder, ae)}`), written inside the checkpoint before it appears."""
     out, acc = Path(output_dir), accelerator
     final, tmp = out/f'{CKPT_PREFIX}{step}', out/f'.tmp-{CKPT_PREFIX}{step}'
     if acc.is_main_process:
@@ -129,7 +135,7 @@ def save_checkpoint(output_dir, step: int, *, accelerator, model, optimizer, lr_
     acc.wait_for_everyone()
     torch.save({'rng': rng_state(gen), 'log_sums': state.get('log_sums')}, tmp/f'random_states_{acc.process_index}.pt')
     if acc.is_main_process:
-        _write_main(tmp, step, acc, model, optimizer, lr_scheduler, ema, config_yaml, signature, state, kind)
+        _write_main(tmp, step, acc, model, optimizer, lr_scheduler, ema, config_yaml, signature, state, kind, parts)
     acc.wait_for_everyone()
     if acc.is_main_process:
         if final.exists(): shutil.rmtree(final)
@@ -242,11 +248,12 @@ def recommend_defaults(folder, defaults: dict, why: str) -> Path:
     return f
 
 def load_denoiser(checkpoint, use_ema: bool = True, device=None) -> tuple:
-    "(model in eval mode, noise scheduler, checkpoint folder) of a pixel-diffusion checkpoint, model or run folder."
+    """(model in eval mode, noise scheduler, checkpoint folder) of a diffusion checkpoint, model or run folder (pixel or
+    latent: the denoiser of a latent model works on latents; its generator adds the autoencoder)."""
     ck = checkpoint_folder(checkpoint)
     kind = generator_kind(ck)
-    if kind != DEFAULT_KIND:
-        raise CheckpointError(str(ck/GENERATOR_FILE), 'kind', f"{kind!r}: load_denoiser opens {DEFAULT_KIND!r} "
+    if kind not in DENOISER_KINDS:
+        raise CheckpointError(str(ck/GENERATOR_FILE), 'kind', f"{kind!r}: load_denoiser opens {' and '.join(map(repr, DENOISER_KINDS))} "
                               "checkpoints; open others with cxr_diffusion_nbs.load_generator")
     sig, f = read_signature(ck), str(ck/SIGNATURE_FILE)
     ucfg = config_from_dict(UNetConfig, sig['unet'], f, 'unet')

@@ -267,8 +267,9 @@ def measure(gen, real: Manifest, split: str = 'val', judges: Judges | None = Non
     if not findings: raise FidelityError('measure', 'findings', f'the generator models none of {list(RARE_FINDINGS)} (it has {list(gen.findings)})')
     miss = [f for f in findings if f not in judges.classifier_cfg.findings]
     if miss: raise FidelityError(judges.name, 'findings', f'the judge classifier has no output for {miss[0]!r}')
-    if gen.image_size > judges.size:
-        raise FidelityError(judges.name, 'image_size', f'{judges.size}-px judges cannot see a {gen.image_size}-px generator\'s detail; use judges of at least its size')
+    # a generator larger than the judges (a 256-px latent model, 128-px judges) is judged at the judges' size: its images
+    # area-averaged down (`to_size`), beside the real films read at that size; a smaller one is judged beside real films
+    # round-tripped through its size (`reference`)
     gen.check_options('measure', **options)
     req = req or donor_requests(real, split, list(gen.findings), gen.image_size, judges.size)
     donors = plan_requests(req.labels, [list(req.findings).index(f) for f in findings], repeats, n_per_finding)

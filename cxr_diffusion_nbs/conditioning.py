@@ -42,6 +42,7 @@ class ConditioningConfig:
     text_dim: int = 384              # width of the text token embeddings (all-MiniLM-L6-v2: 384)
     null_text_tokens: int = 4        # length of the learned null token sequence that replaces a dropped prompt
     mask_every_level: bool = False   # also inject the mask at every U-Net level (ControlNet-style zero-initialised convs)
+    soft_mask: bool = False          # masks enter as fractions in [0, 1] (area-pooled to a latent grid) instead of binarised at 0.5
 
     def __post_init__(self):
         if isinstance(self.findings, str): self.findings = tuple(f.strip() for f in self.findings.split(',') if f.strip())
@@ -56,7 +57,7 @@ class ConditioningConfig:
             raise self._err('findings', 'is empty, but use_labels or per_finding masks need at least one finding')
         check_findings(self.findings, 'ConditioningConfig', 'findings', allow_empty=True)
         if self.mask_mode not in MASK_MODES: raise self._err('mask_mode', f'{self.mask_mode!r} is not one of {MASK_MODES}')
-        for n in ('use_labels', 'use_text', 'mask_every_level'):
+        for n in ('use_labels', 'use_text', 'mask_every_level', 'soft_mask'):
             if not isinstance(getattr(self, n), bool): raise self._err(n, f'{getattr(self, n)!r} is not true or false')
         if self.mask_every_level and self.mask_mode is None:
             raise self._err('mask_every_level', 'is true, but mask_mode is None: there is no mask to inject')
@@ -427,7 +428,8 @@ def _as_float(x, where, field) -> torch.Tensor:
     except (TypeError, ValueError) as e: raise ConditioningError(where, field, f'not an array of numbers ({e})') from None
 
 def _mask_batch(masks, cc, where) -> tuple[torch.Tensor, bool]:
-    "Masks as binary (k, 1 or F, H, W) on the CPU, and whether they are one mask for every image ((H, W) given)."
+    """Masks as (k, 1 or F, H, W) on the CPU, binary (or fractions in [0, 1] for a `soft_mask` model), and whether they
+    are one mask for every image ((H, W) given)."""
     m, F = _as_float(masks, where, 'masks'), len(cc.findings)
     shapes = f'(H, W), (n, H, W), (n, 1, H, W) or (n, {F}, H, W) for findings {cc.findings}'
     _check(m.ndim in (2, 3, 4), where, 'masks', f'shape {tuple(m.shape)}; expected {shapes}')
@@ -435,7 +437,7 @@ def _mask_batch(masks, cc, where) -> tuple[torch.Tensor, bool]:
     if m.ndim == 2: m = m[None, None]
     elif m.ndim == 3: m = m[:, None]
     _check(m.shape[1] in (1, F), where, 'masks', f'shape {tuple(m.shape)} has {m.shape[1]} channels; expected {shapes}')
-    return (m > 0.5).float(), shared
+    return (m.clamp(0, 1) if cc.soft_mask else (m > 0.5).float()), shared
 
 def _batch_size(n, sizes: dict, where) -> int:
     "The one batch size `n` and the inputs' sizes agree on (1 if nothing fixes it)."

@@ -17,8 +17,9 @@ import yaml
 __all__ = ['NIH_FINDINGS', 'RARE_FINDINGS', 'FINDING_SYNONYMS', 'KNOWN_FINDINGS', 'MASK_MODES', 'PREDICTION_TYPES',
            'canonical_finding', 'CXRDataError', 'ImageReadError', 'ManifestError', 'MaskError', 'PatientLeakageError',
            'ConfigError', 'suggest', 'coerce', 'config_from_dict', 'check_findings', 'read_config_file',
-           'parse_override', 'set_dotted', 'default_device', 'atomic_write', 'project_root', 'sample_data_root',
-           'find_data_root', 'dicom_data_root', 'resolve_path', 'shareable_path', 'sha256_file']
+           'parse_override', 'set_dotted', 'default_device', 'cpu_supports_bf16', 'resolve_mixed_precision',
+           'atomic_write', 'project_root', 'sample_data_root', 'find_data_root', 'dicom_data_root', 'resolve_path',
+           'shareable_path', 'sha256_file']
 
 # %% ../nbs/00_core.ipynb #195ee6e8
 NIH_FINDINGS = ('atelectasis', 'cardiomegaly', 'consolidation', 'edema', 'effusion', 'emphysema', 'fibrosis',
@@ -184,6 +185,22 @@ def default_device(prefer: str | None = None) -> torch.device:
     if torch.cuda.is_available(): return torch.device('cuda')
     if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available(): return torch.device('mps')
     return torch.device('cpu')
+
+# %% ../nbs/00_core.ipynb #3d0f6c2e
+def cpu_supports_bf16() -> bool:
+    "True when oneDNN has native bf16 kernels on this CPU."
+    try: return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception: return False
+
+def resolve_mixed_precision(mp: str, device_type: str, source: str = '<config>') -> str:
+    "The mixed-precision mode ('no', 'bf16', 'fp16') for the config value `mp` on a device type ('cpu', 'cuda', 'mps', ...)."
+    if mp == 'auto':
+        if device_type == 'cuda': return 'bf16' if torch.cuda.is_bf16_supported() else 'fp16'
+        if device_type == 'cpu': return 'bf16' if cpu_supports_bf16() else 'no'
+        return 'no'
+    if mp == 'fp16' and device_type == 'cpu':
+        raise ConfigError(source, 'optim.mixed_precision', "'fp16' needs a GPU; use 'bf16', 'auto' or 'no' on a CPU")
+    return mp
 
 # %% ../nbs/00_core.ipynb #f44e5986
 @contextlib.contextmanager

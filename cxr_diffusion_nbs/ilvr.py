@@ -19,8 +19,9 @@ from .sampling import SamplingError, SampleResult, sample, image_seeds
 
 # %% auto #0
 __all__ = ['ILVRError', 'check_factor', 'low_pass', 'ILVRReference', 'complement_weight', 'check_references', 'ilvr_hook',
-           'ilvr_sample', 'ilvr_sweep', 'lowpass_correlation', 'check_box', 'box_from_mask', 'gaussian_patch_weight',
-           'prepare_patch', 'anatomy_patch_references', 'lesion_conditions', 'ilvr_figure', 'ilvr_widget']
+           'latent_references', 'ilvr_sample', 'ilvr_sweep', 'lowpass_correlation', 'check_box', 'box_from_mask',
+           'gaussian_patch_weight', 'prepare_patch', 'anatomy_patch_references', 'lesion_conditions', 'ilvr_figure',
+           'ilvr_widget']
 
 # %% ../nbs/13_ilvr.ipynb #29ef7a42
 class ILVRError(SamplingError):
@@ -146,13 +147,39 @@ def ilvr_hook(references, noise_scheduler, seed=0, record: list | None = None):
         return out.to(x.dtype)
     return hook
 
+def latent_references(gen, references) -> list:
+    """ILVR references for a latent generator's denoiser: each film encoded (`gen.to_latents`), its filter `factor`
+    divided by the autoencoder's (so phi_N averages the same film area, N / f latent cells), weight maps area-pooled
+    to the latent grid. The low-pass then acts on latents: no decode per step (see the lesson above)."""
+    refs = check_references(references, gen.noise_scheduler.config.num_train_timesteps, gen.image_size, 1, where='latent_references')
+    out = []
+    for k, r in enumerate(refs):
+        if r.factor % gen.factor:
+            raise ILVRError(f'latent_references: references[{k}] ({r.name})', 'factor', f'{r.factor} is not a multiple of the '
+                            f"autoencoder's factor {gen.factor}: on latents the finest filter is one latent cell ({gen.factor} px)")
+        w = r.weight if r.weight.ndim == 0 else F.avg_pool2d(r.weight, gen.factor)
+        out.append(ILVRReference(gen.to_latents(r.image).cpu(), r.factor // gen.factor, r.stop_t, w, name=r.name))
+    return out
+
 def ilvr_sample(model, noise_scheduler, references, conds: dict | None = None, n: int | None = None,
                 sampler: str = 'ddim', steps: int | None = 50, guidance: dict | None = None, seed=0,
                 record: list | None = None, **kwargs) -> SampleResult:
     """`sample` with ILVR guidance from `references` (ILVRReference or a list), everything checked before any
     compute (the references here, the rest once by `sample`). `conds`, `guidance`, `sampler`, `steps`, `seed` and `kwargs` go to `sample`; `n` defaults to the
-    conditions' batch, else the references' batch, else 1."""
+    conditions' batch, else the references' batch, else 1. `model` may also be a diffusion generator from
+    `load_generator` (`noise_scheduler=None`, `conds` from `gen.inputs(...)`); a latent one refines its latents
+    (`latent_references`) and returns decoded images."""
     if 'step_hook' in kwargs: raise ILVRError('ilvr_sample', 'step_hook', 'ILVR brings its own hook: call sample(step_hook=...) with ilvr_hook() inside yours')
+    if hasattr(model, 'generate'):                                     # a generator: its denoiser and scheduler
+        gen = model
+        if noise_scheduler is not None: raise ILVRError('ilvr_sample', 'noise_scheduler', 'give None with a generator (it has its own)')
+        if not hasattr(gen, 'noise_scheduler'): raise ILVRError('ilvr_sample', 'model', f'{gen.kind} generators have no denoising loop to guide')
+        if not hasattr(gen, 'to_latents'):
+            return ilvr_sample(gen.model, gen.noise_scheduler, references, conds, n, sampler, steps, guidance, seed, record, **kwargs)
+        res = ilvr_sample(gen.model, gen.noise_scheduler, latent_references(gen, references), conds, n, sampler, steps,
+                          guidance, seed, record, **kwargs)
+        res.images = gen.to_images(res.images)
+        return res
     if n is None:
         bs = [v.shape[0] for v in (conds or {}).values() if torch.is_tensor(v)]
         refs0 = [references] if isinstance(references, ILVRReference) else list(references)

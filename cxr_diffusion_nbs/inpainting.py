@@ -19,6 +19,7 @@ from .forward import predicted_eps
 from .conditioning import ConditioningConfig, ConditioningError, model_inputs
 from .sampling import (SamplingError, check_request, model_prediction, image_seeds, loop_device,
                                         loop_setup)
+from .latents import pool_mask
 
 # %% auto #0
 __all__ = ['InpaintingError', 'make_repaint_scheduler', 'model_calls', 'lesion_region', 'finding_labels', 'InpaintResult',
@@ -44,7 +45,7 @@ def make_repaint_scheduler(noise_scheduler, steps: int = 50, jump_length: int = 
     if not 0 <= eta <= 1: raise InpaintingError(W, 'eta', f'{eta} is not in [0, 1]')
     rs = RePaintScheduler(num_train_timesteps=T, beta_schedule=noise_scheduler.config.beta_schedule,
                           trained_betas=noise_scheduler.betas.detach().cpu().numpy().astype(np.float32),
-                          eta=float(eta), clip_sample=True)
+                          eta=float(eta), clip_sample=bool(noise_scheduler.config.clip_sample))   # off for latents
     rs.set_timesteps(int(steps), jump_length=int(jump_length), jump_n_sample=int(jump_n_sample))
     return rs
 
@@ -103,11 +104,11 @@ class InpaintResult:
     model_calls: int
     seconds: float = 0.0
 
-def _check_image_and_mask(model, image, mask, where: str) -> tuple[torch.Tensor, torch.Tensor]:
-    "The images (B, C, H, W) and binary union masks (B, 1, H, W) of a request, checked against the model."
+def _check_image_and_mask(model, image, mask, where: str, size: int | None = None, channels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    "The images (B, C, H, W) and binary union masks (B, 1, H, W) of a request, checked against the model (or `size`, `channels`)."
     img = _as_images(image, 'image', where)
     B, C, H, Wd = img.shape
-    S, Cm = model.unet_cfg.image_size, model.unet_cfg.in_channels
+    S, Cm = size or model.unet_cfg.image_size, channels or model.unet_cfg.in_channels
     if C != Cm: raise InpaintingError(where, 'image', f'has {C} channels, the model takes {Cm}')
     if (H, Wd) != (S, S): raise InpaintingError(where, 'image', f'size {H}x{Wd} is not the model size {S}x{S} (resize it first)')
     if not torch.isfinite(img).all() or img.min() < -1.001 or img.max() > 1.001:
@@ -138,7 +139,9 @@ def insert_lesion(model, noise_scheduler, image, mask, findings, steps: int = 50
                   guidance_mode: str = 'compositional', seed=0, dilate: int = 2, mixed_precision: str = 'no',
                   progress: bool = False, device=None) -> InpaintResult:
     """Generate `findings` inside `mask` of real `image`(s) with RePaint (Lugmayr et al., CVPR 2022) and the
-    conditional `model`; outside `lesion_region(mask, dilate)` the result equals `image`.
+    conditional `model`; outside `lesion_region(mask, dilate)` the result equals `image`. `model`: a
+    `ConditionalDenoiser` with its `noise_scheduler`, or a diffusion generator from `load_generator` with
+    `noise_scheduler=None` (a latent generator inpaints its latents and restores the pixels outside the region).
     `image`: [-1, 1], (1, H, W) or (B, 1, H, W) at the model's size; `mask`: 1 = lesion, (H, W), (1, H, W) or
     (B, 1, H, W) (one mask for all images, or one each); `findings`: a finding name for all images or one entry per
     image (see `finding_labels`); `guidance`: per-condition classifier-free guidance scales (`conditioning.check_guidance`);
@@ -146,23 +149,32 @@ def insert_lesion(model, noise_scheduler, image, mask, findings, steps: int = 50
     (`make_repaint_scheduler`); `mixed_precision`: 'no' | 'bf16'."""
     W = 'insert_lesion'
     # ---- checks, all here and before any compute; the loop trusts them ----
-    img, msk = _check_image_and_mask(model, image, mask, W)
+    gen = model if hasattr(model, 'generate') else None                # a generator: its denoiser and scheduler
+    if gen is not None:
+        if noise_scheduler is not None: raise InpaintingError(W, 'noise_scheduler', 'give None with a generator (it has its own)')
+        if not hasattr(gen, 'noise_scheduler'): raise InpaintingError(W, 'model', f'{gen.kind} generators cannot inpaint (no denoising loop)')
+        model, noise_scheduler = gen.model, gen.noise_scheduler
+    latent = gen is not None and hasattr(gen, 'to_latents')
+    img, msk = _check_image_and_mask(model, image, mask, W, *((gen.image_size, 1) if latent else ()))
     B, C, H, Wd = img.shape
     if isinstance(dilate, bool) or not isinstance(dilate, (int, np.integer)) or dilate < 0:
         raise InpaintingError(W, 'dilate', f'{dilate!r} must be a non-negative integer (pixels)')
-    conds = _lesion_inputs(model, findings, msk, W)
+    region = lesion_region(msk, dilate)
+    conds = _lesion_inputs(model, findings, pool_mask(msk, gen.factor) if latent else msk, W)
     scales = check_request(model, conds, guidance, guidance_mode, mixed_precision, W, InpaintingError)
     try: seeds = image_seeds(seed, B)
     except SamplingError as e: raise InpaintingError(W, e.field, e.problem) from None
     rs = make_repaint_scheduler(noise_scheduler, steps, jump_length, jump_n_sample, eta)
     device = loop_device(model, device)
     conds = {k: v.to(device) for k, v in conds.items()}
-    model.check_inputs(torch.zeros(B, C, H, Wd, device=device), 0, **conds)
-    region = lesion_region(msk, dilate)
+    S = model.unet_cfg.image_size
+    model.check_inputs(torch.zeros(B, model.unet_cfg.in_channels, S, S, device=device), 0, **conds)
     # ---- the RePaint loop, on sampling's shared set-up ----
     t0 = time.time()
-    x0, known = img.to(device), (1 - region).to(device)              # diffusers' convention: mask 1 = keep
-    with loop_setup(model, seeds, rs.timesteps.tolist(), rs.init_noise_sigma, H, device, mixed_precision, progress,
+    if latent:   # the films' latents; every latent cell the region touches is regenerated
+        x0, known = gen.to_latents(img).to(device), 1 - F.max_pool2d(region, gen.factor).to(device)
+    else: x0, known = img.to(device), (1 - region).to(device)        # diffusers' convention: mask 1 = keep
+    with loop_setup(model, seeds, rs.timesteps.tolist(), rs.init_noise_sigma, S, device, mixed_precision, progress,
                     f'RePaint {steps} steps x{jump_n_sample}') as s:
         x, t_last = s.x, rs.timesteps[0].item() + 1
         for t in s.timesteps:
@@ -174,7 +186,8 @@ def insert_lesion(model, noise_scheduler, image, mask, findings, steps: int = 50
             else:              # up: re-noise from t_last to t (resampling), no model call
                 x = rs.undo_step(x, t_last, generator=s.generators)
             t_last = t
-    out = x.clamp(-1, 1).float().cpu()
+    if latent: out = region * gen.to_images(x) + (1 - region) * img   # decoded inside the region, the film's pixels outside
+    else: out = x.clamp(-1, 1).float().cpu()
     labels = conds.get('labels')
     return InpaintResult(out, img, msk, region, labels.cpu() if labels is not None else torch.zeros(B, 0), seeds,
                          int(steps), int(jump_length), int(jump_n_sample), model_calls(rs), time.time() - t0)

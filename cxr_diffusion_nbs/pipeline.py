@@ -101,7 +101,7 @@ if __name__ == '__main__' and '__file__' in globals() and 'get_ipython' not in g
 
 # %% ../nbs/21_pipeline.ipynb #9c1e5a02
 def check_judges(judges, image_size: int, models=None) -> int:
-    """The `judges` parameter, checked: a size N in pixels, at least `image_size`, whose judges exist as
+    """The `judges` parameter, checked: a size N in pixels, at least `image_size` (or 128 for larger images), whose judges exist as
     `models/classifier<N>` and `models/segmenter<N>` (default `data/models`, what `condition_fidelity.load_judges` opens)."""
     models = Path(models) if models else project_root()/'data'/'models'
     if isinstance(judges, bool) or not isinstance(judges, (int, np.integer)):
@@ -110,9 +110,9 @@ def check_judges(judges, image_size: int, models=None) -> int:
     if miss:
         raise PipelineError('parameters', 'judges', f'no {judges}-px judges: ' + ' and '.join(f'data/models/{m}' for m in miss)
                             + ' missing (tools/train_classifier.py and tools/train_segmenter.py train them)')
-    if judges < image_size:
+    if judges < min(image_size, 128):   # larger images are judged at 128 px (area-averaged), where lesions are visible
         raise PipelineError('parameters', 'judges', f'{judges}-px judges cannot see the detail of {image_size}-px images; '
-                            'give judges of at least image_size')
+                            'give judges of at least image_size (or 128 px for larger images)')
     return int(judges)
 
 def rarity_study_config(rarity_config, test_fraction: float, **small):

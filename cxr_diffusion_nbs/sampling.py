@@ -22,14 +22,17 @@ from .image_io import read_image, to_uint8, write_png
 from .forward import predicted_x0
 from .conditioning import (GUIDANCE_MODES, ConditioningError, guided_prediction, check_guidance,
                                             check_guidance_mode, model_inputs)
-from .checkpoints import generator_kind, generator_defaults, generator_file, load_denoiser, weights_file
+from .checkpoints import (AUTOENCODER_FOLDER, generator_kind, generator_defaults, generator_file, load_denoiser,
+                                           weights_file)
+from .vae import load_autoencoder, downsampling_factor, latent_shape, encode, decode
+from .latents import pool_mask
 
 # %% auto #0
 __all__ = ['SAMPLERS', 'SAMPLER_LABELS', 'DEFAULT_STEPS', 'MIXED_PRECISION', 'STEP_SEED_OFFSET', 'GENERATOR_KINDS',
            'DIFFUSION_OPTIONS', 'SYNTHETIC_NOTE', 'SamplingError', 'check_sampler', 'make_sampler', 'image_seeds',
            'initial_noise', 'loop_device', 'check_request', 'model_prediction', 'LoopSetup', 'loop_setup',
            'SampleResult', 'sample', 'trajectory_frame', 'trajectory_figure', 'trajectory_widget',
-           'PixelDiffusionGenerator', 'load_generator', 'write_samples', 'main']
+           'PixelDiffusionGenerator', 'load_generator', 'LatentDiffusionGenerator', 'write_samples', 'main']
 
 # %% ../nbs/11_sampling.ipynb #48140347
 class SamplingError(CXRDataError):
@@ -187,6 +190,7 @@ def sample(model, noise_scheduler, conds: dict | None = None, n: int | None = No
     sched = make_sampler(sampler, noise_scheduler, steps)
     res = SampleResult(None, seeds, sampler, len(sched.timesteps))
     kw = dict(eta=eta) if sampler == 'ddim' else {}
+    bound = (lambda v: v.clamp(-1, 1)) if noise_scheduler.config.clip_sample else (lambda v: v)   # pixels; latents are unbounded
     with loop_setup(model, seeds, sched.timesteps, sched.init_noise_sigma, size, device, mixed_precision, progress,
                     f'{SAMPLER_LABELS[sampler]} {steps} steps') as s:
         x = s.x
@@ -195,13 +199,13 @@ def sample(model, noise_scheduler, conds: dict | None = None, n: int | None = No
             with s.autocast(): pred = model_prediction(model, sched.scale_model_input(x, t), tt, conds, scales, guidance_mode)
             if keep_trajectory:
                 res.timesteps.append(int(t)); res.x_t.append(x.float().cpu())
-                res.x0.append(predicted_x0(pred, x, tt, noise_scheduler).clamp(-1, 1).cpu())
+                res.x0.append(bound(predicted_x0(pred, x, tt, noise_scheduler)).cpu())
             x = sched.step(pred, t, x, generator=s.generators, **kw).prev_sample
             if step_hook is not None:
                 t_prev = int(sched.timesteps[i + 1]) if i + 1 < len(sched.timesteps) else -1
                 new = step_hook(i, int(t), t_prev, x)
                 if new is not None: x = new
-    res.images = x.clamp(-1, 1).float().cpu()
+    res.images = bound(x).float().cpu()
     return res
 
 # %% ../nbs/11_sampling.ipynb #955fcd08
@@ -243,7 +247,8 @@ def trajectory_widget(res: SampleResult, index: int = 0):
     return W.VBox([step, out])
 
 # %% ../nbs/11_sampling.ipynb #ca08744b
-GENERATOR_KINDS = {'pixel-diffusion': 'cxr_diffusion_nbs.sampling:PixelDiffusionGenerator.load'}
+GENERATOR_KINDS = {'pixel-diffusion': 'cxr_diffusion_nbs.sampling:PixelDiffusionGenerator.load',
+                   'latent-diffusion': 'cxr_diffusion_nbs.sampling:LatentDiffusionGenerator.load'}
 DIFFUSION_OPTIONS = dict(sampler='dpmpp', steps=None, eta=0.0, guidance={}, guidance_mode='compositional',
                          mixed_precision='no', progress=False)
 
@@ -277,16 +282,25 @@ class PixelDiffusionGenerator:
         """Open a pixel-diffusion checkpoint, model or run folder (`checkpoints.load_denoiser`, EMA weights if present),
         with the sampling options it recommends (`checkpoints.generator_defaults`) as its defaults, each checked."""
         model, noise_scheduler, ck = load_denoiser(path, device=device)
-        gen = cls(model, noise_scheduler, ck, weights_file(ck))
+        cls._check_kind(ck)
+        return cls(model, noise_scheduler, ck, weights_file(ck)).with_recommended(path)
+
+    @classmethod
+    def _check_kind(cls, ck):
+        kind = generator_kind(ck)
+        if kind != cls.kind: raise SamplingError(str(generator_file(ck)), 'kind', f'{kind!r}: {cls.__name__} opens {cls.kind!r} checkpoints; use load_generator')
+
+    def with_recommended(self, path):
+        "Take the sampling options the model folder at `path` recommends (`generator.json` `defaults`) as defaults, each checked."
         rec = generator_defaults(path)
         if rec:
             where = str(generator_file(path))
-            unknown = [k for k in rec if k not in gen.options or k == 'progress']
-            if unknown: raise SamplingError(where, f'defaults.{unknown[0]}', 'is not a sampling option' + suggest(unknown[0], gen.options))
-            try: gen.check_options(where, **rec)
+            unknown = [k for k in rec if k not in self.options or k == 'progress']
+            if unknown: raise SamplingError(where, f'defaults.{unknown[0]}', 'is not a sampling option' + suggest(unknown[0], self.options))
+            try: self.check_options(where, **rec)
             except SamplingError as e: raise SamplingError(where, f'defaults.{e.field}', e.problem) from None
-            gen.defaults.update(rec)
-        return gen
+            self.defaults.update(rec)
+        return self
 
     findings = property(lambda self: tuple(self.model.cond_cfg.findings), doc='The finding names labels and per-finding masks refer to, in order.')
     image_size = property(lambda self: int(self.model.unet_cfg.image_size), doc='Side S of the (S, S) images it draws.')
@@ -307,10 +321,15 @@ class PixelDiffusionGenerator:
         "Forward kwargs for these conditions (`conditioning.model_inputs`, plus `drop` for images whose mask entry is None)."
         cc = self.model.cond_cfg
         masks, no_mask = _mask_inputs(masks, cc, where)
+        if masks is not None: masks = self.model_masks(masks, where)
         try: conds = model_inputs(self.model, n, findings=findings, labels=labels, masks=masks, text=text, where=where)
         except ConditioningError as e: raise SamplingError(e.path, e.field, e.problem) from None
         if no_mask is not None and conds.get('mask') is not None: conds['drop'] = {'mask': no_mask}
         return conds
+
+    def model_masks(self, masks, where: str = 'generate'):
+        "Masks as the network takes them (pixel models: as given, at `image_size`)."
+        return masks
 
     def generate(self, labels=None, masks=None, seed=0, *, findings=None, text=None, n: int | None = None, **options) -> torch.Tensor:
         """Images (n, 1, S, S) in [-1, 1] for the given conditions: `findings` (a name or list of names for all images,
@@ -358,6 +377,55 @@ def load_generator(path, device=None):
     if kind not in GENERATOR_KINDS:
         raise SamplingError(str(p), 'kind', f'{kind!r} is not a generator kind this package can open' + suggest(kind, GENERATOR_KINDS))
     return _resolve_loader(GENERATOR_KINDS[kind])(p, device=device)
+
+# %% ../nbs/11_sampling.ipynb #a3bed676
+class LatentDiffusionGenerator(PixelDiffusionGenerator):
+    "A latent diffusion model: a `ConditionalDenoiser` on the latents of a frozen autoencoder, which decodes what it draws."
+    kind = 'latent-diffusion'
+
+    def __init__(self, model, noise_scheduler, autoencoder, checkpoint=None, weights=None):
+        super().__init__(model, noise_scheduler, checkpoint, weights)
+        self.autoencoder, self.factor = autoencoder.eval(), downsampling_factor(autoencoder)
+        C, h, _ = latent_shape(autoencoder, self.model.unet_cfg.image_size * self.factor)
+        if (C, h) != (self.model.unet_cfg.in_channels, self.model.unet_cfg.image_size):
+            raise SamplingError(str(checkpoint or 'LatentDiffusionGenerator'), AUTOENCODER_FOLDER, f'its latents are {C} x {h} x {h}; '
+                                f'the denoiser takes {self.model.unet_cfg.in_channels} x {self.model.unet_cfg.image_size} px')
+
+    @classmethod
+    def load(cls, path, device=None) -> 'LatentDiffusionGenerator':
+        "Open a latent-diffusion checkpoint, model or run folder: the denoiser (EMA weights) and its autoencoder (`vae/`)."
+        model, noise_scheduler, ck = load_denoiser(path, device=device)
+        cls._check_kind(ck)
+        ae = load_autoencoder(ck/AUTOENCODER_FOLDER, device=loop_device(model))
+        return cls(model, noise_scheduler, ae, ck, weights_file(ck)).with_recommended(path)
+
+    image_size = property(lambda self: int(self.model.unet_cfg.image_size) * self.factor, doc='Side S of the (S, S) images it draws (decoded).')
+    latent_size = property(lambda self: int(self.model.unet_cfg.image_size), doc='Side of the latent grid the denoiser works on.')
+
+    def model_masks(self, masks, where: str = 'generate'):
+        "Masks given at `image_size`, binarised and area-pooled to the latent grid (as the training masks were)."
+        m = torch.as_tensor(np.asarray(masks) if not torch.is_tensor(masks) else masks).float()
+        if tuple(m.shape[-2:]) != (self.image_size, self.image_size):
+            raise SamplingError(where, 'masks', f'{m.shape[-1]}x{m.shape[-2]} px; the model draws {self.image_size}x{self.image_size} (resize the mask first)')
+        return pool_mask((m > .5).float(), self.factor)
+
+    def to_latents(self, images: torch.Tensor) -> torch.Tensor:
+        "Images (n, 1, S, S) in [-1, 1] as the denoiser's latents (`vae.encode`)."
+        return encode(self.autoencoder, images)
+
+    def to_images(self, latents: torch.Tensor) -> torch.Tensor:
+        "Latents as images (n, 1, S, S) in [-1, 1] (`vae.decode`)."
+        return decode(self.autoencoder, latents).float().cpu()
+
+    def generate(self, labels=None, masks=None, seed=0, *, findings=None, text=None, n: int | None = None, **options) -> torch.Tensor:
+        "As `PixelDiffusionGenerator.generate`, masks at `image_size`; the latents drawn are decoded to images."
+        return self.to_images(super().generate(labels, masks, seed, findings=findings, text=text, n=n, **options))
+
+    def provenance(self) -> dict:
+        "As a pixel model's, plus the autoencoder's weights checksum and the latent grid."
+        f = self.checkpoint/AUTOENCODER_FOLDER/'diffusion_pytorch_model.safetensors' if self.checkpoint else None
+        return dict(super().provenance(), latent_size=self.latent_size,
+                    autoencoder_sha256=sha256_file(f) if f is not None and f.exists() else '')
 
 # %% ../nbs/11_sampling.ipynb #392e634c
 SYNTHETIC_NOTE = ('SYNTHETIC chest X-ray generated by a diffusion model (cxr_diffusion_nbs); '

@@ -8,6 +8,7 @@ Docs: https://cxr-diffusion-nbs.github.io/cxr_diffusion_nbs/training.html.md"""
 # %% ../nbs/10_training.ipynb #d6da859c
 from __future__ import annotations
 import os, sys, json, time, argparse, copy, warnings, csv, dataclasses
+from functools import partial
 from dataclasses import dataclass, field, fields, asdict, is_dataclass
 from pathlib import Path
 import pandas as pd
@@ -20,7 +21,8 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 from .core import (RARE_FINDINGS, MASK_MODES, CXRDataError, ConfigError, suggest, config_from_dict,
-                                    check_findings, read_config_file, parse_override, set_dotted, atomic_write, find_data_root, default_device, project_root, resolve_path)
+                                    check_findings, read_config_file, parse_override, set_dotted, atomic_write, find_data_root, default_device, project_root, resolve_path,
+                                    cpu_supports_bf16, resolve_mixed_precision)
 from .unet import UNetConfig, PRESETS, make_noise_scheduler
 from .conditioning import ConditioningConfig, ConditionalDenoiser, FrozenTextEncoder, batch_conditions
 from .losses import LesionLossConfig, lesion_preserving_loss
@@ -30,17 +32,19 @@ from .masks import overlay
 from .dataset import CXRDataset, Augment, finding_examples, condition_rows, repeat_batch, sampling_weights
 from .checkpoints import (CKPT_PREFIX, CheckpointError, list_checkpoints, prune_checkpoints, resolve_resume,
                                            checkpoint_folder, save_checkpoint, load_checkpoint, load_weights, read_signature,
-                                           load_denoiser)
+                                           load_denoiser, AUTOENCODER_FOLDER)
+from .vae import load_autoencoder, save_autoencoder, latent_shape, decode
+from .latents import LatentDataset, cached_latents, load_latent_cache, autoencoder_fingerprint
 from .sampling import sample
 
 # %% auto #0
 __all__ = ['SCHEDULES', 'MIXED_PRECISION', 'ModelSection', 'DataSection', 'OptimSection', 'OutputSection', 'TrainConfig',
-           'unet_config', 'conditioning_config', 'loss_config', 'signature_of', 'model_signature', 'validate_config',
-           'load_config', 'epoch_batches', 'check_resume_compatible', 'read_log', 'truncate_log', 'append_log',
-           'plot_loss', 'cpu_supports_bf16', 'resolve_mixed_precision', 'sample_grid_figure', 'save_figure',
-           'grid_samples', 'TrainRun', 'start_checks', 'training_manifest', 'make_dataset', 'build_run',
-           'prepare_outputs', 'run_batches', 'train_step', 'log_window', 'draw_grid', 'save_run_checkpoint',
-           'finish_run', 'train', 'main', 'init_weights', 'load_for_sampling']
+           'run_autoencoder', 'unet_config', 'conditioning_config', 'loss_config', 'signature_of', 'model_signature',
+           'validate_config', 'load_config', 'epoch_batches', 'check_resume_compatible', 'read_log', 'truncate_log',
+           'append_log', 'plot_loss', 'sample_grid_figure', 'save_figure', 'grid_samples', 'TrainRun', 'start_checks',
+           'training_manifest', 'make_dataset', 'build_run', 'prepare_outputs', 'run_batches', 'train_step',
+           'log_window', 'draw_grid', 'save_run_checkpoint', 'finish_run', 'train', 'main', 'init_weights',
+           'load_for_sampling']
 
 # %% ../nbs/10_training.ipynb #067d024b
 @dataclass
@@ -48,6 +52,7 @@ class ModelSection:
     preset: str = 'tiny'                          # a name in unet.PRESETS
     overrides: dict = field(default_factory=dict) # UNetConfig fields to change (image_size comes from data.image_size)
     init_from: str | None = None                  # fine-tune: start from these weights (a run or checkpoint folder; EMA if present)
+    autoencoder: str | None = None                # a diffusers AutoencoderKL folder (09b_vae): train a latent diffusion model on its latents
 
 @dataclass
 class DataSection:
@@ -64,6 +69,7 @@ class DataSection:
     lesion_boost: float = 0.0         # images with outlined lesions drawn (1 + lesion_boost) times as often (with balance or alone)
     cache: bool = True                # keep decoded, resized images in memory (uint8)
     num_workers: int = 0
+    latent_variants: int = 4          # latent models: encodings cached per image (09c_latents): variant 0 as it is, the others augmented
 
 @dataclass
 class OptimSection:
@@ -138,6 +144,18 @@ def _unet_field(cfg, name: str, overrides: dict) -> str:
     if name in ('image_size', 'attention_resolutions'): return 'data.image_size'   # the preset's sizes vs the data's
     return 'model.preset'
 
+_AUTOENCODERS = {}   # (folder, weights mtime) -> the loaded autoencoder: configs are validated often, loaded once
+
+def run_autoencoder(cfg: TrainConfig):
+    "The frozen autoencoder of a latent run (`model.autoencoder`, `vae.load_autoencoder`, on the CPU), loaded once per folder."
+    p = resolve_path(cfg.model.autoencoder)
+    if not p.is_dir(): raise cfg.err('model.autoencoder', f"{cfg.model.autoencoder} is not a folder (a diffusers AutoencoderKL folder, see 09b_vae)")
+    key = (str(p), max((f.stat().st_mtime for f in p.iterdir()), default=0))
+    if key not in _AUTOENCODERS:
+        try: _AUTOENCODERS[key] = load_autoencoder(p, device='cpu')
+        except CXRDataError as e: raise cfg.err('model.autoencoder', f"{e.path}: field '{e.field}': {e.problem}") from None
+    return _AUTOENCODERS[key]
+
 def unet_config(cfg: TrainConfig) -> UNetConfig:
     """The `UNetConfig` of a run: preset + overrides, with `image_size` from `data.image_size` (and, unless overridden,
     the preset's attention levels kept at that size)."""
@@ -149,11 +167,16 @@ def unet_config(cfg: TrainConfig) -> UNetConfig:
         if k not in known: raise cfg.err(f'model.overrides.{k}', "unknown key for UNetConfig" + suggest(k, known))
     if 'image_size' in ov and ov['image_size'] != cfg.data.image_size:
         raise cfg.err('model.overrides.image_size', f"{ov['image_size']} differs from data.image_size={cfg.data.image_size}; set only data.image_size")
-    base = PRESETS[m.preset]
-    d = dict(base.to_dict(), **ov, image_size=cfg.data.image_size)
-    if 'attention_resolutions' not in ov and cfg.data.image_size != base.image_size:
+    base, size, latent = PRESETS[m.preset], cfg.data.image_size, {}
+    if m.autoencoder is not None:            # a latent model: the U-Net works on the autoencoder's latent grid
+        for k in ('in_channels', 'out_channels', 'clip_sample'):
+            if k in ov: raise cfg.err(f'model.overrides.{k}', 'is set by model.autoencoder for a latent model; remove it')
+        C, size, _ = latent_shape(run_autoencoder(cfg), cfg.data.image_size)
+        latent = dict(in_channels=C, out_channels=C, clip_sample=False)
+    d = dict(base.to_dict(), **ov, image_size=size, **latent)
+    if 'attention_resolutions' not in ov and size != base.image_size:
         # keep the preset's attention *levels* at another image size (16 px of a 32 px preset -> 32 px at 64 px)
-        scaled = [r * cfg.data.image_size / base.image_size for r in base.attention_resolutions]
+        scaled = [r * size / base.image_size for r in base.attention_resolutions]
         if all(float(s).is_integer() for s in scaled): d['attention_resolutions'] = [int(s) for s in scaled]
     try: return config_from_dict(UNetConfig, d)      # UNetConfig's errors name their field directly
     except ConfigError as e:
@@ -167,6 +190,7 @@ def conditioning_config(cfg: TrainConfig) -> ConditioningConfig:
                       "the label vector the model sees is the data's (set only data.findings)")
     c['findings'] = list(cfg.data.findings)
     c.setdefault('mask_mode', cfg.data.mask_mode)
+    if cfg.model.autoencoder is not None: c.setdefault('soft_mask', True)   # area-pooled masks are fractions (09c_latents)
     try: cc = config_from_dict(ConditioningConfig, c, cfg.source, 'conditioning')
     except ConfigError as e:
         if e.field.startswith('conditioning.findings'): raise cfg.err('data.findings', e.problem) from None
@@ -178,8 +202,10 @@ def conditioning_config(cfg: TrainConfig) -> ConditioningConfig:
     return cc
 
 def loss_config(cfg: TrainConfig) -> LesionLossConfig:
-    "The `LesionLossConfig` of the `loss` section."
-    return config_from_dict(LesionLossConfig, cfg.loss or {}, cfg.source, 'loss')
+    "The `LesionLossConfig` of the `loss` section (a latent model's `ssim_weight` defaults to 0: SSIM is for pixels)."
+    d = dict(cfg.loss or {})
+    if cfg.model.autoencoder is not None: d.setdefault('ssim_weight', 0.0)
+    return config_from_dict(LesionLossConfig, d, cfg.source, 'loss')
 
 def signature_of(ucfg: UNetConfig, ccfg: ConditioningConfig) -> dict:
     "What must not change between a checkpoint and a resume: the U-Net and the conditioning (minus dropout rates)."
@@ -238,6 +264,7 @@ def validate_config(cfg: TrainConfig, build: bool = True) -> TrainConfig:
     if not 0 <= d.test_fraction < 1: raise cfg.err('data.test_fraction', f"{d.test_fraction} must be in [0, 1)")
     if d.balance < 0: raise cfg.err('data.balance', f"{d.balance} must be >= 0")
     if d.lesion_boost < 0: raise cfg.err('data.lesion_boost', f"{d.lesion_boost} must be >= 0")
+    if isinstance(d.latent_variants, bool) or d.latent_variants < 1: raise cfg.err('data.latent_variants', f"{d.latent_variants} must be >= 1")
     _check_optim(cfg)
     if cfg.model.init_from is not None and not resolve_path(cfg.model.init_from).exists():
         raise cfg.err('model.init_from', f"{cfg.model.init_from} does not exist (a run folder or a checkpoint-<step>/ folder)")
@@ -246,6 +273,8 @@ def validate_config(cfg: TrainConfig, build: bool = True) -> TrainConfig:
     _check_output(cfg, cc)
     if getattr(lc, 'lesion_weight', 0) and d.mask_mode is None:
         warnings.warn(f"{cfg.source}: loss.lesion_weight={lc.lesion_weight} has no effect with data.mask_mode=None (no masks)")
+    if cfg.model.autoencoder is not None and lc.ssim_weight > 0:
+        raise cfg.err('loss.ssim_weight', f"{lc.ssim_weight}: SSIM measures image structure, not latents; leave it out (0) for a latent model")
     if build:
         try:
             with torch.device('meta'): ConditionalDenoiser(u, cc)
@@ -336,22 +365,6 @@ def plot_loss(log, ax=None, figsize=(7, 3)):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/10_training.ipynb #d5273dc4
-def cpu_supports_bf16() -> bool:
-    "True when oneDNN has native bf16 kernels on this CPU."
-    try: return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception: return False
-
-def resolve_mixed_precision(mp: str, device_type: str, source: str = '<config>') -> str:
-    "The accelerate mixed-precision mode for `mp` on a device type ('cpu', 'cuda', 'mps', ...)."
-    if mp == 'auto':
-        if device_type == 'cuda': return 'bf16' if torch.cuda.is_bf16_supported() else 'fp16'
-        if device_type == 'cpu': return 'bf16' if cpu_supports_bf16() else 'no'
-        return 'no'
-    if mp == 'fp16' and device_type == 'cpu':
-        raise ConfigError(source, 'optim.mixed_precision', "'fp16' needs a GPU; use 'bf16', 'auto' or 'no' on a CPU")
-    return mp
-
 # %% ../nbs/10_training.ipynb #8cb753ec
 def sample_grid_figure(samples: torch.Tensor, items: list, titles: list, n: int, title: str = ''):
     "Figure: one row per condition, the real conditioning image (with its mask) then `n` samples."
@@ -414,7 +427,9 @@ class TrainRun:
     noise_sched: object
     loss_cfg: LesionLossConfig
     text_encoder: object = None
+    autoencoder: object = None      # a latent run's frozen autoencoder (its latents are what the model learns)
     grid_items: list | None = None  # the fixed real conditions of the sample grid (main process)
+    grid_shown: list | None = None  # a latent run's grid conditions as films (the figure's first column)
     weights: np.ndarray | None = None  # drawing weights of the training images (data.balance / lesion_boost), None = permutations
     grid_titles: list | None = None
     step: int = 0
@@ -443,6 +458,11 @@ def start_checks(cfg: TrainConfig) -> Path | None:
         raise cfg.err('output.resume', f"{out} already holds checkpoints ({list_checkpoints(out)[-1].name}); "
                       "resume them with --resume auto (output.resume=auto) or choose another output.output_dir")
     if ckpt is not None: check_resume_compatible(ckpt, cfg)
+    if ckpt is not None and cfg.model.autoencoder is not None:   # a latent model is trained on one autoencoder's latents
+        saved = ckpt/AUTOENCODER_FOLDER
+        if not saved.is_dir() or autoencoder_fingerprint(load_autoencoder(saved, device='cpu')) != autoencoder_fingerprint(run_autoencoder(cfg)):
+            raise cfg.err('model.autoencoder', f"{cfg.model.autoencoder} is not the autoencoder {ckpt.name} was trained with "
+                          f"(its copy is in {ckpt.name}/{AUTOENCODER_FOLDER}); resume with that one")
     return ckpt
 
 def training_manifest(cfg: TrainConfig):
@@ -461,9 +481,14 @@ def training_manifest(cfg: TrainConfig):
         manifest = dataclasses.replace(manifest, images=im[keep].reset_index(drop=True))
     return manifest
 
-def make_dataset(cfg: TrainConfig, manifest, split: str, augment: bool = False) -> CXRDataset:
-    "The run's `CXRDataset` of `split` (augmented if `augment`)."
+def make_dataset(cfg: TrainConfig, manifest, split: str, augment: bool = False, pixels: bool = False) -> CXRDataset:
+    """The run's `CXRDataset` of `split` (augmented if `augment`); for a latent run (unless `pixels`) a `LatentDataset`
+    (encoded on demand: `cached_latents` encodes it all), with `data.latent_variants` augmented encodings if `augment`."""
     d = cfg.data
+    if cfg.model.autoencoder is not None and not pixels:
+        return LatentDataset(manifest, run_autoencoder(cfg), variants=d.latent_variants if augment else 1, findings=d.findings,
+                             size=d.image_size, split=split, mask_mode=d.mask_mode, augment=Augment() if augment else None,
+                             seed=cfg.optim.seed)
     return CXRDataset(manifest, findings=d.findings, size=d.image_size, split=split, mask_mode=d.mask_mode,
                       augment=Augment() if augment else None, seed=cfg.optim.seed, cache=d.cache)
 
@@ -471,9 +496,16 @@ def make_dataset(cfg: TrainConfig, manifest, split: str, augment: bool = False) 
 def build_run(cfg: TrainConfig, acc: Accelerator, manifest, ckpt: Path | None) -> TrainRun:
     "A `TrainRun` ready to train: data, model, optimiser, LR schedule, EMA and generator, restored from `ckpt` if given."
     d, o = cfg.data, cfg.optim
+    ae = run_autoencoder(cfg).to(acc.device) if cfg.model.autoencoder is not None else None
     ds = make_dataset(cfg, manifest, d.split, d.augment)
     if len(ds) < o.batch_size * acc.num_processes:
         raise cfg.err('optim.batch_size', f"{o.batch_size} x {acc.num_processes} process(es) > {len(ds)} images in split {d.split!r}")
+    if ae is not None:                       # a latent run: the training set encoded once (09c_latents), main process first
+        folder = Path(cfg.output.output_dir)/'latents'
+        if acc.is_main_process: cached_latents(ds, folder, progress=cfg.output.progress)
+        acc.wait_for_everyone()
+        if not acc.is_main_process and not load_latent_cache(ds, folder):
+            raise CheckpointError(str(folder), 'latents.json', 'does not match this process\'s dataset')
     set_seed(o.seed)
     ucfg, ccfg = unet_config(cfg), conditioning_config(cfg)
     model = ConditionalDenoiser(ucfg, ccfg)
@@ -490,7 +522,8 @@ def build_run(cfg: TrainConfig, acc: Accelerator, manifest, ckpt: Path | None) -
         ema.to(acc.device)
     gen = torch.Generator(device=acc.device).manual_seed(o.seed * 1000 + 17 + acc.process_index)
     run = TrainRun(cfg, acc, ds, model, core, opt, lr_sched, ema, gen, make_noise_scheduler(ucfg), loss_config(cfg),
-                   text_encoder=FrozenTextEncoder.shared() if ccfg.use_text else None)   # frozen, not trained
+                   text_encoder=FrozenTextEncoder.shared() if ccfg.use_text else None,   # frozen, not trained
+                   autoencoder=ae)
     if d.balance or d.lesion_boost: run.weights = sampling_weights(ds, d.balance, d.lesion_boost)
     if ckpt is not None:
         st = load_checkpoint(ckpt, accelerator=acc, model=model, optimizer=opt, lr_scheduler=lr_sched, ema=ema, gen=gen)
@@ -511,6 +544,9 @@ def prepare_outputs(run: TrainRun, manifest, ckpt: Path | None):
         has_val = d.val_split and d.val_split in set(manifest.images['split'])
         val = make_dataset(cfg, manifest, d.val_split) if has_val else None
         run.grid_items, run.grid_titles = condition_rows(val, d.findings, fallback_ds=make_dataset(cfg, manifest, d.split))
+        if run.autoencoder is not None:      # the same rows as films, for the figure's first column
+            px = lambda s: make_dataset(cfg, manifest, s, pixels=True)
+            run.grid_shown = condition_rows(px(d.val_split) if has_val else None, d.findings, fallback_ds=px(d.split))[0]
     acc.wait_for_everyone()
 
 # %% ../nbs/10_training.ipynb #97c4c795
@@ -571,7 +607,8 @@ def draw_grid(run: TrainRun, at_step: int) -> Path | None:
                          mixed_precision='bf16' if run.acc.mixed_precision == 'bf16' else 'no')
     finally:
         if ema is not None: ema.restore(core.parameters())
-    fig = sample_grid_figure(x, run.grid_items, run.grid_titles, o.samples_per_row,
+    if run.autoencoder is not None: x = decode(run.autoencoder, x)       # latents drawn -> images
+    fig = sample_grid_figure(x, run.grid_shown or run.grid_items, run.grid_titles, o.samples_per_row,
                              title=f"step {at_step} ({'EMA' if ema else 'raw'} weights)")
     return save_figure(fig, run.out/'samples'/f'step-{at_step:07d}.png')
 
@@ -581,7 +618,9 @@ def save_run_checkpoint(run: TrainRun, at_step: int) -> Path:
               log_sums=(None if run.sums is None else (run.sums.cpu(), run.count)))
     return save_checkpoint(run.out, at_step, accelerator=run.acc, model=run.model, optimizer=run.opt,
                            lr_scheduler=run.lr_sched, ema=run.ema, gen=run.gen, config_yaml=run.cfg.to_yaml(),
-                           signature=model_signature(run.cfg), state=st, keep_last=run.cfg.output.keep_last)
+                           signature=model_signature(run.cfg), state=st, keep_last=run.cfg.output.keep_last,
+                           **(dict(kind='latent-diffusion', parts={AUTOENCODER_FOLDER: partial(save_autoencoder, run.autoencoder)})
+                              if run.autoencoder is not None else {}))
 
 # %% ../nbs/10_training.ipynb #c008634f
 def finish_run(run: TrainRun, ckpt: Path | None, start_step: int, last_row, last_ckpt, last_grid) -> dict:

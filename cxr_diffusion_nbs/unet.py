@@ -33,6 +33,7 @@ class UNetConfig:
     cross_attention_dim: int | None = None  # token width for text cross-attention (None = no cross-attention)
     attention_head_dim: int = 32          # channels per attention head
     dropout: float = 0.0                  # dropout inside the residual blocks
+    clip_sample: bool = True              # samplers clip the predicted clean x0 to [-1, 1]: right for pixels, wrong for latents (unbounded)
 
     def __post_init__(self):
         self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
@@ -90,6 +91,7 @@ class UNetConfig:
             if not self.attention_resolutions:
                 raise self._err('cross_attention_dim', 'text cross-attention needs at least one attention resolution')
         if not 0 <= self.dropout < 1: raise self._err('dropout', f'{self.dropout} must be in [0, 1)')
+        if not isinstance(self.clip_sample, bool): raise self._err('clip_sample', f'{self.clip_sample!r} is not true or false')
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -179,4 +181,7 @@ def make_noise_scheduler(cfg=None, *, num_train_timesteps: int = 1000, beta_sche
     schedules = ('linear', 'scaled_linear', 'squaredcos_cap_v2', 'sigmoid')
     if beta_schedule not in schedules: raise ValueError(f"make_noise_scheduler: beta_schedule {beta_schedule!r} is unknown; use one of {schedules}")
     if num_train_timesteps < 2: raise ValueError(f"make_noise_scheduler: num_train_timesteps={num_train_timesteps} must be >= 2")
+    clip = getattr(cfg, 'clip_sample', None)
+    if clip is None: clip = getattr(getattr(cfg, 'unet_cfg', None), 'clip_sample', None)
+    if clip is not None: kwargs.setdefault('clip_sample', clip)   # latents are not bounded by [-1, 1]
     return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, prediction_type=pt, **kwargs)
