@@ -6,7 +6,7 @@ Docs: https://cxr-diffusion-nbs.github.io/cxr_diffusion_nbs/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #18c8bf23
 from __future__ import annotations
-import os, re, difflib, hashlib, tempfile, contextlib
+import os, re, difflib, hashlib, tempfile, contextlib, dataclasses
 from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
@@ -14,12 +14,13 @@ import torch
 import yaml
 
 # %% auto #0
-__all__ = ['NIH_FINDINGS', 'RARE_FINDINGS', 'FINDING_SYNONYMS', 'KNOWN_FINDINGS', 'MASK_MODES', 'PREDICTION_TYPES',
-           'canonical_finding', 'CXRDataError', 'ImageReadError', 'ManifestError', 'MaskError', 'PatientLeakageError',
-           'ConfigError', 'suggest', 'coerce', 'config_from_dict', 'check_findings', 'read_config_file',
-           'parse_override', 'set_dotted', 'default_device', 'cpu_supports_bf16', 'resolve_mixed_precision',
-           'atomic_write', 'project_root', 'sample_data_root', 'find_data_root', 'dicom_data_root', 'resolve_path',
-           'shareable_path', 'sha256_file']
+__all__ = ['NIH_FINDINGS', 'RARE_FINDINGS', 'FINDING_SYNONYMS', 'KNOWN_FINDINGS', 'MASK_MODES', 'PREDICTION_TYPES', 'SCHEDULES',
+           'MIXED_PRECISION', 'canonical_finding', 'CXRDataError', 'ImageReadError', 'ManifestError', 'MaskError',
+           'PatientLeakageError', 'ConfigError', 'suggest', 'coerce', 'config_from_dict', 'check_findings',
+           'read_config_file', 'parse_override', 'set_dotted', 'default_device', 'cpu_supports_bf16',
+           'resolve_mixed_precision', 'choice_error', 'check_optim_section', 'preset_copy', 'atomic_write',
+           'project_root', 'sample_data_root', 'find_data_root', 'dicom_data_root', 'resolve_path', 'shareable_path',
+           'sha256_file']
 
 # %% ../nbs/00_core.ipynb #195ee6e8
 NIH_FINDINGS = ('atelectasis', 'cardiomegaly', 'consolidation', 'edema', 'effusion', 'emphysema', 'fibrosis',
@@ -201,6 +202,43 @@ def resolve_mixed_precision(mp: str, device_type: str, source: str = '<config>')
     if mp == 'fp16' and device_type == 'cpu':
         raise ConfigError(source, 'optim.mixed_precision', "'fp16' needs a GPU; use 'bf16', 'auto' or 'no' on a CPU")
     return mp
+
+# %% ../nbs/00_core.ipynb #5a0709d3
+SCHEDULES = ('cosine', 'linear', 'constant')        # the trainers' learning-rate schedules, after a linear warm-up
+MIXED_PRECISION = ('no', 'bf16', 'fp16', 'auto')    # the trainers' precision modes (resolve_mixed_precision)
+
+def choice_error(cfg, fld: str, value, options) -> ConfigError:
+    "`cfg.err(fld, ...)` for a value that is not one of `options` (with the closest one, if any)."
+    hint = suggest(value, options)
+    return cfg.err(fld, f"{value!r} is not one of {tuple(options)}" + (hint if 'did you mean' in hint else ''))
+
+def check_optim_section(cfg):
+    """The optimiser checks of every trainer on `cfg.optim` (batch size, AdamW's lr / betas / weight decay, warm-up,
+    schedule, step and time budgets, gradient clipping, precision), raising `cfg.err` naming the field; betas become floats."""
+    o = cfg.optim
+    if o.batch_size < 1: raise cfg.err('optim.batch_size', f"{o.batch_size} must be >= 1")
+    if not o.lr > 0: raise cfg.err('optim.lr', f"{o.lr} must be > 0")
+    if len(o.betas) != 2 or not all(0 <= float(b) < 1 for b in o.betas): raise cfg.err('optim.betas', f"{o.betas} must be two numbers in [0, 1)")
+    o.betas = [float(b) for b in o.betas]
+    if o.weight_decay < 0: raise cfg.err('optim.weight_decay', 'must be >= 0')
+    if o.warmup_steps < 0: raise cfg.err('optim.warmup_steps', 'must be >= 0')
+    if o.schedule not in SCHEDULES: raise choice_error(cfg, 'optim.schedule', o.schedule, SCHEDULES)
+    if o.max_steps is None and o.max_minutes is None: raise cfg.err('optim.max_steps', 'give max_steps and/or max_minutes')
+    if o.max_steps is not None and o.max_steps < 1: raise cfg.err('optim.max_steps', f"{o.max_steps} must be >= 1")
+    if o.max_steps is None and o.schedule != 'constant':
+        raise cfg.err('optim.max_steps', f"the {o.schedule!r} schedule decays over max_steps; set it (max_minutes still caps the time)")
+    if o.max_minutes is not None and not o.max_minutes > 0: raise cfg.err('optim.max_minutes', 'must be > 0 or null')
+    if o.grad_clip is not None and not o.grad_clip > 0: raise cfg.err('optim.grad_clip', 'must be > 0 or null')
+    if o.mixed_precision is False: o.mixed_precision = 'no'      # YAML 1.1 reads a bare `no` as false
+    if o.mixed_precision not in MIXED_PRECISION: raise choice_error(cfg, 'optim.mixed_precision', o.mixed_precision, MIXED_PRECISION)
+
+def preset_copy(presets: dict, name: str, cls, where: str, **overrides):
+    "A copy of `presets[name]` (a `cls` dataclass) with `overrides` applied; unknown presets and fields are refused with the closest name."
+    if name not in presets: raise ConfigError(where, 'preset', f"unknown preset {name!r}" + suggest(name, presets))
+    known = {f.name for f in fields(cls)}
+    for k in overrides:
+        if k not in known: raise ConfigError(f'{where}({name!r})', k, f"unknown field of {cls.__name__}" + suggest(k, known))
+    return dataclasses.replace(presets[name], **overrides)
 
 # %% ../nbs/00_core.ipynb #f44e5986
 @contextlib.contextmanager

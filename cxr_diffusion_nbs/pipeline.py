@@ -18,8 +18,8 @@ import yaml
 from .core import CXRDataError, atomic_write, project_root
 
 # %% auto #0
-__all__ = ['PIPELINE_NOTEBOOK', 'PipelineError', 'Stages', 'save_table', 'save_figure', 'run_pipeline', 'main', 'check_judges',
-           'rarity_study_config', 'evidence', 'rarity_sentences', 'markdown_table']
+__all__ = ['PIPELINE_NOTEBOOK', 'DEMO_MODELS', 'PipelineError', 'Stages', 'save_table', 'save_figure', 'run_pipeline', 'main',
+           'demo_model', 'check_judges', 'rarity_study_config', 'evidence', 'rarity_sentences', 'markdown_table']
 
 # %% ../nbs/21_pipeline.ipynb #1fca0255
 class PipelineError(CXRDataError):
@@ -100,6 +100,16 @@ def main(argv=None):
 if __name__ == '__main__' and '__file__' in globals() and 'get_ipython' not in globals(): main()
 
 # %% ../nbs/21_pipeline.ipynb #9c1e5a02
+DEMO_MODELS = {'cpu64.yaml': 'data/models/cpu64_demo', 'cpu256_latent.yaml': 'data/models/cpu256_latent_demo'}
+
+def demo_model(train_config) -> str:
+    "The shipped demo model trained with `train_config` (what `init_from='demo'` fine-tunes), by the config's file name."
+    name = Path(str(train_config)).name
+    if name not in DEMO_MODELS:
+        raise PipelineError('parameters', 'init_from', f"'demo': no shipped demo was trained with {name} (demos: "
+                            f"{', '.join(f'{k} -> {v}' for k, v in DEMO_MODELS.items())}); give a model folder, or null to train from scratch")
+    return DEMO_MODELS[name]
+
 def check_judges(judges, image_size: int, models=None) -> int:
     """The `judges` parameter, checked: a size N in pixels, at least `image_size` (or 128 for larger images), whose judges exist as
     `models/classifier<N>` and `models/segmenter<N>` (default `data/models`, what `condition_fidelity.load_judges` opens)."""

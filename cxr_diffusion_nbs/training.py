@@ -22,7 +22,8 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 from .core import (RARE_FINDINGS, MASK_MODES, CXRDataError, ConfigError, suggest, config_from_dict,
                                     check_findings, read_config_file, parse_override, set_dotted, atomic_write, find_data_root, default_device, project_root, resolve_path,
-                                    cpu_supports_bf16, resolve_mixed_precision)
+                                    cpu_supports_bf16, resolve_mixed_precision, SCHEDULES, MIXED_PRECISION, choice_error,
+                                    check_optim_section)
 from .unet import UNetConfig, PRESETS, make_noise_scheduler
 from .conditioning import ConditioningConfig, ConditionalDenoiser, FrozenTextEncoder, batch_conditions
 from .losses import LesionLossConfig, lesion_preserving_loss
@@ -38,10 +39,10 @@ from .latents import LatentDataset, cached_latents, load_latent_cache, autoencod
 from .sampling import sample
 
 # %% auto #0
-__all__ = ['SCHEDULES', 'MIXED_PRECISION', 'ModelSection', 'DataSection', 'OptimSection', 'OutputSection', 'TrainConfig',
-           'run_autoencoder', 'unet_config', 'conditioning_config', 'loss_config', 'signature_of', 'model_signature',
-           'validate_config', 'load_config', 'epoch_batches', 'check_resume_compatible', 'read_log', 'truncate_log',
-           'append_log', 'plot_loss', 'sample_grid_figure', 'save_figure', 'grid_samples', 'TrainRun', 'start_checks',
+__all__ = ['ModelSection', 'DataSection', 'OptimSection', 'OutputSection', 'TrainConfig', 'run_autoencoder', 'unet_config',
+           'conditioning_config', 'loss_config', 'signature_of', 'model_signature', 'validate_config', 'load_config',
+           'epoch_batches', 'check_resume_compatible', 'read_log', 'truncate_log', 'append_log', 'plot_loss',
+           'sample_grid_figure', 'save_figure', 'grid_samples', 'TrainRun', 'start_checks', 'check_same_autoencoder',
            'training_manifest', 'make_dataset', 'build_run', 'prepare_outputs', 'run_batches', 'train_step',
            'log_window', 'draw_grid', 'save_run_checkpoint', 'finish_run', 'train', 'main', 'init_weights',
            'load_for_sampling']
@@ -127,17 +128,11 @@ class TrainConfig:
     def err(self, fld: str, problem: str) -> ConfigError: return ConfigError(self.source, fld, problem)
 
 # %% ../nbs/10_training.ipynb #cdf8f7f5
-def _choice(cfg, fld: str, value, options) -> ConfigError:
-    "The error for a value that is not one of `options` (with the closest one, if any)."
-    hint = suggest(value, options)
-    return cfg.err(fld, f"{value!r} is not one of {tuple(options)}" + (hint if 'did you mean' in hint else ''))
+_choice = choice_error   # core: the error for a value that is not one of the options, with the closest one
 
 
 
 # %% ../nbs/10_training.ipynb #57d9f3bf
-SCHEDULES = ('cosine', 'linear', 'constant')
-MIXED_PRECISION = ('no', 'bf16', 'fp16', 'auto')
-
 def _unet_field(cfg, name: str, overrides: dict) -> str:
     "The config field to blame for a `UNetConfig` error on `name`: the override, else the data's size, else the preset."
     if name in overrides and name != 'image_size': return f'model.overrides.{name}'
@@ -222,22 +217,9 @@ def _normalised_signature(sig: dict, source: str) -> dict:
                         config_from_dict(ConditioningConfig, sig['conditioning'], source, 'conditioning'))
 
 def _check_optim(cfg: TrainConfig):
+    check_optim_section(cfg)                          # core: what every trainer checks
     o = cfg.optim
-    if o.batch_size < 1: raise cfg.err('optim.batch_size', f"{o.batch_size} must be >= 1")
-    if not o.lr > 0: raise cfg.err('optim.lr', f"{o.lr} must be > 0")
-    if len(o.betas) != 2 or not all(0 <= float(b) < 1 for b in o.betas): raise cfg.err('optim.betas', f"{o.betas} must be two numbers in [0, 1)")
-    o.betas = [float(b) for b in o.betas]
-    if o.weight_decay < 0: raise cfg.err('optim.weight_decay', 'must be >= 0')
-    if o.warmup_steps < 0: raise cfg.err('optim.warmup_steps', 'must be >= 0')
-    if o.schedule not in SCHEDULES: raise _choice(cfg, 'optim.schedule', o.schedule, SCHEDULES)
-    if o.max_steps is None and o.max_minutes is None: raise cfg.err('optim.max_steps', 'give max_steps and/or max_minutes')
-    if o.max_steps is not None and o.max_steps < 1: raise cfg.err('optim.max_steps', f"{o.max_steps} must be >= 1")
-    if o.max_steps is None and o.schedule != 'constant':
-        raise cfg.err('optim.max_steps', f"the {o.schedule!r} schedule decays over max_steps; set it (max_minutes still caps the time)")
-    if o.max_minutes is not None and not o.max_minutes > 0: raise cfg.err('optim.max_minutes', 'must be > 0 or null')
-    if o.grad_clip is not None and not o.grad_clip > 0: raise cfg.err('optim.grad_clip', 'must be > 0 or null')
     if o.ema_decay is not None and not 0 < o.ema_decay < 1: raise cfg.err('optim.ema_decay', f"{o.ema_decay} must be in (0, 1) or null")
-    if o.mixed_precision not in MIXED_PRECISION: raise _choice(cfg, 'optim.mixed_precision', o.mixed_precision, MIXED_PRECISION)
 
 def _check_output(cfg: TrainConfig, cc: ConditioningConfig):
     out = cfg.output
@@ -458,12 +440,16 @@ def start_checks(cfg: TrainConfig) -> Path | None:
         raise cfg.err('output.resume', f"{out} already holds checkpoints ({list_checkpoints(out)[-1].name}); "
                       "resume them with --resume auto (output.resume=auto) or choose another output.output_dir")
     if ckpt is not None: check_resume_compatible(ckpt, cfg)
-    if ckpt is not None and cfg.model.autoencoder is not None:   # a latent model is trained on one autoencoder's latents
-        saved = ckpt/AUTOENCODER_FOLDER
-        if not saved.is_dir() or autoencoder_fingerprint(load_autoencoder(saved, device='cpu')) != autoencoder_fingerprint(run_autoencoder(cfg)):
-            raise cfg.err('model.autoencoder', f"{cfg.model.autoencoder} is not the autoencoder {ckpt.name} was trained with "
-                          f"(its copy is in {ckpt.name}/{AUTOENCODER_FOLDER}); resume with that one")
+    if ckpt is not None: check_same_autoencoder(ckpt, cfg, 'resume')
     return ckpt
+
+def check_same_autoencoder(ckpt: Path, cfg: TrainConfig, what: str = 'resume'):
+    "A latent run continues (`what`: 'resume') or fine-tunes ('fine-tune') only a denoiser trained on the same autoencoder's latents."
+    if cfg.model.autoencoder is None: return
+    saved = ckpt/AUTOENCODER_FOLDER
+    if not saved.is_dir() or autoencoder_fingerprint(load_autoencoder(saved, device='cpu')) != autoencoder_fingerprint(run_autoencoder(cfg)):
+        raise cfg.err('model.autoencoder', f"{cfg.model.autoencoder} is not the autoencoder {ckpt.name} was trained with "
+                      f"(its copy is in {ckpt.name}/{AUTOENCODER_FOLDER}); {what} with that one")
 
 def training_manifest(cfg: TrainConfig):
     "The run's manifest, checked against `data` (findings, split) and trimmed to `data.limit` training images."
@@ -717,6 +703,7 @@ def init_weights(model, checkpoint, cfg: TrainConfig) -> Path:
         diff = sorted(k for k in set(ours[part]) | set(theirs[part]) if ours[part].get(k) != theirs[part].get(k))
         if diff: raise cfg.err('model.init_from', f"{ckpt} is a different network ({part}.{diff[0]}: "
                                f"{theirs[part].get(diff[0])!r} there, {ours[part].get(diff[0])!r} here)")
+    check_same_autoencoder(ckpt, cfg, 'fine-tune')   # a latent denoiser means nothing on another autoencoder's latents
     return load_weights(model, ckpt)
 
 def load_for_sampling(checkpoint, use_ema: bool = True, device=None) -> tuple:

@@ -17,7 +17,7 @@ from diffusers import UNet2DModel, UNet2DConditionModel, DDPMScheduler
 __all__ = ['PRESETS', 'UNetConfig', 'unet_preset', 'build_unet', 'count_params', 'unet_levels', 'make_noise_scheduler']
 
 # %% ../nbs/07_unet.ipynb #6c8f30cd
-from .core import PREDICTION_TYPES, ConfigError, config_from_dict, suggest
+from .core import PREDICTION_TYPES, ConfigError, config_from_dict, suggest, preset_copy
 
 @dataclass
 class UNetConfig:
@@ -116,11 +116,7 @@ PRESETS: dict[str, UNetConfig] = {
 
 def unet_preset(name: str, **overrides) -> UNetConfig:
     "A copy of preset `name` with `overrides` applied (and validated)."
-    if name not in PRESETS: raise ConfigError('unet_preset', 'preset', f"unknown preset {name!r}" + suggest(name, PRESETS))
-    known = {f.name for f in fields(UNetConfig)}
-    for k in overrides:
-        if k not in known: raise ConfigError(f'unet_preset({name!r})', k, "unknown field of UNetConfig" + suggest(k, known))
-    return replace(PRESETS[name], **overrides)
+    return preset_copy(PRESETS, name, UNetConfig, 'unet_preset', **overrides)
 
 # %% ../nbs/07_unet.ipynb #7dad9f8b
 def _block_types(cfg: UNetConfig, cross: bool):

@@ -24,7 +24,8 @@ from safetensors.torch import save_file, load_file
 from skimage.metrics import structural_similarity, peak_signal_noise_ratio
 from .core import (CXRDataError, ConfigError, suggest, config_from_dict, read_config_file, parse_override,
                                     set_dotted, atomic_write, find_data_root, default_device, resolve_path, shareable_path,
-                                    project_root, resolve_mixed_precision)
+                                    project_root, resolve_mixed_precision, SCHEDULES, MIXED_PRECISION, choice_error,
+                                    check_optim_section, preset_copy)
 from .manifest import load_shared_subset
 from .splits import with_held_out_test
 from .dataset import CXRDataset
@@ -32,16 +33,16 @@ from .checkpoints import (CKPT_PREFIX, STATE_FILE, CheckpointError, list_checkpo
                                            resolve_resume, rng_state, set_rng_state, safe_load)
 
 # %% auto #0
-__all__ = ['AE_PRESETS', 'WEIGHTS_NAME', 'CONFIG_NAME', 'AUTOENCODER_TARGETS', 'SCHEDULES', 'MIXED_PRECISION',
-           'AutoencoderConfig', 'ae_preset', 'build_autoencoder', 'downsampling_factor', 'latent_shape', 'encode',
-           'decode', 'latent_statistics', 'save_autoencoder', 'autoencoder_folder', 'load_autoencoder',
-           'reconstruction_metrics', 'evaluate_autoencoder', 'metrics_summary', 'validation_dataset', 'ssim_map',
-           'AELossConfig', 'kl_per_pixel', 'autoencoder_loss', 'PatchDiscriminator', 'CropSampler', 'load_images',
-           'AEModelSection', 'AEDataSection', 'AEOptimSection', 'AEOutputSection', 'AETrainConfig',
-           'validate_vae_config', 'load_vae_config', 'ae_training_manifest', 'AERun', 'ae_start_checks', 'build_ae_run',
-           'ae_train_step', 'ae_log_window', 'save_ae_checkpoint', 'load_ae_checkpoint', 'ae_evaluate_now',
-           'finish_ae_run', 'train_autoencoder', 'reconstruction_figure', 'reconstruction_grid', 'training_curves',
-           'lesion_first', 'validation_figure', 'reconstruction_widget', 'main', 'ship_autoencoder']
+__all__ = ['AE_PRESETS', 'WEIGHTS_NAME', 'CONFIG_NAME', 'AUTOENCODER_TARGETS', 'AutoencoderConfig', 'ae_preset',
+           'build_autoencoder', 'downsampling_factor', 'latent_shape', 'encode', 'decode', 'latent_statistics',
+           'save_autoencoder', 'autoencoder_folder', 'load_autoencoder', 'reconstruction_metrics',
+           'evaluate_autoencoder', 'metrics_summary', 'validation_dataset', 'ssim_map', 'AELossConfig', 'kl_per_pixel',
+           'autoencoder_loss', 'PatchDiscriminator', 'CropSampler', 'load_images', 'AEModelSection', 'AEDataSection',
+           'AEOptimSection', 'AEOutputSection', 'AETrainConfig', 'validate_vae_config', 'load_vae_config',
+           'ae_training_manifest', 'AERun', 'ae_start_checks', 'build_ae_run', 'ae_train_step', 'ae_log_window',
+           'save_ae_checkpoint', 'load_ae_checkpoint', 'ae_evaluate_now', 'finish_ae_run', 'train_autoencoder',
+           'reconstruction_figure', 'reconstruction_grid', 'training_curves', 'lesion_first', 'validation_figure',
+           'reconstruction_widget', 'main', 'ship_autoencoder']
 
 # %% ../nbs/09b_vae.ipynb #27a32c54
 @dataclass
@@ -91,11 +92,7 @@ AE_PRESETS: dict[str, AutoencoderConfig] = {
 
 def ae_preset(name: str, **overrides) -> AutoencoderConfig:
     "A copy of preset `name` with `overrides` applied (and validated)."
-    if name not in AE_PRESETS: raise ConfigError('ae_preset', 'preset', f"unknown preset {name!r}" + suggest(name, AE_PRESETS))
-    known = {f.name for f in fields(AutoencoderConfig)}
-    for k in overrides:
-        if k not in known: raise ConfigError(f'ae_preset({name!r})', k, "unknown field of AutoencoderConfig" + suggest(k, known))
-    return dataclasses.replace(AE_PRESETS[name], **overrides)
+    return preset_copy(AE_PRESETS, name, AutoencoderConfig, 'ae_preset', **overrides)
 
 # %% ../nbs/09b_vae.ipynb #68534c7f
 def build_autoencoder(cfg='cpu_f4') -> AutoencoderKL:
@@ -434,9 +431,6 @@ def load_images(dataset, progress: bool = False) -> tuple:
     return torch.stack(ims), torch.stack(ms)
 
 # %% ../nbs/09b_vae.ipynb #9c5faf40
-SCHEDULES = ('cosine', 'linear', 'constant')
-MIXED_PRECISION = ('no', 'bf16', 'fp16', 'auto')
-
 @dataclass
 class AEModelSection:
     preset: str = 'cpu_f4'                        # a name in AE_PRESETS
@@ -510,10 +504,6 @@ class AETrainConfig:
             raise self.err(f'model.overrides.{e.field}' if e.field in ov else 'model.preset', e.problem) from None
 
 # %% ../nbs/09b_vae.ipynb #325b90a7
-def _choice(cfg, fld, value, options) -> ConfigError:
-    hint = suggest(value, options)
-    return cfg.err(fld, f"{value!r} is not one of {tuple(options)}" + (hint if 'did you mean' in hint else ''))
-
 def validate_vae_config(cfg: AETrainConfig) -> AETrainConfig:
     "Raise a `ConfigError` naming the file and the field for anything that cannot train; returns `cfg`."
     net = cfg.autoencoder_config()
@@ -526,20 +516,7 @@ def validate_vae_config(cfg: AETrainConfig) -> AETrainConfig:
     if not 0 <= d.lesion_crop_fraction <= 1: raise cfg.err('data.lesion_crop_fraction', f'{d.lesion_crop_fraction} must be in [0, 1]')
     if not 0 <= d.test_fraction < 1: raise cfg.err('data.test_fraction', f'{d.test_fraction} must be in [0, 1)')
     if d.limit is not None and d.limit < 1: raise cfg.err('data.limit', f'{d.limit} must be >= 1 or null')
-    if o.batch_size < 1: raise cfg.err('optim.batch_size', f'{o.batch_size} must be >= 1')
-    if not o.lr > 0: raise cfg.err('optim.lr', f'{o.lr} must be > 0')
-    if len(o.betas) != 2 or not all(0 <= float(b) < 1 for b in o.betas): raise cfg.err('optim.betas', f'{o.betas} must be two numbers in [0, 1)')
-    o.betas = [float(b) for b in o.betas]
-    if o.weight_decay < 0: raise cfg.err('optim.weight_decay', 'must be >= 0')
-    if o.warmup_steps < 0: raise cfg.err('optim.warmup_steps', 'must be >= 0')
-    if o.schedule not in SCHEDULES: raise _choice(cfg, 'optim.schedule', o.schedule, SCHEDULES)
-    if o.max_steps is None and o.max_minutes is None: raise cfg.err('optim.max_steps', 'give max_steps and/or max_minutes')
-    if o.max_steps is not None and o.max_steps < 1: raise cfg.err('optim.max_steps', f'{o.max_steps} must be >= 1')
-    if o.max_steps is None and o.schedule != 'constant': raise cfg.err('optim.max_steps', f"the {o.schedule!r} schedule decays over max_steps; set it")
-    if o.max_minutes is not None and not o.max_minutes > 0: raise cfg.err('optim.max_minutes', 'must be > 0 or null')
-    if o.grad_clip is not None and not o.grad_clip > 0: raise cfg.err('optim.grad_clip', 'must be > 0 or null')
-    if o.mixed_precision is False: o.mixed_precision = 'no'
-    if o.mixed_precision not in MIXED_PRECISION: raise _choice(cfg, 'optim.mixed_precision', o.mixed_precision, MIXED_PRECISION)
+    check_optim_section(cfg)                          # core: the optimiser checks every trainer shares
     for k in ('log_every', 'checkpoint_every', 'keep_last', 'eval_every', 'eval_images', 'stats_images'):
         v = getattr(out, k)
         if v is not None and v < 1: raise cfg.err(f'output.{k}', f'{v} must be >= 1' + ('' if k in ('log_every', 'keep_last') else ' or null'))

@@ -190,3 +190,20 @@ def test_ilvr_through_a_latent_generator_works_on_latents(latent_run):
     assert not torch.allclose(loose, res.images, atol=1e-3)            # a coarser filter leaves the model room
     with pytest.raises(ILVRError, match='factor'): ilvr_sample(gen, None, ILVRReference(ref, factor=2), n=1, steps=2)
     with pytest.raises(ILVRError, match='noise_scheduler'): ilvr_sample(gen, gen.noise_scheduler, ILVRReference(ref), n=1)
+
+
+DEMO = ROOT/'data'/'models'/'cpu256_latent_demo'
+
+
+def test_shipped_latent_demo_opens_anywhere_and_samples_256_px(tmp_path):
+    "The shipped latent demo: diffusers opens its autoencoder alone; `cxr-sample` writes 256-px images through it."
+    from PIL import Image
+    from diffusers import AutoencoderKL
+    ae = AutoencoderKL.from_pretrained(DEMO, subfolder='vae')
+    assert ae.config.in_channels == 1 and ae.config.shift_factor is not None and ae.config.scaling_factor != 1
+    gen = load_generator(DEMO, device='cpu')
+    assert (gen.kind, gen.image_size, gen.latent_size) == ('latent-diffusion', 256, 64)
+    out = tmp_path/'samples'
+    sample_main(['--checkpoint', str(DEMO), '--finding', 'nodule', '--n', '2', '--steps', '3', '--output', str(out)])
+    files = sorted(out.glob('sample_*.png'))
+    assert len(files) == 2 and {Image.open(f).size for f in files} == {(256, 256)}

