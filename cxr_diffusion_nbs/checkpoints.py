@@ -11,6 +11,7 @@ import os, json, pickle, random, shutil, warnings
 from pathlib import Path
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_model, save_file, load_model, load_file
 from .core import CXRDataError, ConfigError, atomic_write, config_from_dict, default_device, resolve_path
 from .unet import UNetConfig, make_noise_scheduler
@@ -19,9 +20,9 @@ from .conditioning import ConditioningConfig, ConditionalDenoiser
 # %% auto #0
 __all__ = ['CKPT_PREFIX', 'STATE_FILE', 'SIGNATURE_FILE', 'GENERATOR_FILE', 'DEFAULT_KIND', 'DENOISER_KINDS',
            'AUTOENCODER_FOLDER', 'CheckpointError', 'list_checkpoints', 'prune_checkpoints', 'checkpoint_folder',
-           'resolve_resume', 'rng_state', 'set_rng_state', 'safe_load', 'save_checkpoint', 'load_checkpoint',
-           'weights_file', 'load_weights', 'read_signature', 'generator_file', 'generator_kind', 'generator_defaults',
-           'recommend_defaults', 'load_denoiser']
+           'resolve_resume', 'rng_state', 'set_rng_state', 'safe_load', 'read_weights', 'save_checkpoint',
+           'load_checkpoint', 'weights_file', 'load_weights', 'read_signature', 'generator_file', 'generator_kind',
+           'generator_defaults', 'recommend_defaults', 'load_denoiser']
 
 # %% ../nbs/09a_checkpoints.ipynb #6b1b4dfc
 CKPT_PREFIX = 'checkpoint-'
@@ -102,6 +103,14 @@ def safe_load(path, map_location=None):
     except (RuntimeError, EOFError) as e:
         raise CheckpointError(str(path), '<file>', f'unreadable: {type(e).__name__}: {str(e)[:200]}') from None
 
+def read_weights(path, device=None) -> dict:
+    "The tensors of safetensors file `path`; a missing, truncated or corrupt file is a `CheckpointError` naming it (not a raw traceback)."
+    path = Path(path)
+    if not path.is_file(): raise CheckpointError(str(path), '<file>', 'missing')
+    try: return load_file(str(path), device=str(device or 'cpu'))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(str(path), '<file>', f'not a readable safetensors file (truncated or corrupt?): {str(e)[:200]}') from None
+
 # %% ../nbs/09a_checkpoints.ipynb #2442dfc2
 def _write_json(path, obj): Path(path).write_text(json.dumps(obj, indent=1))
 
@@ -147,7 +156,7 @@ def save_checkpoint(output_dir, step: int, *, accelerator, model, optimizer, lr_
 def _load_ema(ckpt: Path, m, ema, device):
     f = ckpt/'ema.safetensors'
     if not f.exists(): raise CheckpointError(str(f), 'ema.safetensors', 'missing, but the run keeps an EMA (optim.ema_decay is set)')
-    sh = load_file(str(f), device=str(device))
+    sh = read_weights(f, device)
     names = [n for n, _ in m.named_parameters()]
     missing = [n for n in names if n not in sh]
     if missing: raise CheckpointError(str(f), missing[0], 'parameter missing from the EMA weights')
@@ -159,7 +168,9 @@ def load_checkpoint(ckpt, *, accelerator, model, optimizer, lr_scheduler, ema, g
     ckpt, acc = checkpoint_folder(ckpt), accelerator
     state = json.loads((ckpt/STATE_FILE).read_text())
     m = acc.unwrap_model(model)
-    load_model(m, str(ckpt/'model.safetensors'), device=str(acc.device))
+    try: load_model(m, str(ckpt/'model.safetensors'), device=str(acc.device))
+    except SafetensorError as e:
+        raise CheckpointError(str(ckpt/'model.safetensors'), '<file>', f'not a readable safetensors file (truncated or corrupt?): {str(e)[:200]}') from None
     if ema is not None: _load_ema(ckpt, m, ema, acc.device)
     optimizer.load_state_dict(safe_load(ckpt/'optimizer.pt', map_location=acc.device))
     lr_scheduler.load_state_dict(safe_load(ckpt/'scheduler.pt'))
@@ -187,8 +198,9 @@ def load_weights(model, ckpt, use_ema: bool = True) -> Path:
     if f.name == 'model.safetensors':                  # the full state dict, as safetensors' save_model wrote it
         try: load_model(model, str(f))
         except RuntimeError as e: raise CheckpointError(str(f), 'state_dict', f'does not fit this model: {str(e)[:300]}') from None
+        except SafetensorError as e: raise CheckpointError(str(f), '<file>', f'not a readable safetensors file (truncated or corrupt?): {str(e)[:200]}') from None
         return f
-    sd, own = load_file(str(f)), dict(model.named_parameters())   # EMA: the parameters only
+    sd, own = read_weights(f), dict(model.named_parameters())   # EMA: the parameters only
     for n, p in own.items():
         if n not in sd: raise CheckpointError(str(f), n, 'missing from this file (a checkpoint of another network?)')
         if tuple(sd[n].shape) != tuple(p.shape):

@@ -23,6 +23,7 @@ from .core import (CXRDataError, ConfigError, RARE_FINDINGS, atomic_write, check
                                     default_device, project_root)
 from .manifest import Manifest
 from .dataset import CXRDataset, Augment
+from .checkpoints import read_weights
 
 # %% auto #0
 __all__ = ['to_size', 'round_trip', 'check_low_res', 'low_res_augment', 'ClassifierError', 'ClassifierConfig', 'conv_block',
@@ -285,7 +286,7 @@ def load_model_folder(folder, name: str, config_cls, build: Callable, device=Non
     d = Path(folder)
     cfg = config_cls.from_dict(read_model_json(d, name, error)['config'], str(d/f'{name}.json'), 'config')
     model = build(cfg)
-    sd = load_file(str(d/f'{name}.safetensors'))
+    sd = read_weights(d/f'{name}.safetensors')              # a truncated or corrupt file: an error naming it
     try: model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
     except RuntimeError as e: raise error(d/f'{name}.safetensors', 'state_dict', str(e).splitlines()[0]) from None
     return model.to(device or default_device()).eval(), cfg

@@ -15,11 +15,12 @@ from collections.abc import Mapping
 from pathlib import Path
 import numpy as np, pandas as pd
 import yaml
-from .core import CXRDataError, atomic_write, project_root
+from .core import CXRDataError, atomic_write, project_root, suggest
 
 # %% auto #0
-__all__ = ['PIPELINE_NOTEBOOK', 'DEMO_MODELS', 'PipelineError', 'Stages', 'save_table', 'save_figure', 'run_pipeline', 'main',
-           'demo_model', 'check_judges', 'rarity_study_config', 'evidence', 'rarity_sentences', 'markdown_table']
+__all__ = ['PIPELINE_NOTEBOOK', 'DEMO_MODELS', 'PipelineError', 'Stages', 'save_table', 'save_figure', 'check_parameters',
+           'run_pipeline', 'main', 'demo_model', 'check_judges', 'rarity_study_config', 'evidence', 'rarity_sentences',
+           'markdown_table']
 
 # %% ../nbs/21_pipeline.ipynb #1fca0255
 class PipelineError(CXRDataError):
@@ -66,14 +67,22 @@ def _yaml_value(s: str):
     if s.strip().lower() in ('no', 'yes', 'on', 'off', 'y', 'n'): return s
     return yaml.safe_load(s) if s.strip() else None
 
+def check_parameters(notebook, parameters: dict) -> dict:
+    "`parameters`, after refusing any name the notebook's `parameters` cell does not define (papermill would only warn and run the defaults)."
+    import papermill as pm
+    known = list(pm.inspect_notebook(str(notebook)))
+    for k in parameters:
+        if k not in known: raise PipelineError('parameters', k, 'not a parameter of the pipeline' + suggest(k, known))
+    return parameters
+
 def run_pipeline(output_dir, parameters: dict | None = None, notebook=None, progress: bool = True) -> Path:
     """Execute the pipeline notebook with papermill into `output_dir` (absolute paths are passed to it) and return
-    the executed notebook's path (`<output_dir>/pipeline.ipynb`)."""
+    the executed notebook's path (`<output_dir>/pipeline.ipynb`). Unknown parameter names are refused before anything runs."""
     import papermill as pm
     out = Path(output_dir).resolve()
     nb = Path(notebook) if notebook else project_root()/'nbs'/PIPELINE_NOTEBOOK
     if not nb.exists(): raise PipelineError(str(nb), 'notebook', 'the pipeline notebook is not there (run from a clone of the repository)')
-    params = dict(parameters or {}, output_dir=str(out))
+    params = dict(check_parameters(nb, parameters or {}), output_dir=str(out))
     out.mkdir(parents=True, exist_ok=True)
     dst = out/'pipeline.ipynb'
     pm.execute_notebook(str(nb), str(dst), parameters=params, cwd=str(nb.parent), progress_bar=progress,

@@ -109,3 +109,18 @@ def test_demo_weights_signature_and_errors(tmp_path):
     (tmp_path/'generator.json').write_text('{"kind": "gan"}')
     assert generator_kind(tmp_path) == 'gan'
     with pytest.raises(CheckpointError, match='load_generator'): load_denoiser(tmp_path)
+
+
+def test_corrupt_weights_are_refused_naming_the_file(tmp_path, capsys):
+    "A weights file cut short (an interrupted copy or download): cxr-sample exits 2 naming it, before drawing anything."
+    import shutil
+    from cxr_diffusion_nbs.sampling import main as sample_main
+    model = tmp_path/'demo'
+    shutil.copytree(project_root()/'data'/'models'/'cpu64_demo', model)
+    w = model/'ema.safetensors'
+    w.write_bytes(w.read_bytes()[:1000])
+    with pytest.raises(SystemExit) as e:
+        sample_main(['--checkpoint', str(model), '--finding', 'nodule', '--n', '1', '--steps', '2', '--output', str(tmp_path/'out')])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and 'ema.safetensors' in err and 'not a readable safetensors file' in err, err
+    assert not (tmp_path/'out').exists()

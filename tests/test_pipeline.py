@@ -88,6 +88,11 @@ def test_pipeline_refuses_bad_judges_before_training(tmp_path):
     assert r.returncode != 0 and "field 'judges'" in r.stderr, r.stderr[-2000:]
     assert not (tmp_path/'run'/'diffusion').exists()
 
+def test_pipeline_refuses_unknown_parameters_before_anything(tmp_path):
+    r = pipeline(tmp_path/'run', {'train_step': 5})
+    assert r.returncode == 2 and "field 'train_step'" in r.stderr and "did you mean 'train_steps'" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path/'run').exists()
+
 def test_check_judges(tmp_path):
     with pytest.raises(PipelineError, match="'judges'"): check_judges('128', 64)
     with pytest.raises(PipelineError, match='classifier128'): check_judges(128, 64, models=tmp_path)
