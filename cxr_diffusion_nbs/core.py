@@ -19,8 +19,8 @@ __all__ = ['NIH_FINDINGS', 'RARE_FINDINGS', 'FINDING_SYNONYMS', 'KNOWN_FINDINGS'
            'PatientLeakageError', 'ConfigError', 'suggest', 'coerce', 'config_from_dict', 'check_findings',
            'read_config_file', 'parse_override', 'set_dotted', 'default_device', 'cpu_supports_bf16',
            'resolve_mixed_precision', 'choice_error', 'check_optim_section', 'preset_copy', 'atomic_write',
-           'project_root', 'sample_data_root', 'find_data_root', 'dicom_data_root', 'resolve_path', 'shareable_path',
-           'sha256_file']
+           'check_output_folder', 'project_root', 'sample_data_root', 'find_data_root', 'dicom_data_root',
+           'resolve_path', 'shareable_path', 'sha256_file']
 
 # %% ../nbs/00_core.ipynb #195ee6e8
 NIH_FINDINGS = ('atelectasis', 'cardiomegaly', 'consolidation', 'edema', 'effusion', 'emphysema', 'fibrosis',
@@ -256,6 +256,23 @@ def atomic_write(path, suffix: str | None = None):
     except BaseException:
         with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
         raise
+
+# %% ../nbs/00_core.ipynb #b214c090
+def check_output_folder(path, owned=(), overwrite: bool = False, where: str = '--output') -> list:
+    """Check, before any compute and without creating anything, that folder `path` can be made and written. Files
+    matching the glob patterns `owned` (what the command writes) left by an earlier run are refused, or with `overwrite`
+    returned, for the caller to remove when it writes. Errors name the folder and `where`."""
+    p = Path(path)
+    if p.exists() and not p.is_dir(): raise CXRDataError(str(p), where, 'is a file, not a folder')
+    anc = p
+    while not anc.exists() and anc != anc.parent: anc = anc.parent
+    if not anc.is_dir(): raise CXRDataError(str(p), where, f'cannot be created: {anc.name} is a file')
+    if not os.access(anc, os.W_OK | os.X_OK): raise CXRDataError(str(p), where, f'cannot be written (no write permission in {anc.name or anc})')
+    old = sorted(f for pat in owned for f in p.glob(pat)) if p.is_dir() else []
+    if old and not overwrite:
+        raise CXRDataError(str(p), where, f"holds {len(old)} earlier output(s) ({', '.join(f.name for f in old[:3])}"
+                           f"{', ...' if len(old) > 3 else ''}); choose another folder or overwrite them (--overwrite)")
+    return old
 
 # %% ../nbs/00_core.ipynb #213d2f44
 def project_root() -> Path:

@@ -16,7 +16,7 @@ import torch
 from diffusers import DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler
 from tqdm.auto import tqdm
 from . import __version__
-from .core import (CXRDataError, atomic_write, canonical_finding, resolve_path, shareable_path, sha256_file,
+from .core import (CXRDataError, atomic_write, check_output_folder, canonical_finding, resolve_path, shareable_path, sha256_file,
                                     suggest)
 from .image_io import read_image, to_uint8, write_png
 from .forward import predicted_x0
@@ -29,9 +29,9 @@ from .latents import pool_mask
 
 # %% auto #0
 __all__ = ['SAMPLERS', 'SAMPLER_LABELS', 'DEFAULT_STEPS', 'MIXED_PRECISION', 'STEP_SEED_OFFSET', 'GENERATOR_KINDS',
-           'DIFFUSION_OPTIONS', 'SYNTHETIC_NOTE', 'SamplingError', 'check_sampler', 'make_sampler', 'image_seeds',
-           'initial_noise', 'loop_device', 'check_request', 'model_prediction', 'LoopSetup', 'loop_setup',
-           'SampleResult', 'sample', 'trajectory_frame', 'trajectory_figure', 'trajectory_widget',
+           'DIFFUSION_OPTIONS', 'SYNTHETIC_NOTE', 'SAMPLE_OUTPUTS', 'SamplingError', 'check_sampler', 'make_sampler',
+           'image_seeds', 'initial_noise', 'loop_device', 'check_request', 'model_prediction', 'LoopSetup',
+           'loop_setup', 'SampleResult', 'sample', 'trajectory_frame', 'trajectory_figure', 'trajectory_widget',
            'PixelDiffusionGenerator', 'load_generator', 'LatentDiffusionGenerator', 'write_samples', 'main']
 
 # %% ../nbs/11_sampling.ipynb #48140347
@@ -444,6 +444,8 @@ def _read_mask(path, size: int) -> torch.Tensor:
     if m.shape != (size, size): raise SamplingError(path, 'size', f'{m.shape[1]}x{m.shape[0]} px; the model draws {size}x{size}: resize the mask first')
     return torch.from_numpy(m)
 
+SAMPLE_OUTPUTS = ('sample_*.png', 'grid.png', 'samples.json')   # what cxr-sample writes into its folder
+
 def write_samples(out, images: torch.Tensor, seeds: list, provenance: dict) -> list:
     "Write `sample_<seed>.png` per image (marked synthetic, with `provenance` and its seed), `grid.png` and `samples.json`."
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
@@ -468,10 +470,12 @@ def main(argv=None):
     p.add_argument('--guidance', help="per-condition scales, e.g. labels=2,mask=1 ('none': no guidance; default: the model's recommended)")
     p.add_argument('--guidance-mode', choices=GUIDANCE_MODES, help="default: the model's recommended")
     p.add_argument('--output', default='runs/samples')
+    p.add_argument('--overwrite', action='store_true', help="replace earlier samples in --output (refused otherwise)")
     p.add_argument('--device'); p.add_argument('--bf16', action='store_true')
     a = p.parse_args(argv)
     try:
         if a.n < 1: raise SamplingError('--n', 'n', f'{a.n} must be >= 1')
+        earlier = check_output_folder(a.output, SAMPLE_OUTPUTS, a.overwrite)    # before any compute; nothing created yet
         gen = load_generator(a.checkpoint, device=a.device)
         findings = [canonical_finding(f) for f in a.finding]
         mask = _read_mask(a.mask, gen.image_size) if a.mask else None
@@ -479,6 +483,8 @@ def main(argv=None):
         if a.guidance is not None: opts['guidance'] = {} if a.guidance.strip().lower() == 'none' else _parse_scales(a.guidance)
         if a.guidance_mode is not None: opts['guidance_mode'] = a.guidance_mode
         opts = {k: v for k, v in gen.check_options('cxr-sample', **opts).items() if k != 'progress'}   # resolved: what the images record
+        if a.guidance is None:   # the model's recommended scales, for the conditions this request has (as generate does)
+            opts['guidance'] = {k: v for k, v in opts['guidance'].items() if k != 'text' and not (k == 'mask' and mask is None)}
         seeds = image_seeds(a.seed, a.n)
         images = gen.generate(masks=mask, seed=seeds, findings=[findings] * a.n if findings else None, progress=True, **opts)
     except CXRDataError as e:
@@ -486,6 +492,7 @@ def main(argv=None):
         raise SystemExit(2)
     prov = dict(gen.provenance(), checkpoint=shareable_path(a.checkpoint), **opts, findings=findings,
                 mask=shareable_path(a.mask) if a.mask else None)
+    for f in earlier: f.unlink()                   # --overwrite: the earlier samples go once the new ones are drawn
     files = write_samples(a.output, images, seeds, prov)
     print(json.dumps(dict(output=str(a.output), files=len(files)), indent=1))
 

@@ -173,3 +173,22 @@ def test_text_guidance_on_a_text_model():
     assert (text3 - text1).abs().mean() > 1e-5
     with pytest.raises(SamplingError, match='no text condition was passed'):
         sample(m, ns, conds(2), guidance=dict(text=2))
+
+def test_cli_uses_the_recommended_guidance_for_the_conditions_given(tmp_path):
+    "No --guidance and no --mask: the demo's recommended scales apply to what the request has (labels), as generate does."
+    r = run_cli('--checkpoint', str(DEMO), '--finding', 'nodule', '--n', '1', '--steps', '2', '--output', str(tmp_path/'out'))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path/'out'/'samples.json').read_text())['guidance'] == {'labels': 4.0}
+
+def test_cli_checks_its_output_folder_before_drawing(tmp_path):
+    "An output path that is a file, or a folder of earlier samples, is refused before any sampling; --overwrite replaces them."
+    (tmp_path/'file').write_text('x')
+    r = run_cli('--checkpoint', str(DEMO), '--n', '1', '--steps', '2', '--output', str(tmp_path/'file'))
+    assert r.returncode == 2 and 'is a file, not a folder' in r.stderr, r.stderr[-2000:]
+    out = tmp_path/'out'
+    assert run_cli('--checkpoint', str(DEMO), '--n', '2', '--steps', '2', '--output', str(out)).returncode == 0
+    r = run_cli('--checkpoint', str(DEMO), '--n', '1', '--steps', '2', '--seed', '9', '--output', str(out))
+    assert r.returncode == 2 and 'earlier output' in r.stderr and '--overwrite' in r.stderr, r.stderr[-2000:]
+    r = run_cli('--checkpoint', str(DEMO), '--n', '1', '--steps', '2', '--seed', '9', '--output', str(out), '--overwrite')
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(f.name for f in out.glob('sample_*.png')) == ['sample_000009.png']     # no mix of old and new
