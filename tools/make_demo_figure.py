@@ -66,8 +66,8 @@ def main():
     ae = autoencoder_facts(ck)
     if ae: facts.update(autoencoder=ae, latent_size=gen.latent_size)
     what = f'{a.name.replace("_", " ")} ({gen.image_size} px{", latent" if ae else ""})'
-    cost = f"{facts['elapsed_min']} CPU-min" + (f" + autoencoder {ae['train_minutes']:.0f}" if ae else '')
-    fig = sample_grid_figure(x, items, titles, a.n, title=f"{what}: {facts['steps']} steps, {facts['images_seen']} images seen, {cost}")
+    cost = f"{facts['elapsed_min']} CPU-min" + (f" (+ autoencoder {ae['train_minutes']:.0f})" if ae else '')
+    fig = sample_grid_figure(x, items, titles, a.n, title=f"{what}\n{facts['steps']:,} steps, {facts['images_seen']:,} images seen, {cost}")
     out = project_root()/'nbs'/'images'
     with atomic_write(out/f'{a.name}_samples.png') as tmp: fig.savefig(tmp, dpi=72 if gen.image_size <= 64 else 100, format='png')
     with atomic_write(out/f'{a.name}.json') as tmp: tmp.write_text(json.dumps(facts, indent=1))

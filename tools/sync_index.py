@@ -18,10 +18,14 @@ def readme_sections(text: str) -> list:
     cells.append('\n'.join(cur).strip('\n'))
     return cells
 
+def for_index(readme: str) -> str:
+    "README text as nbs/index.ipynb shows it: links into nbs/ made relative to nbs/ (figures are `nbs/images/...` in the README)."
+    return readme.replace('](nbs/', '](')
+
 def index_text(nb) -> str: return '\n\n'.join(c.source for c in nb.cells if c.cell_type == 'markdown')
 
 def main(check=False):
-    readme = (ROOT/'README.md').read_text()
+    readme = for_index((ROOT/'README.md').read_text())
     target = ROOT/'nbs'/'index.ipynb'
     if check:
         nb = nbformat.read(target, as_version=4)
