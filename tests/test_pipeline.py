@@ -73,13 +73,16 @@ def test_pipeline_latent_run(tmp_path):
     from PIL import Image
     out = tmp_path/'run'
     r = pipeline(out, dict(SMALL, train_config='configs/cpu256_latent.yaml', train_overrides={'data.latent_variants': 1},
-                           cohort_per_finding=1, turing_cases=2, rarity_config={'n_boot': 100, 'arms': ['mix']}))
+                           cohort_per_finding=2, turing_cases=2, rarity_config={'n_boot': 100, 'arms': ['mix']}))
     assert r.returncode == 0, (r.stderr[-3000:], r.stdout[-1000:])
-    assert json.loads((out/'diffusion'/'generator.json').read_text())['kind'] == 'latent-diffusion'
+    from cxr_diffusion_nbs.checkpoints import generator_kind
+    assert generator_kind(out/'diffusion') == 'latent-diffusion'
     cfg = yaml.safe_load((out/'diffusion'/'config.yaml').read_text())
     assert cfg['model']['init_from'].endswith('cpu256_latent_demo') and cfg['data']['image_size'] == 256
-    pngs = sorted((out/'cohort').rglob('*.png'))
-    assert len(pngs) == 5 and {Image.open(p).size for p in pngs} == {(256, 256)}
+    pngs, dicoms = sorted((out/'cohort'/'images').glob('*.png')), sorted((out/'cohort'/'dicom').glob('*.dcm'))
+    assert len(pngs) == 10 and {Image.open(p).size for p in pngs} == {(256, 256)}
+    import pydicom
+    assert len(dicoms) == 10 and (pydicom.dcmread(dicoms[0]).Rows, pydicom.dcmread(dicoms[0]).Columns) == (256, 256)
     assert json.loads((out/'classifier'/'classifier.json').read_text())['config']['image_size'] == 128
     assert '## Rarity study' in (out/'report.md').read_text()
 
