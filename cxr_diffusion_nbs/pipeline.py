@@ -101,8 +101,9 @@ def main(argv=None):
     try: nb = run_pipeline(a.output, params, progress=not a.no_progress)
     except CXRDataError as e:
         print(f'cxr-pipeline: refused: {e}', file=sys.stderr); raise SystemExit(2)
-    except Exception as e:          # papermill re-raises a failing cell; the executed notebook shows where
-        print(f'cxr-pipeline: failed: {type(e).__name__}: {str(e)[:2000]}\nsee {Path(a.output)/"pipeline.ipynb"}', file=sys.stderr)
+    except Exception as e:          # papermill re-raises a failing cell (its ename / evalue); the executed notebook shows where
+        what = f"{getattr(e, 'ename', None) or type(e).__name__}: {str(getattr(e, 'evalue', None) or e)[:2000]}"
+        print(f'cxr-pipeline: failed: {what}\nsee {Path(a.output)/"pipeline.ipynb"}', file=sys.stderr)
         raise SystemExit(1)
     print(json.dumps(dict(run=str(Path(a.output).resolve()), notebook=str(nb), report=str(Path(a.output).resolve()/'report.md')), indent=1))
 
