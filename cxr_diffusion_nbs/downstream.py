@@ -16,7 +16,7 @@ import numpy as np, pandas as pd
 from scipy import stats
 from sklearn.metrics import roc_auc_score, average_precision_score, roc_curve, recall_score
 from tqdm.auto import tqdm
-from .core import CXRDataError, PatientLeakageError, atomic_write
+from .core import CXRDataError, PatientLeakageError, atomic_write, shareable_path
 from .manifest import Manifest, empty_annotations, mix_real_synthetic
 from .splits import check_no_leakage
 from .classifier import ClassifierConfig, train_classifier, load_images, predict_proba
