@@ -227,7 +227,9 @@ def write_synthetic_dicom(path, pixels: np.ndarray, image_id: str, study_uid: st
     return write_dicom(path, pixels, photometric='MONOCHROME2', bits_stored=8, Modality='OT', ConversionType='SYN',
                        ImageType=['DERIVED', 'SECONDARY'], SeriesDescription='SYNTHETIC IMAGE - diffusion model output, not a patient',
                        StudyDescription='SYNTHETIC COHORT (cxr_diffusion_nbs)', DerivationDescription=SYNTHETIC_NOTE,
-                       BurnedInAnnotation='NO', PatientName='SYNTHETIC^CXR', PatientID=image_id, PatientSex='',
+                       BurnedInAnnotation='NO', BodyPartExamined='CHEST', Laterality='',   # Type 2C (General Series): a chest is not a paired part
+                       PatientOrientation=['L', 'F'],   # Type 2C (General Image): drawn as the training films are displayed (patient's left to the right, feet down)
+                       PatientName='SYNTHETIC^CXR', PatientID=image_id, PatientSex='',
                        PatientBirthDate='', StudyInstanceUID=study_uid, SeriesInstanceUID=series_uid, SeriesNumber=1,
                        InstanceNumber=int(instance_number), StudyID='SYNTH', AccessionNumber='', ReferringPhysicianName='',
                        ContentDate=now.strftime('%Y%m%d'), ContentTime=now.strftime('%H%M%S'), StudyDate=now.strftime('%Y%m%d'),

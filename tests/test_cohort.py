@@ -79,6 +79,7 @@ def test_cohort_provenance_dicom_and_schema(tmp_path, real):
     for _, r in im.iterrows():
         d = pydicom.dcmread(out/r.dicom_path)
         assert d.ConversionType == 'SYN' and 'SYNTHETIC' in d.SeriesDescription and list(d.ImageType)[:2] == ['DERIVED', 'SECONDARY']
+        assert 'Laterality' in d and list(d.PatientOrientation) == ['L', 'F'] and d.BodyPartExamined == 'CHEST'   # dciodvfy's Type 2C elements
         assert d.PatientID == r.image_id and str(d.SOPClassUID) == '1.2.840.10008.5.1.4.1.1.7'
         donor = real.images.set_index('image_id').loc[r.donor_image_id]
         assert donor.patient_id not in str(d)            # nothing of the donor patient in the header
