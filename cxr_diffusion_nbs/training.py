@@ -127,11 +127,6 @@ class TrainConfig:
 
     def err(self, fld: str, problem: str) -> ConfigError: return ConfigError(self.source, fld, problem)
 
-# %% ../nbs/10_training.ipynb #cdf8f7f5
-_choice = choice_error   # core: the error for a value that is not one of the options, with the closest one
-
-
-
 # %% ../nbs/10_training.ipynb #57d9f3bf
 def _unet_field(cfg, name: str, overrides: dict) -> str:
     "The config field to blame for a `UNetConfig` error on `name`: the override, else the data's size, else the preset."
@@ -239,7 +234,7 @@ def validate_config(cfg: TrainConfig, build: bool = True) -> TrainConfig:
     "Raise a `ConfigError` naming the file and the field for anything that cannot train; returns `cfg`."
     d = cfg.data
     d.findings = list(check_findings(d.findings, cfg.source, 'data.findings'))
-    if d.mask_mode not in MASK_MODES: raise _choice(cfg, 'data.mask_mode', d.mask_mode, MASK_MODES)
+    if d.mask_mode not in MASK_MODES: raise choice_error(cfg, 'data.mask_mode', d.mask_mode, MASK_MODES)
     if d.image_size <= 0: raise cfg.err('data.image_size', f"{d.image_size} must be positive")
     if d.num_workers < 0: raise cfg.err('data.num_workers', 'must be >= 0')
     if d.limit is not None and d.limit < 1: raise cfg.err('data.limit', f"{d.limit} must be >= 1 or null")
