@@ -10,19 +10,20 @@ Docs: https://cxr-diffusion-nbs.github.io/cxr_diffusion_nbs/cohort.html.md"""
 
 # %% ../nbs/14_cohort.ipynb #ee7119c5
 from __future__ import annotations
-import argparse, hashlib, json, math, os, sys, datetime
+import argparse, hashlib, hmac, json, math, os, secrets, sys, datetime
 from dataclasses import dataclass, field, asdict, fields
 from pathlib import Path
 import numpy as np, pandas as pd
 import torch
 from PIL import Image
-from pydicom.uid import generate_uid
+from pydicom.uid import generate_uid, MultiFrameGrayscaleByteSecondaryCaptureImageStorage
 from tqdm.auto import tqdm
 from . import __version__
-from .core import (CXRDataError, ConfigError, PatientLeakageError, atomic_write, canonical_finding,
+from .core import (CXRDataError, ConfigError, PatientLeakageError, atomic_write, canonical_finding, check_output_folder,
                                     config_from_dict, find_data_root, parse_override, project_root, read_config_file,
                                     resolve_path, shareable_path)
 from .image_io import to_uint8, write_png, write_dicom
+import pydicom
 from .manifest import (Manifest, load_shared_subset, IMAGE_COLUMNS, ANNOTATION_COLUMNS, empty_annotations,
                                         mix_real_synthetic)
 from .dataset import CXRDataset, affine_pair
@@ -31,10 +32,11 @@ from .conditioning import CONDITION_NAMES
 from .sampling import SamplingError, SYNTHETIC_NOTE, load_generator
 
 # %% auto #0
-__all__ = ['CohortError', 'CohortConfig', 'DonorPool', 'move_masks', 'jitter_mask', 'target_counts', 'image_seed', 'plan_cohort',
-           'plan_conditions', 'write_synthetic_dicom', 'check_output_dir', 'read_records', 'load_real_manifest',
-           'cohort_guidance', 'image_guidance', 'generator_options', 'plan_batch', 'build_cohort',
-           'write_cohort_manifest', 'load_cohort', 'load_cohort_config', 'main']
+__all__ = ['PRIVATE', 'CohortError', 'CohortConfig', 'DonorPool', 'move_masks', 'jitter_mask', 'target_counts', 'image_seed',
+           'plan_cohort', 'plan_conditions', 'donor_ref', 'cohort_key', 'shared_plan', 'donor_table', 'write_private',
+           'attach_donors', 'scan_shared', 'cohort_readme', 'write_synthetic_dicom', 'check_output_dir', 'read_records',
+           'load_real_manifest', 'cohort_guidance', 'image_guidance', 'generator_options', 'plan_batch', 'build_cohort',
+           'write_cohort_manifest', 'privatise_cohort', 'load_cohort', 'load_cohort_config', 'main']
 
 # %% ../nbs/14_cohort.ipynb #704c355f
 class CohortError(CXRDataError):
@@ -218,16 +220,123 @@ def plan_conditions(row, pool: DonorPool, cfg: CohortConfig) -> tuple[torch.Tens
     if not row['use_mask']: ms = torch.zeros_like(ms)
     return torch.tensor(json.loads(row['labels']), dtype=torch.float32), (ms > .5).float()
 
+# %% ../nbs/14_cohort.ipynb #e70e1e92
+PRIVATE = 'private'
+_PRIVATE_README = """# private/: never share this folder
+
+It links this cohort's synthetic images to the real patients whose labels and lesion masks conditioned them.
+
+- `donor_key`: the cohort's secret key. The shared files (PNG and DICOM provenance, `images.csv`, `plan.csv`) name a
+  donor only by `donor_ref`, a keyed hash (HMAC-SHA256) of its image id: without this key nobody can tell which real
+  image a reference stands for.
+- `donors.csv`: `donor_ref` -> the donor's real `image_id` and `patient_id` (identifiers under DICOM PS3.15).
+
+Keep it with the cohort on the machine that holds the real data: `load_cohort` reads it to check that no synthetic
+image was conditioned on a test patient and for the memorisation audit, and resuming the cohort needs the key.
+Share the cohort without it, e.g. `tar --exclude=private -czf cohort.tgz cohort/`.
+"""
+
+def donor_ref(key: bytes, donor_image_id) -> str:
+    "How shared outputs name a donor: a keyed hash (HMAC-SHA256, 64 bits shown) of its image id, unlinkable without `key`."
+    return 'donor_' + hmac.new(key, str(donor_image_id).encode(), hashlib.sha256).hexdigest()[:16]
+
+def cohort_key(out, create: bool = False) -> bytes:
+    """The cohort's donor key, `private/donor_key` (32 random bytes as hex, owner-only), made with the cohort. A cohort
+    whose key is lost cannot be extended: new images could not be linked to their donors."""
+    p = Path(out)/PRIVATE/'donor_key'
+    if p.exists():
+        try: key = bytes.fromhex(p.read_text().strip())
+        except ValueError: key = b''
+        if len(key) != 32: raise CohortError(str(p), 'donor_key', 'is not a 64-digit hex key; restore the private/ folder or build into a new folder')
+        return key
+    if not create: raise CohortError(str(p), 'donor_key', "is missing (the cohort's private/ folder was not kept); build into a new folder")
+    key = secrets.token_bytes(32)
+    with atomic_write(p) as tmp: tmp.write_text(key.hex() + '\n')
+    p.chmod(0o600); p.parent.chmod(0o700)
+    return key
+
+def shared_plan(plan: pd.DataFrame, key: bytes) -> pd.DataFrame:
+    "The plan as written for sharing: each donor's image id and pool index replaced by its `donor_ref`."
+    out = plan.drop(columns=['donor_image_id', 'donor_index'], errors='ignore')
+    out.insert(int(out.columns.get_loc('target_finding')) + 1, 'donor_ref', [donor_ref(key, d) for d in plan['donor_image_id']])
+    return out
+
+def donor_table(donor_ids, patient_of: dict, key: bytes) -> pd.DataFrame:
+    "`private/donors.csv`: each donor's `donor_ref`, real image id and patient id (`patient_of`: image id -> patient id)."
+    ids = sorted(set(donor_ids))
+    return pd.DataFrame(dict(donor_ref=[donor_ref(key, i) for i in ids], donor_image_id=ids,
+                             donor_patient_id=[patient_of.get(i, '') for i in ids]))
+
+def write_private(out, donor_ids, patient_of: dict, key: bytes):
+    "Write the cohort's `private/` folder: the donor table and a README saying never to share it (the key is already there)."
+    d = Path(out)/PRIVATE
+    with atomic_write(d/'donors.csv') as tmp: donor_table(donor_ids, patient_of, key).to_csv(tmp, index=False)
+    with atomic_write(d/'README.md') as tmp: tmp.write_text(_PRIVATE_README)
+    d.chmod(0o700)
+
+def attach_donors(m: Manifest, out) -> Manifest:
+    "A cohort's manifest with each image's real `donor_image_id` put back from `private/donors.csv`, when the folder has it."
+    p = Path(out)/PRIVATE/'donors.csv'
+    if not p.exists() or 'donor_ref' not in m.images: return m
+    link = pd.read_csv(p, dtype=str, keep_default_na=False).set_index('donor_ref')['donor_image_id']
+    ids = m.images['donor_ref'].map(link)
+    if ids.isna().any():
+        raise CohortError(str(p), 'donor_ref', f"has no row for {m.images.loc[ids.isna(), 'donor_ref'].iloc[0]}: the private folder belongs to another cohort")
+    return Manifest(m.images.assign(donor_image_id=ids.to_numpy()), m.annotations, m.findings, m.root, m.name, m.origin)
+
+def scan_shared(out, needles) -> list:
+    """(file, needle) for every `needle` (a donor id, a machine path...) found in a file of cohort `out` outside
+    `private/`: raw bytes, plus the decoded text chunks of PNGs (which may be compressed). Run it before sharing."""
+    out, hits = Path(out), []
+    needles = [str(n) for n in needles if str(n)]
+    for p in sorted(out.rglob('*')):
+        rel = p.relative_to(out)
+        if not p.is_file() or rel.parts[0] == PRIVATE: continue
+        blob = p.read_bytes()
+        if p.suffix.lower() == '.png':
+            with Image.open(p) as im: blob += json.dumps(getattr(im, 'text', {})).encode()
+        hits += [(rel.as_posix(), n) for n in needles if n.encode() in blob]
+    return hits
+
+def cohort_readme(meta: dict) -> str:
+    "The README a new cohort folder gets: what the images are, what each file holds, and which folder never to share."
+    counts = ', '.join(f'{f} {n}' for f, n in meta['counts'].items() if n)
+    o = meta['identity'].get('options', {})
+    return f"""# Synthetic chest X-ray cohort: {meta['n_images']} images
+
+**Synthetic images drawn by a diffusion model, not radiographs of patients; not for clinical use.** Every PNG says so
+in its `Description` text chunk and carries its provenance (JSON) in a `Provenance` chunk; DICOM files, if any, are
+Secondary Captures with `ConversionType` SYN.
+
+- Images per target finding: {counts}.
+- Model: `{meta['checkpoint']}` (SHA-256 of its weights `{meta['identity']['model_sha256'][:16]}...`); sampler
+  {o.get('sampler')} with {o.get('steps')} steps, guidance {json.dumps(o.get('guidance'))}; built by {meta['package']} on {meta['created'][:10]}.
+- Conditions: labels and lesion masks of real training-split donors, moved slightly; a donor is named only by
+  `donor_ref`, a keyed hash.
+
+| file | what |
+|---|---|
+| `images/`, `masks/`, `dicom/` | the synthetic images, the masks they were conditioned on, optional DICOM copies |
+| `images.csv`, `annotations.csv`, `manifest.json` | the manifest (`cxr_diffusion_nbs.cohort.load_cohort` reads it) |
+| `plan.csv`, `records.jsonl`, `cohort.json` | the plan fixed before generation, finished images, the request and identity hashes |
+| `private/` | **never share**: the key of `donor_ref` and the table linking it to real patients (see its README) |
+
+To share this cohort, leave `private/` out: `tar --exclude=private -czf cohort.tgz <this folder>`.
+"""
+
 # %% ../nbs/14_cohort.ipynb #c51cd7de
 def write_synthetic_dicom(path, pixels: np.ndarray, image_id: str, study_uid: str, series_uid: str,
                           instance_number: int, provenance: dict) -> Path:
-    """A DICOM Secondary Capture of a synthetic image: `ConversionType` SYN, `ImageType` DERIVED\\SECONDARY, a series
-    description saying it is synthetic, fresh SOP instance UID, and no patient data (the patient is the image id)."""
+    """A synthetic image as a DICOM Multi-frame Grayscale Byte Secondary Capture (one frame): `ConversionType` SYN,
+    `Modality` OT, `ImageType` DERIVED\\SECONDARY, a series description saying it is synthetic, fresh UIDs, and no
+    patient data (the patient is the image id). Passes dicom3tools' `dciodvfy` without errors or warnings."""
     now = datetime.datetime.now(datetime.timezone.utc)
-    return write_dicom(path, pixels, photometric='MONOCHROME2', bits_stored=8, Modality='OT', ConversionType='SYN',
+    return write_dicom(path, pixels, photometric='MONOCHROME2', bits_stored=8, sop_class=MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+                       NumberOfFrames=1, PresentationLUTShape='IDENTITY', RescaleIntercept=0, RescaleSlope=1, RescaleType='US',
+                       Modality='OT', ConversionType='SYN',
                        ImageType=['DERIVED', 'SECONDARY'], SeriesDescription='SYNTHETIC IMAGE - diffusion model output, not a patient',
                        StudyDescription='SYNTHETIC COHORT (cxr_diffusion_nbs)', DerivationDescription=SYNTHETIC_NOTE,
-                       BurnedInAnnotation='NO', BodyPartExamined='CHEST', Laterality='',   # Type 2C (General Series): a chest is not a paired part
+                       BurnedInAnnotation='NO', BodyPartExamined='CHEST',   # no Laterality: Type 2C, absent for an unpaired part (the chest)
                        PatientOrientation=['L', 'F'],   # Type 2C (General Image): drawn as the training films are displayed (patient's left to the right, feet down)
                        PatientName='SYNTHETIC^CXR', PatientID=image_id, PatientSex='',
                        PatientBirthDate='', StudyInstanceUID=study_uid, SeriesInstanceUID=series_uid, SeriesNumber=1,
@@ -238,19 +347,25 @@ def write_synthetic_dicom(path, pixels: np.ndarray, image_id: str, study_uid: st
 
 # %% ../nbs/14_cohort.ipynb #21d82b50
 _COHORT_FILES = {'cohort.json', 'plan.csv', 'records.jsonl', 'images.csv', 'annotations.csv', 'manifest.json',
-                 'images', 'masks', 'dicom'}
+                 'images', 'masks', 'dicom', 'README.md', PRIVATE}
+_STARTED = {'plan.csv', 'README.md', PRIVATE}     # what a build killed before `cohort.json` was written leaves
 
-def check_output_dir(out: Path, identity: dict) -> bool:
-    """True if `out` holds this very cohort (resume), False if it is new or empty; raise `CohortError` if it holds a
-    different cohort, a foreign manifest or unrelated files."""
+def check_output_dir(out: Path, identity: dict | None = None) -> bool:
+    """True if `out` holds this very cohort (resume), False if it is new or empty; raise `CohortError` if it is a file
+    or cannot be written, or holds a different cohort (checked when `identity` is given), a foreign manifest or
+    unrelated files. Called twice: before any compute without `identity`, and with it once the plan is known."""
+    try: check_output_folder(out, where='output_dir')
+    except CXRDataError as e: raise CohortError(e.path, e.field, e.problem) from None
     if not out.exists() or not any(out.iterdir()): return False
     if not (out/'cohort.json').exists():
+        if {p.name for p in out.iterdir()} <= _STARTED: return False
         if (out/'images.csv').exists() or (out/'manifest.json').exists():
             raise CohortError(str(out/'images.csv'), 'output_dir', 'holds a manifest that no cohort build wrote; choose an empty or new folder')
         raise CohortError(str(out), 'output_dir', f'is not empty and not a cohort folder ({sorted(p.name for p in out.iterdir())[:5]}); choose an empty or new folder')
     try: old = json.loads((out/'cohort.json').read_text())
     except json.JSONDecodeError as e: raise CohortError(str(out/'cohort.json'), 'json', str(e)) from None
-    for k, v in identity.items():
+    cohort_key(out)                                  # resuming needs the donor key (a clear error if private/ was lost)
+    for k, v in (identity or {}).items():
         if old.get('identity', {}).get(k) != v:
             raise CohortError(str(out/'cohort.json'), k, f"this folder holds a different cohort ({k}: {old.get('identity', {}).get(k)!r} "
                               f"there, {v!r} requested); choose a new output_dir")
@@ -329,6 +444,8 @@ def build_cohort(cfg: CohortConfig | dict, source: str = '<config>', progress: b
     the first file is written; each image is written atomically then recorded; the manifest is written last."""
     cfg = CohortConfig.from_dict(cfg, source) if isinstance(cfg, dict) else cfg
     _validate(cfg, source)
+    out = Path(cfg.output_dir)
+    check_output_dir(out)                            # a file, unwritable, foreign: refused before the model is loaded
     gen = load_generator(cfg.checkpoint, device=cfg.device)
     opts = generator_options(cfg, gen, source)
     manifest = with_held_out_test(load_real_manifest(cfg.data_root), cfg.test_fraction)
@@ -342,16 +459,21 @@ def build_cohort(cfg: CohortConfig | dict, source: str = '<config>', progress: b
     model_sha, ck = gen.model_sha256(), gen.checkpoint
     identity = dict(cfg.identity(), model_sha256=model_sha, plan_sha256=hashlib.sha256(plan_csv.encode()).hexdigest(),
                     options={k: v for k, v in opts.items() if k != 'mixed_precision'})
-    out = Path(cfg.output_dir)
     resuming = check_output_dir(out, identity)
     # -- nothing was written before this line --
+    key = cohort_key(out, create=not resuming)
+    refs = dict(zip(plan['image_id'], shared_plan(plan, key)['donor_ref']))
     if not resuming:
-        out.mkdir(parents=True, exist_ok=True)
-        meta = dict(identity=identity, request=cfg.to_dict(), checkpoint=shareable_path(ck), weights=gen.weights.name, findings=list(pool.findings),
+        write_private(out, plan['donor_image_id'], dict(zip(pool.ds.images['image_id'], pool.ds.images['patient_id'])), key)
+        request = dict(cfg.to_dict(), checkpoint=shareable_path(cfg.checkpoint), output_dir=shareable_path(out),
+                       data_root=None if cfg.data_root is None else shareable_path(cfg.data_root))
+        meta = dict(identity=identity, request=request, checkpoint=shareable_path(ck), weights=gen.weights.name, findings=list(pool.findings),
                     counts=counts, real_counts=pool.counts(), data=shareable_path(manifest.origin or manifest.name), n_images=len(plan),
                     study_uid=generate_uid(), series_uid=generate_uid(), package=f'cxr_diffusion_nbs {__version__}',
                     created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'))
-        with atomic_write(out/'plan.csv') as tmp: tmp.write_text(plan_csv)
+        with atomic_write(out/'plan.csv') as tmp: shared_plan(plan, key).to_csv(tmp, index=False)
+        if not (out/'README.md').exists():
+            with atomic_write(out/'README.md') as tmp: tmp.write_text(cohort_readme(meta))
         with atomic_write(out/'cohort.json') as tmp: tmp.write_text(json.dumps(meta, indent=1))
     meta = json.loads((out/'cohort.json').read_text())
     done = read_records(out)
@@ -372,7 +494,7 @@ def build_cohort(cfg: CohortConfig | dict, source: str = '<config>', progress: b
             if iid in done: continue
             prov = dict(image_id=iid, synthetic=1, model_sha256=model_sha, checkpoint=shareable_path(ck), seed=int(r['seed']),
                         **dict(rec_opts, guidance=image_guidance(rec_opts['guidance'], bool(r['use_mask']))),
-                        target_finding=r['target_finding'], donor_image_id=r['donor_image_id'], labels=json.loads(r['labels']),
+                        target_finding=r['target_finding'], donor_ref=refs[iid], labels=json.loads(r['labels']),
                         mask_used=bool(r['use_mask']), mask_jitter=json.loads(r['jitter']), package=f'cxr_diffusion_nbs {__version__}')
             px = to_uint8(images[j, 0])
             rec = dict(image_id=iid, index=int(r['index']), path=f'images/{iid}.png', masks={}, dicom_path='')
@@ -409,7 +531,7 @@ def write_cohort_manifest(out) -> Manifest:
         row = dict(image_id=r['image_id'], path=rec['path'], patient_id=r['image_id'], source='synthetic',
                    view=r['donor_view'], split='train', width=np.nan, height=np.nan)
         row.update({f: float(v) for f, v in zip(findings, lab)})
-        row.update(synthetic=1, target_finding=r['target_finding'], donor_image_id=r['donor_image_id'], seed=int(r['seed']),
+        row.update(synthetic=1, target_finding=r['target_finding'], donor_ref=r['donor_ref'], seed=int(r['seed']),
                    sampler=used['sampler'], steps=used['steps'], eta=used['eta'], guidance=json.dumps(image_guidance(used['guidance'], bool(r['use_mask']))),
                    guidance_mode=used['guidance_mode'], mask_used=int(bool(r['use_mask'])), mask_jitter=r['jitter'],
                    model_sha256=ident['model_sha256'], checkpoint=meta['checkpoint'], dicom_path=rec['dicom_path'],
@@ -428,9 +550,45 @@ def write_cohort_manifest(out) -> Manifest:
     with atomic_write(out/'manifest.json') as tmp: tmp.write_text(json.dumps(mj, indent=1))
     return Manifest.from_csv(out, check_files=True)
 
+def privatise_cohort(out, data_root=None) -> Path:
+    """Make a cohort written by an older version (donors named by their real image id) shareable, in place: the ids
+    in `plan.csv`, `images.csv` and the PNG / DICOM provenance become `donor_ref`s, machine paths become shareable ones,
+    and the link moves to a new `private/` folder. Pixels are untouched; a killed run can be run again."""
+    out = Path(out)
+    plan = pd.read_csv(out/'plan.csv', keep_default_na=False, dtype={'donor_image_id': str})
+    if 'donor_image_id' not in plan: raise CohortError(str(out/'plan.csv'), 'donor_image_id', 'absent: this cohort already names donors by donor_ref')
+    meta = json.loads((out/'cohort.json').read_text())
+    real = load_real_manifest(data_root if data_root is not None else meta['request'].get('data_root'))
+    key = cohort_key(out, create=True)
+    write_private(out, plan['donor_image_id'], dict(zip(real.images['image_id'], real.images['patient_id'])), key)
+    refs = dict(zip(plan['image_id'], shared_plan(plan, key)['donor_ref']))
+    def clean(prov: dict) -> dict:
+        if 'donor_image_id' in prov: prov['donor_ref'] = refs[prov['image_id']]; del prov['donor_image_id']
+        if 'checkpoint' in prov: prov['checkpoint'] = shareable_path(prov['checkpoint'])
+        return prov
+    for iid, rec in read_records(out).items():
+        with Image.open(out/rec['path']) as im: px, text = np.asarray(im), dict(im.text)
+        text['Provenance'] = json.dumps(clean(json.loads(text['Provenance'])))
+        write_png(out/rec['path'], px, text)
+        if rec.get('dicom_path'):
+            ds = pydicom.dcmread(out/rec['dicom_path'])
+            ds.ImageComments = json.dumps(clean(json.loads(ds.ImageComments)))[:10240]
+            with atomic_write(out/rec['dicom_path']) as tmp: ds.save_as(tmp, enforce_file_format=True)
+    req = meta['request']
+    for k in ('checkpoint', 'output_dir', 'data_root'):
+        if req.get(k) is not None: req[k] = shareable_path(req[k])
+    meta.update(request=req, checkpoint=shareable_path(meta['checkpoint']), data=shareable_path(meta['data']))
+    with atomic_write(out/'cohort.json') as tmp: tmp.write_text(json.dumps(meta, indent=1))
+    if not (out/'README.md').exists():
+        with atomic_write(out/'README.md') as tmp: tmp.write_text(cohort_readme(meta))
+    with atomic_write(out/'plan.csv') as tmp: shared_plan(plan, key).to_csv(tmp, index=False)     # last: the marker of a finished run
+    write_cohort_manifest(out)
+    return out
+
 def load_cohort(out) -> Manifest:
-    "A finished cohort as a `Manifest` (paths resolved, files checked)."
-    return Manifest.from_csv(out, check_files=True)
+    """A finished cohort as a `Manifest` (paths resolved, files checked), with the real `donor_image_id` of each image
+    when the cohort's `private/` folder is there (`attach_donors`)."""
+    return attach_donors(Manifest.from_csv(out, check_files=True), out)
 
 # %% ../nbs/14_cohort.ipynb #866dbe40
 def load_cohort_config(path=None, overrides=()) -> tuple[CohortConfig, str]:

@@ -161,16 +161,17 @@ def dicom_info(path) -> dict:
                 pixel_spacing=g('PixelSpacing') or g('ImagerPixelSpacing'))
 
 # %% ../nbs/01_image_io.ipynb #d4be8c36
-def write_dicom(path, pixels, photometric: str = 'MONOCHROME2', bits_stored: int | None = None, **elements) -> Path:
-    """Write `pixels` (2-D integer array) as an uncompressed single-frame DICOM with extra header `elements`
-    (e.g. RescaleSlope=2, WindowCenter=1000); written atomically. For tests and teaching, not for clinical use."""
+def write_dicom(path, pixels, photometric: str = 'MONOCHROME2', bits_stored: int | None = None,
+                sop_class: str = SecondaryCaptureImageStorage, **elements) -> Path:
+    """Write `pixels` (2-D integer array) as an uncompressed single-frame DICOM of SOP class `sop_class` with extra
+    header `elements` (e.g. RescaleSlope=2, WindowCenter=1000); written atomically. For tests and teaching, not for clinical use."""
     a = np.asarray(pixels)
     if a.ndim != 2 or not np.issubdtype(a.dtype, np.integer): raise ValueError('pixels must be a 2-D integer array')
     signed = bool(a.min() < 0)
     alloc = 8 if (a.min() >= 0 and a.max() < 256 and (bits_stored or 8) <= 8) else 16
     a = a.astype({(8, False): np.uint8, (16, False): np.uint16, (16, True): np.int16}[(alloc, signed)])
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = pydicom.Dataset(); ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, 'DX'

@@ -1,13 +1,13 @@
 """Cohort builder: planning, balance, provenance, DICOM marking, refusals before writing, kill-and-resume, mixing."""
-import json, os, signal, subprocess, sys, time
+import json, os, shutil, signal, subprocess, sys, time
 from pathlib import Path
 import numpy as np, pandas as pd, pytest, torch, pydicom
 from cxr_diffusion_nbs.core import project_root, sample_data_root, PatientLeakageError, ManifestError
 from cxr_diffusion_nbs.manifest import load_shared_subset, Manifest, IMAGE_COLUMNS, mix_real_synthetic
 from cxr_diffusion_nbs.image_io import read_image
 from cxr_diffusion_nbs.cohort import (CohortConfig, CohortError, DonorPool, build_cohort, load_cohort, target_counts,
-                                      plan_cohort, plan_conditions, jitter_mask, move_masks,
-                                      image_seed, load_cohort_config, image_guidance)
+                                      plan_cohort, plan_conditions, jitter_mask, move_masks, donor_ref, cohort_key,
+                                      scan_shared, image_seed, load_cohort_config, image_guidance)
 from cxr_diffusion_nbs.checkpoints import generator_defaults
 
 BIN = Path(sys.executable).parent
@@ -72,15 +72,14 @@ def test_cohort_provenance_dicom_and_schema(tmp_path, real):
     assert list(m.images.columns[:len(IMAGE_COLUMNS)]) == list(IMAGE_COLUMNS)
     im = m.images
     assert len(im) == 3 and (im.synthetic == 1).all() and (im.source == 'synthetic').all()
-    for col in ('model_sha256', 'sampler', 'steps', 'guidance', 'seed', 'donor_image_id', 'mask_jitter', 'config'):
+    for col in ('model_sha256', 'sampler', 'steps', 'guidance', 'seed', 'donor_ref', 'donor_image_id', 'mask_jitter', 'config'):
         assert im[col].notna().all(), col
     assert im.model_sha256.iloc[0] == __import__('hashlib').sha256((DEMO/'ema.safetensors').read_bytes()).hexdigest()
     assert set(im.patient_id).isdisjoint(set(real.images.patient_id))
     for _, r in im.iterrows():
         d = pydicom.dcmread(out/r.dicom_path)
         assert d.ConversionType == 'SYN' and 'SYNTHETIC' in d.SeriesDescription and list(d.ImageType)[:2] == ['DERIVED', 'SECONDARY']
-        assert 'Laterality' in d and list(d.PatientOrientation) == ['L', 'F'] and d.BodyPartExamined == 'CHEST'   # dciodvfy's Type 2C elements
-        assert d.PatientID == r.image_id and str(d.SOPClassUID) == '1.2.840.10008.5.1.4.1.1.7'
+        assert d.PatientID == r.image_id and str(d.SOPClassUID) == '1.2.840.10008.5.1.4.1.1.7.2'   # MF Grayscale Byte SC
         donor = real.images.set_index('image_id').loc[r.donor_image_id]
         assert donor.patient_id not in str(d)            # nothing of the donor patient in the header
         np.testing.assert_allclose(read_image(out/r.dicom_path), read_image(r.path), atol=1e-6)
@@ -96,6 +95,98 @@ def test_cohort_provenance_dicom_and_schema(tmp_path, real):
     ann = m.annotations
     assert set(ann.kind) == {'mask'} and all(Path(p).exists() for p in ann.mask_path)
     assert set(ann.loc[ann.image_id == im.image_id.iloc[0], 'finding']) >= {'nodule'}
+
+# -- issue 12: no donor identifier and no machine path in what a cohort shares; valid DICOM -------------------------
+
+def _shared_blobs(out):
+    "Every file of a cohort outside private/, as bytes (PNG text chunks decoded too, as they may be compressed)."
+    from PIL import Image
+    for p in sorted(out.rglob('*')):
+        if p.is_file() and p.relative_to(out).parts[0] != 'private':
+            b = p.read_bytes()
+            if p.suffix == '.png': b += json.dumps(Image.open(p).text).encode()
+            yield p.relative_to(out).as_posix(), b
+
+@pytest.fixture(scope='module')
+def shared_cohort(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('shared')
+    return build_cohort(base(tmp, counts={'nodule': 2, 'mass': 1, 'effusion': 1}, dicom=True), progress=False)
+
+def test_shared_outputs_carry_no_donor_id_and_no_machine_path(shared_cohort, real):
+    out = shared_cohort
+    needles = {*real.images.image_id, *real.images.patient_id, *(Path(p).stem for p in real.images.path),
+               str(out.parent), str(project_root()), str(sample_data_root()), str(Path.home())}
+    files = dict(_shared_blobs(out))
+    assert {'plan.csv', 'images.csv', 'cohort.json', 'manifest.json', 'records.jsonl', 'README.md'} <= set(files)
+    assert any(f.startswith('dicom/') for f in files) and any(f.startswith('images/') for f in files)
+    leaks = [(f, n) for f, b in files.items() for n in needles if n.encode() in b]
+    assert leaks == [], leaks[:5]
+    assert scan_shared(out, needles) == []
+    # the link lives in private/: owner-only, keyed, and load_cohort puts the real donor back
+    key = cohort_key(out)
+    assert oct((out/'private').stat().st_mode & 0o777) == '0o700' and oct((out/'private'/'donor_key').stat().st_mode & 0o777) == '0o600'
+    m = load_cohort(out)
+    train = set(real.subset(split='train').images.image_id)
+    assert set(m.images.donor_image_id) <= train
+    assert all(donor_ref(key, d) == r for d, r in zip(m.images.donor_image_id, m.images.donor_ref))
+    png = json.loads(__import__('PIL.Image', fromlist=['Image']).open(out/m.images.path[0]).text['Provenance'])
+    assert png['donor_ref'] == m.images.donor_ref[0] and 'donor_image_id' not in png
+    assert 'never share' in (out/'private'/'README.md').read_text() and 'private/' in (out/'README.md').read_text()
+
+def test_scan_finds_a_planted_identifier_and_a_cohort_without_private_reads_unlinked(shared_cohort, real, tmp_path):
+    out = tmp_path/'copy'; shutil.copytree(shared_cohort, out)
+    donor = load_cohort(out).images.donor_image_id[0]
+    from cxr_diffusion_nbs.image_io import write_png
+    write_png(out/'images'/'extra.png', np.zeros((4, 4), np.uint8), {'Comment': f'from {donor}'})
+    assert scan_shared(out, [donor]) == [('images/extra.png', donor)]
+    (out/'images'/'extra.png').unlink()
+    shutil.rmtree(out/'private')                       # as a recipient gets it
+    m = load_cohort(out)
+    assert 'donor_image_id' not in m.images and m.images.donor_ref.str.startswith('donor_').all()
+    with pytest.raises(CohortError, match="donor_key.*missing"):     # cannot be extended without its key
+        build_cohort(dict(json.loads((shared_cohort/'cohort.json').read_text())['request'], checkpoint=str(DEMO),
+                          output_dir=str(out), data_root=str(sample_data_root())), progress=False)
+
+# The module rules dciodvfy checks for a Multi-frame Grayscale Byte Secondary Capture, as pydicom sees them
+# (PS3.3 A.8.3; Type 1: present with a value, Type 2: present, may be empty, absent: must not be there).
+SC_RULES = {1: ('SOPClassUID', 'SOPInstanceUID', 'StudyInstanceUID', 'SeriesInstanceUID', 'Modality', 'ConversionType',
+                'SamplesPerPixel', 'PhotometricInterpretation', 'Rows', 'Columns', 'BitsAllocated', 'BitsStored',
+                'HighBit', 'PixelRepresentation', 'NumberOfFrames', 'PresentationLUTShape', 'RescaleIntercept',
+                'RescaleSlope', 'RescaleType', 'ImageType', 'PixelData'),
+            2: ('PatientName', 'PatientID', 'PatientBirthDate', 'PatientSex', 'StudyDate', 'StudyTime',
+                'ReferringPhysicianName', 'StudyID', 'AccessionNumber', 'SeriesNumber', 'InstanceNumber',
+                'PatientOrientation', 'ContentDate', 'ContentTime'),
+            'absent': ('Laterality', 'FrameIncrementPointer', 'FrameTime')}
+
+def test_synthetic_dicom_follows_the_module_rules(shared_cohort):
+    for p in sorted((shared_cohort/'dicom').glob('*.dcm')):
+        d = pydicom.dcmread(p)
+        assert d.SOPClassUID.name == 'Multi-frame Grayscale Byte Secondary Capture Image Storage'
+        assert d.file_meta.MediaStorageSOPClassUID == d.SOPClassUID
+        for k in SC_RULES[1]: assert k in d and d[k].value not in (None, '', b''), (p.name, k)
+        for k in SC_RULES[2]: assert k in d, (p.name, k)
+        for k in SC_RULES['absent']: assert k not in d, (p.name, k)
+        assert (d.BitsAllocated, d.BitsStored, d.HighBit, d.PhotometricInterpretation) == (8, 8, 7, 'MONOCHROME2')
+        assert (d.NumberOfFrames, d.PresentationLUTShape, d.RescaleType, d.ConversionType, d.Modality) == (1, 'IDENTITY', 'US', 'SYN', 'OT')
+        assert list(d.PatientOrientation) == ['L', 'F'] and d.BodyPartExamined == 'CHEST'
+
+@pytest.mark.skipif(shutil.which('dciodvfy') is None, reason='dicom3tools (Debian package) not installed')
+def test_synthetic_dicom_passes_dciodvfy(shared_cohort):
+    for p in sorted((shared_cohort/'dicom').glob('*.dcm')):
+        r = subprocess.run(['dciodvfy', str(p)], capture_output=True, text=True)
+        report = (r.stdout + r.stderr).strip().splitlines()
+        assert report[0] == 'MultiframeGrayscaleByteSCImage', report
+        assert not [l for l in report if l.startswith(('Error', 'Warning'))], report
+
+def test_output_folder_checked_before_the_model_loads(tmp_path, monkeypatch):
+    import cxr_diffusion_nbs.cohort as C
+    monkeypatch.setattr(C, 'load_generator', lambda *a, **k: pytest.fail('the model was loaded before the folder was checked'))
+    f = tmp_path/'a_file'; f.write_text('x')
+    with pytest.raises(CohortError, match="output_dir.*is a file"): build_cohort(base(tmp_path, output_dir=str(f), counts={'nodule': 1}))
+    with pytest.raises(CohortError, match="output_dir.*cannot be created: a_file is a file"):
+        build_cohort(base(tmp_path, output_dir=str(f/'cohort'), counts={'nodule': 1}))
+    other = tmp_path/'other'; other.mkdir(); (other/'notes.txt').write_text('x')
+    with pytest.raises(CohortError, match='not empty and not a cohort folder'): build_cohort(base(tmp_path, output_dir=str(other), counts={'nodule': 1}))
 
 def test_image_guidance_drops_the_mask_scale_of_a_maskless_image():
     g = {'labels': 4.0, 'mask': 2.0}
@@ -171,3 +262,36 @@ def test_mix_ratio_and_leakage(tmp_path, real):
     leaky = Manifest(syn.images.assign(donor_image_id=val_id), syn.annotations, syn.findings, syn.root, 'leaky')
     with pytest.raises(PatientLeakageError, match='donor_image_id'): mix_real_synthetic(real, leaky, ratio=.01)
     with pytest.raises(ManifestError, match="'synthetic'"): mix_real_synthetic(real, real.subset(findings=list(FINDINGS)), ratio=.1)
+
+def _as_old_cohort(src, dst):
+    "A copy of cohort `src` as versions before donor references wrote it: real donor ids in plan, images.csv and provenance."
+    from PIL import Image
+    from cxr_diffusion_nbs.image_io import write_png
+    shutil.copytree(src, dst)
+    link = pd.read_csv(dst/'private'/'donors.csv', dtype=str).set_index('donor_ref')['donor_image_id']
+    shutil.rmtree(dst/'private'); (dst/'README.md').unlink()
+    plan = pd.read_csv(dst/'plan.csv', keep_default_na=False)
+    plan.insert(3, 'donor_index', 0); plan.insert(4, 'donor_image_id', plan.pop('donor_ref').map(link))
+    plan.to_csv(dst/'plan.csv', index=False)
+    for p in (dst/'images').glob('*.png'):
+        im = Image.open(p); t = dict(im.text); prov = json.loads(t['Provenance'])
+        prov['donor_image_id'] = link[prov.pop('donor_ref')]; t['Provenance'] = json.dumps(prov)
+        write_png(p, np.asarray(im), t)
+    for p in (dst/'dicom').glob('*.dcm'):
+        d = pydicom.dcmread(p); prov = json.loads(d.ImageComments)
+        prov['donor_image_id'] = link[prov.pop('donor_ref')]; d.ImageComments = json.dumps(prov); d.save_as(p)
+    return plan
+
+def test_privatise_an_older_cohort_in_place(shared_cohort, real, tmp_path):
+    from cxr_diffusion_nbs.cohort import privatise_cohort
+    from PIL import Image
+    old = tmp_path/'old'; plan = _as_old_cohort(shared_cohort, old)
+    ids = list(plan.donor_image_id)
+    assert scan_shared(old, ids)                                     # the old layout leaks
+    before = {p.name: np.asarray(Image.open(p)) for p in (old/'images').glob('*.png')}
+    privatise_cohort(old, data_root=str(sample_data_root()))
+    assert scan_shared(old, [*real.images.image_id, *real.images.patient_id, str(tmp_path)]) == []
+    m = load_cohort(old)
+    assert list(m.images.donor_image_id) == ids                      # the link is kept, privately
+    for p in (old/'images').glob('*.png'): np.testing.assert_array_equal(np.asarray(Image.open(p)), before[p.name])
+    with pytest.raises(CohortError, match='already names donors by donor_ref'): privatise_cohort(old)

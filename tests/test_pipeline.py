@@ -45,11 +45,12 @@ def test_pipeline_small_run(tmp_path):
         assert section in report, section
     # the generator trained, and the cohort drew its donors, without the held-out test patients
     assert yaml.safe_load((out/'diffusion'/'config.yaml').read_text())['data']['test_fraction'] == .25
-    from cxr_diffusion_nbs.cohort import load_real_manifest
+    from cxr_diffusion_nbs.cohort import load_real_manifest, load_cohort
     from cxr_diffusion_nbs.splits import with_held_out_test
     split = with_held_out_test(load_real_manifest(SAMPLE), .25).images.set_index('image_id')['split']
     assert (split == 'test').sum() > 0
-    assert set(split[pd.read_csv(out/'cohort'/'images.csv').donor_image_id]) == {'train'}
+    assert set(split[load_cohort(out/'cohort').images.donor_image_id]) == {'train'}      # donors linked via private/
+    assert 'donor_image_id' not in pd.read_csv(out/'cohort'/'images.csv')                # and never in the shared table
     # conditioning fidelity: every row says in words what it rests on (the sample's 30 validation films: too few)
     con = pd.read_csv(out/'tables'/'conditioning_consistency.csv')
     assert len(con) == 5 and con.synthetic_auroc.notna().any()
