@@ -447,3 +447,13 @@ def test_non_image_sop_classes_are_refused_by_name(tmp_path):
     with pytest.raises(ImageReadError, match=r"hdr.dcm: field 'PixelData': missing .*SOP Class 'Secondary Capture Image "
                                              r"Storage' \(1.2.840.10008.5.1.4.1.1.7\) without pixels is not an image"):
         read_image(hdr)
+
+
+def test_pillow_hard_limit_is_reported_with_both_settings(tmp_path, monkeypatch):
+    from cxr_diffusion_nbs import image_io
+    Image.fromarray(np.zeros((64, 48), np.uint8)).save(tmp_path/'g.png')
+    monkeypatch.setattr(image_io, 'MAX_IMAGE_PIXELS', 10**9)             # ours raised, Pillow's own stop still there
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 1000)                 # 3072 > 2 x 1000: DecompressionBombError
+    with pytest.raises(ImageReadError, match=r"g.png: field 'size': .*PIL.Image.MAX_IMAGE_PIXELS as well as "
+                                             r"cxr_diffusion_nbs.image_io.MAX_IMAGE_PIXELS"):
+        read_image(tmp_path/'g.png')
