@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 import matplotlib.pyplot as plt, seaborn as sns
 from .core import RARE_FINDINGS, MASK_MODES, ManifestError
-from .image_io import read_image, resize_with_masks
+from .image_io import read_image, resize_with_masks, _check_finite
 from .masks import lesion_masks, mask_centroid, overlay
 from .manifest import Manifest, load_shared_subset
 
@@ -137,7 +137,7 @@ class CXRDataset(torch.utils.data.Dataset):
             return im.astype(np.float32), ms.astype(np.float32)
         im = read_image(self._paths[i])
         ann = self._ann.get(self._ids[i])
-        ms = (lesion_masks(ann, self.findings, im.shape) if ann is not None
+        ms = (lesion_masks(ann, self.findings, im.shape, source=self.manifest.origin or self.manifest.name) if ann is not None
               else np.zeros((len(self.findings), *im.shape), np.float32))
         im, ms, _ = resize_with_masks(im, ms, self.size, mode=self.resize_mode)
         im, ms = im.astype(np.float16), (ms > .5).astype(np.uint8)   # the cached form, used cached or not
@@ -146,6 +146,7 @@ class CXRDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         im, ms = self.load(i)
+        _check_finite(self._paths[i], im, 'image', 'pixel values reaching the model')   # whatever reader `load` used
         image, masks = torch.from_numpy(im)[None], torch.from_numpy(ms)
         if self.augment is not None:
             rng = np.random.default_rng([self.seed, self.epoch, i])
@@ -165,9 +166,12 @@ class CXRDataset(torch.utils.data.Dataset):
         return item
 
 # %% ../nbs/05_dataset.ipynb #c09b04b1
-def _short_title(text: str, width: int = 22, lines: int = 2) -> str:
-    "A description wrapped to fit over one small panel (at most `lines` lines), so neighbouring titles do not overlap."
-    return textwrap.fill(text, width, max_lines=lines, placeholder='..')
+def _short_title(text: str, finding: str, width: int = 22) -> str:
+    "The phrase of `finding` in an item's `text` and '(+n)' for its n other findings, in at most two lines of `width`."
+    parts = text.split('; ')
+    main = next((p for p in parts if finding.replace('_', ' ') in p), parts[0])
+    more = f' (+{len(parts) - 1})' if len(parts) > 1 else ''
+    return textwrap.fill(main + more, width, max_lines=2, placeholder='..')
 
 def finding_examples(ds: CXRDataset, finding: str, n: int = 4, with_mask_first: bool = True) -> list:
     "Indices of up to `n` images positive for `finding`, those with a lesion mask first."
@@ -181,7 +185,7 @@ def finding_examples(ds: CXRDataset, finding: str, n: int = 4, with_mask_first: 
 def examples_grid(ds: CXRDataset, findings=None, n: int = 4, figsize=None):
     "Figure: one row per finding, `n` real images with that finding's mask and their text."
     findings = list(findings or ds.findings)
-    fig, axs = plt.subplots(len(findings), n, figsize=figsize or (1.7 * n, 2.0 * len(findings)), squeeze=False)
+    fig, axs = plt.subplots(len(findings), n, figsize=figsize or (2.2 * n, 2.5 * len(findings)), squeeze=False)
     for r, f in enumerate(findings):
         idx = finding_examples(ds, f, n)
         for c in range(n):
@@ -189,8 +193,8 @@ def examples_grid(ds: CXRDataset, findings=None, n: int = 4, figsize=None):
             if c >= len(idx): ax.axis('off'); continue
             it = ds[idx[c]]
             m = it['mask'][ds.findings.index(f)] if ds.mask_mode == 'per_finding' else it.get('mask', [None])[0]
-            overlay(ax, it['image'], m, title=_short_title(it['text']), title_size=7)
-        axs[r, 0].text(-.08, .5, f, transform=axs[r, 0].transAxes, rotation=90, va='center', ha='right', fontsize=9)
+            overlay(ax, it['image'], m, title=_short_title(it['text'], f), title_size=10)
+        axs[r, 0].text(-.08, .5, f, transform=axs[r, 0].transAxes, rotation=90, va='center', ha='right', fontsize=11)
     fig.tight_layout()
     return fig
 

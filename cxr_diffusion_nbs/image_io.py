@@ -6,6 +6,7 @@ Docs: https://cxr-diffusion-nbs.github.io/cxr_diffusion_nbs/image_io.html.md"""
 
 # %% ../nbs/01_image_io.ipynb #2055cb4d
 from __future__ import annotations
+import os
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
@@ -19,8 +20,8 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut, apply_windowing, g
 from .core import CXRDataError, ImageReadError, MaskError, atomic_write
 
 # %% auto #0
-__all__ = ['DICOM_SUFFIXES', 'RASTER_SUFFIXES', 'apply_window', 'read_dicom', 'dicom_info', 'write_dicom', 'read_raster',
-           'read_image', 'ResizeTransform', 'resize_with_masks', 'to_uint8', 'write_png']
+__all__ = ['DICOM_SUFFIXES', 'RASTER_SUFFIXES', 'MAX_IMAGE_PIXELS', 'apply_window', 'read_dicom', 'dicom_info', 'write_dicom',
+           'read_raster', 'read_image', 'ResizeTransform', 'resize_with_masks', 'to_uint8', 'write_png']
 
 # %% ../nbs/01_image_io.ipynb #5eaf9c5e
 def apply_window(values, center: float, width: float) -> np.ndarray:
@@ -35,6 +36,31 @@ def apply_window(values, center: float, width: float) -> np.ndarray:
 DICOM_SUFFIXES = ('.dcm', '.dicom', '.dic')
 RASTER_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff')
 _LUMA = np.array([0.299, 0.587, 0.114])   # ITU-R BT.601 weights, as Pillow's RGB -> 'L'
+_PIXEL_ELEMENTS = ('PixelData', 'FloatPixelData', 'DoubleFloatPixelData')
+# largest image (pixels, all frames) the readers decode; see "Files that are not what they claim" below
+MAX_IMAGE_PIXELS = int(os.environ.get('CXR_MAX_IMAGE_PIXELS', 50_000_000))
+
+def _check_size(path, n_pixels: int, what: str, field: str):
+    "Refuse, before decoding, an image larger than `MAX_IMAGE_PIXELS` (a decompression bomb: a tiny file, a huge array)."
+    if n_pixels > MAX_IMAGE_PIXELS:
+        raise ImageReadError(path, field, f'{what} = {n_pixels:,} pixels is more than the limit of {MAX_IMAGE_PIXELS:,} '
+                             '(a decompression bomb?); if the image is genuine, raise '
+                             'cxr_diffusion_nbs.image_io.MAX_IMAGE_PIXELS or set CXR_MAX_IMAGE_PIXELS before starting Python')
+
+def _check_finite(path, a, field: str, what: str = 'pixel values'):
+    "Refuse NaN and +/-inf: NaN compares False with every bound, so a range check alone lets it through."
+    bad = ~np.isfinite(a)
+    if bad.any(): raise ImageReadError(path, field, f'{int(bad.sum())} of {bad.size} {what} are not finite (NaN or +/-inf)')
+
+def _check_is_image(path, ds):
+    "Refuse DICOM objects that are not images (structure sets, reports, segmentations, ...), naming their SOP Class."
+    uid = ds.get('SOPClassUID') or getattr(ds, 'file_meta', pydicom.Dataset()).get('MediaStorageSOPClassUID')
+    sop = None if not uid else f"SOP Class '{uid.name}' ({uid})" if uid.name != str(uid) else f'SOP Class {uid}'
+    if uid and uid.type == 'SOP Class' and 'Image' not in uid.name:
+        raise ImageReadError(path, 'SOPClassUID', f'{sop} is not an image')
+    if not any(k in ds for k in _PIXEL_ELEMENTS):
+        raise ImageReadError(path, 'PixelData', 'missing (header-only file, or truncated before/inside the pixel data)'
+                             + (f'; {sop} without pixels is not an image' if sop else ''))
 
 def _open_dicom(path, stop_before_pixels=False) -> pydicom.Dataset:
     path = Path(path)
@@ -48,8 +74,7 @@ def _open_dicom(path, stop_before_pixels=False) -> pydicom.Dataset:
 
 def _decode_dicom(path, ds, frame) -> np.ndarray:
     "Decoded stored values of one frame, (H, W) or (H, W, 3); errors name the field."
-    if not any(k in ds for k in ('PixelData', 'FloatPixelData', 'DoubleFloatPixelData')):
-        raise ImageReadError(path, 'PixelData', 'missing (header-only file, or truncated before/inside the pixel data)')
+    _check_is_image(path, ds)
     ts = ds.file_meta.get('TransferSyntaxUID') if hasattr(ds, 'file_meta') else None
     if ts is None: raise ImageReadError(path, 'TransferSyntaxUID', 'missing from the file meta information')
     try: dec = get_decoder(ts)
@@ -66,6 +91,7 @@ def _decode_dicom(path, ds, frame) -> np.ndarray:
         raise ImageReadError(path, 'NumberOfFrames', f'frame={frame} is out of range for {n} frame(s)')
     for f in ('BitsStored', 'PhotometricInterpretation', 'Rows', 'Columns'):
         if f not in ds: raise ImageReadError(path, f, 'missing (required to decode the pixels)')
+    _check_size(path, int(ds.Rows) * int(ds.Columns) * n, f'Rows x Columns x frames = {ds.Rows} x {ds.Columns} x {n}', 'Rows')
     try: arr = ds.pixel_array
     except Exception as e:
         raise ImageReadError(path, 'PixelData', f'cannot decode {ts.name} pixels ({type(e).__name__}: {e})') from e
@@ -103,12 +129,13 @@ def read_dicom(path, window: tuple[float, float] | None = None, apply_voi: bool 
         raise ImageReadError(path, 'PhotometricInterpretation', f'{pi} images are not supported (grey or RGB only)')
     if arr.ndim == 3:   # colour (pydicom already converted YBR to RGB): fold to luminance, no LUTs apply
         return np.clip(arr.astype(np.float64) @ _LUMA / (2**int(ds.BitsStored) - 1), 0, 1).astype(np.float32)
+    _check_finite(path, arr, next(k for k in _PIXEL_ELEMENTS if k in ds))   # float pixel data can hold NaN
+    field = 'ModalityLUTSequence' if ds.get('ModalityLUTSequence') else 'RescaleSlope'
     try:
-        x = apply_modality_lut(arr, ds)
-        lo, hi = _stored_range(ds)
-    except Exception as e:
-        field = 'ModalityLUTSequence' if ds.get('ModalityLUTSequence') else 'RescaleSlope'
-        raise ImageReadError(path, field, f'cannot apply the modality LUT ({type(e).__name__}: {e})') from e
+        with np.errstate(over='ignore', invalid='ignore'): x, (lo, hi) = apply_modality_lut(arr, ds), _stored_range(ds)
+    except Exception as e: raise ImageReadError(path, field, f'cannot apply the modality LUT ({type(e).__name__}: {e})') from e
+    _check_finite(path, x, field, 'values after the modality LUT')                  # e.g. a slope that overflows
+    _check_finite(path, np.array([lo, hi]), field, 'ends of the modality LUT output range')
     if window is not None:
         c, w = window
         wds = pydicom.Dataset()   # a throw-away VOI module carrying the explicit window
@@ -200,6 +227,7 @@ def _raster_values(path, im: Image.Image) -> tuple[np.ndarray, float]:
         return a, float(2**bits - 1)
     if m == 'F':
         a = np.asarray(im, dtype=np.float64)
+        _check_finite(path, a, 'pixels')
         if a.min() < 0 or a.max() > 1: raise ImageReadError(path, 'mode', 'float image with values outside [0, 1]')
         return a, 1.0
     if m in ('P', 'PA', 'RGB', 'RGBA', 'RGBX', 'RGBa', 'CMYK', 'YCbCr', 'LAB', 'HSV'):
@@ -212,6 +240,9 @@ def read_raster(path, window: tuple[float, float] | None = None, frame: int | No
     path = Path(path)
     if not path.is_file(): raise ImageReadError(path, 'file', 'does not exist or is not a file')
     try: im = Image.open(path)
+    except Image.DecompressionBombError as e:   # Pillow's own hard stop, at twice PIL.Image.MAX_IMAGE_PIXELS
+        raise ImageReadError(path, 'size', f'{e} Raise PIL.Image.MAX_IMAGE_PIXELS as well as '
+                                           'cxr_diffusion_nbs.image_io.MAX_IMAGE_PIXELS if the image is genuine') from e
     except UnidentifiedImageError as e: raise ImageReadError(path, 'file', 'not an image Pillow can identify (corrupt or wrong extension?)') from e
     except Exception as e: raise ImageReadError(path, 'file', f'cannot open ({type(e).__name__}: {e})') from e
     with im:
@@ -219,7 +250,9 @@ def read_raster(path, window: tuple[float, float] | None = None, frame: int | No
         if n > 1 and frame is None: raise ImageReadError(path, 'n_frames', f'multi-page file with {n} pages; pass frame=0..{n-1}')
         try:
             if frame: im.seek(frame)
+            _check_size(path, im.width * im.height, f'{im.width} x {im.height}', 'size')   # the header's size: not decoded yet
             im.load()
+        except ImageReadError: raise
         except EOFError as e: raise ImageReadError(path, 'n_frames', f'frame={frame} out of range for {n} page(s)') from e
         except Exception as e:
             raise ImageReadError(path, 'pixels', f'cannot decode the image data ({type(e).__name__}: {e}); truncated or corrupt?') from e

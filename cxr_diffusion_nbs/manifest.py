@@ -7,7 +7,7 @@ Docs: https://cxr-diffusion-nbs.github.io/cxr_diffusion_nbs/manifest.html.md"""
 
 # %% ../nbs/03_manifest.ipynb #d2683995
 from __future__ import annotations
-import os, json, math, re
+import os, json, math, re, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np, pandas as pd
@@ -45,6 +45,23 @@ def _fmt(xs, n=5) -> str:
     xs = list(xs)
     return ', '.join(map(str, xs[:n])) + (f' (and {len(xs) - n} more)' if len(xs) > n else '')
 
+def _check_extents(src, an, im):
+    "Refuse annotations wholly outside their frame (NaN frame: the image's size, if known); warn about those that spill over."
+    size = im.set_index('image_id')[['width', 'height']].astype(float)
+    fw = an['frame_width'].fillna(an['image_id'].map(size['width']))
+    fh = an['frame_height'].fillna(an['image_id'].map(size['height']))
+    def where(bad):
+        k = bad.idxmax(); r = an.loc[k]
+        return (f"{int(bad.sum())} annotation(s), e.g. #{k} (image {r.image_id}, {r.finding}, {r.kind} from {r.source or '?'}: "
+                f"x {r.x_min:g}..{r.x_max:g}, y {r.y_min:g}..{r.y_max:g} in a {fw[k]:g}x{fh[k]:g} frame)")
+    for col, bad in (('x_max', an['x_max'] <= 0), ('y_max', an['y_max'] <= 0), ('x_min', an['x_min'] >= fw), ('y_min', an['y_min'] >= fh)):
+        if bad.any(): raise ManifestError(src, col, f'{where(bad)} lie wholly outside their image: '
+                                                    'their masks would be empty while their labels stay positive')
+    for col, bad in (('x_min', an['x_min'] < 0), ('y_min', an['y_min'] < 0), ('x_max', an['x_max'] > fw), ('y_max', an['y_max'] > fh)):
+        if bad.any():
+            warnings.warn(f"{src}: field '{col}': {where(bad)} spill over the image's edge; their masks are clipped to it", stacklevel=3)
+            return
+
 def validate_manifest(m: 'Manifest', check_files: bool = True) -> 'Manifest':
     "Check `m` against the schema; raise `ManifestError` (naming file and field) on the first problem, else return `m`."
     src = m.origin or m.name
@@ -75,6 +92,7 @@ def validate_manifest(m: 'Manifest', check_files: bool = True) -> 'Manifest':
         for kind, col in (('polygon', 'points'), ('rle', 'rle'), ('mask', 'mask_path')):
             empty = an[(an['kind'] == kind) & (_as_str(an[col]).str.strip() == '')]
             if len(empty): raise ManifestError(src, col, f"empty for {len(empty)} annotation(s) of kind '{kind}', e.g. image {empty.image_id.iloc[0]}")
+        _check_extents(src, an, im)
     if check_files:
         for p in im['path']:
             if not os.path.isfile(p): raise ManifestError(p, 'path', 'image file does not exist')

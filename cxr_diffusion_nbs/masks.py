@@ -6,7 +6,7 @@ Docs: https://cxr-diffusion-nbs.github.io/cxr_diffusion_nbs/masks.html.md"""
 
 # %% ../nbs/02_masks.ipynb #1f88da9d
 from __future__ import annotations
-import json, math
+import json, math, warnings
 from collections.abc import Mapping
 from pathlib import Path
 import numpy as np
@@ -168,7 +168,11 @@ def _frame(row, h, w, src) -> tuple[float, float]:
 
 def _resize_nearest(m: np.ndarray, h: int, w: int) -> np.ndarray:
     if m.shape == (h, w): return m
-    return np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 127
+    out = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 127
+    if m.any() and not out.any():   # a lesion smaller than an output pixel: keep the pixel under its centre, as polygons do
+        ys, xs = np.nonzero(m)
+        out = out.copy(); out[int((ys.mean() + .5) * h / m.shape[0]), int((xs.mean() + .5) * w / m.shape[1])] = True
+    return out
 
 def _read_mask_png(path, fh, fw) -> np.ndarray:
     "Read a 0/255 (or 0/1) mask image; check it has the aspect ratio of its `fw x fh` frame."
@@ -185,13 +189,35 @@ def _read_mask_png(path, fh, fw) -> np.ndarray:
     top = arr.max()
     return arr > top / 2 if top > 0 else np.zeros(arr.shape, bool)   # 0/255, 0/1 or 16-bit: half the 'on' value
 
+def _check_extent(extent, fw, fh, fields, src, what):
+    "Refuse an outline wholly outside its `fw x fh` frame (an empty mask under a positive label); warn if it spills over."
+    x0, y0, x1, y1 = extent
+    where = f'{what} ({x0:g}, {y0:g}, {x1:g}, {y1:g})'
+    for bad, k in ((x1 <= 0, 2), (y1 <= 0, 3), (x0 >= fw, 0), (y0 >= fh, 1)):
+        if bad: raise MaskError(src, fields[k], f'{where} lies wholly outside its {fw:g}x{fh:g} frame: '
+                                               'its mask would be empty while its label stays positive')
+    for bad, k in ((x0 < 0, 0), (y0 < 0, 1), (x1 > fw, 2), (y1 > fh, 3)):
+        if bad:
+            warnings.warn(f"{src}: field '{fields[k]}': {where} spills over the edge of its {fw:g}x{fh:g} frame; "
+                          'clipped to the image', stacklevel=4)
+            return
+
 def render_annotation(row, shape, source=None) -> np.ndarray:
     """Render one annotation row (manifest schema: `kind`, box columns, `points`, `rle`, `mask_path`, `frame_width`,
-    `frame_height`) to `bool (H, W)` at `shape`, scaling from the row's frame. Errors name `source` (or the row)."""
+    `frame_height`) to `bool (H, W)` at `shape`, scaling from the row's frame. An outline wholly outside its frame,
+    or one that covers no pixel, raises `MaskError`; one that spills over the edge is clipped with a warning.
+    Errors name `source` and the row."""
     h, w = _hw(shape)
-    src = source or _row_label(row)
+    src = f'{source}: {_row_label(row)}' if source else _row_label(row)
     kind = str(_get(row, 'kind', '') or '').strip().lower()
     fh, fw = _frame(row, h, w, src)
+    m, field = _render(row, kind, h, w, fh, fw, src)
+    if not m.any(): raise MaskError(src, field, f'the {kind} covers no pixel of the {w}x{h} image (zero size or empty): '
+                                                'its mask would be empty while its label stays positive')
+    return m
+
+def _render(row, kind, h, w, fh, fw, src) -> tuple[np.ndarray, str]:
+    "The mask of one annotation row and the field that holds its shape."
     sx, sy = w / fw, h / fh
     if kind == 'box':
         coords = []
@@ -201,21 +227,23 @@ def render_annotation(row, shape, source=None) -> np.ndarray:
             if v is None: raise MaskError(src, key, f'missing or not a number: {_get(row, key)!r}')
             coords.append(v)
         x0, y0, x1, y1 = coords
-        return box_to_mask((x0 * sx, y0 * sy, x1 * sx, y1 * sy), (h, w), source=src)
+        m = box_to_mask((x0 * sx, y0 * sy, x1 * sx, y1 * sy), (h, w), source=src)   # checks the numbers, clips
+        _check_extent(coords, fw, fh, ('x_min', 'y_min', 'x_max', 'y_max'), src, 'box')
+        return m, 'x_min'
     if kind == 'polygon':
-        xy = _as_points(_get(row, 'points'), src) * np.array([sx, sy])
-        return polygon_to_mask(xy, (h, w), source=src)
+        xy = _as_points(_get(row, 'points'), src)
+        _check_extent((*xy.min(0), *xy.max(0)), fw, fh, ('points',) * 4, src, 'polygon with extent')
+        return polygon_to_mask(xy * np.array([sx, sy]), (h, w), source=src), 'points'
     if kind == 'rle':
         if fh != round(fh) or fw != round(fw): raise MaskError(src, 'frame_width', f'an RLE frame must be whole pixels, got {fw:g}x{fh:g}')
         fmt = str(_get(row, 'rle_format', '') or 'relative').strip().lower()
         if fmt not in ('relative', 'absolute'): raise MaskError(src, 'rle_format', f"expected 'relative' or 'absolute', got {fmt!r}")
-        m = rle_decode(_get(row, 'rle'), (int(fh), int(fw)), relative=fmt == 'relative', source=src)
-        return _resize_nearest(m, h, w)
+        return _resize_nearest(rle_decode(_get(row, 'rle'), (int(fh), int(fw)), relative=fmt == 'relative', source=src), h, w), 'rle'
     if kind == 'mask':
         path = _get(row, 'mask_path')
         if path is None or (isinstance(path, float) and math.isnan(path)) or not str(path).strip():
             raise MaskError(src, 'mask_path', "empty for an annotation of kind 'mask'")
-        return _resize_nearest(_read_mask_png(path, fh, fw), h, w)
+        return _resize_nearest(_read_mask_png(path, fh, fw), h, w), 'mask_path'
     raise MaskError(src, 'kind', f"unknown kind {kind!r}; expected 'box', 'polygon', 'rle' or 'mask'")
 
 # %% ../nbs/02_masks.ipynb #d952e54d

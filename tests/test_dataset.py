@@ -94,3 +94,60 @@ def test_annotations_outrank_nlp_negatives(man):
         ds = CXRDataset(man, size=32, split=None, mask_mode='per_finding', trust_annotations=trust)
         it = ds[int(np.flatnonzero(ds.images.image_id == iid)[0])]
         assert it['labels'][k] == want and it['mask'][k].sum() > 0
+
+
+# ---------------------------------------------------------------- issue 12
+def _small(man, images, annotations=None, origin='mine/images.csv'):
+    "A manifest of the given image rows (all in split 'train') and annotations."
+    from cxr_diffusion_nbs.manifest import Manifest, empty_annotations
+    return Manifest(images.assign(split='train').reset_index(drop=True),
+                    empty_annotations() if annotations is None else annotations, man.findings, man.root, 'mine', origin)
+
+def test_non_finite_pixels_never_reach_the_model(man, tmp_path, monkeypatch):
+    from PIL import Image
+    from cxr_diffusion_nbs import dataset
+    from cxr_diffusion_nbs.core import ImageReadError
+    a = np.full((16, 16), .5, np.float32); a[3, 4] = np.nan
+    Image.fromarray(a).save(tmp_path/'nan.tif')                          # the reader refuses it, naming the file
+    m = _small(man, man.images.head(1).assign(path=str(tmp_path/'nan.tif')))
+    with pytest.raises(ImageReadError, match=r"nan.tif: field 'pixels'"): CXRDataset(m, size=8, split=None)[0]
+    # a reader that lets NaN through (a custom one, or a future format): the item refuses it too
+    monkeypatch.setattr(dataset, 'read_image', lambda p: a)
+    with pytest.raises(ImageReadError, match=r"nan.tif: field 'image': \d+ of 64 pixel values reaching the model are not finite"):
+        CXRDataset(m, size=8, split=None)[0]
+
+def test_annotation_outside_its_image_names_manifest_and_image(man):
+    # VinDr-style: no frame and no size in the tables, so only reading the image tells where the box falls
+    im = man.images[man.images.image_id == man.annotations.image_id.iloc[0]].assign(width=np.nan, height=np.nan)
+    an = man.annotations[man.annotations.image_id == im.image_id.iloc[0]].head(1).assign(
+        kind='box', x_min=400., x_max=420., y_min=10., y_max=20., frame_width=np.nan, frame_height=np.nan)
+    m = _small(man, im, an.reset_index(drop=True))
+    ds = CXRDataset(m, findings=[an.finding.iloc[0]], size=8, split=None)
+    with pytest.raises(Exception, match=rf"mine/images.csv: annotation\(image_id={im.image_id.iloc[0]}.*field 'x_min': "
+                                        r"box .* lies wholly outside its 256x256 frame"):
+        ds[0]
+
+def test_examples_grid_titles_are_readable_and_do_not_overlap(man):
+    import matplotlib; matplotlib.use('Agg')
+    from cxr_diffusion_nbs.dataset import examples_grid
+    ds = CXRDataset(man, size=32, split=None, mask_mode='per_finding')
+    fig = examples_grid(ds, n=4)
+    fig.canvas.draw(); r = fig.canvas.get_renderer()
+    titles = [ax.title for ax in fig.axes if ax.get_title()]
+    assert len(titles) >= 16
+    assert min(t.get_fontsize() for t in titles) >= 9                     # legible when the docs show it ~800 px wide
+    assert max(t.get_text().count('\n') for t in titles) <= 1             # at most two lines
+    boxes = [t.get_window_extent(r) for t in titles] + [ax.get_window_extent(r) for ax in fig.axes]
+    for i, t in enumerate(titles):
+        for j, b in enumerate(boxes):
+            if j != i and not (j >= len(titles) and fig.axes[j - len(titles)].title is t):
+                assert not t.get_window_extent(r).overlaps(b), f'title {t.get_text()!r} overlaps a neighbour'
+
+def test_readme_counts_the_findings_as_the_manifest_does(man):
+    from pathlib import Path
+    from cxr_diffusion_nbs.core import NIH_FINDINGS
+    readme = ' '.join((Path(__file__).parents[1]/'README.md').read_text().split())
+    nih = [f for f in man.findings if f in NIH_FINDINGS]
+    assert all((man.images[f] == 1).any() for f in nih)                   # the sample covers every NIH finding
+    assert f'all {len(nih)} NIH ChestX-ray14 findings' in readme
+    assert f'{len(man.findings)} label columns' in readme

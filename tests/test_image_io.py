@@ -343,3 +343,117 @@ def test_to_uint8_and_write_png_round_trip(tmp_path):
     assert im.mode == 'L' and im.text['Description'] == 'SYNTHETIC test' and im.text['Provenance'] == '{"seed": 1}'
     assert np.array_equal(np.asarray(im), px) and not list(tmp_path.glob('.*'))      # atomic: no temporary file left
     with pytest.raises(CXRDataError, match="'pixels'"): write_png(tmp_path/'b.png', x.numpy())
+
+
+# --- issue 12: non-finite pixels, decompression bombs, non-image DICOM objects --------------------------------------
+def png_header_only(path, w, h):
+    "A PNG whose IHDR claims w x h 8-bit grey pixels, with a token IDAT: a decompression bomb's header, ~60 bytes."
+    import struct, zlib
+    def chunk(kind, data): return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+    path.write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 8, 0, 0, 0, 0))
+                     + chunk(b'IDAT', zlib.compress(b'\0' * 64)) + chunk(b'IEND', b''))
+    return path
+
+
+@pytest.mark.parametrize('value', [np.nan, np.inf, -np.inf])
+def test_float_tiff_with_non_finite_pixels_is_refused(tmp_path, value):
+    a = np.full((8, 8), 0.5, np.float32); a[2, 3] = value
+    Image.fromarray(a).save(tmp_path/'f.tif')
+    with pytest.raises(ImageReadError, match=r"f.tif: field 'pixels': 1 of 64 pixel values are not finite"):
+        read_image(tmp_path/'f.tif')
+    a[2, 3] = 0.25
+    Image.fromarray(a).save(tmp_path/'ok.tif')
+    assert_close(read_image(tmp_path/'ok.tif')[2, 3], 0.25, eps=1e-6)
+
+
+def test_dicom_float_pixel_data_nan_is_refused(tmp_path):
+    ds = pydicom.dcmread(make_dicom(tmp_path/'f.dcm', np.zeros((4, 4), np.uint16)))
+    del ds.PixelData, ds.PixelRepresentation
+    ds.BitsAllocated = ds.BitsStored = 32; ds.HighBit = 31
+    a = np.full((4, 4), 0.5, np.float32); a[1, 1] = np.nan
+    ds.FloatPixelData = a.tobytes()
+    ds.save_as(tmp_path/'f.dcm')
+    with pytest.raises(ImageReadError, match=r"f.dcm: field 'FloatPixelData': 1 of 16 pixel values are not finite"):
+        read_image(tmp_path/'f.dcm')
+
+
+def test_dicom_rescale_slope_overflow_is_refused(tmp_path):
+    p = make_dicom(tmp_path/'s.dcm', RAMP16[:, :8], RescaleSlope='1e308', RescaleIntercept=0)
+    with pytest.raises(ImageReadError, match=r"s.dcm: field 'RescaleSlope': .* not finite"), warnings.catch_warnings():
+        warnings.simplefilter('error')                 # and no numpy overflow warning on the way
+        read_dicom(p)
+
+
+def test_png_decompression_bomb_refused_before_decoding(tmp_path):
+    import tracemalloc
+    p = png_header_only(tmp_path/'bomb.png', 9500, 9500)
+    assert p.stat().st_size < 200
+    tracemalloc.start()
+    with pytest.raises(ImageReadError, match=r"bomb.png: field 'size': 9500 x 9500 = 90,250,000 pixels .*image_io.MAX_IMAGE_PIXELS"), \
+         warnings.catch_warnings():
+        warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+        read_image(p)
+    assert tracemalloc.get_traced_memory()[1] < 50e6     # refused from the header: nothing near 90 MB was allocated
+    tracemalloc.stop()
+
+
+def test_size_limit_applies_to_jpeg_tiff_dicom_and_can_be_raised(tmp_path, monkeypatch):
+    from cxr_diffusion_nbs import image_io
+    g = np.arange(64 * 48, dtype=np.uint16).reshape(64, 48) % 256
+    Image.fromarray(g.astype(np.uint8)).save(tmp_path/'g.jpg')
+    Image.fromarray(g.astype(np.uint8)).save(tmp_path/'g.tif')
+    d = make_dicom(tmp_path/'g.dcm', np.stack([g, g]), bits_stored=12)     # 2 frames
+    monkeypatch.setattr(image_io, 'MAX_IMAGE_PIXELS', 3000)
+    for f in ('g.jpg', 'g.tif'):
+        with pytest.raises(ImageReadError, match=rf"{f}: field 'size': 48 x 64 = 3,072 pixels is more than the limit of 3,000"):
+            read_image(tmp_path/f)
+    with pytest.raises(ImageReadError, match=r"g.dcm: field 'Rows': Rows x Columns x frames = 64 x 48 x 2 = 6,144 pixels"):
+        read_image(d, frame=0)
+    monkeypatch.setattr(image_io, 'MAX_IMAGE_PIXELS', 6144)
+    for f in ('g.jpg', 'g.tif'): assert read_image(tmp_path/f).shape == (64, 48)
+    assert read_image(d, frame=1).shape == (64, 48)
+
+
+def test_dicom_bomb_refused_from_the_header(tmp_path):
+    p = make_dicom(tmp_path/'big.dcm', np.zeros((4, 4), np.uint16), pixel_bytes=b'\0' * 32, Rows=30000, Columns=30000)
+    with pytest.raises(ImageReadError, match=r"big.dcm: field 'Rows': Rows x Columns x frames = 30000 x 30000 x 1"):
+        read_image(p)
+
+
+def non_image_dicom(path, sop_class, **elements):
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset(); ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = sop_class, meta.MediaStorageSOPInstanceUID, 'RTSTRUCT'
+    for k, v in elements.items(): setattr(ds, k, v)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_non_image_sop_classes_are_refused_by_name(tmp_path):
+    from pydicom.uid import BasicTextSRStorage, RTStructureSetStorage, SegmentationStorage
+    rt = non_image_dicom(tmp_path/'rt.dcm', RTStructureSetStorage)
+    with pytest.raises(ImageReadError, match=r"rt.dcm: field 'SOPClassUID': SOP Class 'RT Structure Set Storage' "
+                                             r"\(1.2.840.10008.5.1.4.1.1.481.3\) is not an image"):
+        read_image(rt)
+    sr = non_image_dicom(tmp_path/'sr', BasicTextSRStorage)                # extension-less, found by its preamble
+    with pytest.raises(ImageReadError, match=r"sr: field 'SOPClassUID': SOP Class 'Basic Text SR Storage'"): read_image(sr)
+    # a segmentation carries pixel data, yet it is not a radiograph
+    seg = make_dicom(tmp_path/'seg.dcm', np.zeros((4, 4), np.uint8), SOPClassUID=SegmentationStorage)
+    with pytest.raises(ImageReadError, match=r"seg.dcm: field 'SOPClassUID': SOP Class 'Segmentation Storage'"): read_image(seg)
+    # an image SOP class without pixel data: named too
+    hdr = non_image_dicom(tmp_path/'hdr.dcm', SecondaryCaptureImageStorage)
+    with pytest.raises(ImageReadError, match=r"hdr.dcm: field 'PixelData': missing .*SOP Class 'Secondary Capture Image "
+                                             r"Storage' \(1.2.840.10008.5.1.4.1.1.7\) without pixels is not an image"):
+        read_image(hdr)
+
+
+def test_pillow_hard_limit_is_reported_with_both_settings(tmp_path, monkeypatch):
+    from cxr_diffusion_nbs import image_io
+    Image.fromarray(np.zeros((64, 48), np.uint8)).save(tmp_path/'g.png')
+    monkeypatch.setattr(image_io, 'MAX_IMAGE_PIXELS', 10**9)             # ours raised, Pillow's own stop still there
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 1000)                 # 3072 > 2 x 1000: DecompressionBombError
+    with pytest.raises(ImageReadError, match=r"g.png: field 'size': .*PIL.Image.MAX_IMAGE_PIXELS as well as "
+                                             r"cxr_diffusion_nbs.image_io.MAX_IMAGE_PIXELS"):
+        read_image(tmp_path/'g.png')

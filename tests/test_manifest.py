@@ -438,3 +438,26 @@ def test_mix_real_synthetic_ratio_and_refusals():
     val_id = real.images.loc[real.images.split == 'val', 'image_id'].iloc[0]
     leaky = Manifest(syn.images.assign(donor_image_id=val_id), syn.annotations, syn.findings, syn.root, 'leaky')
     with pytest.raises(PatientLeakageError, match='donor_image_id'): mix_real_synthetic(real, leaky, ratio=.01)
+
+
+# ---------------------------------------------------------------- issue 12: boxes outside their image
+def test_nih_box_outside_the_image_refused_spilling_box_warned(nih_dir, tmp_path):
+    bb = pd.read_csv(FIX/'nih'/'BBox_List_2017.csv', dtype=str, keep_default_na=False)
+    far = write_csv(bb.assign(**{'Bbox [x': ['1100.0'] + list(bb['Bbox [x'][1:])}), tmp_path/'BBox_far.csv')
+    with pytest.raises(ManifestError, match=r"Data_Entry_2017.csv: field 'x_min': 1 annotation\(s\), e.g. #0 \(image "
+                                            r"nih_00000013_005, pneumothorax, box from NIH BBox_List_2017: x 1100..1387.3.* "
+                                            r"1024x1024 frame\) lie wholly outside their image"):
+        load_nih_chestxray14(FIX/'nih'/'Data_Entry_2017.csv', nih_dir, bbox_csv=far)
+    spill = write_csv(bb.assign(**{'Bbox [x': ['1000.0'] + list(bb['Bbox [x'][1:])}), tmp_path/'BBox_spill.csv')
+    with pytest.warns(UserWarning, match=r"field 'x_max': 1 annotation\(s\), e.g. #0 \(image nih_00000013_005.* spill over"):
+        m = load_nih_chestxray14(FIX/'nih'/'Data_Entry_2017.csv', nih_dir, bbox_csv=spill)
+    assert m.annotations.x_max.iloc[0] > 1024        # kept as published; clipped when rendered (02_masks)
+
+
+def test_frame_from_image_size_when_the_annotation_has_none():
+    m = load_shared_subset(sample_data_root())
+    an = m.annotations.copy()
+    an.loc[0, ['frame_width', 'frame_height']] = np.nan                # falls back to the image's 256 x 256
+    an.loc[0, ['y_min', 'y_max']] = 260., 300.
+    with pytest.raises(ManifestError, match=r"field 'y_min': .* in a 256x256 frame\) lie wholly outside"):
+        Manifest(m.images, an, m.findings, m.root, 'edited', 'edited/annotations.csv').validate(check_files=False)

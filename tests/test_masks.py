@@ -1,5 +1,5 @@
 "Tests for cxr_diffusion_nbs.masks: rasterisation, SIIM-ACR RLE, frame scaling, stacking and error messages."
-import json, math
+import json, math, warnings
 from pathlib import Path
 
 import numpy as np
@@ -246,7 +246,7 @@ def test_render_errors():
     with pytest.raises(MaskError) as e: render_annotation(row(kind=np.nan), (8, 8))
     assert e.value.field == 'kind'
     with pytest.raises(MaskError) as e: render_annotation(row(x_min=1, y_min=1, x_max=2), (8, 8), source='bbox.csv')
-    assert e.value.field == 'y_max' and e.value.path == 'bbox.csv'
+    assert e.value.field == 'y_max' and e.value.path.startswith('bbox.csv: ') and 'img1' in e.value.path
     with pytest.raises(MaskError) as e: render_annotation(row(x_min=1, y_min=1, x_max=2, y_max=2, frame_width=-4), (8, 8))
     assert e.value.field == 'frame_width'
     with pytest.raises(MaskError) as e: render_annotation(row(kind='polygon', points='[[1, 2]]'), (8, 8))
@@ -334,3 +334,49 @@ def test_real_boxes_match_shipped_box_masks():
         ours = lesion_masks(rows, ['nodule'], (256, 256), union=True)[0] > 0
         ref = np.asarray(Image.open(root/'masks'/f'{iid}_bbox.png')) > 127
         assert (ours == ref).all(), iid
+
+
+# ---------------------------------------------------------------- issue 12: outlines outside their image
+def test_box_wholly_outside_its_frame_is_refused():
+    far = row(x_min=1100, y_min=10, x_max=1200, y_max=50, frame_width=1024, frame_height=1024)
+    with pytest.raises(MaskError, match=r"lies wholly outside its 1024x1024 frame") as e:
+        render_annotation(far, (256, 256), source='BBox_List_2017.csv')
+    assert e.value.field == 'x_min' and e.value.path.startswith('BBox_List_2017.csv: ') and 'image_id=img1' in e.value.path
+    with pytest.raises(MaskError) as e: render_annotation(row(x_min=10, y_min=-90, x_max=50, y_max=-1), (8, 8))
+    assert e.value.field == 'y_max'
+    anns = pd.DataFrame([row(x_min=1, y_min=1, x_max=3, y_max=3), far])     # one bad row spoils the image
+    with pytest.raises(MaskError, match='wholly outside'): lesion_masks(anns, ['nodule'], (256, 256), source='ann.csv')
+
+
+def test_box_spilling_over_the_edge_is_clipped_with_a_warning():
+    r = row(x_min=1000, y_min=100, x_max=1100, y_max=200, frame_width=1024, frame_height=1024)
+    with pytest.warns(UserWarning, match=r"bbox.csv: annotation\(image_id=img1.*field 'x_max': box .* spills over the edge"):
+        m = render_annotation(r, (256, 256), source='bbox.csv')
+    assert m.sum() == 6 * 25 and m[25:50, 250:].all()
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')                                           # a box inside: no warning
+        render_annotation(row(x_min=0, y_min=0, x_max=1024, y_max=1024, frame_width=1024, frame_height=1024), (8, 8))
+
+
+def test_polygon_outside_and_empty_outlines_are_refused(tmp_path):
+    pts = json.dumps([[-50, -50], [-10, -50], [-10, -10]])
+    with pytest.raises(MaskError, match='polygon with extent .* wholly outside') as e:
+        render_annotation(row(kind='polygon', points=pts), (64, 64))
+    assert e.value.field == 'points'
+    with pytest.raises(MaskError, match='covers no pixel') as e:                  # zero-size box
+        render_annotation(row(x_min=5, y_min=5, x_max=5, y_max=9), (16, 16))
+    assert e.value.field == 'x_min'
+    with pytest.raises(MaskError, match='covers no pixel') as e:                  # a lesion row with SIIM's "no mask"
+        render_annotation(row(kind='rle', rle='-1', frame_width=16, frame_height=16), (16, 16))
+    assert e.value.field == 'rle'
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path/'blank.png')
+    with pytest.raises(MaskError, match='covers no pixel') as e:
+        render_annotation(row(kind='mask', mask_path=str(tmp_path/'blank.png')), (32, 32))
+    assert e.value.field == 'mask_path'
+
+
+def test_tiny_mask_survives_downscaling(tmp_path):
+    a = np.zeros((1024, 1024), np.uint8); a[501:503, 700:702] = 255                # 2 x 2 px, < 1 px at 64
+    Image.fromarray(a).save(tmp_path/'tiny.png')
+    m = render_annotation(row(kind='mask', mask_path=str(tmp_path/'tiny.png'), frame_width=1024, frame_height=1024), (64, 64))
+    assert m.sum() == 1 and m[31, 43]
