@@ -37,8 +37,17 @@ DICOM_SUFFIXES = ('.dcm', '.dicom', '.dic')
 RASTER_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff')
 _LUMA = np.array([0.299, 0.587, 0.114])   # ITU-R BT.601 weights, as Pillow's RGB -> 'L'
 _PIXEL_ELEMENTS = ('PixelData', 'FloatPixelData', 'DoubleFloatPixelData')
+def _pixels_from_env(default: int = 50_000_000) -> int:
+    "The size limit's starting value: env `CXR_MAX_IMAGE_PIXELS` (a positive whole number, `_` allowed) or `default`."
+    v = os.environ.get('CXR_MAX_IMAGE_PIXELS', '').strip()
+    if not v: return default
+    try: n = int(v.replace('_', ''))
+    except ValueError: n = 0
+    if n <= 0: raise CXRDataError('CXR_MAX_IMAGE_PIXELS', 'environment', f'{v!r} is not a positive whole number of pixels')
+    return n
+
 # largest image (pixels, all frames) the readers decode; see "Files that are not what they claim" below
-MAX_IMAGE_PIXELS = int(os.environ.get('CXR_MAX_IMAGE_PIXELS', 50_000_000))
+MAX_IMAGE_PIXELS = _pixels_from_env()
 
 def _check_size(path, n_pixels: int, what: str, field: str):
     "Refuse, before decoding, an image larger than `MAX_IMAGE_PIXELS` (a decompression bomb: a tiny file, a huge array)."

@@ -307,13 +307,10 @@ def embed_2d(real: np.ndarray, synthetic: np.ndarray, method: str = 'auto', seed
     if r.shape[1] != s.shape[1]: raise MetricsError('synthetic', 'features', f'{s.shape[1]} dimensions vs {r.shape[1]} for real')
     x = np.concatenate([r, s])
     x = (x - x.mean(0)) / (x.std(0) + 1e-8)
-    if method == 'auto':
-        try: import umap  # noqa: F401
-        except ImportError: method = 'pca'
-        else: method = 'umap'
+    if method == 'auto': method = 'umap' if len(x) > 16 else 'pca'       # UMAP's 15 neighbours need more points than that
     if method == 'umap':
-        import umap
-        xy = umap.UMAP(n_components=2, random_state=seed).fit_transform(x)
+        import umap                                                        # umap-learn, a dependency of the package
+        xy = umap.UMAP(n_components=2, n_neighbors=min(15, len(x) - 1), random_state=seed, n_jobs=1).fit_transform(x)
     elif method == 'pca':
         xy = PCA(2, random_state=seed).fit_transform(x)
     else: raise MetricsError('embed_2d', 'method', f"{method!r}: use 'auto', 'umap' or 'pca'")

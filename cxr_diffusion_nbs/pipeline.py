@@ -15,12 +15,12 @@ from collections.abc import Mapping
 from pathlib import Path
 import numpy as np, pandas as pd
 import yaml
-from .core import CXRDataError, atomic_write, project_root, suggest
+from .core import CXRDataError, atomic_write, check_output_folder, project_root, suggest
 
 # %% auto #0
 __all__ = ['PIPELINE_NOTEBOOK', 'DEMO_MODELS', 'PipelineError', 'Stages', 'save_table', 'save_figure', 'check_parameters',
-           'run_pipeline', 'main', 'demo_model', 'check_judges', 'rarity_study_config', 'evidence', 'rarity_sentences',
-           'markdown_table']
+           'run_pipeline', 'main', 'StageLog', 'text_progress', 'demo_model', 'check_judges', 'rarity_study_config',
+           'evidence', 'rarity_sentences', 'markdown_table']
 
 # %% ../nbs/21_pipeline.ipynb #1fca0255
 class PipelineError(CXRDataError):
@@ -77,15 +77,19 @@ def check_parameters(notebook, parameters: dict) -> dict:
 
 def run_pipeline(output_dir, parameters: dict | None = None, notebook=None, progress: bool = True) -> Path:
     """Execute the pipeline notebook with papermill into `output_dir` (absolute paths are passed to it) and return
-    the executed notebook's path (`<output_dir>/pipeline.ipynb`). Unknown parameter names are refused before anything runs."""
+    the executed notebook's path (`<output_dir>/pipeline.ipynb`). Unknown parameter names are refused before anything runs.
+    With `progress`, what the notebook writes to stderr (a line per stage, text bars inside the long ones: `StageLog`)
+    is shown as it comes; papermill's own bar only counts cells, and sat at one cell for the whole training."""
     import papermill as pm
     out = Path(output_dir).resolve()
     nb = Path(notebook) if notebook else project_root()/'nbs'/PIPELINE_NOTEBOOK
     if not nb.exists(): raise PipelineError(str(nb), 'notebook', 'the pipeline notebook is not there (run from a clone of the repository)')
     params = dict(check_parameters(nb, parameters or {}), output_dir=str(out))
+    check_output_folder(out, where='--output')
     out.mkdir(parents=True, exist_ok=True)
     dst = out/'pipeline.ipynb'
-    pm.execute_notebook(str(nb), str(dst), parameters=params, cwd=str(nb.parent), progress_bar=progress,
+    pm.execute_notebook(str(nb), str(dst), parameters=params, cwd=str(nb.parent), progress_bar=False,
+                        stderr_file=sys.stderr if progress else None,    # the notebook's stage lines and bars, on the terminal
                         kernel_name='python3', request_save_on_cell_execute=True)
     return dst
 
@@ -108,6 +112,57 @@ def main(argv=None):
     print(json.dumps(dict(run=str(Path(a.output).resolve()), notebook=str(nb), report=str(Path(a.output).resolve()/'report.md')), indent=1))
 
 if __name__ == '__main__' and '__file__' in globals() and 'get_ipython' not in globals(): main()
+
+# %% ../nbs/21_pipeline.ipynb #a9a994e4
+def _mmss(s: float) -> str:
+    s = int(round(s)); return f'{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}' if s >= 3600 else f'{s // 60}:{s % 60:02d}'
+
+class StageLog:
+    """One line per stage on `stream` (default stderr, which `cxr-pipeline` shows): `stage(name)` ends the running
+    stage, saying how long it took, and starts `name`; `done()` ends the last. `bar(desc)` gives a `progress(done, total)`
+    callback drawing a text bar, for the functions that take one."""
+    def __init__(self, names, stream=None, clock=time.monotonic):
+        self.names, self.stream, self.clock = list(names), stream, clock
+        self.t0 = clock(); self.current = None
+
+    def say(self, msg: str):
+        print(f'[cxr-pipeline {_mmss(self.clock() - self.t0)}] {msg}', file=self.stream or sys.stderr, flush=True)
+
+    def _end(self):
+        if self.current is not None:
+            name, t = self.current
+            self.say(f'stage {self.names.index(name) + 1}/{len(self.names)} {name}: done in {_mmss(self.clock() - t)}')
+        self.current = None
+
+    def stage(self, name: str):
+        if name not in self.names: raise PipelineError('StageLog', name, f"not a stage of this run ({', '.join(self.names)})")
+        self._end()
+        self.current = (name, self.clock())
+        self.say(f'stage {self.names.index(name) + 1}/{len(self.names)} {name}: started')
+
+    def done(self):
+        self._end(); self.say(f'finished in {_mmss(self.clock() - self.t0)}')
+
+    def bar(self, desc: str):
+        from tqdm.std import tqdm as text_tqdm
+        state = {}
+        def progress(done, total):
+            b = state.get('bar')
+            if b is None: b = state['bar'] = text_tqdm(total=total, desc=desc, file=self.stream or sys.stderr, mininterval=2)
+            b.update(done - b.n)
+            if done >= total: b.close()
+        return progress
+
+def text_progress(mininterval: float = 2.):
+    """Make `tqdm.auto` draw plain-text bars (on stderr, at most every `mininterval` s) in this process: in a kernel it
+    draws widgets, which papermill cannot pass to a terminal. The package's modules imported already are switched too."""
+    import tqdm.auto, tqdm.std
+    class TextBar(tqdm.std.tqdm):
+        def __init__(self, *args, **kw):
+            kw.setdefault('mininterval', mininterval); super().__init__(*args, **kw)
+    widget_bar, tqdm.auto.tqdm = tqdm.auto.tqdm, TextBar
+    for m in list(sys.modules.values()):
+        if getattr(m, '__name__', '').startswith('cxr_diffusion_nbs') and getattr(m, 'tqdm', None) is widget_bar: m.tqdm = TextBar
 
 # %% ../nbs/21_pipeline.ipynb #9c1e5a02
 DEMO_MODELS = {'cpu64.yaml': 'data/models/cpu64_demo', 'cpu256_latent.yaml': 'data/models/cpu256_latent_demo'}

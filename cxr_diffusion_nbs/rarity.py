@@ -533,7 +533,7 @@ def summary_markdown(table: pd.DataFrame, cfg: RarityConfig, eval_set: str = 'te
 def main(argv=None):
     "The `cxr-rarity` command line."
     import argparse, sys
-    from cxr_diffusion_nbs.core import read_config_file, parse_override, set_dotted, find_data_root, resolve_path
+    from cxr_diffusion_nbs.core import read_config_file, parse_override, set_dotted, find_data_root, resolve_path, check_output_folder
     from cxr_diffusion_nbs.manifest import load_shared_subset
     from cxr_diffusion_nbs.sampling import load_generator
     p = argparse.ArgumentParser(prog='cxr-rarity', description='Run (or resume) the rarity study: what synthetic images are worth for rare findings.')
@@ -546,6 +546,7 @@ def main(argv=None):
     p.add_argument('--no-progress', action='store_true')
     a = p.parse_args(argv)
     try:
+        check_output_folder(a.output, where='--output')          # a file or an unwritable place: refused before any work
         raw = read_config_file(a.config) if a.config else {}
         source = a.config or '<command line>'
         for s in (s for g in a.overrides for s in g): set_dotted(raw, *parse_override(s), source)

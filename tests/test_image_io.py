@@ -457,3 +457,13 @@ def test_pillow_hard_limit_is_reported_with_both_settings(tmp_path, monkeypatch)
     with pytest.raises(ImageReadError, match=r"g.png: field 'size': .*PIL.Image.MAX_IMAGE_PIXELS as well as "
                                              r"cxr_diffusion_nbs.image_io.MAX_IMAGE_PIXELS"):
         read_image(tmp_path/'g.png')
+
+def test_size_limit_from_the_environment_is_checked():
+    "CXR_MAX_IMAGE_PIXELS sets the limit's starting value; a malformed one is refused by name, not with a bare int() error."
+    import subprocess, sys, os
+    run = lambda v: subprocess.run([sys.executable, '-c', 'import cxr_diffusion_nbs.image_io as m; print(m.MAX_IMAGE_PIXELS)'],
+                                   capture_output=True, text=True, env=dict(os.environ, CXR_MAX_IMAGE_PIXELS=v))
+    assert run('80_000_000').stdout.strip() == '80000000'
+    for bad in ('abc', '-5', '1e8'):
+        r = run(bad)
+        assert r.returncode != 0 and f"CXR_MAX_IMAGE_PIXELS: field 'environment': {bad!r} is not a positive whole number" in r.stderr, r.stderr[-500:]

@@ -209,6 +209,16 @@ def test_embed_and_figure():
     with pytest.raises(MetricsError, match="field 'labels'"): embedding_figure(r, s, np.zeros((40, 3)), np.zeros((10, 2)), ('a', 'b'))
     with pytest.raises(MetricsError, match="field 'method'"): embed_2d(r, s, 'tsne')
 
+def test_embedding_uses_umap_by_default():
+    "umap-learn is a dependency: 'auto' is UMAP (reproducible with its seed); PCA only for sets too small for 15 neighbours."
+    rng = np.random.default_rng(0)
+    r, s = rng.standard_normal((60, 6)), rng.standard_normal((20, 6)) + 4
+    rxy, sxy, method = embed_2d(r, s)
+    assert method == 'umap' and rxy.shape == (60, 2) and sxy.shape == (20, 2)
+    np.testing.assert_allclose(embed_2d(r, s)[1], sxy, atol=1e-4)            # same seed, same map
+    assert np.linalg.norm(rxy.mean(0) - sxy.mean(0)) > 2 * rxy.std(0).mean()   # the shifted set forms its own cluster
+    assert embed_2d(r[:8], s[:4])[2] == 'pca'
+
 def test_compare_sets_from_images_and_features(model):
     ext = FeatureExtractor(model)
     a, b = imgs(12, seed=1), imgs(10, seed=2)

@@ -15,8 +15,8 @@ SAMPLE = ROOT/'data'/'cxr14_sample'
 SMALL = dict(data_root=str(SAMPLE), train_steps=2, train_minutes=1, cohort_per_finding=3, sample_steps=3, classifier_epochs=1,
              classifier_width=8, turing_cases=6, rarity_k=3, rarity_n=4, rarity_config={'n_boot': 100}, mixed_precision='no')
 
-def pipeline(out, params: dict):
-    args = [str(BIN/'cxr-pipeline'), '--output', str(out), '--no-progress']
+def pipeline(out, params: dict, progress: bool = False):
+    args = [str(BIN/'cxr-pipeline'), '--output', str(out)] + ([] if progress else ['--no-progress'])
     for k, v in params.items(): args += ['-p', k, json.dumps(v) if not isinstance(v, str) else v]
     return subprocess.run(args, capture_output=True, text=True, timeout=1800)
 
@@ -30,8 +30,15 @@ def test_stages_resume_and_refuse(tmp_path):
 
 def test_pipeline_small_run(tmp_path):
     out = tmp_path/'run'
-    r = pipeline(out, SMALL)
+    r = pipeline(out, SMALL, progress=True)
     assert r.returncode == 0, (r.stderr[-3000:], r.stdout[-1000:])
+    # the terminal shows a line per stage with its time, and text bars inside the long stages (not papermill's cell counter)
+    for i, name in enumerate(['data', 'train', 'sample', 'cohort', 'classifier', 'features', 'fidelity', 'conditioning',
+                              'memorisation', 'rarity', 'turing', 'report'], 1):
+        assert f'stage {i}/12 {name}: done in ' in r.stderr, (name, r.stderr[-3000:])
+    assert '] finished in ' in r.stderr and 'Executing' not in r.stderr
+    for bar in ('train', 'synthetic images', 'classifier epochs', 'conditioning requests', 'rarity study'):
+        assert f'{bar}: 100%' in r.stderr, (bar, r.stderr[-3000:])
     for f in ('pipeline.ipynb', 'report.md', 'summary.json', 'stages.json', 'figures/samples.png', 'figures/embedding.png',
               'figures/closest_pairs.png', 'figures/rarity.png', 'tables/fidelity.csv', 'tables/memorisation.csv',
               'tables/conditioning_consistency.csv', 'tables/conditioning_adherence.csv', 'tables/conditioning_contrast.csv',
@@ -96,6 +103,11 @@ def test_pipeline_refuses_unknown_parameters_before_anything(tmp_path):
     r = pipeline(tmp_path/'run', {'train_step': 5})
     assert r.returncode == 2 and "field 'train_step'" in r.stderr and "did you mean 'train_steps'" in r.stderr, r.stderr[-2000:]
     assert not (tmp_path/'run').exists()
+
+def test_pipeline_refuses_an_output_that_is_a_file(tmp_path):
+    f = tmp_path/'run'; f.write_text('x')
+    r = pipeline(f, {})
+    assert r.returncode == 2 and "'--output': is a file, not a folder" in r.stderr, r.stderr[-2000:]
 
 def test_check_judges(tmp_path):
     with pytest.raises(PipelineError, match="'judges'"): check_judges('128', 64)

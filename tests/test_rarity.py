@@ -111,3 +111,10 @@ def test_small_study_runs_resumes_and_refuses(tmp_path, monkeypatch):
 def test_cli_refuses_bad_config(tmp_path, capsys):
     with pytest.raises(SystemExit) as e: main(['--output', str(tmp_path/'x'), '--set', 'arms=[mixx]', '--no-progress'])
     assert e.value.code == 2 and "mixx" in capsys.readouterr().err
+
+def test_cli_refuses_an_output_that_is_a_file_before_any_work(tmp_path, capsys, monkeypatch):
+    import cxr_diffusion_nbs.sampling as S
+    monkeypatch.setattr(S, 'load_generator', lambda *a, **k: pytest.fail('the generator was loaded before the output was checked'))
+    f = tmp_path/'study'; f.write_text('x')
+    with pytest.raises(SystemExit) as e: main(['--output', str(f), '--no-progress'])
+    assert e.value.code == 2 and "'--output': is a file, not a folder" in capsys.readouterr().err

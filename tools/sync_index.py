@@ -33,6 +33,8 @@ def main(check=False):
         if index_text(nb) != want: sys.exit('nbs/index.ipynb differs from README.md: run python tools/sync_index.py')
         return print('README.md and nbs/index.ipynb agree')
     nb = new_notebook(cells=[new_markdown_cell(s) for s in readme_sections(readme)])
+    old = nbformat.read(target, as_version=4).cells if target.exists() else []
+    for c, o in zip(nb.cells, old): c['id'] = o.get('id', c['id'])     # keep cell ids: a README edit diffs as an edit
     nb.metadata = {"kernelspec": {"display_name": "python3", "language": "python", "name": "python3"}}
     nbformat.write(nb, target)
     print(f'wrote {target}')
