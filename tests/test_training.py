@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cxr_diffusion_nbs.core import cpu_supports_bf16
 from cxr_diffusion_nbs.training import (ConfigError, list_checkpoints, load_config, main, prune_checkpoints, train,
                                         unet_config)
 
@@ -268,3 +269,32 @@ def test_infinite_learning_rate_stops_the_cli_with_one_line(tmp_path, capsys):
     assert e.value.code == 1 and err.count('\n') == 1 and err.startswith('cxr-train: training stopped: '), err
     assert "field 'step 2'" in err and 'on the batch of images [' in err and 'optim.lr' in err, err
     assert list_checkpoints(out) == [] and not (out/'summary.json').exists()
+
+
+def test_check_step_respects_the_fp16_grad_scaler():
+    "fp16's GradScaler skips overflowing steps by design: only a non-finite loss, or MAX_OVERFLOWS in a row, stop the run."
+    from types import SimpleNamespace
+    from cxr_diffusion_nbs.core import TrainingDivergedError
+    from cxr_diffusion_nbs.training import MAX_OVERFLOWS, check_step
+    def run(scaler):
+        acc = SimpleNamespace(device=torch.device('cpu'), num_processes=1, scaler=scaler)
+        return SimpleNamespace(acc=acc, overflows=0, step=6, cfg=SimpleNamespace(source='run.yaml'))
+    batch, one, inf, nan = {'image_id': ['a', 'b']}, torch.tensor(1.), torch.tensor(float('inf')), torch.tensor(float('nan'))
+    r = run(scaler=object())
+    for _ in range(MAX_OVERFLOWS - 1): check_step(r, one, inf, batch)
+    check_step(r, one, one, batch)
+    assert r.overflows == 0                                      # a finite step resets the count
+    for _ in range(MAX_OVERFLOWS - 1): check_step(r, one, inf, batch)
+    with pytest.raises(TrainingDivergedError, match=rf"run\.yaml: field 'step 7': the gradient norm \({MAX_OVERFLOWS} fp16 "
+                                                    r"steps in a row\) is inf on the batch of images \[a, b\]"):
+        check_step(r, one, inf, batch)
+    with pytest.raises(TrainingDivergedError, match=r"the loss is nan"): check_step(run(scaler=object()), nan, one, batch)
+    with pytest.raises(TrainingDivergedError, match=r"the gradient norm is inf"): check_step(run(scaler=None), one, inf, batch)
+
+
+@pytest.mark.skipif(not cpu_supports_bf16(), reason='no native bf16 on this CPU')
+def test_bf16_run_does_not_trip_the_divergence_check(tmp_path):
+    "bf16 autocast (no GradScaler): finite losses and gradients of a healthy run pass the check."
+    s = train(tiny(tmp_path/'bf16', 'optim.mixed_precision=bf16', 'data.limit=8', 'optim.max_steps=2',
+                   'output.checkpoint_every=null', 'output.sample_every=null'))
+    assert s['steps'] == 2 and s['mixed_precision'] == 'bf16' and np.isfinite(s['final_loss'])
