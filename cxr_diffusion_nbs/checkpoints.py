@@ -20,9 +20,9 @@ from .conditioning import ConditioningConfig, ConditionalDenoiser
 # %% auto #0
 __all__ = ['CKPT_PREFIX', 'STATE_FILE', 'SIGNATURE_FILE', 'GENERATOR_FILE', 'DEFAULT_KIND', 'DENOISER_KINDS',
            'AUTOENCODER_FOLDER', 'CheckpointError', 'list_checkpoints', 'prune_checkpoints', 'checkpoint_folder',
-           'resolve_resume', 'rng_state', 'set_rng_state', 'safe_load', 'read_weights', 'save_checkpoint',
-           'load_checkpoint', 'weights_file', 'load_weights', 'read_signature', 'generator_file', 'generator_kind',
-           'generator_defaults', 'recommend_defaults', 'load_denoiser']
+           'resolve_resume', 'rng_state', 'set_rng_state', 'safe_load', 'nonfinite_tensors', 'check_finite_weights',
+           'read_weights', 'save_checkpoint', 'load_checkpoint', 'weights_file', 'load_weights', 'read_signature',
+           'generator_file', 'generator_kind', 'generator_defaults', 'recommend_defaults', 'load_denoiser']
 
 # %% ../nbs/09a_checkpoints.ipynb #6b1b4dfc
 CKPT_PREFIX = 'checkpoint-'
@@ -103,6 +103,19 @@ def safe_load(path, map_location=None):
     except (RuntimeError, EOFError) as e:
         raise CheckpointError(str(path), '<file>', f'unreadable: {type(e).__name__}: {str(e)[:200]}') from None
 
+def nonfinite_tensors(tensors) -> list:
+    "Names of the floating-point tensors holding a NaN or an infinity in `tensors` (a mapping of names to tensors, or a module: its `state_dict`)."
+    items = tensors.state_dict().items() if isinstance(tensors, torch.nn.Module) else dict(tensors).items()
+    return [n for n, t in items if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+def check_finite_weights(tensors, path, problem: str = 'refused') -> None:
+    """Raise a `CheckpointError` naming `path` and the first tensor of `tensors` holding NaN or inf. Every writer and
+    loader of weights calls it: a diverged run's weights draw black or noise images that would be filed as synthetic
+    chest X-rays, so they are neither saved nor sampled from."""
+    bad = nonfinite_tensors(tensors)
+    if bad: raise CheckpointError(str(path), bad[0], f"holds NaN or infinite values ({len(bad)} tensor(s) do; weights of a "
+                                  f"diverged training): {problem}")
+
 def read_weights(path, device=None) -> dict:
     "The tensors of safetensors file `path`; a missing, truncated or corrupt file is a `CheckpointError` naming it (not a raw traceback)."
     path = Path(path)
@@ -138,6 +151,10 @@ def save_checkpoint(output_dir, step: int, *, accelerator, model, optimizer, lr_
     autoencoder: `{'vae': partial(vae.save_autoencoder, ae)}`), written inside the checkpoint before it appears."""
     out, acc = Path(output_dir), accelerator
     final, tmp = out/f'{CKPT_PREFIX}{step}', out/f'.tmp-{CKPT_PREFIX}{step}'
+    m = acc.unwrap_model(model)               # finite weights or no checkpoint at all (every process sees the same weights)
+    check_finite_weights(m, final/'model.safetensors', 'not written')
+    if ema is not None: check_finite_weights(dict(zip([n for n, _ in m.named_parameters()], ema.shadow_params)),
+                                             final/'ema.safetensors', 'not written')
     if acc.is_main_process:
         if tmp.exists(): shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
@@ -157,6 +174,7 @@ def _load_ema(ckpt: Path, m, ema, device):
     f = ckpt/'ema.safetensors'
     if not f.exists(): raise CheckpointError(str(f), 'ema.safetensors', 'missing, but the run keeps an EMA (optim.ema_decay is set)')
     sh = read_weights(f, device)
+    check_finite_weights(sh, f, 'refused: resume from an earlier checkpoint')
     names = [n for n, _ in m.named_parameters()]
     missing = [n for n in names if n not in sh]
     if missing: raise CheckpointError(str(f), missing[0], 'parameter missing from the EMA weights')
@@ -171,6 +189,7 @@ def load_checkpoint(ckpt, *, accelerator, model, optimizer, lr_scheduler, ema, g
     try: load_model(m, str(ckpt/'model.safetensors'), device=str(acc.device))
     except SafetensorError as e:
         raise CheckpointError(str(ckpt/'model.safetensors'), '<file>', f'not a readable safetensors file (truncated or corrupt?): {str(e)[:200]}') from None
+    check_finite_weights(m, ckpt/'model.safetensors', 'refused: resume from an earlier checkpoint')
     if ema is not None: _load_ema(ckpt, m, ema, acc.device)
     optimizer.load_state_dict(safe_load(ckpt/'optimizer.pt', map_location=acc.device))
     lr_scheduler.load_state_dict(safe_load(ckpt/'scheduler.pt'))
@@ -199,8 +218,10 @@ def load_weights(model, ckpt, use_ema: bool = True) -> Path:
         try: load_model(model, str(f))
         except RuntimeError as e: raise CheckpointError(str(f), 'state_dict', f'does not fit this model: {str(e)[:300]}') from None
         except SafetensorError as e: raise CheckpointError(str(f), '<file>', f'not a readable safetensors file (truncated or corrupt?): {str(e)[:200]}') from None
+        check_finite_weights(model, f, 'refused; use an earlier checkpoint')
         return f
     sd, own = read_weights(f), dict(model.named_parameters())   # EMA: the parameters only
+    check_finite_weights(sd, f, 'refused; use an earlier checkpoint')
     for n, p in own.items():
         if n not in sd: raise CheckpointError(str(f), n, 'missing from this file (a checkpoint of another network?)')
         if tuple(sd[n].shape) != tuple(p.shape):

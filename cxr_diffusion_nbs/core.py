@@ -6,7 +6,7 @@ Docs: https://cxr-diffusion-nbs.github.io/cxr_diffusion_nbs/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #18c8bf23
 from __future__ import annotations
-import os, re, difflib, hashlib, tempfile, contextlib, dataclasses
+import os, re, math, numbers, difflib, hashlib, tempfile, contextlib, dataclasses
 from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
@@ -16,11 +16,11 @@ import yaml
 # %% auto #0
 __all__ = ['NIH_FINDINGS', 'RARE_FINDINGS', 'FINDING_SYNONYMS', 'KNOWN_FINDINGS', 'MASK_MODES', 'PREDICTION_TYPES', 'SCHEDULES',
            'MIXED_PRECISION', 'canonical_finding', 'CXRDataError', 'ImageReadError', 'ManifestError', 'MaskError',
-           'PatientLeakageError', 'ConfigError', 'suggest', 'coerce', 'config_from_dict', 'check_findings',
-           'read_config_file', 'parse_override', 'set_dotted', 'default_device', 'cpu_supports_bf16',
-           'resolve_mixed_precision', 'choice_error', 'check_optim_section', 'preset_copy', 'atomic_write',
-           'check_output_folder', 'project_root', 'sample_data_root', 'find_data_root', 'dicom_data_root',
-           'resolve_path', 'shareable_path', 'sha256_file']
+           'PatientLeakageError', 'ConfigError', 'TrainingDivergedError', 'suggest', 'coerce', 'config_from_dict',
+           'check_findings', 'read_config_file', 'parse_override', 'set_dotted', 'default_device', 'cpu_supports_bf16',
+           'resolve_mixed_precision', 'choice_error', 'check_finite_numbers', 'check_optim_section', 'nonfinite_step',
+           'divergence_error', 'preset_copy', 'atomic_write', 'check_output_folder', 'project_root', 'sample_data_root',
+           'find_data_root', 'dicom_data_root', 'resolve_path', 'shareable_path', 'sha256_file']
 
 # %% ../nbs/00_core.ipynb #195ee6e8
 NIH_FINDINGS = ('atelectasis', 'cardiomegaly', 'consolidation', 'edema', 'effusion', 'emphysema', 'fibrosis',
@@ -62,6 +62,9 @@ class PatientLeakageError(CXRDataError): "The same patient appears in more than 
 # %% ../nbs/00_core.ipynb #9a2f1619
 class ConfigError(CXRDataError):
     "A configuration that cannot work. The message names the config file and the field (`optim.lr`)."
+
+class TrainingDivergedError(CXRDataError):
+    "A training step whose loss or gradient is NaN or infinite. The message names the config file, the step and the batch's images."
 
 def suggest(name, options) -> str:
     "The hint appended to an 'unknown name' error: the closest option, else the list of known ones."
@@ -212,9 +215,32 @@ def choice_error(cfg, fld: str, value, options) -> ConfigError:
     hint = suggest(value, options)
     return cfg.err(fld, f"{value!r} is not one of {tuple(options)}" + (hint if 'did you mean' in hint else ''))
 
+def _nonfinite(value, where: str):
+    "(field, value) of the first NaN or infinite number in `value` (a number, mapping, list or config section), else None."
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
+        return None if math.isfinite(value) else (where, value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type): value = {f.name: getattr(value, f.name) for f in fields(value)}
+    elif hasattr(value, '__dict__') and not callable(value): value = vars(value)
+    items = value.items() if isinstance(value, Mapping) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for k, v in items:
+        hit = _nonfinite(v, f'{where}[{k}]' if isinstance(k, int) else _where(where, k))
+        if hit: return hit
+    return None
+
+def check_finite_numbers(cfg):
+    """Refuse a NaN or an infinity anywhere in `cfg`'s sections (every float setting, and the numbers inside lists and
+    mappings such as `optim.betas` or `output.guidance`), with `cfg.err` naming the field. `float('inf') > 0` is True, so
+    range checks alone let an infinite learning rate through, and the run would train to all-NaN weights."""
+    for name, sec in vars(cfg).items():
+        hit = _nonfinite(sec, name) if name != 'source' else None
+        if hit: raise cfg.err(hit[0], f"{hit[1]} is not a finite number")
+
 def check_optim_section(cfg):
     """The optimiser checks of every trainer on `cfg.optim` (batch size, AdamW's lr / betas / weight decay, warm-up,
-    schedule, step and time budgets, gradient clipping, precision), raising `cfg.err` naming the field; betas become floats."""
+    schedule, step and time budgets, gradient clipping, precision), raising `cfg.err` naming the field; betas become floats.
+    First of all, every number of every section of `cfg` must be finite (`check_finite_numbers`): the one place both
+    trainers check it."""
+    check_finite_numbers(cfg)
     o = cfg.optim
     if o.batch_size < 1: raise cfg.err('optim.batch_size', f"{o.batch_size} must be >= 1")
     if not o.lr > 0: raise cfg.err('optim.lr', f"{o.lr} must be > 0")
@@ -231,6 +257,22 @@ def check_optim_section(cfg):
     if o.grad_clip is not None and not o.grad_clip > 0: raise cfg.err('optim.grad_clip', 'must be > 0 or null')
     if o.mixed_precision is False: o.mixed_precision = 'no'      # YAML 1.1 reads a bare `no` as false
     if o.mixed_precision not in MIXED_PRECISION: raise choice_error(cfg, 'optim.mixed_precision', o.mixed_precision, MIXED_PRECISION)
+
+def nonfinite_step(loss, grad_norm=None) -> str | None:
+    "What is NaN or infinite in a training step: 'loss', else 'gradient norm' (`grad_norm` None: not measured), else None."
+    num = lambda v: float(v.detach()) if torch.is_tensor(v) else float(v)
+    if not math.isfinite(num(loss)): return 'loss'
+    if grad_norm is not None and not math.isfinite(num(grad_norm)): return 'gradient norm'
+    return None
+
+def divergence_error(source, step: int, problem: str, image_ids=(), batch: str = 'the batch of images') -> TrainingDivergedError:
+    """The error both trainers stop with when step `step`'s loss or gradient is not finite (`problem`, e.g. 'the loss is
+    nan'), naming the images of its `batch`: the weights are left as the previous step made them, and no checkpoint is written."""
+    ids = [str(i) for i in image_ids]
+    shown = ', '.join(ids[:8]) + (f', ... ({len(ids)} images)' if len(ids) > 8 else '')
+    return TrainingDivergedError(source, f'step {step}', f"{problem} on {batch} [{shown or 'unknown'}]; the run stops "
+                                 "before this step changes the weights (no checkpoint is written now; earlier ones are "
+                                 "intact). Usual causes: a too high optim.lr, or an image holding NaN or infinite values")
 
 def preset_copy(presets: dict, name: str, cls, where: str, **overrides):
     "A copy of `presets[name]` (a `cls` dataclass) with `overrides` applied; unknown presets and fields are refused with the closest name."

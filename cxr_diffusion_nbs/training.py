@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from .core import (RARE_FINDINGS, MASK_MODES, CXRDataError, ConfigError, suggest, config_from_dict,
                                     check_findings, read_config_file, parse_override, set_dotted, atomic_write, find_data_root, default_device, project_root, resolve_path,
                                     cpu_supports_bf16, resolve_mixed_precision, SCHEDULES, MIXED_PRECISION, choice_error,
-                                    check_optim_section)
+                                    check_optim_section, check_output_folder, TrainingDivergedError, nonfinite_step,
+                                    divergence_error)
 from .unet import UNetConfig, PRESETS, make_noise_scheduler
 from .conditioning import ConditioningConfig, ConditionalDenoiser, FrozenTextEncoder, batch_conditions
 from .losses import LesionLossConfig, lesion_preserving_loss
@@ -39,13 +40,13 @@ from .latents import LatentDataset, cached_latents, load_latent_cache, autoencod
 from .sampling import sample
 
 # %% auto #0
-__all__ = ['ModelSection', 'DataSection', 'OptimSection', 'OutputSection', 'TrainConfig', 'run_autoencoder', 'unet_config',
-           'conditioning_config', 'loss_config', 'signature_of', 'model_signature', 'validate_config', 'load_config',
-           'epoch_batches', 'check_resume_compatible', 'read_log', 'truncate_log', 'append_log', 'plot_loss',
-           'sample_grid_figure', 'save_figure', 'grid_samples', 'TrainRun', 'start_checks', 'check_same_autoencoder',
-           'training_manifest', 'make_dataset', 'build_run', 'prepare_outputs', 'run_batches', 'train_step',
-           'log_window', 'draw_grid', 'save_run_checkpoint', 'finish_run', 'train', 'main', 'init_weights',
-           'load_for_sampling']
+__all__ = ['MAX_OVERFLOWS', 'ModelSection', 'DataSection', 'OptimSection', 'OutputSection', 'TrainConfig', 'run_autoencoder',
+           'unet_config', 'conditioning_config', 'loss_config', 'signature_of', 'model_signature', 'validate_config',
+           'load_config', 'epoch_batches', 'check_resume_compatible', 'read_log', 'truncate_log', 'append_log',
+           'plot_loss', 'sample_grid_figure', 'save_figure', 'grid_samples', 'TrainRun', 'start_checks',
+           'check_same_autoencoder', 'training_manifest', 'make_dataset', 'build_run', 'prepare_outputs', 'run_batches',
+           'check_step', 'train_step', 'log_window', 'draw_grid', 'save_run_checkpoint', 'finish_run', 'train', 'main',
+           'init_weights', 'load_for_sampling']
 
 # %% ../nbs/10_training.ipynb #067d024b
 @dataclass
@@ -418,6 +419,7 @@ class TrainRun:
     sums: torch.Tensor | None = None  # loss sums of the current log window, and their count
     count: int = 0
     part_names: list | None = None
+    overflows: int = 0              # fp16: steps in a row the GradScaler skipped (non-finite gradients)
 
     @property
     def out(self) -> Path: return Path(self.cfg.output.output_dir)
@@ -430,6 +432,8 @@ class TrainRun:
 def start_checks(cfg: TrainConfig) -> Path | None:
     "The checkpoint to resume from (or None), after refusing to overwrite a run and checking the network matches."
     out = Path(cfg.output.output_dir)
+    try: check_output_folder(out, where='output.output_dir')     # a file, or a folder that cannot be written: now, not after the work
+    except CXRDataError as e: raise cfg.err('output.output_dir', f"{e.path} {e.problem}") from None
     ckpt = resolve_resume(cfg.output.resume, out)
     if cfg.output.resume is None and list_checkpoints(out):
         raise cfg.err('output.resume', f"{out} already holds checkpoints ({list_checkpoints(out)[-1].name}); "
@@ -546,6 +550,25 @@ def run_batches(run: TrainRun):
                 yield b
         run.epoch, run.pos = run.epoch + 1, 0
 
+MAX_OVERFLOWS = 20   # fp16: GradScaler-skipped steps in a row before the run is declared diverged
+
+def check_step(run: TrainRun, loss, grad_norm, batch: dict):
+    """Stop the run with a `TrainingDivergedError` naming the step and the batch's images when the loss or the gradient
+    norm is NaN or infinite, before the optimiser applies it. With fp16 the GradScaler skips an overflowing step and
+    lowers its scale, so there a non-finite gradient is an error only `MAX_OVERFLOWS` steps in a row (the loss, always)."""
+    acc, bad = run.acc, nonfinite_step(loss, grad_norm)
+    code = torch.tensor(float(('gradient norm', 'loss').index(bad) + 1 if bad else 0), device=acc.device)
+    if acc.num_processes > 1: code = acc.reduce(code, 'max')     # every process stops at the same step
+    code = int(code.item())
+    if code == 0: run.overflows = 0; return
+    if code == 1 and acc.scaler is not None:
+        run.overflows += 1
+        if run.overflows < MAX_OVERFLOWS: return
+    what = ('the gradient norm', 'the loss')[code - 1]
+    value = torch.as_tensor(grad_norm if code == 1 else loss).detach().item() if bad else 'not finite on another process'
+    if code == 1 and acc.scaler is not None: what = f"{what} ({run.overflows} fp16 steps in a row)"
+    raise divergence_error(run.cfg.source, run.step + 1, f"{what} is {value}", batch.get('image_id', ()))
+
 def train_step(run: TrainRun, batch: dict):
     "One optimiser step on `batch`; adds the loss and its parts to the log window. Returns the loss."
     dev, o, core = run.acc.device, run.cfg.optim, run.core
@@ -558,7 +581,9 @@ def train_step(run: TrainRun, batch: dict):
     pred = run.model(x_t, t, **conds)                                   # autocast by accelerate
     loss, parts = lesion_preserving_loss(pred.float(), x0, x_t, noise, t, mask, run.noise_sched, run.loss_cfg)
     run.acc.backward(loss)
-    if o.grad_clip is not None: run.acc.clip_grad_norm_(run.model.parameters(), o.grad_clip)
+    # the gradient norm clipping computes (a no-op clip at infinity without grad_clip) is what check_step looks at
+    norm = run.acc.clip_grad_norm_(run.model.parameters(), o.grad_clip if o.grad_clip is not None else float('inf'))
+    check_step(run, loss, norm, batch)
     run.opt.step(); run.lr_sched.step(); run.opt.zero_grad(set_to_none=True)
     if run.ema is not None: run.ema.step(core.parameters())
     run.step += 1; run.images_seen += x0.shape[0] * run.acc.num_processes
@@ -644,7 +669,8 @@ def train(cfg, overrides=()) -> dict:
     run.model.train()
     batches = run_batches(run)
     while not run.budget_spent():
-        train_step(run, next(batches))
+        try: train_step(run, next(batches))
+        except TrainingDivergedError: bar.close(); raise
         bar.update(1)
         if run.step % out_cfg.log_every == 0 or (o.max_steps is not None and run.step >= o.max_steps):
             now = time.perf_counter()
@@ -663,7 +689,7 @@ def train(cfg, overrides=()) -> dict:
 
 # %% ../nbs/10_training.ipynb #e112efe6
 def main(argv=None):
-    "The `cxr-train` command line (prints the summary as JSON; exit status 2 for a config error)."
+    "The `cxr-train` command line (prints the summary as JSON; exit status 2 for a config or checkpoint error, 1 for a diverged run)."
     p = argparse.ArgumentParser(prog='cxr-train', description='Train (or resume) a conditional CXR diffusion model from a YAML config.')
     p.add_argument('--config', required=True, help='YAML file (see configs/)')
     p.add_argument('--set', dest='overrides', nargs='+', action='append', default=[], metavar='KEY=VALUE',
@@ -681,6 +707,9 @@ def main(argv=None):
     except CheckpointError as e:
         print(f"cxr-train: checkpoint error: {e}", file=sys.stderr)
         raise SystemExit(2)
+    except TrainingDivergedError as e:
+        print(f"cxr-train: training stopped: {e}", file=sys.stderr)
+        raise SystemExit(1)
     if PartialState().is_main_process: print(json.dumps(summary, indent=1))
     # returns None: the console script does sys.exit(main()), and any other value would be an error exit
 

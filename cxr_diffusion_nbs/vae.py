@@ -20,17 +20,19 @@ import yaml
 from diffusers import AutoencoderKL
 from diffusers.optimization import get_scheduler
 from safetensors import safe_open
-from safetensors.torch import save_file, load_file
+from safetensors.torch import save_file
 from skimage.metrics import structural_similarity, peak_signal_noise_ratio
 from .core import (CXRDataError, ConfigError, suggest, config_from_dict, read_config_file, parse_override,
                                     set_dotted, atomic_write, find_data_root, default_device, resolve_path, shareable_path,
                                     project_root, resolve_mixed_precision, SCHEDULES, MIXED_PRECISION, choice_error,
-                                    check_optim_section, preset_copy)
+                                    check_optim_section, preset_copy, check_output_folder, TrainingDivergedError,
+                                    nonfinite_step, divergence_error)
 from .manifest import load_shared_subset
 from .splits import with_held_out_test
 from .dataset import CXRDataset
 from .checkpoints import (CKPT_PREFIX, STATE_FILE, CheckpointError, list_checkpoints, prune_checkpoints,
-                                           resolve_resume, rng_state, set_rng_state, safe_load)
+                                           resolve_resume, rng_state, set_rng_state, safe_load, read_weights,
+                                           check_finite_weights)
 
 # %% auto #0
 __all__ = ['AE_PRESETS', 'WEIGHTS_NAME', 'CONFIG_NAME', 'AUTOENCODER_TARGETS', 'AutoencoderConfig', 'ae_preset',
@@ -203,6 +205,7 @@ WEIGHTS_NAME, CONFIG_NAME = 'diffusion_pytorch_model.safetensors', 'config.json'
 def save_autoencoder(ae, folder, dtype: torch.dtype | None = None) -> Path:
     "`ae.save_pretrained(folder, safe_serialization=True)` written atomically (temporary folder, then rename); `dtype` e.g. torch.float16 to ship smaller weights."
     folder = Path(folder)
+    check_finite_weights(ae, folder/WEIGHTS_NAME, 'not written')
     tmp = folder.with_name(f'.tmp-{folder.name}')
     if tmp.exists(): shutil.rmtree(tmp)
     m = ae if dtype is None or dtype == next(ae.parameters()).dtype else copy.deepcopy(ae).to(dtype)
@@ -249,6 +252,7 @@ def load_autoencoder(path, device=None, subfolder: str | None = None, require_st
             ae = AutoencoderKL.from_pretrained(str(p), use_safetensors=True, torch_dtype=torch.float32, low_cpu_mem_usage=False)
     except Exception as e:
         raise CheckpointError(str(wf), 'state_dict', f'does not fit the config: {type(e).__name__}: {str(e)[:300]}') from None
+    check_finite_weights(ae, wf, 'refused; use an earlier checkpoint')
     device = torch.device(device) if device is not None else default_device()
     return ae.to(device).eval()
 
@@ -379,8 +383,11 @@ class PatchDiscriminator(nn.Module):
 # %% ../nbs/09b_vae.ipynb #d06d2a35
 class CropSampler:
     "Square crops of images held in memory (N, 1, S, S), a share `lesion_fraction` centred on a random pixel inside a lesion mask (N, S, S)."
-    def __init__(self, images: torch.Tensor, masks: torch.Tensor | None = None, crop: int = 64, lesion_fraction: float = 0.25):
+    def __init__(self, images: torch.Tensor, masks: torch.Tensor | None = None, crop: int = 64, lesion_fraction: float = 0.25,
+                 ids: list | None = None):
         N, _, H, W = images.shape
+        self.ids = list(range(N)) if ids is None else list(ids)   # the films' image ids (named when a step diverges)
+        self.drawn = torch.zeros(0, dtype=torch.long)             # film indices of the last batch drawn
         if not 0 < crop <= min(H, W): raise ValueError(f"CropSampler: crop {crop} must be in 1..{min(H, W)}")
         self.images, self.masks, self.crop, self.lesion_fraction = images, masks, crop, lesion_fraction
         ids, px = [], []
@@ -414,7 +421,7 @@ class CropSampler:
     def draw(self, n: int, gen: torch.Generator, with_masks: bool = False):
         "A batch of `n` crops (n, 1, c, c) float32 (and their masks (n, 1, c, c) if `with_masks`)."
         idx, top, left, _ = self.positions(n, gen)
-        c = self.crop
+        c, self.drawn = self.crop, idx
         x = torch.stack([self.images[i, :, t:t + c, l:l + c] for i, t, l in zip(idx.tolist(), top.tolist(), left.tolist())]).float()
         if not with_masks: return x
         m = torch.stack([self.masks[i, t:t + c, l:l + c] for i, t, l in zip(idx.tolist(), top.tolist(), left.tolist())])[:, None].float()
@@ -611,6 +618,8 @@ def _device(cfg: AETrainConfig) -> torch.device:
 def ae_start_checks(cfg: AETrainConfig) -> Path | None:
     "The checkpoint to resume from (or None), after refusing to overwrite a run and checking the network matches."
     out = Path(cfg.output.output_dir)
+    try: check_output_folder(out, where='output.output_dir')     # a file, or a folder that cannot be written: now, not after the work
+    except CXRDataError as e: raise cfg.err('output.output_dir', f"{shareable_path(e.path)} {e.problem}") from None
     ckpt = resolve_resume(cfg.output.resume, out)
     if cfg.output.resume is None and list_checkpoints(out):
         raise cfg.err('output.resume', f"{shareable_path(out)} already holds checkpoints ({list_checkpoints(out)[-1].name}); "
@@ -641,13 +650,18 @@ def build_ae_run(cfg: AETrainConfig, ckpt: Path | None = None, manifest=None) ->
     if lc.disc_weight > 0:
         disc = PatchDiscriminator(lc.disc_channels, lc.disc_layers).to(dev).train()
         opt_d = torch.optim.AdamW(disc.parameters(), lr=lc.disc_lr or o.lr, betas=(0.5, 0.9), weight_decay=0.0)
-    run = AERun(cfg, ae, opt, lr_sched, CropSampler(ims, ms, d.crop_size, d.lesion_crop_fraction), val, dev, mp,
+    run = AERun(cfg, ae, opt, lr_sched, CropSampler(ims, ms, d.crop_size, d.lesion_crop_fraction, train_ds.images['image_id'].tolist()), val, dev, mp,
                 torch.Generator().manual_seed(o.seed * 1000 + 11), torch.Generator(device=dev).manual_seed(o.seed * 1000 + 13),
                 disc, opt_d)
     if ckpt is not None: load_ae_checkpoint(run, ckpt)
     return run
 
 # %% ../nbs/09b_vae.ipynb #34f56068
+def _diverged(run: AERun, problem: str):
+    "Stop the run at a non-finite step, naming the films the batch's crops came from (no GradScaler here: fp16 overflows are errors too)."
+    ids = dict.fromkeys(run.sampler.ids[i] for i in run.sampler.drawn.tolist())   # distinct, in draw order
+    raise divergence_error(run.cfg.source, run.step + 1, problem, list(ids), batch='crops of the films')
+
 def ae_train_step(run: AERun) -> float:
     "One optimiser step on a fresh batch of crops (and a discriminator step once it is on). Returns the loss."
     cfg, lc = run.cfg, run.cfg.loss
@@ -665,12 +679,16 @@ def ae_train_step(run: AERun) -> float:
         parts['g_adv'] = g_adv.item()
         for p in run.disc.parameters(): p.requires_grad_(True)
     loss.backward()
-    if cfg.optim.grad_clip is not None: torch.nn.utils.clip_grad_norm_(run.ae.parameters(), cfg.optim.grad_clip)
+    clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else float('inf')   # at infinity: only the norm
+    norm = torch.nn.utils.clip_grad_norm_(run.ae.parameters(), clip)
+    bad = nonfinite_step(loss, norm)
+    if bad: _diverged(run, f"the {bad} is {(loss if bad == 'loss' else norm).item()}")
     run.opt.step(); run.lr_sched.step(); run.opt.zero_grad(set_to_none=True)
     if adv:                                       # hinge loss on real crops and (detached) reconstructions
         with run.autocast():
             d_real, d_fake = run.disc(x).float(), run.disc(rec.detach()).float()
         d_loss = F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
+        if nonfinite_step(d_loss): _diverged(run, f'the discriminator loss is {d_loss.item()}')
         d_loss.backward(); run.opt_d.step(); run.opt_d.zero_grad(set_to_none=True)
         parts['d_loss'] = d_loss.item()
     run.step += 1; run.crops_seen += len(x)
@@ -703,6 +721,8 @@ def save_ae_checkpoint(run: AERun) -> Path:
     "Write `checkpoint-<step>/` atomically (temporary folder, then rename) and prune to `keep_last`; returns its path."
     out = run.out
     final, tmp = out/f'{CKPT_PREFIX}{run.step}', out/f'.tmp-{CKPT_PREFIX}{run.step}'
+    check_finite_weights(run.ae, final/'vae'/WEIGHTS_NAME, 'not written')
+    if run.disc is not None: check_finite_weights(run.disc, final/'discriminator.safetensors', 'not written')
     if tmp.exists(): shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     run.ae.save_pretrained(tmp/'vae', safe_serialization=True)
@@ -726,9 +746,8 @@ def load_ae_checkpoint(run: AERun, ckpt) -> dict:
     ckpt = Path(ckpt)
     st = json.loads((ckpt/STATE_FILE).read_text())
     wf = ckpt/'vae'/WEIGHTS_NAME
-    if not wf.exists(): raise CheckpointError(str(wf), '<file>', 'missing')
-    try: sd = load_file(str(wf), device=str(run.device))
-    except Exception as e: raise CheckpointError(str(wf), '<file>', f'unreadable: {type(e).__name__}: {str(e)[:200]}') from None
+    sd = read_weights(wf, run.device)
+    check_finite_weights(sd, wf, 'refused: resume from an earlier checkpoint')
     try: run.ae.load_state_dict(sd)
     except RuntimeError as e: raise CheckpointError(str(wf), 'state_dict', f'does not fit this model: {str(e)[:300]}') from None
     run.opt.load_state_dict(safe_load(ckpt/'optimizer.pt', map_location=run.device))
@@ -736,7 +755,9 @@ def load_ae_checkpoint(run: AERun, ckpt) -> dict:
     if run.disc is not None:
         df = ckpt/'discriminator.safetensors'
         if df.exists():
-            run.disc.load_state_dict(load_file(str(df), device=str(run.device)))
+            sd = read_weights(df, run.device)
+            check_finite_weights(sd, df, 'refused: resume from an earlier checkpoint')
+            run.disc.load_state_dict(sd)
             run.opt_d.load_state_dict(safe_load(ckpt/'disc_optimizer.pt', map_location=run.device))
         else: warnings.warn(f"{shareable_path(ckpt)}: no discriminator saved; it starts afresh")
     r = safe_load(ckpt/'random_states.pt')
@@ -956,7 +977,7 @@ def reconstruction_widget(ae, ds, indices=None):
 
 # %% ../nbs/09b_vae.ipynb #8e3bc82e
 def main(argv=None):
-    "The `cxr-train-autoencoder` command line (prints the summary as JSON; exit status 2 for a config or checkpoint error)."
+    "The `cxr-train-autoencoder` command line (prints the summary as JSON; exit status 2 for a config or checkpoint error, 1 for a diverged run)."
     p = argparse.ArgumentParser(prog='cxr-train-autoencoder', description='Train (or resume) the CXR autoencoder from a YAML config.')
     p.add_argument('--config', required=True, help='YAML file (configs/vae256.yaml)')
     p.add_argument('--output', default=None, help='run folder (overrides output.output_dir)')
@@ -972,6 +993,8 @@ def main(argv=None):
         print(f"cxr-train-autoencoder: config error: {e}", file=sys.stderr); raise SystemExit(2)
     except CheckpointError as e:
         print(f"cxr-train-autoencoder: checkpoint error: {e}", file=sys.stderr); raise SystemExit(2)
+    except TrainingDivergedError as e:
+        print(f"cxr-train-autoencoder: training stopped: {e}", file=sys.stderr); raise SystemExit(1)
     print(json.dumps(summary, indent=1))
 
 if __name__ == '__main__' and '__file__' in globals() and 'get_ipython' not in globals(): main()  # python -m, not a notebook

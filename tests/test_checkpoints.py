@@ -1,7 +1,7 @@
 """Checkpoint I/O (cxr_diffusion_nbs.checkpoints): every file loads with safetensors, JSON or
 `torch.load(weights_only=True)`, so a crafted pickle is refused without running; the shipped demo model opens
 without the trainer; a save/load round trip resumes exactly."""
-import json, os, subprocess, sys
+import json, os, re, subprocess, sys
 from pathlib import Path
 
 import pytest
@@ -124,3 +124,44 @@ def test_corrupt_weights_are_refused_naming_the_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and 'ema.safetensors' in err and 'not a readable safetensors file' in err, err
     assert not (tmp_path/'out').exists()
+
+
+def _poison(f, name=None):
+    "Rewrite safetensors file `f` with one tensor (`name`, else the first) holding a NaN; returns that tensor's name."
+    from safetensors.torch import load_file, save_file
+    sd = load_file(str(f))
+    name = name or sorted(sd)[0]
+    sd[name] = sd[name].clone(); sd[name].view(-1)[0] = float('nan')
+    save_file(sd, str(f))
+    return name
+
+
+def test_non_finite_weights_are_never_written(tmp_path):
+    "A diverged model (a NaN parameter, or a NaN in the EMA) is refused by the saver naming the tensor; no folder appears."
+    m, opt, sch, ema, g = _setup()
+    kw = dict(accelerator=Accelerator(cpu=True), model=m, optimizer=opt, lr_scheduler=sch, ema=ema, gen=g,
+              config_yaml='', signature={}, state=dict(step=1, epoch=0))
+    name, p = next(iter(m.named_parameters()))
+    with torch.no_grad(): p[(0,) * p.ndim] = float('inf')
+    with pytest.raises(CheckpointError, match=rf"checkpoint-1/model\.safetensors: field '{re.escape(name)}': holds NaN or infinite"):
+        save_checkpoint(tmp_path, 1, **kw)
+    assert list(tmp_path.iterdir()) == []
+    with torch.no_grad(): p.zero_()
+    ema.shadow_params[0][(0,) * p.ndim] = float('nan')
+    with pytest.raises(CheckpointError, match=rf"ema\.safetensors: field '{re.escape(name)}'.*not written"):
+        save_checkpoint(tmp_path, 1, **kw)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize('fname,use_ema', [('ema.safetensors', True), ('model.safetensors', False)])
+def test_non_finite_checkpoint_is_refused_by_the_loaders(saved, tmp_path, fname, use_ema):
+    "Weights with a NaN (a diverged run saved by an older version, or edited by hand): refused naming file and tensor."
+    import shutil
+    _, ck, _, _ = saved
+    bad = tmp_path/'checkpoint-1'; shutil.copytree(ck, bad)
+    name = _poison(bad/fname)
+    with pytest.raises(CheckpointError, match=rf"{fname}: field '{re.escape(name)}': holds NaN or infinite"):
+        load_denoiser(bad, use_ema=use_ema, device='cpu')
+    m, opt, sch, ema, g = _setup()                               # resuming from it is refused too
+    with pytest.raises(CheckpointError, match=rf"{fname}: field '{re.escape(name)}'"):
+        load_checkpoint(bad, accelerator=Accelerator(cpu=True), model=m, optimizer=opt, lr_scheduler=sch, ema=ema, gen=g)

@@ -91,3 +91,22 @@ def test_recommended_defaults_are_loaded_and_checked(tmp_path):
         recommend_defaults(m, bad, 'broken')
         with pytest.raises(SamplingError, match=field) as e: load_generator(m, device='cpu')
         assert 'generator.json' in str(e.value)
+
+def test_non_finite_generator_is_refused_before_drawing(tmp_path, capsys):
+    "A model whose weights hold a NaN would draw black images filed as synthetic X-rays: refused naming file and tensor."
+    import shutil
+    from safetensors.torch import load_file, save_file
+    from cxr_diffusion_nbs.checkpoints import CheckpointError
+    from cxr_diffusion_nbs.sampling import main as sample_main
+    model = tmp_path/'demo'; shutil.copytree(DEMO, model)
+    w = model/'ema.safetensors'
+    sd = load_file(str(w)); name = sorted(sd)[-1]
+    sd[name] = sd[name].clone(); sd[name].view(-1)[-1] = float('inf')
+    save_file(sd, str(w))
+    with pytest.raises(CheckpointError, match=rf"ema\.safetensors: field '{name}': holds NaN or infinite"):
+        load_generator(model, device='cpu')
+    with pytest.raises(SystemExit) as e:
+        sample_main(['--checkpoint', str(model), '--n', '1', '--steps', '2', '--output', str(tmp_path/'out')])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and name in err and err.count('\n') == 1, err
+    assert not (tmp_path/'out').exists()

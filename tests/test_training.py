@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cxr_diffusion_nbs.core import cpu_supports_bf16
 from cxr_diffusion_nbs.training import (ConfigError, list_checkpoints, load_config, main, prune_checkpoints, train,
                                         unet_config)
 
@@ -94,6 +95,19 @@ BAD = {
     'optim.mixed_precision=fp8': ("optim.mixed_precision", "is not one of"),
     'optim.max_steps=ten': ("optim.max_steps", "not a valid int"),
     'output.guidance={text: 2.0}': ("output.guidance.text", "no such condition"),
+    # non-finite numbers pass `> 0` checks: an infinite lr used to train to all-NaN weights
+    'optim.lr=.inf': ("optim.lr", "inf is not a finite number"),
+    'optim.lr=1e999': ("optim.lr", "inf is not a finite number"),
+    'optim.lr=.nan': ("optim.lr", "nan is not a finite number"),
+    'optim.weight_decay=.inf': ("optim.weight_decay", "not a finite number"),
+    'optim.grad_clip=.inf': ("optim.grad_clip", "not a finite number"),
+    'optim.ema_decay=.nan': ("optim.ema_decay", "not a finite number"),
+    'optim.ema_power=.inf': ("optim.ema_power", "not a finite number"),
+    'optim.betas=[0.9, .nan]': ("optim.betas[1]", "not a finite number"),
+    'data.balance=.nan': ("data.balance", "not a finite number"),
+    'loss.lesion_weight=.inf': ("loss.lesion_weight", "not a finite number"),
+    'conditioning.p_drop_labels=.nan': ("conditioning.p_drop_labels", "not a finite number"),
+    'output.guidance={labels: .inf}': ("output.guidance.labels", "not a finite number"),
 }
 
 
@@ -209,3 +223,78 @@ def test_init_from_loads_a_checkpoint_and_refuses_another_network(tmp_path):
     with pytest.raises(ConfigError, match='model.init_from'): init_weights(other, demo, tiny)
     with pytest.raises(ConfigError, match='model.init_from'):
         load_config(str(project_root()/'configs'/'tiny.yaml'), [('model.init_from', str(tmp_path/'nope'))])
+
+
+def test_output_folder_that_is_a_file_fails_before_training(tmp_path, capsys):
+    f = tmp_path/'taken'; f.write_text('not a folder')
+    with pytest.raises(ConfigError, match=r"field 'output\.output_dir': .*taken is a file, not a folder"): train(tiny(f))
+    with pytest.raises(ConfigError, match=r"field 'output\.output_dir': .*cannot be created: taken is a file"):
+        train(tiny(f/'run'))
+    with pytest.raises(SystemExit) as e: main(['--config', str(TINY), '--set', f'output.output_dir={f}'])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count('\n') == 1 and 'is a file, not a folder' in err, err
+
+
+def _nan_images(monkeypatch, seen):
+    "Every training image full of NaN (as a corrupt film would be); `seen` collects the ids served."
+    from cxr_diffusion_nbs.dataset import CXRDataset
+    get = CXRDataset.__getitem__
+    def poisoned(self, i):
+        it = dict(get(self, i)); it['image'] = torch.full_like(it['image'], float('nan')); seen.append(it['image_id'])
+        return it
+    monkeypatch.setattr(CXRDataset, '__getitem__', poisoned)
+
+
+def test_nan_batch_stops_the_run_naming_step_and_images(tmp_path, monkeypatch):
+    from cxr_diffusion_nbs.core import TrainingDivergedError
+    seen = []
+    cfg = tiny(tmp_path/'run', 'data.limit=8', 'optim.max_steps=3', 'output.checkpoint_every=1', 'output.sample_every=null')
+    _nan_images(monkeypatch, seen)
+    with pytest.raises(TrainingDivergedError) as e: train(cfg)
+    msg = str(e.value)
+    assert f"{TINY}: field 'step 1': the loss is nan on the batch of images [" in msg, msg
+    batch = seen[-4:]                                            # the 4 images of the failing batch (grid rows come first)
+    assert all(i in msg for i in batch), (batch, msg)
+    assert list_checkpoints(tmp_path/'run') == [] and not (tmp_path/'run'/'summary.json').exists()
+
+
+def test_infinite_learning_rate_stops_the_cli_with_one_line(tmp_path, capsys):
+    "lr=1e30 passes the config checks (it is finite) but blows the weights up: the run stops, exit status 1, no checkpoint."
+    out = tmp_path/'run'
+    with pytest.raises(SystemExit) as e:
+        main(['--config', str(TINY), '--set', f'output.output_dir={out}', 'output.progress=false', 'optim.lr=1e30',
+              'optim.warmup_steps=0', 'data.limit=8', 'optim.max_steps=3', 'output.checkpoint_every=null',
+              'output.sample_every=null'])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count('\n') == 1 and err.startswith('cxr-train: training stopped: '), err
+    assert "field 'step 2'" in err and 'on the batch of images [' in err and 'optim.lr' in err, err
+    assert list_checkpoints(out) == [] and not (out/'summary.json').exists()
+
+
+def test_check_step_respects_the_fp16_grad_scaler():
+    "fp16's GradScaler skips overflowing steps by design: only a non-finite loss, or MAX_OVERFLOWS in a row, stop the run."
+    from types import SimpleNamespace
+    from cxr_diffusion_nbs.core import TrainingDivergedError
+    from cxr_diffusion_nbs.training import MAX_OVERFLOWS, check_step
+    def run(scaler):
+        acc = SimpleNamespace(device=torch.device('cpu'), num_processes=1, scaler=scaler)
+        return SimpleNamespace(acc=acc, overflows=0, step=6, cfg=SimpleNamespace(source='run.yaml'))
+    batch, one, inf, nan = {'image_id': ['a', 'b']}, torch.tensor(1.), torch.tensor(float('inf')), torch.tensor(float('nan'))
+    r = run(scaler=object())
+    for _ in range(MAX_OVERFLOWS - 1): check_step(r, one, inf, batch)
+    check_step(r, one, one, batch)
+    assert r.overflows == 0                                      # a finite step resets the count
+    for _ in range(MAX_OVERFLOWS - 1): check_step(r, one, inf, batch)
+    with pytest.raises(TrainingDivergedError, match=rf"run\.yaml: field 'step 7': the gradient norm \({MAX_OVERFLOWS} fp16 "
+                                                    r"steps in a row\) is inf on the batch of images \[a, b\]"):
+        check_step(r, one, inf, batch)
+    with pytest.raises(TrainingDivergedError, match=r"the loss is nan"): check_step(run(scaler=object()), nan, one, batch)
+    with pytest.raises(TrainingDivergedError, match=r"the gradient norm is inf"): check_step(run(scaler=None), one, inf, batch)
+
+
+@pytest.mark.skipif(not cpu_supports_bf16(), reason='no native bf16 on this CPU')
+def test_bf16_run_does_not_trip_the_divergence_check(tmp_path):
+    "bf16 autocast (no GradScaler): finite losses and gradients of a healthy run pass the check."
+    s = train(tiny(tmp_path/'bf16', 'optim.mixed_precision=bf16', 'data.limit=8', 'optim.max_steps=2',
+                   'output.checkpoint_every=null', 'output.sample_every=null'))
+    assert s['steps'] == 2 and s['mixed_precision'] == 'bf16' and np.isfinite(s['final_loss'])

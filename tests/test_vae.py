@@ -192,3 +192,64 @@ def test_shipped_model_opens_and_reconstructs_bundled_films(films):
     assert facts['steps'] > 0 and facts['validation']['n_images'] > 0
     for f in (SHIPPED/'vae').glob('*.json'):
         assert not re.search(r'/(work|home|tmp|root|Users)/', f.read_text()), f'{f.name} holds a machine path'
+
+
+@pytest.mark.parametrize('override,field', [('optim.lr=.inf', 'optim.lr'), ('optim.lr=.nan', 'optim.lr'),
+                                            ('optim.betas=[.inf, 0.99]', 'optim.betas[0]'), ('loss.kl_weight=.inf', 'loss.kl_weight'),
+                                            ('loss.disc_lr=.inf', 'loss.disc_lr'),
+                                            ('optim.max_minutes=.inf', 'optim.max_minutes')])
+def test_non_finite_settings_are_refused(override, field):
+    with pytest.raises(ConfigError, match=rf"vae256\.yaml: field '{re.escape(field)}': .*not a finite number"):
+        load_vae_config(CONFIG, [override])
+
+
+def test_output_folder_that_is_a_file_is_refused_before_loading_films(tmp_path):
+    f = tmp_path/'taken'; f.write_text('')
+    with pytest.raises(ConfigError, match=r"field 'output\.output_dir': .*is a file, not a folder"):
+        train_autoencoder(CONFIG, quick(f))
+
+
+def test_nan_films_stop_the_run_naming_step_and_films(tmp_path, monkeypatch, capsys):
+    "A batch of crops holding NaN (a corrupt film): the CLI stops at step 1 naming the films, exit 1, no checkpoint."
+    get = CXRDataset.__getitem__
+    def poisoned(self, i):
+        it = dict(get(self, i)); it['image'] = torch.full_like(it['image'], float('nan'))
+        return it
+    monkeypatch.setattr(CXRDataset, '__getitem__', poisoned)
+    out = tmp_path/'run'
+    with pytest.raises(SystemExit) as e:
+        main(['--config', str(CONFIG), '--output', str(out), '--set', *quick(tmp_path/'ignored')[1:], 'data.limit=4',
+              'output.checkpoint_every=1'])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count('\n') == 1 and err.startswith('cxr-train-autoencoder: training stopped: '), err
+    assert "field 'step 1': the loss is nan on crops of the films [" in err, err
+    assert not list(out.glob('checkpoint-*')) and not (out/'vae').exists() and not (out/'summary.json').exists()
+
+
+def test_non_finite_autoencoder_is_neither_saved_nor_loaded(tmp_path):
+    ae = build_autoencoder('tiny')
+    ae.register_to_config(shift_factor=0.0, scaling_factor=1.0)
+    save_autoencoder(ae, tmp_path/'ok')
+    wf = tmp_path/'ok'/WEIGHTS_NAME
+    from safetensors.torch import save_file
+    sd = load_file(str(wf)); name = sorted(sd)[0]
+    sd[name] = sd[name].clone(); sd[name].view(-1)[0] = float('nan'); save_file(sd, str(wf))
+    with pytest.raises(CheckpointError, match=rf"{WEIGHTS_NAME}: field '{re.escape(name)}': holds NaN or infinite"):
+        load_autoencoder(tmp_path/'ok', device='cpu')
+    with torch.no_grad(): dict(ae.named_parameters())[name].fill_(float('inf'))
+    with pytest.raises(CheckpointError, match=rf"bad/{WEIGHTS_NAME}: field '{re.escape(name)}'.*not written"):
+        save_autoencoder(ae, tmp_path/'bad')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['ok']
+
+
+def test_resume_from_a_corrupt_checkpoint_names_the_file(tmp_path):
+    "load_ae_checkpoint reads through checkpoints.read_weights: a truncated file is a CheckpointError naming it."
+    from types import SimpleNamespace
+    from cxr_diffusion_nbs.vae import load_ae_checkpoint
+    ck = tmp_path/'checkpoint-3'
+    ae = build_autoencoder('tiny'); ae.save_pretrained(ck/'vae', safe_serialization=True)
+    (ck/'train_state.json').write_text('{"step": 3}')
+    wf = ck/'vae'/WEIGHTS_NAME
+    wf.write_bytes(wf.read_bytes()[:500])
+    with pytest.raises(CheckpointError, match=re.escape(str(wf)) + r": field '<file>': not a readable safetensors file"):
+        load_ae_checkpoint(SimpleNamespace(device=torch.device('cpu'), ae=ae), ck)
