@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 import numpy as np, pandas as pd
 import yaml
-from .core import CXRDataError, atomic_write, check_output_folder, project_root, suggest
+from .core import CXRDataError, atomic_write, check_output_folder, project_root, shareable_path, suggest
 
 # %% auto #0
 __all__ = ['PIPELINE_NOTEBOOK', 'DEMO_MODELS', 'PipelineError', 'Stages', 'save_table', 'save_figure', 'check_parameters',

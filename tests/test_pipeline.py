@@ -58,6 +58,13 @@ def test_pipeline_small_run(tmp_path):
     assert (split == 'test').sum() > 0
     assert set(split[load_cohort(out/'cohort').images.donor_image_id]) == {'train'}      # donors linked via private/
     assert 'donor_image_id' not in pd.read_csv(out/'cohort'/'images.csv')                # and never in the shared table
+    # the report, summary and tables name no real image and no machine folder (the run folder is outside the repository)
+    from cxr_diffusion_nbs.cohort import scan_shared
+    real_ids = list(load_real_manifest(SAMPLE).images.image_id)
+    for shared in ('report.md', 'summary.json', 'tables', 'figures', 'classifier/classifier.json'):
+        hits = scan_shared(out, real_ids + [str(tmp_path), str(ROOT)])
+        assert not [h for h in hits if h[0].startswith(shared)], [h for h in hits if h[0].startswith(shared)][:3]
+    assert set(pd.read_csv(out/'private'/'memorisation.csv').nn_id) <= set(real_ids)      # the link, kept privately
     # conditioning fidelity: every row says in words what it rests on (the sample's 30 validation films: too few)
     con = pd.read_csv(out/'tables'/'conditioning_consistency.csv')
     assert len(con) == 5 and con.synthetic_auroc.notna().any()
