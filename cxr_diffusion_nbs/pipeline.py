@@ -86,6 +86,8 @@ def run_pipeline(output_dir, parameters: dict | None = None, notebook=None, prog
     if not nb.exists(): raise PipelineError(str(nb), 'notebook', 'the pipeline notebook is not there (run from a clone of the repository)')
     params = dict(check_parameters(nb, parameters or {}), output_dir=str(out))
     check_output_folder(out, where='--output')
+    if out.is_dir() and any(out.iterdir()) and not (out/'stages.json').exists() and not (out/'pipeline.ipynb').exists():
+        raise PipelineError(str(out), '--output', 'holds files that no pipeline run wrote; choose an empty or new folder')
     out.mkdir(parents=True, exist_ok=True)
     dst = out/'pipeline.ipynb'
     pm.execute_notebook(str(nb), str(dst), parameters=params, cwd=str(nb.parent), progress_bar=False,

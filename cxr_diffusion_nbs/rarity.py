@@ -547,6 +547,9 @@ def main(argv=None):
     a = p.parse_args(argv)
     try:
         check_output_folder(a.output, where='--output')          # a file or an unwritable place: refused before any work
+        o = Path(a.output)
+        if o.is_dir() and any(o.iterdir()) and not (o/'study.json').exists():
+            raise RarityError(str(o), '--output', 'holds files that no rarity study wrote; choose an empty or new folder')
         raw = read_config_file(a.config) if a.config else {}
         source = a.config or '<command line>'
         for s in (s for g in a.overrides for s in g): set_dotted(raw, *parse_override(s), source)

@@ -116,6 +116,12 @@ def test_pipeline_refuses_an_output_that_is_a_file(tmp_path):
     r = pipeline(f, {})
     assert r.returncode == 2 and "'--output': is a file, not a folder" in r.stderr, r.stderr[-2000:]
 
+def test_pipeline_refuses_a_folder_of_other_files(tmp_path):
+    o = tmp_path/'mine'; o.mkdir(); (o/'thesis.docx').write_text('x')
+    r = pipeline(o, {})
+    assert r.returncode == 2 and 'holds files that no pipeline run wrote' in r.stderr, r.stderr[-2000:]
+    assert sorted(p.name for p in o.iterdir()) == ['thesis.docx']
+
 def test_check_judges(tmp_path):
     with pytest.raises(PipelineError, match="'judges'"): check_judges('128', 64)
     with pytest.raises(PipelineError, match='classifier128'): check_judges(128, 64, models=tmp_path)

@@ -118,3 +118,9 @@ def test_cli_refuses_an_output_that_is_a_file_before_any_work(tmp_path, capsys, 
     f = tmp_path/'study'; f.write_text('x')
     with pytest.raises(SystemExit) as e: main(['--output', str(f), '--no-progress'])
     assert e.value.code == 2 and "'--output': is a file, not a folder" in capsys.readouterr().err
+
+def test_cli_refuses_a_folder_of_other_files(tmp_path, capsys):
+    o = tmp_path/'mine'; o.mkdir(); (o/'thesis.docx').write_text('x')
+    with pytest.raises(SystemExit) as e: main(['--output', str(o), '--no-progress'])
+    assert e.value.code == 2 and 'holds files that no rarity study wrote' in capsys.readouterr().err
+    assert sorted(p.name for p in o.iterdir()) == ['thesis.docx']
