@@ -76,7 +76,7 @@ def check_parameters(notebook, parameters: dict) -> dict:
     return parameters
 
 def run_pipeline(output_dir, parameters: dict | None = None, notebook=None, progress: bool = True) -> Path:
-    """Execute the pipeline notebook with papermill into `output_dir` (absolute paths are passed to it) and return
+    """Execute the pipeline notebook with papermill into `output_dir` and return
     the executed notebook's path (`<output_dir>/pipeline.ipynb`). Unknown parameter names are refused before anything runs.
     With `progress`, what the notebook writes to stderr (a line per stage, text bars inside the long ones: `StageLog`)
     is shown as it comes; papermill's own bar only counts cells, and sat at one cell for the whole training."""
@@ -84,7 +84,9 @@ def run_pipeline(output_dir, parameters: dict | None = None, notebook=None, prog
     out = Path(output_dir).resolve()
     nb = Path(notebook) if notebook else project_root()/'nbs'/PIPELINE_NOTEBOOK
     if not nb.exists(): raise PipelineError(str(nb), 'notebook', 'the pipeline notebook is not there (run from a clone of the repository)')
-    params = dict(check_parameters(nb, parameters or {}), output_dir=str(out))
+    root = project_root().resolve()
+    shown = out.relative_to(root).as_posix() if out.is_relative_to(root) else str(out)    # no machine path in the notebook when inside the repository
+    params = dict(check_parameters(nb, parameters or {}), output_dir=shown)
     check_output_folder(out, where='--output')
     if out.is_dir() and any(out.iterdir()) and not (out/'stages.json').exists() and not (out/'pipeline.ipynb').exists():
         raise PipelineError(str(out), '--output', 'holds files that no pipeline run wrote; choose an empty or new folder')
@@ -93,6 +95,12 @@ def run_pipeline(output_dir, parameters: dict | None = None, notebook=None, prog
     pm.execute_notebook(str(nb), str(dst), parameters=params, cwd=str(nb.parent), progress_bar=False,
                         stderr_file=sys.stderr if progress else None,    # the notebook's stage lines and bars, on the terminal
                         kernel_name='python3', request_save_on_cell_execute=True)
+    import nbformat                                  # papermill records the paths it was given: keep machine paths out
+    done = nbformat.read(dst, as_version=4)
+    pm_meta = done.metadata.get('papermill', {})
+    for k in ('input_path', 'output_path'):
+        if pm_meta.get(k): pm_meta[k] = shareable_path(pm_meta[k])
+    with atomic_write(dst) as tmp: nbformat.write(done, str(tmp))
     return dst
 
 def main(argv=None):
