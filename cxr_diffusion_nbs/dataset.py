@@ -104,7 +104,7 @@ class CXRDataset(torch.utils.data.Dataset):
     "Real CXR images with multi-hot labels, lesion masks and text, resized to `size` and optionally augmented."
     def __init__(self, manifest: Manifest, findings=RARE_FINDINGS, size: int = 64, split: str | None = 'train',
                  mask_mode: str | None = 'union', augment: Augment | None = None, resize_mode: str = 'pad',
-                 seed: int = 0, cache: bool = True, trust_annotations: bool = True):
+                 seed: int = 0, cache: bool = True, trust_annotations: bool = True, reader=None):
         findings = list(findings)
         unknown = [f for f in findings if f not in manifest.findings]
         if unknown: raise ManifestError(manifest.name, unknown[0], f"unknown label column; the manifest has {list(manifest.findings)}")
@@ -116,6 +116,7 @@ class CXRDataset(torch.utils.data.Dataset):
         self.manifest, self.findings, self.size, self.split = manifest, findings, size, split
         self.mask_mode, self.augment, self.resize_mode, self.seed = mask_mode, augment, resize_mode, seed
         self.trust_annotations = trust_annotations
+        self.reader = reader or read_image   # path -> float32 (H, W) in [0, 1]; a modality's reader (22_modalities) windows CT, orients mammograms
         self.images = imgs.reset_index(drop=True)
         # plain arrays for the per-item look-ups: a pandas row per item costs more than decoding a cached image
         self._ids, self._paths = self.images['image_id'].tolist(), self.images['path'].tolist()
@@ -135,7 +136,7 @@ class CXRDataset(torch.utils.data.Dataset):
         if self._cache is not None and i in self._cache:
             im, ms = self._cache[i]
             return im.astype(np.float32), ms.astype(np.float32)
-        im = read_image(self._paths[i])
+        im = self.reader(self._paths[i])
         ann = self._ann.get(self._ids[i])
         ms = (lesion_masks(ann, self.findings, im.shape, source=self.manifest.origin or self.manifest.name) if ann is not None
               else np.zeros((len(self.findings), *im.shape), np.float32))

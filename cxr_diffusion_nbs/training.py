@@ -32,6 +32,7 @@ from .manifest import load_shared_subset
 from .splits import with_held_out_test
 from .masks import overlay
 from .dataset import CXRDataset, Augment, finding_examples, condition_rows, repeat_batch, sampling_weights
+from .modalities import modality_preset, modality_dataset
 from .checkpoints import (CKPT_PREFIX, CheckpointError, list_checkpoints, prune_checkpoints, resolve_resume,
                                            checkpoint_folder, save_checkpoint, load_checkpoint, load_weights, read_signature,
                                            load_denoiser, AUTOENCODER_FOLDER)
@@ -72,6 +73,7 @@ class DataSection:
     cache: bool = True                # keep decoded, resized images in memory (uint8)
     num_workers: int = 0
     latent_variants: int = 4          # latent models: encodings cached per image (09c_latents): variant 0 as it is, the others augmented
+    modality: str = 'cxr'             # modalities.MODALITY_PRESETS: window, normalisation, flips, orientation (and image_size if unset)
 
 @dataclass
 class OptimSection:
@@ -243,6 +245,9 @@ def validate_config(cfg: TrainConfig, build: bool = True) -> TrainConfig:
     if d.balance < 0: raise cfg.err('data.balance', f"{d.balance} must be >= 0")
     if d.lesion_boost < 0: raise cfg.err('data.lesion_boost', f"{d.lesion_boost} must be >= 0")
     if isinstance(d.latent_variants, bool) or d.latent_variants < 1: raise cfg.err('data.latent_variants', f"{d.latent_variants} must be >= 1")
+    modality_preset(d.modality, cfg.source, 'data.modality')   # an unknown name: ConfigError naming the file and the field
+    if d.modality != 'cxr' and cfg.model.autoencoder is not None:
+        raise cfg.err('data.modality', f"{d.modality!r}: latent runs read CXR only (the latent cache has no modality reader); use 'cxr' or a pixel model")
     _check_optim(cfg)
     if cfg.model.init_from is not None and not resolve_path(cfg.model.init_from).exists():
         raise cfg.err('model.init_from', f"{cfg.model.init_from} does not exist (a run folder or a checkpoint-<step>/ folder)")
@@ -265,6 +270,12 @@ def _read_config(path_or_dict) -> tuple:
     if isinstance(path_or_dict, dict): return copy.deepcopy(path_or_dict), '<dict>'
     return read_config_file(path_or_dict), str(path_or_dict)
 
+def _preset_image_size(raw: dict, source: str):
+    "A `data` section that names a modality but no image_size gets the preset's (`modalities.ModalityPreset.image_size`)."
+    d = raw.get('data')
+    if isinstance(d, dict) and d.get('modality') is not None and 'image_size' not in d:
+        d['image_size'] = modality_preset(d['modality'], source, 'data.modality').image_size
+
 def load_config(path_or_dict, overrides=()) -> TrainConfig:
     "A validated `TrainConfig` from a YAML file (or a dict, or a `TrainConfig`) plus `key.sub=value` overrides."
     raw, source = _read_config(path_or_dict)
@@ -275,6 +286,7 @@ def load_config(path_or_dict, overrides=()) -> TrainConfig:
         set_dotted(raw, k, v, source)
     for k in raw:
         if k not in known: raise ConfigError(source, k, "unknown section" + suggest(k, known))
+    _preset_image_size(raw, source)
     kw = {name: config_from_dict(cls, raw.get(name), source, name) for name, cls in _SECTIONS.items()}
     for name in ('conditioning', 'loss'):          # checked against their config classes by validate_config
         v = raw.get(name) or {}
@@ -474,8 +486,8 @@ def make_dataset(cfg: TrainConfig, manifest, split: str, augment: bool = False, 
         return LatentDataset(manifest, run_autoencoder(cfg), variants=d.latent_variants if augment else 1, findings=d.findings,
                              size=d.image_size, split=split, mask_mode=d.mask_mode, augment=Augment() if augment else None,
                              seed=cfg.optim.seed)
-    return CXRDataset(manifest, findings=d.findings, size=d.image_size, split=split, mask_mode=d.mask_mode,
-                      augment=Augment() if augment else None, seed=cfg.optim.seed, cache=d.cache)
+    return modality_dataset(manifest, d.modality, augment, findings=d.findings, size=d.image_size, split=split,
+                            mask_mode=d.mask_mode, seed=cfg.optim.seed, cache=d.cache)   # 'cxr': Augment() as always
 
 # %% ../nbs/10_training.ipynb #493b6e98
 def build_run(cfg: TrainConfig, acc: Accelerator, manifest, ckpt: Path | None) -> TrainRun:
