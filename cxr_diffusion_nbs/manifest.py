@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np, pandas as pd
 from .core import (NIH_FINDINGS, RARE_FINDINGS, canonical_finding, ManifestError, PatientLeakageError,
                                     atomic_write, find_data_root)
+from .masks import frame_checks
 
 # %% auto #0
 __all__ = ['IMAGE_COLUMNS', 'ANNOTATION_COLUMNS', 'ANNOTATION_KINDS', 'CHESTXDET_FINDINGS', 'CHEXPERT_LABELS', 'VINDR_CLASSES',
@@ -54,10 +55,14 @@ def _check_extents(src, an, im):
         k = bad.idxmax(); r = an.loc[k]
         return (f"{int(bad.sum())} annotation(s), e.g. #{k} (image {r.image_id}, {r.finding}, {r.kind} from {r.source or '?'}: "
                 f"x {r.x_min:g}..{r.x_max:g}, y {r.y_min:g}..{r.y_max:g} in a {fw[k]:g}x{fh[k]:g} frame)")
-    for col, bad in (('x_max', an['x_max'] <= 0), ('y_max', an['y_max'] <= 0), ('x_min', an['x_min'] >= fw), ('y_min', an['y_min'] >= fh)):
+    cols = ('x_min', 'y_min', 'x_max', 'y_max')
+    outside, spill = frame_checks(*(an[c] for c in cols), fw, fh)      # the rule render_annotation applies (02_masks)
+    for bad, k in outside:
+        col = cols[k]
         if bad.any(): raise ManifestError(src, col, f'{where(bad)} lie wholly outside their image: '
                                                     'their masks would be empty while their labels stay positive')
-    for col, bad in (('x_min', an['x_min'] < 0), ('y_min', an['y_min'] < 0), ('x_max', an['x_max'] > fw), ('y_max', an['y_max'] > fh)):
+    for bad, k in spill:
+        col = cols[k]
         if bad.any():
             warnings.warn(f"{src}: field '{col}': {where(bad)} spill over the image's edge; their masks are clipped to it", stacklevel=3)
             return

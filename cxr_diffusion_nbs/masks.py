@@ -16,8 +16,8 @@ from skimage.draw import polygon as _sk_polygon
 from .core import MaskError, canonical_finding
 
 # %% auto #0
-__all__ = ['box_to_mask', 'polygon_to_mask', 'rle_decode', 'rle_encode', 'render_annotation', 'lesion_masks', 'mask_bbox',
-           'mask_centroid', 'mask_area_fraction', 'overlay']
+__all__ = ['box_to_mask', 'polygon_to_mask', 'rle_decode', 'rle_encode', 'frame_checks', 'render_annotation', 'lesion_masks',
+           'mask_bbox', 'mask_centroid', 'mask_area_fraction', 'overlay']
 
 # %% ../nbs/02_masks.ipynb #28253a49
 def _hw(shape) -> tuple[int, int]:
@@ -189,14 +189,22 @@ def _read_mask_png(path, fh, fw) -> np.ndarray:
     top = arr.max()
     return arr > top / 2 if top > 0 else np.zeros(arr.shape, bool)   # 0/255, 0/1 or 16-bit: half the 'on' value
 
+def frame_checks(x0, y0, x1, y1, fw, fh) -> tuple[list, list]:
+    """The one rule for an outline's extent (x0, y0)-(x1, y1) against its `fw x fh` frame, on numbers or on arrays of
+    them (a whole annotations table): ([(wholly outside, side)], [(spilling over the edge, side)]), `side` indexing
+    (x0, y0, x1, y1). Wholly outside is refused (its mask would be empty under a positive label); spilling over is clipped."""
+    return ([(x1 <= 0, 2), (y1 <= 0, 3), (x0 >= fw, 0), (y0 >= fh, 1)],
+            [(x0 < 0, 0), (y0 < 0, 1), (x1 > fw, 2), (y1 > fh, 3)])
+
 def _check_extent(extent, fw, fh, fields, src, what):
     "Refuse an outline wholly outside its `fw x fh` frame (an empty mask under a positive label); warn if it spills over."
     x0, y0, x1, y1 = extent
     where = f'{what} ({x0:g}, {y0:g}, {x1:g}, {y1:g})'
-    for bad, k in ((x1 <= 0, 2), (y1 <= 0, 3), (x0 >= fw, 0), (y0 >= fh, 1)):
+    outside, spill = frame_checks(x0, y0, x1, y1, fw, fh)
+    for bad, k in outside:
         if bad: raise MaskError(src, fields[k], f'{where} lies wholly outside its {fw:g}x{fh:g} frame: '
                                                'its mask would be empty while its label stays positive')
-    for bad, k in ((x0 < 0, 0), (y0 < 0, 1), (x1 > fw, 2), (y1 > fh, 3)):
+    for bad, k in spill:
         if bad:
             warnings.warn(f"{src}: field '{fields[k]}': {where} spills over the edge of its {fw:g}x{fh:g} frame; "
                           'clipped to the image', stacklevel=4)
