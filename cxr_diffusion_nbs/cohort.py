@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .core import (CXRDataError, ConfigError, PatientLeakageError, atomic_write, canonical_finding, check_output_folder,
                                     config_from_dict, find_data_root, parse_override, project_root, read_config_file,
-                                    resolve_path, shareable_path)
+                                    remove_stale_temporaries, resolve_path, shareable_path, stale_temporaries)
 from .image_io import to_uint8, write_png, write_dicom
 import pydicom
 from .manifest import (Manifest, load_shared_subset, IMAGE_COLUMNS, ANNOTATION_COLUMNS, empty_annotations,
@@ -358,7 +358,8 @@ def check_output_dir(out: Path, identity: dict | None = None) -> bool:
     except CXRDataError as e: raise CohortError(e.path, e.field, e.problem) from None
     if not out.exists() or not any(out.iterdir()): return False
     if not (out/'cohort.json').exists():
-        if {p.name for p in out.iterdir()} <= _STARTED: return False
+        left = set(stale_temporaries(out))
+        if {p.name for p in out.iterdir() if p not in left} <= _STARTED: return False
         if (out/'images.csv').exists() or (out/'manifest.json').exists():
             raise CohortError(str(out/'images.csv'), 'output_dir', 'holds a manifest that no cohort build wrote; choose an empty or new folder')
         raise CohortError(str(out), 'output_dir', f'is not empty and not a cohort folder ({sorted(p.name for p in out.iterdir())[:5]}); choose an empty or new folder')
@@ -461,6 +462,7 @@ def build_cohort(cfg: CohortConfig | dict, source: str = '<config>', progress: b
                     options={k: v for k, v in opts.items() if k != 'mixed_precision'})
     resuming = check_output_dir(out, identity)
     # -- nothing was written before this line --
+    remove_stale_temporaries(out)                    # what a kill mid-write left
     key = cohort_key(out, create=not resuming)
     refs = dict(zip(plan['image_id'], shared_plan(plan, key)['donor_ref']))
     if not resuming:

@@ -19,8 +19,9 @@ __all__ = ['NIH_FINDINGS', 'RARE_FINDINGS', 'FINDING_SYNONYMS', 'KNOWN_FINDINGS'
            'PatientLeakageError', 'ConfigError', 'TrainingDivergedError', 'suggest', 'coerce', 'config_from_dict',
            'check_findings', 'read_config_file', 'parse_override', 'set_dotted', 'default_device', 'cpu_supports_bf16',
            'resolve_mixed_precision', 'choice_error', 'check_finite_numbers', 'check_optim_section', 'nonfinite_step',
-           'divergence_error', 'preset_copy', 'atomic_write', 'check_output_folder', 'project_root', 'sample_data_root',
-           'find_data_root', 'dicom_data_root', 'resolve_path', 'shareable_path', 'sha256_file']
+           'divergence_error', 'preset_copy', 'atomic_write', 'stale_temporaries', 'remove_stale_temporaries',
+           'check_output_folder', 'project_root', 'sample_data_root', 'find_data_root', 'dicom_data_root',
+           'resolve_path', 'shareable_path', 'sha256_file']
 
 # %% ../nbs/00_core.ipynb #195ee6e8
 NIH_FINDINGS = ('atelectasis', 'cardiomegaly', 'consolidation', 'edema', 'effusion', 'emphysema', 'fibrosis',
@@ -298,6 +299,22 @@ def atomic_write(path, suffix: str | None = None):
     except BaseException:
         with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
         raise
+
+# %% ../nbs/00_core.ipynb #c5882dc7
+_TEMP_NAME = re.compile(r'^\.(?P<name>.+)\.[a-z0-9_]{8}(?P<suffix>\.[A-Za-z0-9]+)$')
+
+def stale_temporaries(folder) -> list:
+    "Temporary files `atomic_write` left under `folder` (recursively) when its process was killed mid-write."
+    folder = Path(folder)
+    if not folder.is_dir(): return []
+    return sorted(p for p in folder.rglob('.*') if p.is_file() and _TEMP_NAME.match(p.name))
+
+def remove_stale_temporaries(folder) -> list:
+    "Delete what `stale_temporaries(folder)` finds (call only when resuming a folder this job owns); returns the paths."
+    gone = stale_temporaries(folder)
+    for p in gone:
+        with contextlib.suppress(FileNotFoundError): p.unlink()
+    return gone
 
 # %% ../nbs/00_core.ipynb #b214c090
 def check_output_folder(path, owned=(), overwrite: bool = False, where: str = '--output') -> list:

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 import numpy as np, pandas as pd
 import yaml
-from .core import CXRDataError, atomic_write, check_output_folder, project_root, shareable_path, suggest
+from .core import CXRDataError, atomic_write, check_output_folder, project_root, remove_stale_temporaries, shareable_path, suggest
 
 # %% auto #0
 __all__ = ['PIPELINE_NOTEBOOK', 'DEMO_MODELS', 'PipelineError', 'Stages', 'save_table', 'save_figure', 'check_parameters',
@@ -90,6 +90,7 @@ def run_pipeline(output_dir, parameters: dict | None = None, notebook=None, prog
     check_output_folder(out, where='--output')
     if out.is_dir() and any(out.iterdir()) and not (out/'stages.json').exists() and not (out/'pipeline.ipynb').exists():
         raise PipelineError(str(out), '--output', 'holds files that no pipeline run wrote; choose an empty or new folder')
+    remove_stale_temporaries(out)                    # what a killed run left mid-write
     out.mkdir(parents=True, exist_ok=True)
     dst = out/'pipeline.ipynb'
     pm.execute_notebook(str(nb), str(dst), parameters=params, cwd=str(nb.parent), progress_bar=False,

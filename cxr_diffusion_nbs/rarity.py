@@ -18,7 +18,7 @@ from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
 import matplotlib.pyplot as plt
 from .core import (CXRDataError, ConfigError, RARE_FINDINGS, atomic_write, check_findings, config_from_dict,
-                                    default_device)
+                                    default_device, remove_stale_temporaries)
 from .manifest import Manifest
 from .splits import with_held_out_test, check_no_leakage
 from .dataset import affine_pair, Augment
@@ -362,6 +362,7 @@ def run_study(gen, real: Manifest, cfg: RarityConfig, out_dir, external: Manifes
                               + ', '.join(what) + '); use a new folder')
     else:
         with atomic_write(f) as tmp: Path(tmp).write_text(json.dumps(ident, indent=1))
+    remove_stale_temporaries(out)                    # what a kill mid-write left
     (out/'pools').mkdir(exist_ok=True); (out/'predictions').mkdir(exist_ok=True)
     m, train_all, test = real_sets(real, cfg)
     ext = None

@@ -24,7 +24,7 @@ from .core import (RARE_FINDINGS, MASK_MODES, CXRDataError, ConfigError, suggest
                                     check_findings, read_config_file, parse_override, set_dotted, atomic_write, find_data_root, default_device, project_root, resolve_path,
                                     cpu_supports_bf16, resolve_mixed_precision, SCHEDULES, MIXED_PRECISION, choice_error,
                                     check_optim_section, check_output_folder, TrainingDivergedError, nonfinite_step,
-                                    divergence_error)
+                                    divergence_error, remove_stale_temporaries)
 from .unet import UNetConfig, PRESETS, make_noise_scheduler
 from .conditioning import ConditioningConfig, ConditionalDenoiser, FrozenTextEncoder, batch_conditions
 from .losses import LesionLossConfig, lesion_preserving_loss
@@ -534,6 +534,7 @@ def prepare_outputs(run: TrainRun, manifest, ckpt: Path | None):
     cfg, acc, out, d = run.cfg, run.acc, run.out, run.cfg.data
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True); (out/'samples').mkdir(exist_ok=True)
+        remove_stale_temporaries(out)                # what a kill mid-write left
         if ckpt is not None: truncate_log(out/'log.csv', run.step)
         elif (out/'log.csv').exists(): (out/'log.csv').unlink()     # a run killed before its first checkpoint
         (out/'config.yaml').write_text(cfg.to_yaml())

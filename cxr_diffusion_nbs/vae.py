@@ -26,7 +26,7 @@ from .core import (CXRDataError, ConfigError, suggest, config_from_dict, read_co
                                     set_dotted, atomic_write, find_data_root, default_device, resolve_path, shareable_path,
                                     project_root, resolve_mixed_precision, SCHEDULES, MIXED_PRECISION, choice_error,
                                     check_optim_section, preset_copy, check_output_folder, TrainingDivergedError,
-                                    nonfinite_step, divergence_error)
+                                    nonfinite_step, divergence_error, remove_stale_temporaries)
 from .manifest import load_shared_subset
 from .splits import with_held_out_test
 from .dataset import CXRDataset
@@ -830,6 +830,7 @@ def train_autoencoder(cfg, overrides=(), stop_after: int | None = None) -> dict:
     run = build_ae_run(cfg, ckpt)
     out, oc = run.out, cfg.output
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)                    # what a kill mid-write left
     if ckpt is not None:
         _truncate_csv(out/'log.csv', run.step); _truncate_csv(out/'eval.csv', run.step)
     else:

@@ -230,6 +230,7 @@ def test_cli_killed_and_resumed_equals_uninterrupted(tmp_path):
     p.send_signal(signal.SIGKILL); p.wait()
     n_done = len((killed/'records.jsonl').read_text().splitlines())
     assert 3 <= n_done < 9 and not (killed/'images.csv').exists()
+    (killed/'images'/'.syn_000004.png.k1lled_x.png').write_bytes(b'half a PNG')    # as a kill mid-write leaves it
     again = subprocess.run([str(BIN/'cxr-cohort'), *args, '--output', str(killed)], capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-2000:]
     a, b = load_cohort(tmp_path/'full'), load_cohort(killed)
