@@ -271,12 +271,14 @@ def batched_restorer(fn):
 
 @dataclass(frozen=True)
 class Baseline:
-    "A restorer, the grid of its parameters tuned on validation films, and the step it is for (None: every step)."
+    "A restorer, the grid of its parameters tuned on validation films, and the step(s) it is for (None: every step; a tuple: any of them)."
     fn: object
     grid: dict
-    needs: str | None = None
+    needs: str | tuple | None = None
 
-    def applies(self, spec: Degradation) -> bool: return self.needs is None or self.needs in spec.steps
+    def applies(self, spec: Degradation) -> bool:
+        if self.needs is None: return True
+        return any(n in spec.steps for n in ((self.needs,) if isinstance(self.needs, str) else self.needs))
 
 BASELINES = {
     'degraded': Baseline(identity, {}),
