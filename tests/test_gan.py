@@ -148,3 +148,17 @@ def test_shipped_gan_opens_and_draws():
     x = gen.generate(findings='effusion', seed=0, n=2)
     assert x.shape == (2, 1, 64, 64) and x.std() > 0.1
     assert (SHIPPED/'generator'/WEIGHTS_NAME).stat().st_size < 5e6
+
+
+def test_latent_optimisation_raises_the_classifier_probability(tiny_run):
+    from cxr_diffusion_nbs.gan import optimise_latents, prior_penalty
+    gen = GANGenerator.load(tiny_run, device='cpu')
+    free = optimise_latents(gen, 'effusion', n=3, steps=4, lr=0.1, prior_weight=0.)
+    assert free.history['p'].is_monotonic_increasing and free.p_after.shape == (3, 5)
+    held = optimise_latents(gen, 'effusion', n=3, steps=4, lr=0.1, prior_weight=1.)
+    assert held.history['prior'].iloc[-1] < held.history['prior'].iloc[0]
+    assert torch.equal(free.z0, gen.latents([0, 1, 2])) and torch.equal(free.before, gen.generate(findings='effusion', seed=0, n=3))
+    s = free.summary()
+    assert s['p_after'] >= s['p_before'] and s['n'] == 3
+    assert torch.equal(prior_penalty(torch.ones(2, 4)), torch.zeros(2))
+    with pytest.raises(Exception, match="'finding'"): optimise_latents(gen, 'hernia')
