@@ -248,7 +248,8 @@ def trajectory_widget(res: SampleResult, index: int = 0):
 
 # %% ../nbs/11_sampling.ipynb #ca08744b
 GENERATOR_KINDS = {'pixel-diffusion': 'cxr_diffusion_nbs.sampling:PixelDiffusionGenerator.load',
-                   'latent-diffusion': 'cxr_diffusion_nbs.sampling:LatentDiffusionGenerator.load'}
+                   'latent-diffusion': 'cxr_diffusion_nbs.sampling:LatentDiffusionGenerator.load',
+                   'gan': 'cxr_diffusion_nbs.gan:GANGenerator.load'}
 DIFFUSION_OPTIONS = dict(sampler='dpmpp', steps=None, eta=0.0, guidance={}, guidance_mode='compositional',
                          mixed_precision='no', progress=False)
 

@@ -70,8 +70,8 @@ def test_provenance_has_no_paths(gen):
 
 def test_unknown_kind_and_missing_path(tmp_path):
     with pytest.raises(CXRDataError, match='does not exist'): load_generator(tmp_path/'nope')
-    (tmp_path/'gan').mkdir(); (tmp_path/'gan'/'generator.json').write_text(json.dumps({'kind': 'gan'}))
-    with pytest.raises(SamplingError, match="'kind'"): load_generator(tmp_path/'gan')
+    (tmp_path/'flow').mkdir(); (tmp_path/'flow'/'generator.json').write_text(json.dumps({'kind': 'flow-matching'}))   # 'gan' is a kind now (24_gan)
+    with pytest.raises(SamplingError, match="'kind'"): load_generator(tmp_path/'flow')
 
 def test_recommended_defaults_are_loaded_and_checked(tmp_path):
     import shutil
