@@ -6,7 +6,7 @@ Docs: https://cxr-diffusion-nbs.github.io/cxr_diffusion_nbs/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #18c8bf23
 from __future__ import annotations
-import os, re, math, numbers, difflib, hashlib, tempfile, contextlib, dataclasses
+import os, re, copy, math, numbers, difflib, hashlib, tempfile, contextlib, dataclasses
 from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
@@ -17,11 +17,11 @@ import yaml
 __all__ = ['NIH_FINDINGS', 'RARE_FINDINGS', 'FINDING_SYNONYMS', 'KNOWN_FINDINGS', 'MASK_MODES', 'PREDICTION_TYPES', 'SCHEDULES',
            'MIXED_PRECISION', 'canonical_finding', 'CXRDataError', 'ImageReadError', 'ManifestError', 'MaskError',
            'PatientLeakageError', 'ConfigError', 'TrainingDivergedError', 'suggest', 'coerce', 'config_from_dict',
-           'check_findings', 'read_config_file', 'parse_override', 'set_dotted', 'default_device', 'cpu_supports_bf16',
-           'resolve_mixed_precision', 'choice_error', 'check_finite_numbers', 'check_optim_section', 'nonfinite_step',
-           'divergence_error', 'preset_copy', 'atomic_write', 'stale_temporaries', 'remove_stale_temporaries',
-           'check_output_folder', 'project_root', 'sample_data_root', 'find_data_root', 'dicom_data_root',
-           'resolve_path', 'shareable_path', 'sha256_file']
+           'check_findings', 'read_config_file', 'parse_override', 'set_dotted', 'read_sections', 'build_sections',
+           'default_device', 'cpu_supports_bf16', 'resolve_mixed_precision', 'choice_error', 'check_finite_numbers',
+           'check_optim_section', 'nonfinite_step', 'divergence_error', 'preset_copy', 'atomic_write',
+           'stale_temporaries', 'remove_stale_temporaries', 'check_output_folder', 'project_root', 'sample_data_root',
+           'find_data_root', 'dicom_data_root', 'resolve_path', 'shareable_path', 'sha256_file']
 
 # %% ../nbs/00_core.ipynb #195ee6e8
 NIH_FINDINGS = ('atelectasis', 'cardiomegaly', 'consolidation', 'edema', 'effusion', 'emphysema', 'fibrosis',
@@ -181,6 +181,32 @@ def set_dotted(d: dict, key: str, value, source: str = '<command line>') -> dict
         cur = cur[p]
     cur[parts[-1]] = value
     return d
+
+# %% ../nbs/00_core.ipynb #f2a7a865
+def read_sections(path_or_dict, known, overrides=(), config_cls=None) -> tuple[dict, str]:
+    """(raw mapping, source) of a sectioned config: a YAML file, a dict, or a `config_cls` object (its `to_dict()` and
+    `source`), with `section.key=value` overrides (strings or (key, value) pairs) applied; a section not in `known` is
+    refused, naming the closest."""
+    if config_cls is not None and isinstance(path_or_dict, config_cls): raw, source = path_or_dict.to_dict(), path_or_dict.source
+    elif isinstance(path_or_dict, Mapping): raw, source = copy.deepcopy(dict(path_or_dict)), '<dict>'
+    else: raw, source = read_config_file(path_or_dict), str(path_or_dict)
+    known = list(known)
+    for ov in overrides:
+        k, v = parse_override(ov, source) if isinstance(ov, str) else ov
+        if k.split('.')[0] not in known: raise ConfigError(source, k, 'unknown section' + suggest(k.split('.')[0], known))
+        set_dotted(raw, k, v, source)
+    for k in raw:
+        if k not in known: raise ConfigError(source, k, 'unknown section' + suggest(k, known))
+    return raw, source
+
+def build_sections(raw: dict, sections: dict, source: str, base=None) -> dict:
+    """`{name: section dataclass}` for `sections` (`{name: class}`) from `raw` (`config_from_dict`, errors naming `source`
+    and `section.key`); with `base` (a config object), a section's missing keys take `base`'s values, not the class defaults."""
+    def given(name):
+        if base is None: return raw.get(name)
+        v = raw.get(name) or {}
+        return {**dataclasses.asdict(getattr(base, name)), **v} if isinstance(v, Mapping) else v
+    return {name: config_from_dict(cls, given(name), source, name) for name, cls in sections.items()}
 
 # %% ../nbs/00_core.ipynb #85b46477
 def default_device(prefer: str | None = None) -> torch.device:

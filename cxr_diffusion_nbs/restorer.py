@@ -21,8 +21,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import save_file, save_model, load_model
 from . import __version__
-from .core import (CXRDataError, ConfigError, config_from_dict, read_config_file, parse_override, set_dotted,
-                                    suggest, default_device, resolve_mixed_precision, check_optim_section, check_output_folder,
+from .core import (read_sections, build_sections, CXRDataError, ConfigError, config_from_dict, suggest, default_device, resolve_mixed_precision, check_optim_section, check_output_folder,
                                     divergence_error, nonfinite_step, remove_stale_temporaries, TrainingDivergedError, resolve_path, shareable_path,
                                     sha256_file, find_data_root)
 from .unet import PRESETS, UNetConfig, build_unet, unet_preset, make_noise_scheduler
@@ -222,17 +221,8 @@ def validate_restorer_config(cfg: RestorerConfig) -> RestorerConfig:
 
 def load_restorer_config(path_or_dict, overrides=()) -> RestorerConfig:
     "A validated `RestorerConfig` from a YAML file (or a dict, or a `RestorerConfig`) plus `section.key=value` overrides."
-    if isinstance(path_or_dict, RestorerConfig): raw, source = path_or_dict.to_dict(), path_or_dict.source
-    elif isinstance(path_or_dict, dict): raw, source = json.loads(json.dumps(path_or_dict)), '<dict>'
-    else: raw, source = read_config_file(path_or_dict), str(path_or_dict)
-    for ov in overrides:
-        k, v = parse_override(ov, source) if isinstance(ov, str) else ov
-        if k.split('.')[0] not in _R_SECTIONS: raise ConfigError(source, k, 'unknown section' + suggest(k.split('.')[0], _R_SECTIONS))
-        set_dotted(raw, k, v, source)
-    for k in raw:
-        if k not in _R_SECTIONS: raise ConfigError(source, k, 'unknown section' + suggest(k, _R_SECTIONS))
-    base = RestorerConfig()
-    kw = {name: config_from_dict(cls, {**asdict(getattr(base, name)), **(raw.get(name) or {})}, source, name) for name, cls in _R_SECTIONS.items()}
+    raw, source = read_sections(path_or_dict, _R_SECTIONS, overrides, RestorerConfig)
+    kw = build_sections(raw, _R_SECTIONS, source, base=RestorerConfig())    # its sections' defaults differ from the shared section classes'
     return validate_restorer_config(RestorerConfig(**kw, source=source))
 
 # %% ../nbs/23b_restorer.ipynb #5dd40ef6

@@ -20,8 +20,8 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
-from .core import (RARE_FINDINGS, MASK_MODES, CXRDataError, ConfigError, suggest, config_from_dict,
-                                    check_findings, read_config_file, parse_override, set_dotted, atomic_write, find_data_root, default_device, project_root, resolve_path,
+from .core import (read_sections, build_sections, RARE_FINDINGS, MASK_MODES, CXRDataError, ConfigError, suggest, config_from_dict,
+                                    check_findings, atomic_write, find_data_root, default_device, project_root, resolve_path,
                                     cpu_supports_bf16, resolve_mixed_precision, SCHEDULES, MIXED_PRECISION, choice_error,
                                     check_optim_section, check_output_folder, TrainingDivergedError, nonfinite_step,
                                     divergence_error, remove_stale_temporaries)
@@ -264,12 +264,6 @@ def validate_config(cfg: TrainConfig, build: bool = True) -> TrainConfig:
         except Exception as e: raise cfg.err('model', f"cannot build the denoiser: {type(e).__name__}: {e}") from None
     return cfg
 
-def _read_config(path_or_dict) -> tuple:
-    "(raw dict, source) of a YAML file, a dict or a `TrainConfig`."
-    if isinstance(path_or_dict, TrainConfig): return path_or_dict.to_dict(), path_or_dict.source
-    if isinstance(path_or_dict, dict): return copy.deepcopy(path_or_dict), '<dict>'
-    return read_config_file(path_or_dict), str(path_or_dict)
-
 def _preset_image_size(raw: dict, source: str):
     "A `data` section that names a modality but no image_size gets the preset's (`modalities.ModalityPreset.image_size`)."
     d = raw.get('data')
@@ -278,16 +272,9 @@ def _preset_image_size(raw: dict, source: str):
 
 def load_config(path_or_dict, overrides=()) -> TrainConfig:
     "A validated `TrainConfig` from a YAML file (or a dict, or a `TrainConfig`) plus `key.sub=value` overrides."
-    raw, source = _read_config(path_or_dict)
-    known = ['model', 'conditioning', 'loss', *_SECTIONS]
-    for ov in overrides:
-        k, v = parse_override(ov) if isinstance(ov, str) else ov
-        if k.split('.')[0] not in known: raise ConfigError(source, k, "unknown section" + suggest(k.split('.')[0], known))
-        set_dotted(raw, k, v, source)
-    for k in raw:
-        if k not in known: raise ConfigError(source, k, "unknown section" + suggest(k, known))
+    raw, source = read_sections(path_or_dict, ['model', 'conditioning', 'loss', *_SECTIONS], overrides, TrainConfig)
     _preset_image_size(raw, source)
-    kw = {name: config_from_dict(cls, raw.get(name), source, name) for name, cls in _SECTIONS.items()}
+    kw = build_sections(raw, _SECTIONS, source)
     for name in ('conditioning', 'loss'):          # checked against their config classes by validate_config
         v = raw.get(name) or {}
         if not isinstance(v, dict): raise ConfigError(source, name, f"must be a mapping, got {v!r}")

@@ -22,8 +22,7 @@ from diffusers.optimization import get_scheduler
 from safetensors import safe_open
 from safetensors.torch import save_file
 from skimage.metrics import structural_similarity, peak_signal_noise_ratio
-from .core import (CXRDataError, ConfigError, suggest, config_from_dict, read_config_file, parse_override,
-                                    set_dotted, atomic_write, find_data_root, default_device, resolve_path, shareable_path,
+from .core import (read_sections, build_sections, CXRDataError, ConfigError, suggest, config_from_dict, atomic_write, find_data_root, default_device, resolve_path, shareable_path,
                                     project_root, resolve_mixed_precision, SCHEDULES, MIXED_PRECISION, choice_error,
                                     check_optim_section, preset_copy, check_output_folder, TrainingDivergedError,
                                     nonfinite_step, divergence_error, remove_stale_temporaries)
@@ -535,16 +534,8 @@ def validate_vae_config(cfg: AETrainConfig) -> AETrainConfig:
 
 def load_vae_config(path_or_dict, overrides=()) -> AETrainConfig:
     "A validated `AETrainConfig` from a YAML file (or a dict, or an `AETrainConfig`) plus `section.key=value` overrides."
-    if isinstance(path_or_dict, AETrainConfig): raw, source = path_or_dict.to_dict(), path_or_dict.source
-    elif isinstance(path_or_dict, dict): raw, source = copy.deepcopy(path_or_dict), '<dict>'
-    else: raw, source = read_config_file(path_or_dict), str(path_or_dict)
-    for ov in overrides:
-        k, v = parse_override(ov, source) if isinstance(ov, str) else ov
-        if k.split('.')[0] not in _AE_SECTIONS: raise ConfigError(source, k, 'unknown section' + suggest(k.split('.')[0], _AE_SECTIONS))
-        set_dotted(raw, k, v, source)
-    for k in raw:
-        if k not in _AE_SECTIONS: raise ConfigError(source, k, 'unknown section' + suggest(k, _AE_SECTIONS))
-    kw = {name: config_from_dict(cls, raw.get(name), source, name) for name, cls in _AE_SECTIONS.items()}
+    raw, source = read_sections(path_or_dict, _AE_SECTIONS, overrides, AETrainConfig)
+    kw = build_sections(raw, _AE_SECTIONS, source)
     return validate_vae_config(AETrainConfig(**kw, source=source))
 
 # %% ../nbs/09b_vae.ipynb #a2fc2f04
