@@ -23,8 +23,7 @@ from diffusers import ModelMixin, ConfigMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.optimization import get_scheduler
 from . import __version__
-from .core import (CXRDataError, ConfigError, RARE_FINDINGS, suggest, config_from_dict, read_config_file, parse_override,
-                                    set_dotted, atomic_write, find_data_root, default_device, resolve_path, shareable_path,
+from .core import (read_sections, build_sections, CXRDataError, ConfigError, RARE_FINDINGS, suggest, config_from_dict, atomic_write, find_data_root, default_device, resolve_path, shareable_path,
                                     resolve_mixed_precision, check_optim_section, check_output_folder, check_findings,
                                     TrainingDivergedError, nonfinite_step, divergence_error, remove_stale_temporaries,
                                     canonical_finding, sha256_file)
@@ -278,16 +277,8 @@ def validate_gan_config(cfg: GANTrainConfig) -> GANTrainConfig:
 
 def load_gan_config(path_or_dict, overrides=()) -> GANTrainConfig:
     "A validated `GANTrainConfig` from a YAML file (or a dict, or a `GANTrainConfig`) plus `section.key=value` overrides."
-    if isinstance(path_or_dict, GANTrainConfig): raw, source = path_or_dict.to_dict(), path_or_dict.source
-    elif isinstance(path_or_dict, dict): raw, source = copy.deepcopy(path_or_dict), '<dict>'
-    else: raw, source = read_config_file(path_or_dict), str(path_or_dict)
-    for ov in overrides:
-        k, v = parse_override(ov, source) if isinstance(ov, str) else ov
-        if k.split('.')[0] not in _GAN_SECTIONS: raise ConfigError(source, k, 'unknown section' + suggest(k.split('.')[0], _GAN_SECTIONS))
-        set_dotted(raw, k, v, source)
-    for k in raw:
-        if k not in _GAN_SECTIONS: raise ConfigError(source, k, 'unknown section' + suggest(k, _GAN_SECTIONS))
-    kw = {name: config_from_dict(cls, raw.get(name), source, name) for name, cls in _GAN_SECTIONS.items()}
+    raw, source = read_sections(path_or_dict, _GAN_SECTIONS, overrides, GANTrainConfig)
+    kw = build_sections(raw, _GAN_SECTIONS, source)
     return validate_gan_config(GANTrainConfig(**kw, source=source))
 
 # %% ../nbs/24_gan.ipynb #3d941b27
