@@ -8,7 +8,7 @@ Docs: https://cxr-diffusion-nbs.github.io/cxr_diffusion_nbs/restorer.html.md"""
 
 # %% ../nbs/23b_restorer.ipynb #2014d60e
 from __future__ import annotations
-import argparse, json, os, shutil, sys, time, warnings
+import argparse, json, math, os, shutil, sys, time, warnings
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np
@@ -77,11 +77,13 @@ def degrade_crops(x: torch.Tensor, seed: int, step: int, kinds=('noise', 'read_n
 OBJECTIVES = ('diffusion', 'regression')
 
 class RestorationDenoiser(nn.Module):
-    "SR3: a diffusers U-Net predicting (v, epsilon or x0) from the noisy film and the degraded film stacked as channels."
+    """SR3: a diffusers U-Net predicting (v, epsilon or x0) from the noisy film and the degraded film stacked as channels.
+    With `residual_scale` s it draws (clean - degraded) / s instead of the film (residual diffusion, as in SRDiff)."""
     objective = 'diffusion'
-    def __init__(self, unet_cfg: UNetConfig, unet: UNet2DModel | None = None):
+    def __init__(self, unet_cfg: UNetConfig, unet: UNet2DModel | None = None, residual_scale: float | None = None):
         super().__init__()
         unet_cfg.validate()
+        self.residual_scale = residual_scale
         if unet_cfg.cross_attention_dim is not None: raise RestorerError('UNetConfig', 'cross_attention_dim', 'a restorer takes no text')
         self.unet_cfg = unet_cfg
         self.cond_cfg = ConditioningConfig(findings=(), use_labels=False, mask_mode=None)   # no guided conditions
@@ -121,16 +123,18 @@ class RegressionRestorer(nn.Module):
         t = torch.zeros(image.shape[0], dtype=torch.long, device=image.device)
         return image + self.unet(image, t).sample
 
-def build_restorer(objective: str, unet_cfg: UNetConfig) -> nn.Module:
-    "A new `RestorationDenoiser` ('diffusion') or `RegressionRestorer` ('regression')."
+def build_restorer(objective: str, unet_cfg: UNetConfig, residual_scale: float | None = None) -> nn.Module:
+    "A new `RestorationDenoiser` ('diffusion', drawing the film or, with `residual_scale`, the scaled residual) or `RegressionRestorer` ('regression')."
     if objective not in OBJECTIVES: raise RestorerError('model', 'objective', f'{objective!r} is not one of {OBJECTIVES}' + suggest(objective, OBJECTIVES))
-    return (RestorationDenoiser if objective == 'diffusion' else RegressionRestorer)(unet_cfg)
+    if objective == 'diffusion': return RestorationDenoiser(unet_cfg, residual_scale=residual_scale)
+    return RegressionRestorer(unet_cfg)
 
 # %% ../nbs/23b_restorer.ipynb #3d67a0a7
 def restorer_loss(model: nn.Module, clean: torch.Tensor, degraded: torch.Tensor, noise_scheduler: DDPMScheduler | None = None,
                   gen: torch.Generator | None = None) -> torch.Tensor:
     "The training loss of `model` on (clean, degraded) films (B, 1, H, W) in [-1, 1]: diffusion (v / epsilon / x0 MSE) or regression (MSE)."
     if model.objective == 'regression': return F.mse_loss(model(degraded).float(), clean.float())
+    if model.residual_scale is not None: clean = (clean - degraded) / model.residual_scale   # what it learns to draw
     B = clean.shape[0]
     noise = torch.randn(clean.shape, generator=gen, device=gen.device if gen is not None else 'cpu').to(clean.device)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (B,), generator=gen,
@@ -150,6 +154,8 @@ class RestorerModelSection:
     ema_decay: float = 0.999
     sampler: str = 'dpmpp'           # the restorer's default sampler and steps (diffusion)
     steps: int = 20
+    residual_scale: float | None = None   # diffusion: None draws the film (SR3); s draws (clean - degraded) / s, added back
+                                          # to the degraded film (residual diffusion); needs overrides.clip_sample: false
 
 @dataclass
 class RestorerDegradationSection:
@@ -209,6 +215,10 @@ def validate_restorer_config(cfg: RestorerConfig) -> RestorerConfig:
         if k not in TRAIN_KINDS: raise cfg.err('degradation.kinds', f'{k!r} is not one of {TRAIN_KINDS}' + suggest(k, TRAIN_KINDS))
     if not 0 <= g.combine <= 1: raise cfg.err('degradation.combine', f'{g.combine} must be in [0, 1]')
     if not 0 < m.ema_decay < 1: raise cfg.err('model.ema_decay', f'{m.ema_decay} must be in (0, 1)')
+    if m.residual_scale is not None:
+        if m.objective != 'diffusion': raise cfg.err('model.residual_scale', f'{m.residual_scale}: only a diffusion restorer draws a residual')
+        if not math.isfinite(m.residual_scale) or m.residual_scale <= 0: raise cfg.err('model.residual_scale', f'{m.residual_scale} must be a number > 0 (or null)')
+        if net.clip_sample: raise cfg.err('model.residual_scale', 'a scaled residual is not bounded by [-1, 1]: set model.overrides.clip_sample: false')
     try: check_sampler(m.sampler, make_noise_scheduler(net), m.steps, 'model')
     except CXRDataError as e: raise cfg.err(f'model.{e.field}', e.problem) from None
     check_optim_section(cfg)
@@ -255,7 +265,9 @@ class RestorerRun:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.mixed_precision == 'bf16')
 
-def _signature(cfg: RestorerConfig) -> dict: return dict(objective=cfg.model.objective, unet=cfg.unet_config().to_dict())
+def _signature(cfg: RestorerConfig) -> dict:
+    s = cfg.model.residual_scale
+    return dict(objective=cfg.model.objective, unet=cfg.unet_config().to_dict(), **({'residual_scale': s} if s is not None else {}))
 
 def restorer_start_checks(cfg: RestorerConfig) -> Path | None:
     "The checkpoint to resume from (or None), after refusing to overwrite a run and checking the network matches."
@@ -282,7 +294,7 @@ def build_restorer_run(cfg: RestorerConfig, ckpt: Path | None = None) -> Restore
     mp = resolve_mixed_precision(o.mixed_precision, dev.type, cfg.source)
     torch.manual_seed(o.seed)
     net = cfg.unet_config()
-    model = build_restorer(cfg.model.objective, net).to(dev).train()
+    model = build_restorer(cfg.model.objective, net, cfg.model.residual_scale).to(dev).train()
     ema = EMAModel(model.parameters(), decay=cfg.model.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
     name = {'cosine': 'cosine', 'linear': 'linear', 'constant': 'constant_with_warmup'}[o.schedule]
@@ -337,7 +349,8 @@ def save_restorer(unet: UNet2DModel, folder, objective: str, unet_cfg: UNetConfi
 def _facts(run: RestorerRun) -> dict:
     c = run.cfg
     return dict(trained_steps=run.step, crop_size=c.data.crop_size, film_size=c.data.image_size, kinds=list(c.degradation.kinds),
-                combine=c.degradation.combine, sampler=c.model.sampler, steps=c.model.steps, training_films=len(run.sampler))
+                combine=c.degradation.combine, sampler=c.model.sampler, steps=c.model.steps, training_films=len(run.sampler),
+                **({'residual_scale': c.model.residual_scale} if c.model.residual_scale is not None else {}))
 
 def save_restorer_checkpoint(run: RestorerRun) -> Path:
     "Write `checkpoint-<step>/` atomically (temporary folder, then rename) and prune to `keep_last`; returns its path."
@@ -465,13 +478,21 @@ class Restorer:
         try: unet = UNet2DModel.from_pretrained(f/'unet', use_safetensors=True, torch_dtype=torch.float32)
         except Exception as e: raise RestorerError(str(wf), 'weights', f'cannot be opened: {str(e).splitlines()[0][:200]}') from None
         check_finite_weights(unet, wf, 'refused')
-        model = (RestorationDenoiser if info['objective'] == 'diffusion' else RegressionRestorer)(ucfg, unet)
+        rs = info.get('residual_scale')
+        if rs is not None and (info['objective'] != 'diffusion' or isinstance(rs, bool) or not isinstance(rs, (int, float)) or not math.isfinite(rs) or rs <= 0):
+            raise RestorerError(str(f/RESTORER_FILE), 'residual_scale', f'{rs!r} must be a number > 0 on a diffusion restorer (or absent)')
+        model = RestorationDenoiser(ucfg, unet, rs) if info['objective'] == 'diffusion' else RegressionRestorer(ucfg, unet)
         sched = DDPMScheduler.from_pretrained(f/'scheduler') if info['objective'] == 'diffusion' else None
         dev = torch.device(device) if device is not None else default_device()
         return cls(model.to(dev), info, sched, f)
 
     @property
     def multiple(self) -> int: return 2 ** (self.model.unet_cfg.levels - 1)
+
+    @property
+    def name(self) -> str:
+        "What it is, for tables: 'regression', 'diffusion' (it draws the film) or 'residual diffusion' (it draws the residual)."
+        return 'residual diffusion' if getattr(self.model, 'residual_scale', None) is not None else self.objective
 
     def check_options(self, sampler=None, steps=None, samples: int = 1, where: str = 'restore') -> dict:
         "The sampling options merged over the defaults and checked, naming the field."
@@ -502,7 +523,9 @@ class Restorer:
             draws = [sample(self.model, self.noise_scheduler, {'image': yb}, n=len(yb), sampler=o['sampler'], steps=o['steps'],
                             seed=[seed + k * N + b + i for i in range(len(yb))], size=S, mixed_precision=mixed_precision,
                             progress=progress).images for k in range(o['samples'])]
-            out[b:b + len(yb)] = torch.stack(draws).mean(0)
+            x = torch.stack(draws).mean(0)
+            s = self.model.residual_scale
+            out[b:b + len(yb)] = x if s is None else (yb.float().cpu() + s * x).clamp(-1, 1)
         return out[:, :, :H, :W]
 
     def restorer_fn(self, **options):

@@ -60,16 +60,38 @@ def test_training_degradations_cover_the_levels_and_repeat_per_seed():
     ('model.objective=gan', 'model.objective'), ('model.preset=huge', 'model.preset'),
     ('degradation.kinds=[contrast]', 'degradation.kinds'), ('degradation.combine=2', 'degradation.combine'),
     ('data.crop_size=30', 'data.crop_size'), ('data.crop_size=256', 'data.crop_size'), ('model.ema_decay=1', 'model.ema_decay'),
-    ('model.sampler=euler', 'model.sampler'), ('optim.lr=inf', 'optim.lr'), ('output.keep_last=0', 'output.keep_last')])
+    ('model.sampler=euler', 'model.sampler'), ('optim.lr=inf', 'optim.lr'), ('output.keep_last=0', 'output.keep_last'),
+    ('model.residual_scale=0.1', 'model.residual_scale'),                          # clip_sample would cut the residual
+    ('model.residual_scale=0', 'model.residual_scale'), ('model.residual_scale=.nan', 'model.residual_scale')])
 def test_bad_configs_name_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace('.', r'\.')):
         load_restorer_config(ROOT/'configs'/'restorer128_diffusion.yaml', [override])
+    with pytest.raises(ConfigError, match=r'model\.residual_scale.*only a diffusion'):
+        load_restorer_config(ROOT/'configs'/'restorer128_regression.yaml', ['model.residual_scale=0.1', 'model.overrides={clip_sample: false}'])
 
 
 def test_both_configs_load():
-    for k in ('diffusion', 'regression'):
+    for k in ('diffusion', 'regression', 'residual'):
         cfg = load_restorer_config(ROOT/'configs'/f'restorer128_{k}.yaml')
-        assert cfg.model.objective == k and cfg.data.crop_size == 64 and cfg.data.image_size == 128
+        assert cfg.model.objective == ('regression' if k == 'regression' else 'diffusion') and cfg.data.crop_size == 64 and cfg.data.image_size == 128
+    assert cfg.model.residual_scale == 0.1 and cfg.unet_config().clip_sample is False
+
+
+def test_residual_restorer_draws_around_the_degraded_film(tmp_path):
+    "Residual diffusion: the network draws (clean - degraded) / s, so even an untrained one stays within ~s of its input;"
+    "the scale is saved with it, a loaded one uses it, and a run cannot resume with another scale."
+    cfg = tiny(tmp_path/'res'); cfg['model'].update(residual_scale=0.01, overrides={'clip_sample': False})
+    train_restorer(cfg)
+    r = load_restorer(tmp_path/'res', 'cpu')
+    assert r.model.residual_scale == 0.01 and json.loads((tmp_path/'res'/'restorer'/RESTORER_FILE).read_text())['residual_scale'] == 0.01
+    x = torch.rand(2, 1, 32, 32) * 1.6 - 0.8
+    y = r.restore(x, seed=0, steps=2)
+    assert 0 < (y - x).abs().max() < 0.2                                          # an image-drawing network would not be anchored
+    cfg['model']['residual_scale'] = 0.02; cfg['output']['resume'] = 'auto'
+    with pytest.raises(ConfigError, match='another network'): train_restorer(cfg)
+    info = json.loads((tmp_path/'res'/'restorer'/RESTORER_FILE).read_text())
+    (tmp_path/'res'/'restorer'/RESTORER_FILE).write_text(json.dumps(dict(info, residual_scale=-1)))
+    with pytest.raises(RestorerError, match='residual_scale'): load_restorer(tmp_path/'res'/'restorer', 'cpu')
 
 
 def test_killed_and_resumed_equals_uninterrupted(tmp_path):
@@ -176,3 +198,19 @@ def test_shipped_restorer_restores_noise_and_coarse_pixels(kind):
         out = ((r.restore(to_signed(d).float(), steps=10)[:, 0].double() + 1) / 2).numpy()
         gain = np.mean([film_psnr(c, o) - film_psnr(c, x) for c, o, x in zip(films, out, d)])
         assert gain > 2.0, (kind, level.label, gain)
+
+
+def test_benchmark_measures_learned_restorers_and_prints_the_targets(trained, tmp_path):
+    "bench_restoration with --restorer: the learned restorers join the table, with the perception table and a line per target."
+    out = tmp_path/'t.csv'
+    r = subprocess.run([sys.executable, str(ROOT/'benchmarks'/'bench_restoration.py'), '--size', '32', '--films', '4', '--kinds', 'noise',
+                        '--restorer', str(trained/'diffusion'), '--restorer', str(trained/'regression'), '--samples', '2', '--steps', '2',
+                        '--csv', str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert any(l.startswith('target 1, diffusion x2 beats the best classical method') and '/3 levels' in l for l in lines), r.stdout[-1500:]
+    assert any(l.startswith("target 2, FID of diffusion x2 below the regressor's") for l in lines)
+    assert 'perception: FID / KID' in r.stdout and 'regression' in r.stdout
+    assert any(l.startswith('best classical restorer per degradation') for l in lines)
+    import pandas as pd
+    assert {'diffusion x2', 'regression', 'nl_means'} <= set(pd.read_csv(out).method) and out.with_name('t_fid.csv').exists()
