@@ -447,6 +447,7 @@ def generator_options(cfg: CohortConfig, gen, source: str = '<config>') -> dict:
     """The options a cohort passes to `gen.generate`, resolved over the model's recommended defaults and checked by the
     generator once (what the images' provenance records): those of its kind (`gen.defaults`: a diffusion model's sampler,
     steps, eta, guidance, guidance mode; a GAN's truncation), and the precision; errors name the cohort's field."""
+    cfg = resolve_sampling(cfg, gen, source)        # (build_cohort resolved them already, for the identity)
     opts = dict(sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, mixed_precision=cfg.mixed_precision)
     g = cohort_guidance(cfg, gen.defaults.get('guidance'))
     if g is not None: opts['guidance'] = g

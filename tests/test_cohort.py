@@ -248,6 +248,7 @@ def test_cli_refusal_exit_code(tmp_path):
 def test_config_file_and_overrides(tmp_path):
     cfg, src = load_cohort_config(project_root()/'configs'/'cohort.yaml', ['counts.nodule=3', 'balance=null', 'guidance.mask=1.5'])
     assert cfg.counts == {'nodule': 3} and cfg.balance is None and cfg.guidance == {'mask': 1.5}
+    assert (cfg.sampler, cfg.steps) == (None, None)           # the generator's own: the config serves a diffusion model and a GAN
     with pytest.raises(CohortError, match='only counts'): load_cohort_config(None, ['sampler.x=1'])
 
 def test_mix_ratio_and_leakage(tmp_path, real):
