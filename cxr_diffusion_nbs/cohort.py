@@ -10,7 +10,7 @@ Docs: https://cxr-diffusion-nbs.github.io/cxr_diffusion_nbs/cohort.html.md"""
 
 # %% ../nbs/14_cohort.ipynb #ee7119c5
 from __future__ import annotations
-import argparse, hashlib, hmac, json, math, os, secrets, sys, datetime
+import argparse, dataclasses, hashlib, hmac, json, math, os, secrets, sys, datetime
 from dataclasses import dataclass, field, asdict, fields
 from pathlib import Path
 import numpy as np, pandas as pd
@@ -29,18 +29,21 @@ from .manifest import (Manifest, load_shared_subset, IMAGE_COLUMNS, ANNOTATION_C
 from .dataset import CXRDataset, affine_pair
 from .splits import with_held_out_test
 from .conditioning import CONDITION_NAMES
-from .sampling import SamplingError, SYNTHETIC_NOTE, load_generator
+from .sampling import SamplingError, load_generator, made_by, synthetic_note
 
 # %% auto #0
-__all__ = ['PRIVATE', 'CohortError', 'CohortConfig', 'DonorPool', 'move_masks', 'jitter_mask', 'target_counts', 'image_seed',
-           'plan_cohort', 'plan_conditions', 'donor_ref', 'cohort_key', 'shared_plan', 'donor_table', 'write_private',
-           'attach_donors', 'scan_shared', 'cohort_readme', 'write_synthetic_dicom', 'check_output_dir', 'read_records',
-           'load_real_manifest', 'cohort_guidance', 'image_guidance', 'generator_options', 'plan_batch', 'build_cohort',
+__all__ = ['COHORT_SAMPLING', 'PRIVATE', 'CohortError', 'CohortConfig', 'DonorPool', 'move_masks', 'jitter_mask', 'target_counts',
+           'image_seed', 'plan_cohort', 'plan_conditions', 'donor_ref', 'cohort_key', 'shared_plan', 'donor_table',
+           'write_private', 'attach_donors', 'scan_shared', 'cohort_readme', 'write_synthetic_dicom',
+           'check_output_dir', 'read_records', 'load_real_manifest', 'cohort_guidance', 'image_guidance',
+           'is_diffusion', 'resolve_sampling', 'generator_options', 'plan_batch', 'build_cohort',
            'write_cohort_manifest', 'privatise_cohort', 'load_cohort', 'load_cohort_config', 'main']
 
 # %% ../nbs/14_cohort.ipynb #704c355f
 class CohortError(CXRDataError):
     "A cohort request that cannot be built; the message names the file (or config) and the field."
+
+COHORT_SAMPLING = dict(sampler='dpmpp', steps=20, eta=0.0)   # what unset sampling fields become for a diffusion generator
 
 @dataclass
 class CohortConfig:
@@ -60,9 +63,9 @@ class CohortConfig:
     lesion_scale: tuple = (0.85, 1.15)          # lesion size range: linear scale factor of the donor mask
     min_inside: float = 0.9                     # a moved mask must keep this fraction inside the finding's region
     severity: float | None = None               # label guidance scale (1 = as in the data, >1 pronounced); None: as `guidance`
-    sampler: str = 'dpmpp'                      # 'ddpm' | 'ddim' | 'dpmpp'
-    steps: int = 20
-    eta: float = 0.0
+    sampler: str | None = None                  # 'ddpm' | 'ddim' | 'dpmpp'; None: the generator's own (diffusion: 'dpmpp',
+    steps: int | None = None                    # 20 steps, eta 0: `COHORT_SAMPLING`; a GAN has none and refuses a set one)
+    eta: float | None = None
     guidance: dict | None = None                # per-condition CFG scales, e.g. {'mask': 1.5}; None: the model's recommended
     guidance_mode: str | None = None            # (its generator.json defaults, `checkpoints.generator_defaults`); {}: no guidance
     seed: int = 0
@@ -122,9 +125,10 @@ class DonorPool:
         "Per-finding masks (F, S, S) of donor `i`, unaugmented."
         return torch.from_numpy(self.ds.load(i)[1])
 
-    def donors(self, finding: str) -> tuple[np.ndarray, bool]:
-        "Indices of donors for `finding` and whether they carry masks."
+    def donors(self, finding: str, masks: bool = True) -> tuple[np.ndarray, bool]:
+        "Indices of donors for `finding` and whether they carry masks (those with a mask first; `masks=False`: every positive)."
         k = self.findings.index(finding)
+        if not masks: return np.flatnonzero(self.labels[:, k] == 1), False
         with_mask = np.flatnonzero(self.has_mask[:, k] & (self.labels[:, k] == 1))
         if len(with_mask): return with_mask, True
         return np.flatnonzero(self.labels[:, k] == 1), False
@@ -186,11 +190,12 @@ def image_seed(seed: int, k: int) -> int:
     "The seed of image `k` of a cohort with base `seed` (independent of batching and restarts)."
     return int(np.random.SeedSequence((int(seed), int(k))).generate_state(1)[0] & 0x7FFFFFFF)
 
-def plan_cohort(cfg: CohortConfig, pool: DonorPool, counts: dict) -> pd.DataFrame:
-    "One row per synthetic image: id, target finding, donor, labels, mask transform, whether the mask is used, seed."
+def plan_cohort(cfg: CohortConfig, pool: DonorPool, counts: dict, masks: bool = True) -> pd.DataFrame:
+    """One row per synthetic image: id, target finding, donor, labels, mask transform, whether the mask is used, seed.
+    `masks=False` (a generator without mask conditioning): donors are all positives, and no image claims a mask."""
     rows, k = [], 0
     for f, n in counts.items():
-        donors, with_mask = pool.donors(f)
+        donors, with_mask = pool.donors(f, masks)
         if n and not len(donors):
             raise CohortError(cfg.data_root or 'data', f, f"no {cfg.split!r} image is positive for {f}: no donor to take conditions from")
         fi = pool.findings.index(f)
@@ -302,16 +307,19 @@ def cohort_readme(meta: dict) -> str:
     "The README a new cohort folder gets: what the images are, what each file holds, and which folder never to share."
     counts = ', '.join(f'{f} {n}' for f, n in meta['counts'].items() if n)
     o = meta['identity'].get('options', {})
+    how = (f"sampler {o.get('sampler')} with {o.get('steps')} steps, guidance {json.dumps(o.get('guidance'))}" if 'sampler' in o or not o
+           else 'drawn in one pass, no sampler' + ''.join(f", {k} {'none' if v is None else v}" for k, v in o.items()))      # a GAN: its own options
+    masks = ' and lesion masks' if meta.get('masks', True) else ''
     return f"""# Synthetic chest X-ray cohort: {meta['n_images']} images
 
-**Synthetic images drawn by a diffusion model, not radiographs of patients; not for clinical use.** Every PNG says so
+**Synthetic images drawn by a {made_by(meta.get('generator_kind', 'pixel-diffusion'))}, not radiographs of patients; not for clinical use.** Every PNG says so
 in its `Description` text chunk and carries its provenance (JSON) in a `Provenance` chunk; DICOM files, if any, are
 Secondary Captures with `ConversionType` SYN.
 
 - Images per target finding: {counts}.
-- Model: `{meta['checkpoint']}` (SHA-256 of its weights `{meta['identity']['model_sha256'][:16]}...`); sampler
-  {o.get('sampler')} with {o.get('steps')} steps, guidance {json.dumps(o.get('guidance'))}; built by {meta['package']} on {meta['created'][:10]}.
-- Conditions: labels and lesion masks of real training-split donors, moved slightly; a donor is named only by
+- Model: `{meta['checkpoint']}` (SHA-256 of its weights `{meta['identity']['model_sha256'][:16]}...`);
+  {how}; built by {meta['package']} on {meta['created'][:10]}.
+- Conditions: labels{masks} of real training-split donors{', moved slightly' if masks else ''}; a donor is named only by
   `donor_ref`, a keyed hash.
 
 | file | what |
@@ -326,16 +334,17 @@ To share this cohort, leave `private/` out: `tar --exclude=private -czf cohort.t
 
 # %% ../nbs/14_cohort.ipynb #c51cd7de
 def write_synthetic_dicom(path, pixels: np.ndarray, image_id: str, study_uid: str, series_uid: str,
-                          instance_number: int, provenance: dict) -> Path:
+                          instance_number: int, provenance: dict, kind: str = 'pixel-diffusion') -> Path:
     """A synthetic image as a DICOM Multi-frame Grayscale Byte Secondary Capture (one frame): `ConversionType` SYN,
     `Modality` OT, `ImageType` DERIVED\\SECONDARY, a series description saying it is synthetic, fresh UIDs, and no
-    patient data (the patient is the image id). Passes dicom3tools' `dciodvfy` without errors or warnings."""
+    patient data (the patient is the image id), and what made it (`kind`: the generator's). Passes dicom3tools' `dciodvfy`
+    without errors or warnings."""
     now = datetime.datetime.now(datetime.timezone.utc)
     return write_dicom(path, pixels, photometric='MONOCHROME2', bits_stored=8, sop_class=MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
                        NumberOfFrames=1, PresentationLUTShape='IDENTITY', RescaleIntercept=0, RescaleSlope=1, RescaleType='US',
                        Modality='OT', ConversionType='SYN',
-                       ImageType=['DERIVED', 'SECONDARY'], SeriesDescription='SYNTHETIC IMAGE - diffusion model output, not a patient',
-                       StudyDescription='SYNTHETIC COHORT (cxr_diffusion_nbs)', DerivationDescription=SYNTHETIC_NOTE,
+                       ImageType=['DERIVED', 'SECONDARY'], SeriesDescription=f'SYNTHETIC IMAGE - {made_by(kind)} output, not a patient'[:64],
+                       StudyDescription='SYNTHETIC COHORT (cxr_diffusion_nbs)', DerivationDescription=synthetic_note(kind),
                        BurnedInAnnotation='NO', BodyPartExamined='CHEST',   # no Laterality: Type 2C, absent for an unpaired part (the chest)
                        PatientOrientation=['L', 'F'],   # Type 2C (General Image): drawn as the training films are displayed (patient's left to the right, feet down)
                        PatientName='SYNTHETIC^CXR', PatientID=image_id, PatientSex='',
@@ -420,9 +429,25 @@ def image_guidance(guidance: dict, mask_used: bool) -> dict:
     for the mask), so a mask scale does nothing to it and its provenance does not claim one."""
     return {k: v for k, v in guidance.items() if mask_used or k != 'mask'}
 
+def is_diffusion(gen) -> bool:
+    "True for a generator that samples with a scheduler (pixel or latent diffusion: its options have a `sampler`), False for a GAN."
+    return 'sampler' in gen.defaults
+
+def resolve_sampling(cfg, gen, source: str = '<config>', defaults: dict = COHORT_SAMPLING, error=CohortError):
+    """`cfg` (a config dataclass) with its unset (None) `defaults` fields (`sampler`, `steps`, `eta`) made the generator's
+    own: `defaults` for a diffusion generator (so a cohort with default fields records what it always did), none for a
+    generator without such options (a GAN): a value set for it is refused by the generator, naming the field (an `error`),
+    and one it calls 'not set' (eta 0) is recorded as unset."""
+    if is_diffusion(gen): return dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
+    try: gen.check_options(source, **{k: getattr(cfg, k) for k in defaults if getattr(cfg, k) is not None})
+    except SamplingError as e: raise error(source, e.field, e.problem) from None
+    return dataclasses.replace(cfg, **dict.fromkeys(defaults))
+
 def generator_options(cfg: CohortConfig, gen, source: str = '<config>') -> dict:
     """The options a cohort passes to `gen.generate`, resolved over the model's recommended defaults and checked by the
-    generator once (what the images' provenance records); errors name the cohort's field."""
+    generator once (what the images' provenance records): those of its kind (`gen.defaults`: a diffusion model's sampler,
+    steps, eta, guidance, guidance mode; a GAN's truncation), and the precision; errors name the cohort's field."""
+    cfg = resolve_sampling(cfg, gen, source)        # (build_cohort resolved them already, for the identity)
     opts = dict(sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, mixed_precision=cfg.mixed_precision)
     g = cohort_guidance(cfg, gen.defaults.get('guidance'))
     if g is not None: opts['guidance'] = g
@@ -431,8 +456,9 @@ def generator_options(cfg: CohortConfig, gen, source: str = '<config>') -> dict:
     except SamplingError as e:
         f = e.field
         f = 'severity' if f == 'labels' and cfg.severity is not None else f'guidance.{f}' if f in CONDITION_NAMES else f
+        f = 'severity' if f == 'guidance' and cfg.guidance is None and cfg.severity is not None else f
         raise CohortError(source, f, e.problem) from None
-    return {k: checked[k] for k in ('sampler', 'steps', 'eta', 'guidance', 'guidance_mode', 'mixed_precision')}
+    return {k: checked[k] for k in gen.defaults if k != 'progress'}
 
 def plan_batch(rows: pd.DataFrame, pool: DonorPool, cfg: CohortConfig) -> tuple[torch.Tensor, list]:
     "Labels (n, F) and per-finding masks of a batch of planned images: (F, S, S) each, None where the plan uses no mask."
@@ -448,13 +474,15 @@ def build_cohort(cfg: CohortConfig | dict, source: str = '<config>', progress: b
     out = Path(cfg.output_dir)
     check_output_dir(out)                            # a file, unwritable, foreign: refused before the model is loaded
     gen = load_generator(cfg.checkpoint, device=cfg.device)
+    cfg = resolve_sampling(cfg, gen, source)         # unset sampling fields: the generator's own, before the identity
     opts = generator_options(cfg, gen, source)
+    diffusion, takes_masks = is_diffusion(gen), gen.mask_mode is not None
     manifest = with_held_out_test(load_real_manifest(cfg.data_root), cfg.test_fraction)
     if cfg.split not in set(manifest.images['split']):
         raise CohortError(manifest.origin or manifest.name, 'split', f"no {cfg.split!r} images; found {sorted(set(manifest.images['split']))}")
     pool = DonorPool(manifest, gen.findings, gen.image_size, cfg.split)
     counts = target_counts(cfg, pool, source)
-    plan = plan_cohort(cfg, pool, counts)
+    plan = plan_cohort(cfg, pool, counts, masks=takes_masks)
     if not len(plan): raise CohortError(source, 'counts', 'the request amounts to 0 images')
     plan_csv = plan.to_csv(index=False)
     model_sha, ck = gen.model_sha256(), gen.checkpoint
@@ -471,6 +499,7 @@ def build_cohort(cfg: CohortConfig | dict, source: str = '<config>', progress: b
                        data_root=None if cfg.data_root is None else shareable_path(cfg.data_root))
         meta = dict(identity=identity, request=request, checkpoint=shareable_path(ck), weights=gen.weights.name, findings=list(pool.findings),
                     counts=counts, real_counts=pool.counts(), data=shareable_path(manifest.origin or manifest.name), n_images=len(plan),
+                    generator_kind=gen.kind, masks=takes_masks,
                     study_uid=generate_uid(), series_uid=generate_uid(), package=f'cxr_diffusion_nbs {__version__}',
                     created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'))
         with atomic_write(out/'plan.csv') as tmp: shared_plan(plan, key).to_csv(tmp, index=False)
@@ -483,7 +512,9 @@ def build_cohort(cfg: CohortConfig | dict, source: str = '<config>', progress: b
     bar = None
     if progress:
         bar = tqdm(total=len(plan), initial=len(plan) - len(todo), desc='synthetic images', unit='img')
-    rec_opts = {k: opts[k] for k in ('sampler', 'steps', 'eta', 'guidance', 'guidance_mode')}
+    rec_opts = {k: v for k, v in opts.items() if k != 'mixed_precision'}
+    if not diffusion: rec_opts = dict(kind=gen.kind, **rec_opts)   # (a diffusion image names its sampler instead, as it always did)
+    note = synthetic_note(gen.kind)
     call = {k: v for k, v in opts.items() if not (k == 'guidance' and cohort_guidance(cfg) is None)}   # the model's own scales: per request
     # batches are fixed slices of the plan, so a resumed run computes exactly what an uninterrupted one did
     for b in range(0, len(plan), cfg.batch_size):
@@ -495,7 +526,7 @@ def build_cohort(cfg: CohortConfig | dict, source: str = '<config>', progress: b
             iid = r['image_id']
             if iid in done: continue
             prov = dict(image_id=iid, synthetic=1, model_sha256=model_sha, checkpoint=shareable_path(ck), seed=int(r['seed']),
-                        **dict(rec_opts, guidance=image_guidance(rec_opts['guidance'], bool(r['use_mask']))),
+                        **({**rec_opts, 'guidance': image_guidance(rec_opts['guidance'], bool(r['use_mask']))} if 'guidance' in rec_opts else rec_opts),
                         target_finding=r['target_finding'], donor_ref=refs[iid], labels=json.loads(r['labels']),
                         mask_used=bool(r['use_mask']), mask_jitter=json.loads(r['jitter']), package=f'cxr_diffusion_nbs {__version__}')
             px = to_uint8(images[j, 0])
@@ -507,8 +538,8 @@ def build_cohort(cfg: CohortConfig | dict, source: str = '<config>', progress: b
                     rec['masks'][f] = mp
             if cfg.dicom:
                 rec['dicom_path'] = f'dicom/{iid}.dcm'
-                write_synthetic_dicom(out/rec['dicom_path'], px, iid, meta['study_uid'], meta['series_uid'], int(r['index']) + 1, prov)
-            write_png(out/rec['path'], px, {'Description': SYNTHETIC_NOTE, 'Software': f'cxr_diffusion_nbs {__version__}',
+                write_synthetic_dicom(out/rec['dicom_path'], px, iid, meta['study_uid'], meta['series_uid'], int(r['index']) + 1, prov, gen.kind)
+            write_png(out/rec['path'], px, {'Description': note, 'Software': f'cxr_diffusion_nbs {__version__}',
                                             'Provenance': json.dumps(prov)})
             _append_record(out, rec)
             if bar is not None: bar.update(1)
@@ -534,8 +565,9 @@ def write_cohort_manifest(out) -> Manifest:
                    view=r['donor_view'], split='train', width=np.nan, height=np.nan)
         row.update({f: float(v) for f, v in zip(findings, lab)})
         row.update(synthetic=1, target_finding=r['target_finding'], donor_ref=r['donor_ref'], seed=int(r['seed']),
-                   sampler=used['sampler'], steps=used['steps'], eta=used['eta'], guidance=json.dumps(image_guidance(used['guidance'], bool(r['use_mask']))),
-                   guidance_mode=used['guidance_mode'], mask_used=int(bool(r['use_mask'])), mask_jitter=r['jitter'],
+                   sampler=used.get('sampler'), steps=used.get('steps'), eta=used.get('eta'),      # a GAN's: none
+                   guidance=json.dumps(image_guidance(used['guidance'], bool(r['use_mask']))) if 'guidance' in used else '',
+                   guidance_mode=used.get('guidance_mode'), mask_used=int(bool(r['use_mask'])), mask_jitter=r['jitter'],
                    model_sha256=ident['model_sha256'], checkpoint=meta['checkpoint'], dicom_path=rec['dicom_path'],
                    config=json.dumps(CohortConfig.from_dict(req).identity()))
         rows.append(row)

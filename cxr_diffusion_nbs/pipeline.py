@@ -18,9 +18,10 @@ import yaml
 from .core import CXRDataError, atomic_write, check_output_folder, project_root, remove_stale_temporaries, shareable_path, suggest
 
 # %% auto #0
-__all__ = ['PIPELINE_NOTEBOOK', 'DEMO_MODELS', 'PipelineError', 'Stages', 'save_table', 'save_figure', 'check_parameters',
-           'run_pipeline', 'main', 'StageLog', 'text_progress', 'demo_model', 'check_judges', 'rarity_study_config',
-           'evidence', 'rarity_sentences', 'markdown_table']
+__all__ = ['PIPELINE_NOTEBOOK', 'DEMO_MODELS', 'PIPELINE_SAMPLING', 'PipelineError', 'Stages', 'save_table', 'save_figure',
+           'check_parameters', 'run_pipeline', 'main', 'StageLog', 'text_progress', 'check_generator',
+           'sampling_parameters', 'demo_model', 'check_judges', 'rarity_study_config', 'evidence', 'rarity_sentences',
+           'markdown_table']
 
 # %% ../nbs/21_pipeline.ipynb #1fca0255
 class PipelineError(CXRDataError):
@@ -77,7 +78,8 @@ def check_parameters(notebook, parameters: dict) -> dict:
 
 def run_pipeline(output_dir, parameters: dict | None = None, notebook=None, progress: bool = True) -> Path:
     """Execute the pipeline notebook with papermill into `output_dir` and return
-    the executed notebook's path (`<output_dir>/pipeline.ipynb`). Unknown parameter names are refused before anything runs.
+    the executed notebook's path (`<output_dir>/pipeline.ipynb`). Unknown parameter names, and a `generator` that is not one
+    (or diffusion options for a GAN), are refused before anything runs.
     With `progress`, what the notebook writes to stderr (a line per stage, text bars inside the long ones: `StageLog`)
     is shown as it comes; papermill's own bar only counts cells, and sat at one cell for the whole training."""
     import papermill as pm
@@ -87,6 +89,8 @@ def run_pipeline(output_dir, parameters: dict | None = None, notebook=None, prog
     root = project_root().resolve()
     shown = out.relative_to(root).as_posix() if out.is_relative_to(root) else str(out)    # no machine path in the notebook when inside the repository
     params = dict(check_parameters(nb, parameters or {}), output_dir=shown)
+    given = check_generator(params.get('generator'))    # an unknown folder, diffusion options for a GAN: refused before the run starts
+    sampling_parameters(given, params.get('sampler'), params.get('sample_steps'), params.get('guidance'))
     check_output_folder(out, where='--output')
     if out.is_dir() and any(out.iterdir()) and not (out/'stages.json').exists() and not (out/'pipeline.ipynb').exists():
         raise PipelineError(str(out), '--output', 'holds files that no pipeline run wrote; choose an empty or new folder')
@@ -177,6 +181,32 @@ def text_progress(mininterval: float = 2.):
 
 # %% ../nbs/21_pipeline.ipynb #9c1e5a02
 DEMO_MODELS = {'cpu64.yaml': 'data/models/cpu64_demo', 'cpu256_latent.yaml': 'data/models/cpu256_latent_demo'}
+PIPELINE_SAMPLING = dict(sampler='dpmpp', sample_steps=20)   # how the run draws from a diffusion model unless told
+
+def check_generator(generator):
+    """The `generator` parameter, checked before any work: None (the run trains its diffusion model) gives None; a model
+    folder `load_generator` opens, of any kind (pixel or latent diffusion, GAN; relative: to the repository), gives
+    the opened generator, which the run then uses as is."""
+    from cxr_diffusion_nbs.sampling import load_generator
+    if generator is None: return None
+    if not isinstance(generator, (str, os.PathLike)) or not str(generator).strip():
+        raise PipelineError('parameters', 'generator', f'{generator!r}: give null (the run trains one) or a model folder, e.g. data/models/gan64')
+    p = Path(generator)
+    try: return load_generator(p if p.is_absolute() else project_root()/p, device='cpu')
+    except CXRDataError as e: raise PipelineError('parameters', 'generator', f'{generator}: not a generator folder ({e.field}: {e.problem})') from None
+
+def sampling_parameters(gen, sampler, sample_steps, guidance) -> tuple:
+    """The run's `sampler` and `sample_steps` (None: the generator's own). A diffusion model (`gen` None: the one the
+    run trains) draws with `PIPELINE_SAMPLING` unless told; a GAN draws in one pass and refuses them, and guidance,
+    naming the parameter."""
+    from cxr_diffusion_nbs.cohort import is_diffusion
+    if gen is None or is_diffusion(gen):
+        return (PIPELINE_SAMPLING['sampler'] if sampler is None else sampler,
+                PIPELINE_SAMPLING['sample_steps'] if sample_steps is None else sample_steps)
+    for name, v in (('sampler', sampler), ('sample_steps', sample_steps), ('guidance', guidance or None)):
+        if v is not None:
+            raise PipelineError('parameters', name, f'{v!r}: a diffusion option; the {gen.kind} generator draws in one pass (leave it null)')
+    return None, None
 
 def demo_model(train_config) -> str:
     "The shipped demo model trained with `train_config` (what `init_from='demo'` fine-tunes), by the config's file name."

@@ -22,22 +22,25 @@ from .core import (CXRDataError, ConfigError, RARE_FINDINGS, atomic_write, check
 from .manifest import Manifest
 from .splits import with_held_out_test, check_no_leakage
 from .dataset import affine_pair, Augment
-from .cohort import CohortConfig, DonorPool, plan_cohort, plan_conditions
+from .cohort import CohortConfig, DonorPool, plan_cohort, plan_conditions, is_diffusion, resolve_sampling
 from .classifier import CXRClassifier, fit, load_images, predict_proba, to_size, label_weights
 from .downstream import auroc, average_precision, bootstrap_ci, delong_test
 from .screening import ScreenedGenerator, load_screener
 
 # %% auto #0
-__all__ = ['ARMS', 'POOL_KINDS', 'RarityError', 'RarityConfig', 'cap_positives', 'StudySet', 'real_sets', 'capped_manifest',
-           'synthetic_pool', 'take_per_finding', 'classic_augment', 'augmented_positives', 'train_arm',
-           'sensitivity_at_specificity', 'evaluation_sets', 'arm_training_set', 'run_study', 'load_predictions',
-           'verdict', 'study_table', 'study_figure', 'real_vs_synthetic', 'summary_markdown', 'main']
+__all__ = ['ARMS', 'RARITY_SAMPLING', 'POOL_KINDS', 'RarityError', 'RarityConfig', 'cap_positives', 'StudySet', 'real_sets',
+           'capped_manifest', 'study_sampling', 'synthetic_pool', 'take_per_finding', 'classic_augment',
+           'augmented_positives', 'train_arm', 'sensitivity_at_specificity', 'evaluation_sets', 'arm_training_set',
+           'run_study', 'load_predictions', 'verdict', 'study_table', 'study_figure', 'real_vs_synthetic',
+           'summary_markdown', 'main']
 
 # %% ../nbs/19a_rarity.ipynb #3c4757d7
 ARMS = ('mix', 'unconditional', 'augment', 'pretrain', 'weighted', 'negatives', 'screened')
 
 class RarityError(CXRDataError):
     "A rarity-study request that cannot run; the message names where and which field."
+
+RARITY_SAMPLING = dict(sampler='dpmpp', steps=20, guidance_mode='compositional')   # unset fields, for a diffusion generator
 
 @dataclass
 class RarityConfig:
@@ -61,10 +64,10 @@ class RarityConfig:
     min_test_positives: int = 20        # fewer: "too few to conclude"
     report_by: str | None = 'view'      # also report on the test subgroups of this column (AP / PA: a proxy site shift)
     train_where: dict = field(default_factory=dict)  # keep only real training images with these column values, e.g. {'view': 'PA'}
-    sampler: str = 'dpmpp'
-    steps: int = 20
+    sampler: str | None = None          # None: the generator's own (diffusion: 'dpmpp', 20 steps, 'compositional':
+    steps: int | None = None            # `RARITY_SAMPLING`; a GAN has none of the three and refuses a set one)
     guidance: dict = field(default_factory=dict)
-    guidance_mode: str = 'compositional'
+    guidance_mode: str | None = None
     sample_batch: int = 32
     mixed_precision: str = 'no'         # 'bf16': sample the pools 1.5-2x faster on CPUs with bf16 (not bit-exact)
     device: str | None = None
@@ -187,11 +190,21 @@ def _pool_plan(gen, pool: DonorPool, cfg: RarityConfig, n: int, kind: str, seed:
                                  seed=[int(np.random.SeedSequence((seed, 7, k)).generate_state(1)[0] & 0x7FFFFFFF) for k in range(n)]))
     return plan_cohort(CohortConfig(seed=seed), pool, {f: n for f in modelled})
 
+def study_sampling(cfg: RarityConfig, gen, kind: str | None = None) -> RarityConfig:
+    """`cfg` with the sampling fields the generator's own (`cohort.resolve_sampling` with `RARITY_SAMPLING`), checked
+    before any work: a GAN refuses a set diffusion option, and the `unconditional` pool (conditions switched off by
+    guidance 0), which only a diffusion model can draw, naming `arms`."""
+    if not is_diffusion(gen) and (kind == 'unconditional' or (kind is None and 'unconditional' in cfg.arms)):
+        raise RarityError('RarityConfig', 'arms', f"'unconditional' draws with the conditions switched off (guidance 0), which "
+                          f"a {gen.kind} generator cannot do; leave that arm out")
+    return resolve_sampling(cfg, gen, 'RarityConfig', RARITY_SAMPLING, RarityError)
+
 def synthetic_pool(gen, m: Manifest, cfg: RarityConfig, n: int, kind: str = 'conditional', seed: int = 0, progress=None) -> StudySet:
     """`n` synthetic images per modelled finding of `cfg.findings` (`kind` 'negative': `n` images in all) from `gen`, with
     conditions from the training images of `m` (`capped_manifest`), at the classifier's size. Labels: as asked for the
     findings the generator models, NaN for the others."""
     if kind not in POOL_KINDS: raise RarityError('synthetic_pool', 'kind', f'{kind!r} is not one of {POOL_KINDS}')
+    cfg = study_sampling(cfg, gen, kind)
     if kind == 'screened': gen = ScreenedGenerator(gen, load_screener(), cfg.screen_candidates)   # plan and seeds as 'conditional'
     pool = DonorPool(m, gen.findings, gen.image_size, split='train')
     plan = _pool_plan(gen, pool, cfg, n, kind, seed)
@@ -350,6 +363,7 @@ def run_study(gen, real: Manifest, cfg: RarityConfig, out_dir, external: Manifes
     (`real_vs_synthetic` of the real training films against the conditional pool).
     Runs are stored one by one, keyed by (k, arm, n, seed): a folder can be resumed, or extended with more k, n,
     arms or seeds, as long as the generator, the data and the training settings are the same. Returns `out_dir`."""
+    cfg = study_sampling(cfg, gen)                   # before the identity: a default study records what it always did
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     ident = _identity(gen, cfg, real, external)
     f = out/'study.json'

@@ -5,7 +5,7 @@ import json, subprocess, sys
 from pathlib import Path
 import numpy as np, pandas as pd, pytest, yaml
 from cxr_diffusion_nbs.pipeline import (Stages, PipelineError, markdown_table, check_judges, rarity_study_config, evidence,
-                                        rarity_sentences, demo_model)
+                                        rarity_sentences, demo_model, check_generator, sampling_parameters)
 
 ROOT = Path(__file__).parents[1]
 BIN = Path(sys.executable).parent
@@ -170,3 +170,42 @@ def test_evidence_and_rarity_sentences():
 
 def test_markdown_table():
     assert markdown_table(pd.DataFrame({'x': [0.5]})) == '| x |\n|---|\n| 0.5 |'
+
+def test_generator_parameter():
+    "None: the run trains its diffusion model (dpmpp, 20 steps unless told); a model folder of any kind: used as is; anything else refused by name."
+    assert check_generator(None) is None and sampling_parameters(None, None, None, {}) == ('dpmpp', 20)
+    for bad, msg in (('data/models/nope', 'does not exist'), (3, 'give null'), ('', 'give null'), ('data/cxr14_sample', 'not a generator folder .checkpoint: neither a checkpoint')):
+        with pytest.raises(PipelineError, match=f"field 'generator'.*{msg}"): check_generator(bad)
+    gan = check_generator('data/models/gan64')
+    demo = check_generator(ROOT/'data'/'models'/'cpu64_demo')
+    assert (gan.kind, demo.kind) == ('gan', 'pixel-diffusion')
+    assert sampling_parameters(gan, None, None, {}) == (None, None) and sampling_parameters(demo, 'ddim', 8, {}) == ('ddim', 8)
+    for kw, name in ((dict(sampler='dpmpp'), 'sampler'), (dict(sample_steps=20), 'sample_steps'), (dict(guidance={'labels': 2}), 'guidance')):
+        a = {**dict(sampler=None, sample_steps=None, guidance={}), **kw}
+        with pytest.raises(PipelineError, match=f"field '{name}'.*the gan generator draws in one pass"):
+            sampling_parameters(gan, a['sampler'], a['sample_steps'], a['guidance'])
+
+def test_pipeline_refuses_a_bad_generator_before_anything(tmp_path, capsys):
+    "In process (no papermill, no kernel): the CLI refuses an unknown generator folder, or steps for a GAN, and writes nothing."
+    from cxr_diffusion_nbs.pipeline import main
+    for params, msg in ((['-p', 'generator', 'data/models/nope'], "field 'generator': data/models/nope: not a generator folder"),
+                        (['-p', 'generator', 'data/models/gan64', '-p', 'sample_steps', '20'], "field 'sample_steps': 20: a diffusion option")):
+        with pytest.raises(SystemExit) as e: main(['--output', str(tmp_path/'run'), '--no-progress', *params])
+        assert e.value.code == 2 and msg in capsys.readouterr().err
+        assert not (tmp_path/'run').exists()
+
+def test_pipeline_gan_run(tmp_path):
+    "The shipped GAN as `generator` (about a minute): no training, every evaluation stage, a report that names the generator."
+    out = tmp_path/'run'
+    small = {k: v for k, v in SMALL.items() if not k.startswith('train_') and k != 'sample_steps'}
+    r = pipeline(out, dict(small, generator='data/models/gan64'))
+    assert r.returncode == 0, (r.stderr[-3000:], r.stdout[-1000:])
+    assert not (out/'diffusion').exists() and 'train' not in json.loads((out/'stages.json').read_text())
+    report = (out/'report.md').read_text()
+    assert 'Generator: data/models/gan64 (gan), used as given: training skipped.' in report
+    assert '(gan, one pass)' in report and 'takes no mask' in report and '## Rarity study' in report
+    assert set(pd.read_csv(out/'tables'/'rarity_table.csv').arm) == {'real-only', 'mix', 'augment'}
+    from cxr_diffusion_nbs.cohort import load_cohort
+    syn = load_cohort(out/'cohort')
+    assert len(syn.images) == 15 and syn.images.steps.isna().all() and json.loads((out/'cohort'/'cohort.json').read_text())['generator_kind'] == 'gan'
+    assert json.loads((out/'summary.json').read_text())['generator'].startswith('data/models/gan64 (gan)')

@@ -124,3 +124,23 @@ def test_cli_refuses_a_folder_of_other_files(tmp_path, capsys):
     with pytest.raises(SystemExit) as e: main(['--output', str(o), '--no-progress'])
     assert e.value.code == 2 and 'holds files that no rarity study wrote' in capsys.readouterr().err
     assert sorted(p.name for p in o.iterdir()) == ['thesis.docx']
+
+# what `_identity` recorded for a default study before the sampling fields defaulted to None (studies then resume)
+DEFAULT_IDENTITY_CONFIG = {'findings': list(F5), 'test_fraction': 0.25, 'image_size': 64, 'width': 16, 'epochs': 8,
+                           'batch_size': 64, 'lr': 0.003, 'synthetic_weight': 0.5, 'report_by': 'view', 'train_where': {},
+                           'sampler': 'dpmpp', 'steps': 20, 'guidance': {}, 'guidance_mode': 'compositional',
+                           'sample_batch': 32, 'mixed_precision': 'no'}
+
+def test_default_study_keeps_its_identity_and_a_gan_study_claims_no_sampler():
+    from cxr_diffusion_nbs.rarity import _identity, study_sampling, synthetic_pool, capped_manifest
+    real = load_shared_subset(sample_data_root())
+    demo = load_generator(project_root()/'data'/'models'/'cpu64_demo')
+    assert _identity(demo, study_sampling(RarityConfig(), demo), real, None)['config'] == DEFAULT_IDENTITY_CONFIG
+    gan = load_generator(project_root()/'data'/'models'/'gan64')
+    cfg = study_sampling(RarityConfig(n_synthetic=(0, 2), seeds=(0,)), gan)
+    assert (cfg.sampler, cfg.steps, cfg.guidance_mode) == (None, None, None)
+    with pytest.raises(RarityError, match="field 'arms'.*'unconditional'"): study_sampling(RarityConfig(arms=('mix', 'unconditional')), gan)
+    with pytest.raises(RarityError, match="field 'steps'.*diffusion option"): study_sampling(RarityConfig(steps=20), gan)
+    m, train, _ = real_sets(real, cfg)
+    pool = synthetic_pool(gan, capped_manifest(m, train.facts.image_id), cfg, 2, 'conditional')      # one pass per image: a second
+    assert pool.images.shape == (10, 1, 64, 64) and (np.nan_to_num(pool.labels).sum(0) >= 2).all()
