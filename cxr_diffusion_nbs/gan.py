@@ -44,7 +44,8 @@ __all__ = ['LOSSES', 'GAN_KIND', 'GENERATOR_FOLDER', 'GAN_OPTIONS', 'NEUTRAL_DIF
            'load_films', 'GANRun', 'gan_start_checks', 'build_gan_run', 'gan_train_step', 'gan_log_window',
            'save_gan_checkpoint', 'load_gan_checkpoint', 'finding_rows', 'sample_grid', 'finish_gan_run', 'train_gan',
            'main', 'gan_folder', 'load_gan_network', 'GANGenerator', 'ship_gan', 'prior_penalty', 'LatentSearch',
-           'optimise_latents', 'latent_search_figure', 'real_films', 'draw_conditioned', 'compare_generators']
+           'judge_size', 'optimise_latents', 'latent_search_figure', 'real_films', 'draw_conditioned', 'aligned_labels',
+           'downstream_auroc', 'downstream_columns', 'compare_generators']
 
 # %% ../nbs/24_gan.ipynb #09e23d45
 class GANError(CXRDataError):
@@ -806,6 +807,10 @@ class LatentSearch:
                     z_norm_before=float(self.z0.pow(2).mean(1).mean()), z_norm_after=float(self.z.pow(2).mean(1).mean()),
                     mean_pixel_change=float((self.after - self.before).abs().mean()))
 
+def judge_size(x: torch.Tensor, size: int) -> torch.Tensor:
+    "Images (n, 1, S, S) at the judges' `size` px: antialiased bilinear resampling (a 256-px draw averaged down, not aliased), differentiable; unchanged at that size."
+    return x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode='bilinear', antialias=True, align_corners=False)
+
 def _classifier(classifier):
     "(model, findings, image size) of `classifier`: None = the shipped one, or a (model, ClassifierConfig) pair."
     from cxr_diffusion_nbs.classifier import shipped_classifier
@@ -829,7 +834,7 @@ def optimise_latents(gen, finding: str, n: int = 8, steps: int = 100, lr: float 
     z = z0.clone().requires_grad_(True)
     opt = torch.optim.Adam([z], lr=lr)
     for p in list(gen.net.parameters()) + list(clf.parameters()): p.requires_grad_(False)
-    size = lambda x: x if x.shape[-1] == csize else F.interpolate(x, size=(csize, csize), mode='bilinear', antialias=True, align_corners=False)
+    size = lambda x: judge_size(x, csize)
     rows = []
     try:
         for t in range(steps + 1):
@@ -862,7 +867,7 @@ def latent_search_figure(res: LatentSearch, n: int = 6, size: float = 1.2):
 
 # %% ../nbs/24_gan.ipynb #9193ff4e
 def real_films(findings=RARE_FINDINGS, size: int = 64, split: str = 'val', root=None, test_fraction: float = 0.25) -> dict:
-    "`metrics.load_image_set` of `split` at `size` px, with the held-out test patients moved out as every trainer does."
+    "`metrics.load_image_set` of `split` at `size` px, with the held-out test patients moved out (split 'test') as every trainer does."
     from cxr_diffusion_nbs.metrics import load_image_set
     man = with_held_out_test(load_shared_subset(Path(root) if root else find_data_root()), test_fraction)
     return load_image_set(man, size=size, findings=list(findings), split=split)
@@ -874,36 +879,93 @@ def draw_conditioned(gen, labels, seed: int = 0, batch_size: int = 32, **options
            for s in range(0, len(lab), batch_size)]
     return torch.cat(out)
 
-def compare_generators(gens: dict, n: int = 256, seed: int = 0, root=None, max_pairs: int = 300, options: dict | None = None) -> pd.DataFrame:
-    """One row per generator (`{name: generator}`, all with the same findings and image size) and one for the real
-    validation films: FID, KID, PRDC, MS-SSIM diversity, class consistency (mean AUROC), memorisation (median nearest
-    training-film distance), seconds per image. `options`: per generator name, extra `generate` options."""
+def aligned_labels(labels, findings, gen_findings, where: str = 'compare_generators') -> np.ndarray:
+    "The columns of `labels` (n, F, in `findings` order) in the order of a generator's `gen_findings`, matched by name; refused when the two sets differ."
+    findings, gen_findings = list(findings), list(gen_findings)
+    if set(findings) != set(gen_findings) or len(gen_findings) != len(findings):
+        raise GANError(where, 'findings', f'{tuple(gen_findings)}; the first generator has {tuple(findings)} (the same findings are needed, in any order)')
+    return np.asarray(labels)[:, [findings.index(f) for f in gen_findings]]
+
+def downstream_auroc(train_sets: dict, test: dict, findings, seeds=(0, 1, 2), cfg=None, min_test_positives: int | None = None) -> pd.DataFrame:
+    """Train the rarity study's small classifier (`rarity.train_arm` with `cfg`, a `rarity.RarityConfig`: by default
+    width 16, 8 epochs, batch 64 at 64 px) on each `{name: (images, labels)}` of `train_sets` (images resized to the
+    classifier's size by `judge_size`, labels NaN = unknown) once per seed, and score it on the real `test` films (a
+    `real_films(split='test')` dict). One row per (name, seed, finding) with the test AUROC, for the findings with at
+    least `min_test_positives` test positives (default: cfg's)."""
+    from cxr_diffusion_nbs.rarity import RarityConfig, StudySet, train_arm
+    from cxr_diffusion_nbs.classifier import predict_proba, per_finding_auroc
+    findings = tuple(findings)
+    cfg = dataclasses.replace(cfg, findings=findings) if cfg is not None else RarityConfig(findings=findings)
+    min_pos = cfg.min_test_positives if min_test_positives is None else int(min_test_positives)
+    if list(test['findings']) != list(findings): raise GANError('downstream_auroc', 'test', f"findings {tuple(test['findings'])}; the training sets have {findings}")
+    pos = np.nansum(np.asarray(test['labels']) == 1, 0)
+    keep = [k for k, p in enumerate(pos) if p >= min_pos]
+    if not keep: raise GANError('downstream_auroc', 'min_test_positives', f'no finding has {min_pos} test positives (they have {dict(zip(findings, pos.tolist()))})')
+    xt = judge_size(test['images'], cfg.image_size)
+    rows = []
+    for name, (x, lab) in train_sets.items():
+        lab = np.asarray(lab, dtype=float)
+        if lab.shape != (len(x), len(findings)): raise GANError('downstream_auroc', name, f'labels of shape {lab.shape}; expected ({len(x)}, {len(findings)})')
+        data = StudySet(judge_size(x, cfg.image_size), lab, np.ones(len(x)), pd.DataFrame(dict(image_id=range(len(x)))))
+        for s in seeds:
+            au = per_finding_auroc(predict_proba(train_arm(data, cfg, int(s)), xt), test['labels'], findings)
+            rows += [dict(name=name, seed=int(s), finding=findings[k], test_pos=int(pos[k]), auroc=float(au['auroc'].iloc[k])) for k in keep]
+    return pd.DataFrame(rows)
+
+def downstream_columns(res: pd.DataFrame) -> dict:
+    "Table columns of one name's `downstream_auroc` rows: mean over seeds of the mean AUROC over findings, its SD over seeds, and per finding the mean over seeds."
+    by_seed = res.groupby('seed')['auroc'].mean()
+    return dict(downstream_auroc=float(by_seed.mean()), downstream_auroc_sd=float(by_seed.std(ddof=1)) if len(by_seed) > 1 else float('nan'),
+                downstream_seeds=len(by_seed), **{f'downstream_auroc_{f}': float(v) for f, v in res.groupby('finding', sort=False)['auroc'].mean().items()})
+
+def compare_generators(gens: dict, n: int = 256, seed: int = 0, root=None, max_pairs: int = 300, options: dict | None = None,
+                       downstream_seeds=(0, 1, 2), downstream_cfg=None, min_test_positives: int | None = None, test_fraction: float = 0.25,
+                       keep_images: dict | None = None) -> pd.DataFrame:
+    """One row per generator (`{name: generator}`, all with the same findings, in any order) and one for the real
+    training films: FID, KID, PRDC, MS-SSIM diversity, class consistency (mean AUROC), memorisation (median nearest
+    training-film distance), downstream AUROC (`downstream_auroc` over `downstream_seeds`; empty: none), seconds per
+    image (drawn at the generator's own size). Every image is measured at the judges' size (the shipped classifier's,
+    64 px): larger draws are resized by `judge_size` first (`drawn_px` says at what size a row was drawn).
+    `options`: per generator name, extra `generate` options. `keep_images`: a dict that receives each generator's
+    images as drawn (before resizing), filled as they are drawn; `df.attrs['seconds']`: per row, the seconds of its parts."""
     from cxr_diffusion_nbs.metrics import feature_extractor, extract_features, compare_sets, pairwise_ms_ssim
     from cxr_diffusion_nbs.classifier import shipped_classifier
     from cxr_diffusion_nbs.adherence import class_consistency
     from cxr_diffusion_nbs.memorisation import nearest_real
-    first = next(iter(gens.values()))
-    findings, size = tuple(first.findings), first.image_size
-    for name, g in gens.items():
-        if tuple(g.findings) != findings or g.image_size != size:
-            raise GANError('compare_generators', name, f'findings {tuple(g.findings)} at {g.image_size} px; the first has {findings} at {size} px')
-    val, train = real_films(findings, size, 'val', root), real_films(findings, size, 'train', root)
+    findings = tuple(next(iter(gens.values())).findings)
+    for name, g in gens.items(): aligned_labels(np.zeros((0, len(findings))), findings, g.findings, f'compare_generators: {name}')
     ext, clf = feature_extractor(), shipped_classifier('cpu')
+    size = ext.image_size
+    films = {s: real_films(findings, size, s, root, test_fraction) for s in ('val', 'train') + (('test',) if len(downstream_seeds) else ())}
+    val, train = films['val'], films['train']
     fv, ft = extract_features(ext, val['images']), extract_features(ext, train['images'])
     labels = np.nan_to_num(val['labels'])[np.arange(n) % len(val['labels'])]
-    def row(name, x, lab, f, secs):
+    def row(name, x, lab, f, secs, drawn, train_labels):
+        t0 = time.perf_counter()
         cc = class_consistency(clf, x, lab, list(findings))
-        return dict(generator=name, n=len(x), **{k: v for k, v in compare_sets(fv, f).items() if k not in ('n_real', 'n_synthetic')},
+        t1 = time.perf_counter()
+        down = (downstream_columns(downstream_auroc({name: (x, train_labels)}, films['test'], findings, downstream_seeds, downstream_cfg, min_test_positives))
+                if len(downstream_seeds) else {})
+        seconds[name] = dict(seconds.get(name, {}), downstream=time.perf_counter() - t1)
+        out = dict(generator=name, n=len(x), drawn_px=drawn, **{k: v for k, v in compare_sets(fv, f).items() if k not in ('n_real', 'n_synthetic')},
                     ms_ssim=float(pairwise_ms_ssim(x, max_pairs, seed).mean()), class_consistency_auroc=float(cc['auroc'].mean()),
-                    nn_train_distance=float(nearest_real(f, ft)['nn_distance'].median()), seconds_per_image=secs)
+                    nn_train_distance=float(nearest_real(f, ft)['nn_distance'].median()), **down, seconds_per_image=secs)
+        seconds[name]['metrics'] = time.perf_counter() - t0 - seconds[name]['downstream']
+        return out
+    seconds = {}
     pick = np.random.default_rng(seed).permutation(len(ft))[:n]        # the reference: real training films as if generated
-    ref = row('real training films', train['images'][pick], np.nan_to_num(train['labels'])[pick], ft[pick], float('nan'))
+    ref = row('real training films', train['images'][pick], np.nan_to_num(train['labels'])[pick], ft[pick], float('nan'), size, train['labels'][pick])
     rows = [dict(ref, nn_train_distance=float(nearest_real(fv, ft)['nn_distance'].median()))]   # (a training film is its own neighbour:
                                                                                                # the validation films' distance instead)
     for name, g in gens.items():
         t0 = time.perf_counter()
-        x = draw_conditioned(g, labels, seed, **(options or {}).get(name, {}))
-        rows.append(row(name, x, labels, extract_features(ext, x), (time.perf_counter() - t0) / len(x)))
+        x = draw_conditioned(g, aligned_labels(labels, findings, g.findings), seed, **(options or {}).get(name, {}))
+        secs, drawn = (time.perf_counter() - t0) / len(x), x.shape[-1]
+        seconds[name] = dict(draw=secs * len(x))
+        if keep_images is not None: keep_images[name] = x
+        x = judge_size(x, size)
+        rows.append(row(name, x, labels, extract_features(ext, x), secs, drawn, labels))
     df = pd.DataFrame(rows).set_index('generator')
-    df.attrs.update(n_val=len(val['images']), n_train=len(train['images']), findings=list(findings))
+    df.attrs.update(n_val=len(val['images']), n_train=len(train['images']), n_test=len(films['test']['images']) if 'test' in films else 0,
+                    findings=list(findings), judge_px=size, seconds=seconds)
     return df
