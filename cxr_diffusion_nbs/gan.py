@@ -728,15 +728,20 @@ class GANGenerator:
         """Images (n, 1, S, S) in [-1, 1] for `findings` (a name or list of names for all images, or one entry per image)
         or ready multi-hot `labels` (n, F); `seed` an int (image i gets seed + i) or one per image; `options` as in
         `self.options`. `masks` and `text` are refused: a GAN takes finding labels only."""
-        if masks is not None and not (isinstance(masks, (list, tuple)) and all(m is None for m in masks)):
-            raise SamplingError('generate', 'masks', 'given, but a GAN takes finding labels only (no mask conditioning)')
-        if text is not None: raise SamplingError('generate', 'text', 'given, but a GAN takes finding labels only (no text conditioning)')
         o = self.check_options('generate', **options)
         if n is None and not isinstance(seed, (int, np.integer)): n = len(seed)
-        if n is None and labels is not None and np.ndim(labels) == 2: n = len(labels)
-        y = self.labels(labels, findings, n)
+        y = self.inputs(labels, masks, findings=findings, text=text, n=n)['labels']
         seeds = image_seeds(seed, len(y))
         return self.images(self.latents(seeds, o['truncation']), y, o['mixed_precision'])
+
+    def inputs(self, labels=None, masks=None, *, findings=None, text=None, n: int | None = None, where: str = 'generate') -> dict:
+        """The conditions of a request as the network takes them, `{'labels': (n, F)}`, as the diffusion generators'
+        `inputs` (what `screening.ScreenedGenerator` scores against); masks and text are refused by name."""
+        if masks is not None and not (isinstance(masks, (list, tuple)) and all(m is None for m in masks)):
+            raise SamplingError(where, 'masks', 'given, but a GAN takes finding labels only (no mask conditioning)')
+        if text is not None: raise SamplingError(where, 'text', 'given, but a GAN takes finding labels only (no text conditioning)')
+        if n is None and labels is not None and np.ndim(labels) == 2: n = len(labels)
+        return {'labels': self.labels(labels, findings, n, where)}
 
     @torch.no_grad()
     def images(self, z: torch.Tensor, labels: torch.Tensor, mixed_precision: str = 'no') -> torch.Tensor:

@@ -222,3 +222,16 @@ def test_downstream_auroc_trains_one_classifier_per_set_and_seed():
     again = downstream_auroc({'real': sets['real']}, te, tr['findings'], seeds=(0,), cfg=cfg, min_test_positives=10)
     assert np.allclose(again['auroc'], res[(res['name'] == 'real') & (res['seed'] == 0)]['auroc'])      # a seed repeats
     with pytest.raises(GANError, match='min_test_positives'): downstream_auroc(sets, te, tr['findings'], cfg=cfg, min_test_positives=999)
+
+
+def test_a_screened_gan_keeps_the_best_of_its_candidates():
+    "The rarity study's 'screened' arm wraps the generator in `ScreenedGenerator`, which reads its conditions through `inputs`."
+    from cxr_diffusion_nbs.screening import ScreenedGenerator, load_screener
+    s = ScreenedGenerator(load_generator(SHIPPED, 'cpu'), load_screener(), 3)
+    labels = torch.eye(len(s.findings))[[s.findings.index('effusion'), s.findings.index('nodule')]]
+    x = s.generate(labels=labels, seed=0)
+    assert x.shape == (2, 1, 64, 64) and s.last_scores.shape == (2, 3)
+    draws, scores = s.draw_candidates(labels=labels, seed=0)
+    for i in range(2): assert torch.equal(x[i], draws[i, scores[i].argmax()])
+    assert s.provenance()['kind'] == 'gan+screened'
+    with pytest.raises(SamplingError, match="'masks'"): s.generate(findings='effusion', masks=torch.ones(1, 64, 64))
