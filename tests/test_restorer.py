@@ -19,7 +19,7 @@ from cxr_diffusion_nbs.unet import unet_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-SHIPPED = {'diffusion': ROOT/'data'/'models'/'restorer128_diffusion', 'regression': ROOT/'data'/'models'/'restorer128_regression'}
+SHIPPED = {k: ROOT/'data'/'models'/f'restorer128_{k}' for k in ('diffusion', 'residual', 'regression')}
 
 
 @pytest.fixture(autouse=True, scope='module')
@@ -186,7 +186,7 @@ def test_cli_refuses_before_any_work(trained, tmp_path, case, expect):
     assert not (tmp_path/'out').exists()
 
 
-@pytest.mark.parametrize('kind', ['diffusion', 'regression'])
+@pytest.mark.parametrize('kind', ['diffusion', 'residual', 'regression'])
 def test_shipped_restorer_restores_noise_and_coarse_pixels(kind):
     "The shipped restorers beat the degraded input on bundled validation films: severe noise and 2x binning at 128 px."
     from cxr_diffusion_nbs.restoration import film_psnr, restoration_films
