@@ -13,7 +13,13 @@ the donor film at the generator's resolution. Per rare finding it prints:
   over the donors with complete lesion outlines; the floor (another donor's mask) for scale;
 - **lesion contrast** ratio (lesion minus surrounding ring, synthetic / real) and per-finding **coverage**;
 - **FID** (and precision, coverage) in the judge's features, against the target: no worse than the demo model of
-  issue 9 (`condition_fidelity.FID_TARGET`, measured with these judges on the same requests).
+  issue 9 (`condition_fidelity.FID_TARGET`, measured with these judges on the same requests);
+- **realness** of the same synthetic images against the same real donor films (`realness.realness`, taught in
+  nbs/16a_realness): a small CNN trained from scratch to tell them apart, scored out of fold (AUROC with a bootstrap
+  95% interval; 0.5 = it cannot), the same detector on real films of another split (the training split) against the
+  donor films as the control, the sharpness ratio (variance of the Laplacian, synthetic / real) and the spectral
+  power ratio per octave band. Both sets are brought to the smaller of the generator's and the judges' size with
+  `classifier.to_size`, and compared there (at most `REALNESS_PX`, 64 px, the size `realness` compares at).
 
 Targets (issue 10): consistency ratio >= 0.9 for every rare finding; adherence >= 0.8 of the real ceiling; FID no
 worse than FID_TARGET. A row resting on fewer than `--min-positives` (20) real positives or lesion images is flagged
@@ -33,12 +39,16 @@ import torch
 from cxr_diffusion_nbs import load_generator
 from cxr_diffusion_nbs.core import CXRDataError, find_data_root, resolve_path, shareable_path
 from cxr_diffusion_nbs.manifest import load_shared_subset
-from cxr_diffusion_nbs.condition_fidelity import FID_TARGET, load_judges, measure   # FID_TARGET: the issue-9 demo, measured here
+from cxr_diffusion_nbs.condition_fidelity import FID_TARGET, load_judges, measure, donor_requests   # FID_TARGET: the issue-9 demo, measured here
+from cxr_diffusion_nbs.adherence import load_masked_images
+from cxr_diffusion_nbs.classifier import to_size
+from cxr_diffusion_nbs.realness import realness
 from cxr_diffusion_nbs.screening import ScreenedGenerator, load_screener
 from cxr_diffusion_nbs.sampling import SAMPLERS, GUIDANCE_MODES, _parse_scales
 
 DEMO = 'data/models/cpu64_demo'
 CONSISTENCY_TARGET, ADHERENCE_TARGET = 0.9, 0.8
+REALNESS_PX = 64                 # realness compares at most at this size (its default: every generator judged alike)
 
 
 def fmt(x, d=2) -> str: return 'n/a' if x is None or not np.isfinite(x) else f'{x:.{d}f}'
@@ -69,13 +79,14 @@ def main(argv=None):
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--batch', type=int, default=32)
     p.add_argument('--min-positives', type=int, default=20, help='fewer real positives / lesion images: "too few to conclude"')
+    p.add_argument('--realness-steps', type=int, default=300, help="training steps of each realness detector (default 300, realness's own)")
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--progress', action='store_true', help='print a line per batch drawn (for long runs such as DDPM 1000 steps)')
     p.add_argument('--record', help='append the summary as a row to this CSV (the experiments table of nbs/17a_condition_fidelity)')
     p.add_argument('--label', default='', help='what the row is (with --record), e.g. "balanced draws"')
     a = p.parse_args(argv)
-    for k in ('repeats', 'batch', 'steps', 'screen'):
-        if getattr(a, k) < 1: p.error(f'--{k} must be >= 1')
+    for k in ('repeats', 'batch', 'steps', 'screen', 'realness_steps'):
+        if getattr(a, k) < 1: p.error(f"--{k.replace('_', '-')} must be >= 1")
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
     try: run(a)
@@ -99,8 +110,9 @@ def run(a):
           + (f" | best of {a.screen} by {gen.judges.name}" if a.screen > 1 else ''))
     print(f"judges: {judges.name} ({judges.size} px) | real data: {real.name}, split {a.split!r}")
     t = time.perf_counter()
+    req = donor_requests(real, a.split, list(gen.findings), gen.image_size, judges.size)   # what measure would build; kept for realness
     r = measure(gen, real, a.split, judges, repeats=a.repeats, n_per_finding=a.n_per_finding, seed=a.seed, batch=a.batch,
-                min_positives=a.min_positives, progress=_progress(t) if a.progress else None, **opts)
+                min_positives=a.min_positives, req=req, progress=_progress(t) if a.progress else None, **opts)
     print(f"{len(r.synthetic)} synthetic images drawn and judged in {time.perf_counter() - t:.0f} s")
 
     c = r.consistency
@@ -129,6 +141,7 @@ def run(a):
     f = r.fidelity
     print(f"\nfidelity against the {f['n_real']} real donor films: FID {f['fid']:.2f}  KID {f['kid']:.4f}  precision "
           f"{f['precision']:.3f}  recall {f['recall']:.3f}  density {f['density']:.3f}  coverage {f['coverage']:.3f}")
+    look = measure_realness(a, real, req, r)
 
     s = r.summary()
     print(f"\ntargets (issue 10): consistency ratio >= {CONSISTENCY_TARGET} for every rare finding; adherence >= "
@@ -141,9 +154,45 @@ def run(a):
              'met' if s['fid'] <= FID_TARGET else f'missed by {s["fid"] - FID_TARGET:.2f}')
     print(f"  FID:         {s['fid']:.2f} vs {fmt(FID_TARGET) if FID_TARGET else 'n/a'}: {fid_v}")
     n_met = int((c.ratio >= CONSISTENCY_TARGET).sum())
-    if a.record: record(a, gen, o, judges, real, r, s)
+    if a.record: record(a, gen, o, judges, real, r, s, look)
     print(f"  summary: consistency {n_met}/{len(c)} findings met; adherence {verdict(s['adherence'], ADHERENCE_TARGET)}; FID {fid_v}"
           + (f"; * too few to conclude: {', '.join(s['too_few'])}" if s['too_few'] else ''))
+
+
+def control_films(real, split: str, findings, size: int, n: int, seed: int = 0):
+    """Up to `n` real films of another split than the reference `split` (the training split; 'val' when the reference is
+    'train'), read as the reference films are (`load_masked_images` at `size`): realness's real-vs-real control.
+    Returns (images or None when that split has fewer than 8 films, the split's name)."""
+    other = 'train' if split != 'train' else 'val'
+    ids = real.images.loc[real.images['split'] == other, 'image_id'].tolist()
+    if len(ids) < 8: return None, other
+    pick = np.random.default_rng(seed).permutation(len(ids))[:n]
+    return load_masked_images(real, other, list(findings), size, image_ids=[ids[i] for i in pick])['images'], other
+
+
+def measure_realness(a, real, req, r) -> dict:
+    """`realness` of the synthetic images `r.synthetic` against the real donor films `req.films`, both brought to the
+    smaller of their sizes by `to_size` and compared at no more than `REALNESS_PX`; printed as a short block. The
+    returned dict adds `realness_px` and `realness_control` (the control's split, or 'none')."""
+    t = time.perf_counter()
+    common = min(r.synthetic.shape[-1], req.films.shape[-1])
+    control, other = control_films(real, a.split, req.findings, req.films.shape[-1], len(r.synthetic), a.seed)
+    look = realness(to_size(req.films, common), to_size(r.synthetic, common),
+                    control=None if control is None else to_size(control, common),
+                    size=min(common, REALNESS_PX), seed=a.seed, steps=a.realness_steps)
+    look.update(realness_px=min(common, REALNESS_PX), realness_control=other if control is not None else 'none')
+    bands = [k for k in look if k.startswith('band_')]
+    n = min(look['n_real'], look['n_synthetic'])
+    print(f"\nrealness against the {look['n_real']} real donor films at {look['realness_px']} px (a detector trained from scratch on "
+          f"{n} + {n} films, {a.realness_steps} steps, scored out of fold; {time.perf_counter() - t:.0f} s)")
+    print(f"  detector AUROC {look['detector_auroc']:.3f} [{look['detector_auroc_low']:.3f}, {look['detector_auroc_high']:.3f}]   "
+          + (f"control (real {other} films against the donor films) {look['control_auroc']:.3f}" if control is not None
+             else f"control: none (fewer than 8 real {other} films)") + "   (0.5 = cannot tell them apart)")
+    print(f"  sharpness ratio {look['sharpness_ratio']:.2f} (median variance of the Laplacian, synthetic / real: 1 = as sharp, below 1 = "
+          f"blurred, above 1 = noisier); sharpness alone as the detector (lower = synthetic): AUROC {look['sharpness_auroc']:.3f}")
+    print('  spectral power, synthetic / real, per octave band (cycles per image): '
+          + ' | '.join(f"{k[5:].replace('_', '-')} {look[k]:.2f}" for k in bands) + f";  spectrum distance {look['spectrum_distance']:.3f}")
+    return look
 
 
 def _progress(t0):
@@ -154,8 +203,8 @@ def _progress(t0):
     return show
 
 
-def record(a, gen, o, judges, real, r, s):
-    "Append this run's summary to the CSV `a.record` (written atomically)."
+def record(a, gen, o, judges, real, r, s, look):
+    "Append this run's summary and realness (`look`; its image counts as `realness_n_real`, `realness_n_synthetic`) to the CSV `a.record` (written atomically)."
     import datetime, pandas as pd
     from cxr_diffusion_nbs.core import atomic_write
     row = dict(label=a.label, checkpoint=shareable_path(resolve_path(a.checkpoint)), screen=a.screen, sampler=o['sampler'], steps=o['steps'],
@@ -163,7 +212,9 @@ def record(a, gen, o, judges, real, r, s):
                guidance=json.dumps(o['guidance']), guidance_mode=o['guidance_mode'], judges=judges.size, data=real.name,
                split=a.split, donors=len(set(r.donors.tolist())),
                images=len(r.synthetic), seed=a.seed, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items() if k != 'too_few'},
-               too_few=' '.join(s['too_few']), date=datetime.date.today().isoformat())
+               too_few=' '.join(s['too_few']),
+               **{(f'realness_{k}' if k.startswith('n_') else k): (round(v, 4) if isinstance(v, float) else v) for k, v in look.items()},
+               date=datetime.date.today().isoformat())
     path = resolve_path(a.record)
     prev = pd.read_csv(path) if path.exists() else pd.DataFrame()
     with atomic_write(path) as tmp: pd.concat([prev, pd.DataFrame([row])], ignore_index=True).to_csv(tmp, index=False)

@@ -29,7 +29,7 @@ from .manifest import (Manifest, load_shared_subset, IMAGE_COLUMNS, ANNOTATION_C
 from .dataset import CXRDataset, affine_pair
 from .splits import with_held_out_test
 from .conditioning import CONDITION_NAMES
-from .sampling import SamplingError, load_generator, made_by, synthetic_note
+from .sampling import SAMPLERS, SamplingError, load_generator, made_by, synthetic_note
 
 # %% auto #0
 __all__ = ['COHORT_SAMPLING', 'PRIVATE', 'CohortError', 'CohortConfig', 'DonorPool', 'move_masks', 'jitter_mask', 'target_counts',
@@ -63,7 +63,7 @@ class CohortConfig:
     lesion_scale: tuple = (0.85, 1.15)          # lesion size range: linear scale factor of the donor mask
     min_inside: float = 0.9                     # a moved mask must keep this fraction inside the finding's region
     severity: float | None = None               # label guidance scale (1 = as in the data, >1 pronounced); None: as `guidance`
-    sampler: str | None = None                  # 'ddpm' | 'ddim' | 'dpmpp'; None: the generator's own (diffusion: 'dpmpp',
+    sampler: str | None = None                  # a name in sampling.SAMPLERS; None: the generator's own (diffusion: 'dpmpp',
     steps: int | None = None                    # 20 steps, eta 0: `COHORT_SAMPLING`; a GAN has none and refuses a set one)
     eta: float | None = None
     guidance: dict | None = None                # per-condition CFG scales, e.g. {'mask': 1.5}; None: the model's recommended
@@ -651,7 +651,7 @@ def main(argv=None):
     p.add_argument('--counts', help='e.g. nodule=20,mass=20')
     p.add_argument('--balance', choices=['max'], help='top up every finding to the most frequent real one')
     p.add_argument('--max-per-finding', type=int, dest='max_per_finding')
-    p.add_argument('--sampler', choices=['ddpm', 'ddim', 'dpmpp']); p.add_argument('--steps', type=int)
+    p.add_argument('--sampler', choices=SAMPLERS); p.add_argument('--steps', type=int)
     p.add_argument('--seed', type=int); p.add_argument('--batch-size', type=int, dest='batch_size')
     p.add_argument('--dicom', action='store_true', default=None, help='also write DICOM Secondary Capture files')
     p.add_argument('--set', dest='overrides', nargs='+', action='append', default=[], metavar='KEY=VALUE')

@@ -37,15 +37,16 @@ from .vae import save_autoencoder as save_network, WEIGHTS_NAME, CONFIG_NAME, _a
 from .sampling import SamplingError, image_seeds, DIFFUSION_OPTIONS, PixelDiffusionGenerator
 
 # %% auto #0
-__all__ = ['LOSSES', 'GAN_KIND', 'GENERATOR_FOLDER', 'GAN_OPTIONS', 'NEUTRAL_DIFFUSION', 'GANError', 'ConditionalBatchNorm',
-           'GBlock', 'ConditionalGenerator', 'ProjectionDiscriminator', 'd_loss_fn', 'g_loss_fn', 'r1_penalty',
-           'diff_augment', 'ema_update', 'GANModelSection', 'GANLossSection', 'GANDataSection', 'GANOptimSection',
-           'GANOutputSection', 'GANTrainConfig', 'validate_gan_config', 'load_gan_config', 'gan_training_manifest',
-           'load_films', 'GANRun', 'gan_start_checks', 'build_gan_run', 'gan_train_step', 'gan_log_window',
-           'save_gan_checkpoint', 'load_gan_checkpoint', 'finding_rows', 'sample_grid', 'finish_gan_run', 'train_gan',
-           'main', 'gan_folder', 'load_gan_network', 'GANGenerator', 'ship_gan', 'prior_penalty', 'LatentSearch',
-           'judge_size', 'optimise_latents', 'latent_search_figure', 'real_films', 'draw_conditioned', 'aligned_labels',
-           'downstream_auroc', 'downstream_columns', 'compare_generators']
+__all__ = ['LOSSES', 'GAN_KIND', 'GENERATOR_FOLDER', 'GAN_OPTIONS', 'NEUTRAL_DIFFUSION', 'REALNESS_COLUMNS', 'GANError',
+           'ConditionalBatchNorm', 'GBlock', 'ConditionalGenerator', 'ProjectionDiscriminator', 'd_loss_fn',
+           'g_loss_fn', 'r1_penalty', 'diff_augment', 'ema_update', 'GANModelSection', 'GANLossSection',
+           'GANDataSection', 'GANOptimSection', 'GANOutputSection', 'GANTrainConfig', 'validate_gan_config',
+           'load_gan_config', 'gan_training_manifest', 'load_films', 'GANRun', 'gan_start_checks', 'build_gan_run',
+           'gan_train_step', 'gan_log_window', 'save_gan_checkpoint', 'load_gan_checkpoint', 'finding_rows',
+           'sample_grid', 'finish_gan_run', 'train_gan', 'main', 'gan_folder', 'load_gan_network', 'GANGenerator',
+           'ship_gan', 'prior_penalty', 'LatentSearch', 'judge_size', 'optimise_latents', 'latent_search_figure',
+           'real_films', 'draw_conditioned', 'aligned_labels', 'downstream_auroc', 'downstream_columns',
+           'compare_generators']
 
 # %% ../nbs/24_gan.ipynb #09e23d45
 class GANError(CXRDataError):
@@ -923,20 +924,25 @@ def downstream_columns(res: pd.DataFrame) -> dict:
     return dict(downstream_auroc=float(by_seed.mean()), downstream_auroc_sd=float(by_seed.std(ddof=1)) if len(by_seed) > 1 else float('nan'),
                 downstream_seeds=len(by_seed), **{f'downstream_auroc_{f}': float(v) for f, v in res.groupby('finding', sort=False)['auroc'].mean().items()})
 
+REALNESS_COLUMNS = ('detector_auroc', 'detector_auroc_low', 'detector_auroc_high', 'sharpness_ratio', 'spectrum_distance')
+
 def compare_generators(gens: dict, n: int = 256, seed: int = 0, root=None, max_pairs: int = 300, options: dict | None = None,
                        downstream_seeds=(0, 1, 2), downstream_cfg=None, min_test_positives: int | None = None, test_fraction: float = 0.25,
-                       keep_images: dict | None = None) -> pd.DataFrame:
+                       keep_images: dict | None = None, realness_kw: dict | None = None) -> pd.DataFrame:
     """One row per generator (`{name: generator}`, all with the same findings, in any order) and one for the real
     training films: FID, KID, PRDC, MS-SSIM diversity, class consistency (mean AUROC), memorisation (median nearest
-    training-film distance), downstream AUROC (`downstream_auroc` over `downstream_seeds`; empty: none), seconds per
-    image (drawn at the generator's own size). Every image is measured at the judges' size (the shipped classifier's,
-    64 px): larger draws are resized by `judge_size` first (`drawn_px` says at what size a row was drawn).
-    `options`: per generator name, extra `generate` options. `keep_images`: a dict that receives each generator's
-    images as drawn (before resizing), filled as they are drawn; `df.attrs['seconds']`: per row, the seconds of its parts."""
+    training-film distance), downstream AUROC (`downstream_auroc` over `downstream_seeds`; empty: none), realness
+    (`REALNESS_COLUMNS` of `realness.realness` against the validation films: for the real row, real against real, the
+    control), seconds per image (drawn at the generator's own size). Every image is measured at the judges' size (the
+    shipped classifier's, 64 px): larger draws are resized by `judge_size` first (`drawn_px` says at what size a row
+    was drawn). `options`: per generator name, extra `generate` options. `realness_kw`: extra `realness` options (e.g.
+    `epochs`). `keep_images`: a dict that receives each generator's images as drawn (before resizing), filled as they
+    are drawn; `df.attrs['seconds']`: per row, the seconds of its parts."""
     from cxr_diffusion_nbs.metrics import feature_extractor, extract_features, compare_sets, pairwise_ms_ssim
     from cxr_diffusion_nbs.classifier import shipped_classifier
     from cxr_diffusion_nbs.adherence import class_consistency
     from cxr_diffusion_nbs.memorisation import nearest_real
+    from cxr_diffusion_nbs.realness import realness
     findings = tuple(next(iter(gens.values())).findings)
     for name, g in gens.items(): aligned_labels(np.zeros((0, len(findings))), findings, g.findings, f'compare_generators: {name}')
     ext, clf = feature_extractor(), shipped_classifier('cpu')
@@ -951,11 +957,14 @@ def compare_generators(gens: dict, n: int = 256, seed: int = 0, root=None, max_p
         t1 = time.perf_counter()
         down = (downstream_columns(downstream_auroc({name: (x, train_labels)}, films['test'], findings, downstream_seeds, downstream_cfg, min_test_positives))
                 if len(downstream_seeds) else {})
-        seconds[name] = dict(seconds.get(name, {}), downstream=time.perf_counter() - t1)
+        t2 = time.perf_counter()
+        rl = realness(val['images'], x, size=size, seed=seed, **(realness_kw or {}))      # a detector trained from scratch, out of fold
+        seconds[name] = dict(seconds.get(name, {}), downstream=t2 - t1, realness=time.perf_counter() - t2)
         out = dict(generator=name, n=len(x), drawn_px=drawn, **{k: v for k, v in compare_sets(fv, f).items() if k not in ('n_real', 'n_synthetic')},
                     ms_ssim=float(pairwise_ms_ssim(x, max_pairs, seed).mean()), class_consistency_auroc=float(cc['auroc'].mean()),
-                    nn_train_distance=float(nearest_real(f, ft)['nn_distance'].median()), **down, seconds_per_image=secs)
-        seconds[name]['metrics'] = time.perf_counter() - t0 - seconds[name]['downstream']
+                    nn_train_distance=float(nearest_real(f, ft)['nn_distance'].median()), **down,
+                    **{k: rl[k] for k in REALNESS_COLUMNS}, seconds_per_image=secs)
+        seconds[name]['metrics'] = time.perf_counter() - t0 - seconds[name]['downstream'] - seconds[name]['realness']
         return out
     seconds = {}
     pick = np.random.default_rng(seed).permutation(len(ft))[:n]        # the reference: real training films as if generated

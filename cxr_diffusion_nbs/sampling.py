@@ -39,9 +39,9 @@ __all__ = ['SAMPLERS', 'SAMPLER_LABELS', 'DEFAULT_STEPS', 'MIXED_PRECISION', 'ST
 class SamplingError(CXRDataError):
     "A sampling request that does not fit the model or the sampler; the message names the field."
 
-SAMPLERS = ('ddpm', 'ddim', 'dpmpp')
-SAMPLER_LABELS = dict(ddpm='DDPM', ddim='DDIM', dpmpp='DPM-Solver++')
-DEFAULT_STEPS = dict(ddpm=1000, ddim=50, dpmpp=20)
+SAMPLERS = ('ddpm', 'ddim', 'dpmpp', 'dpmpp-sigma-min')
+SAMPLER_LABELS = {'ddpm': 'DDPM', 'ddim': 'DDIM', 'dpmpp': 'DPM-Solver++', 'dpmpp-sigma-min': 'DPM-Solver++ to sigma_min'}
+DEFAULT_STEPS = {'ddpm': 1000, 'ddim': 50, 'dpmpp': 20, 'dpmpp-sigma-min': 20}
 
 def check_sampler(name: str, noise_scheduler, steps: int | None = None, where: str = 'sampler') -> int:
     "The number of steps sampler `name` would take (`steps`, default `DEFAULT_STEPS[name]`), after checking both; builds nothing."
@@ -53,15 +53,18 @@ def check_sampler(name: str, noise_scheduler, steps: int | None = None, where: s
     return int(steps)
 
 def make_sampler(name: str, noise_scheduler, steps: int | None = None):
-    """A diffusers scheduler for sampler `name` ('ddpm' | 'ddim' | 'dpmpp') built from the training
-    `noise_scheduler`'s config, with `steps` inference steps set (default `DEFAULT_STEPS[name]`)."""
+    """A diffusers scheduler for sampler `name` ('ddpm' | 'ddim' | 'dpmpp' | 'dpmpp-sigma-min') built from the training
+    `noise_scheduler`'s config, with `steps` inference steps set (default `DEFAULT_STEPS[name]`). 'dpmpp-sigma-min' is
+    DPM-Solver++ that stops at the schedule's smallest noise level instead of 0, so its last step is second order too."""
     steps = check_sampler(name, noise_scheduler, steps)
     # overrides go in as keyword arguments: a value changed inside a copied config dict is silently replaced by
     # the class default when the training scheduler had used the default (diffusers' `_use_default_values`)
     cfg, kw = noise_scheduler.config, dict(timestep_spacing='trailing')
     if name == 'ddpm': s = DDPMScheduler.from_config(cfg, **kw)
     elif name == 'ddim': s = DDIMScheduler.from_config(cfg, set_alpha_to_one=False, **kw)
-    else: s = DPMSolverMultistepScheduler.from_config(cfg, algorithm_type='dpmsolver++', solver_order=2, **kw)
+    else:
+        final = 'sigma_min' if name == 'dpmpp-sigma-min' else 'zero'
+        s = DPMSolverMultistepScheduler.from_config(cfg, algorithm_type='dpmsolver++', solver_order=2, final_sigmas_type=final, **kw)
     s.set_timesteps(steps)
     return s
 

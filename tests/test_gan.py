@@ -191,9 +191,15 @@ def test_compare_generators_measures_downstream_auroc_and_aligns_sizes_and_findi
     cfg = RarityConfig(width=4, epochs=1, batch_size=8)
     keep = {}
     df = compare_generators({'tiny': gen, 'reordered': other}, n=8, root=sample_data_root(), max_pairs=10,
-                            downstream_seeds=(0, 1), downstream_cfg=cfg, min_test_positives=8, keep_images=keep)
+                            downstream_seeds=(0, 1), downstream_cfg=cfg, min_test_positives=8, keep_images=keep,
+                            realness_kw=dict(steps=5))
     assert keep['tiny'].shape == (8, 1, 32, 32) and keep['reordered'].shape == (8, 1, 64, 64)     # as drawn
-    assert set(df.attrs['seconds']) == set(df.index) and set(df.attrs['seconds']['tiny']) == {'draw', 'metrics', 'downstream'}
+    assert set(df.attrs['seconds']) == set(df.index) and set(df.attrs['seconds']['tiny']) == {'draw', 'metrics', 'downstream', 'realness'}
+    # realness per row (realness.realness against the validation films; the real row: real against real, the control)
+    auc = df[['detector_auroc', 'detector_auroc_low', 'detector_auroc_high']]
+    assert auc.notna().all().all() and auc.apply(lambda c: c.between(0, 1)).all().all()
+    assert (df['detector_auroc_low'] <= df['detector_auroc_high']).all()
+    assert (df[['sharpness_ratio', 'spectrum_distance']] >= 0).all().all() and df[['sharpness_ratio', 'spectrum_distance']].notna().all().all()
     assert list(df.index) == ['real training films', 'tiny', 'reordered']
     assert df['drawn_px'].tolist() == [64, 32, 64] and df.attrs['judge_px'] == 64
     test = real_films(gen.findings, 64, 'test', sample_data_root())
@@ -204,6 +210,11 @@ def test_compare_generators_measures_downstream_auroc_and_aligns_sizes_and_findi
     assert df[cols + ['downstream_auroc', 'downstream_auroc_sd']].notna().all().all() and (df['downstream_seeds'] == 2).all()
     assert np.allclose(df['downstream_auroc'], df[cols].mean(axis=1))
     val = real_films(gen.findings, 64, 'val', sample_data_root())
+    from cxr_diffusion_nbs.realness import realness                        # one home: the row is realness of its judged images
+    from cxr_diffusion_nbs.gan import judge_size
+    again = realness(val['images'], judge_size(keep['tiny'], 64), size=64, seed=0, steps=5)
+    assert np.allclose(df.loc['tiny', ['detector_auroc', 'sharpness_ratio', 'spectrum_distance']].astype(float),
+                       [again['detector_auroc'], again['sharpness_ratio'], again['spectrum_distance']])
     asked = np.concatenate(other.asked)
     assert np.array_equal(asked, np.nan_to_num(val['labels'])[np.arange(8) % len(val['labels'])][:, ::-1])   # matched by name
     other.findings = other.findings[1:] + ('hernia',)

@@ -13,7 +13,8 @@ SAMPLE = ROOT/'data'/'cxr14_sample'
 # the bundled sample (what a new user has): the mechanics of every stage; the default run on the shared subset is the
 # one whose outputs nbs/21_pipeline.ipynb stores
 SMALL = dict(data_root=str(SAMPLE), train_steps=2, train_minutes=1, cohort_per_finding=3, sample_steps=3, classifier_epochs=1,
-             classifier_width=8, turing_cases=6, rarity_k=3, rarity_n=4, rarity_config={'n_boot': 100}, mixed_precision='no')
+             classifier_width=8, turing_cases=6, rarity_k=3, rarity_n=4, rarity_config={'n_boot': 100}, mixed_precision='no',
+             realness_steps=40)
 
 def pipeline(out, params: dict, progress: bool = False):
     args = [str(BIN/'cxr-pipeline'), '--output', str(out)] + ([] if progress else ['--no-progress'])
@@ -42,12 +43,12 @@ def test_pipeline_small_run(tmp_path):
     for f in ('pipeline.ipynb', 'report.md', 'summary.json', 'stages.json', 'figures/samples.png', 'figures/embedding.png',
               'figures/closest_pairs.png', 'figures/rarity.png', 'tables/fidelity.csv', 'tables/memorisation.csv',
               'tables/conditioning_consistency.csv', 'tables/conditioning_adherence.csv', 'tables/conditioning_contrast.csv',
-              'tables/conditioning_coverage.csv', 'tables/rarity_table.csv', 'rarity/runs.csv', 'cohort/images.csv',
+              'tables/conditioning_coverage.csv', 'tables/rarity_table.csv', 'tables/realness.csv', 'rarity/runs.csv', 'cohort/images.csv',
               'turing_kit/answer_key.csv'):
         assert (out/f).exists(), f
     assert set(json.loads((out/'stages.json').read_text())) >= {'train', 'cohort', 'classifier', 'conditioning', 'rarity', 'turing'}
     report = (out/'report.md').read_text()
-    for section in ('## Fidelity', '## Diversity', '## Conditioning fidelity', '### Class consistency', '### Mask adherence',
+    for section in ('## Fidelity', '## Diversity', '## Realness', '## Conditioning fidelity', '### Class consistency', '### Mask adherence',
                     '### Lesion contrast', '### Coverage per finding', '## Memorisation', '## Rarity study', '## Reader-study kit'):
         assert section in report, section
     # the generator trained, and the cohort drew its donors, without the held-out test patients
@@ -82,6 +83,15 @@ def test_pipeline_small_run(tmp_path):
     assert len(pd.read_csv(out/'cohort'/'images.csv')) == 3 * 5
     summary = json.loads((out/'summary.json').read_text())
     assert len(summary['rarity']['sentences']) == 5 and 'consistency_min' in summary['conditioning']
+    # realness: the cohort against the real training films (FID's reference), real test films as the control
+    rl = summary['realness']
+    assert 'skipped' not in rl and (rl['reference'], rl['control'], rl['px'], rl['n_synthetic']) == ('real train', 'real test', 64, 15)
+    aucs = ('detector_auroc', 'detector_auroc_low', 'detector_auroc_high', 'control_auroc', 'sharpness_auroc')
+    assert all(0 <= rl[k] <= 1 for k in aucs) and rl['detector_auroc_low'] <= rl['detector_auroc_high']
+    assert {'sharpness_ratio', 'spectrum_distance', 'band_1_2', 'band_16_32'} <= set(rl) and rl['sharpness_ratio'] > 0
+    assert f"{rl['detector_auroc']:.3f} [{rl['detector_auroc_low']:.3f}, {rl['detector_auroc_high']:.3f}]" in report
+    assert f"| control AUROC | {rl['control_auroc']:.3f} |" in report and 'power ratio, 16-32 cycles per image' in report
+    assert pd.read_csv(out/'tables'/'realness.csv')['detector_auroc'].iloc[0] == pytest.approx(rl['detector_auroc'])
 
 def test_pipeline_latent_run(tmp_path):
     "The same job on the latent config: the latent demo fine-tuned, 256-px cohort images, classified and judged at 128 px."
