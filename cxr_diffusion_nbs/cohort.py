@@ -48,7 +48,8 @@ COHORT_SAMPLING = dict(sampler='dpmpp', steps=20, eta=0.0)   # what unset sampli
 @dataclass
 class CohortConfig:
     "What synthetic cohort to build, from which model, and how. See the field comments."
-    checkpoint: str = 'data/models/cpu64_demo'  # run folder or checkpoint-<step>/ (relative: to the cwd, else the project)
+    checkpoint: str = 'data/models/gan64'       # a generator folder, run folder or checkpoint-<step>/ (relative: to the cwd, else
+                                                # the project); default the GAN, the most realistic shipped generator (16a_realness)
     output_dir: str = 'runs/cohort'             # the cohort folder (resumed if it holds the same cohort)
     counts: dict = field(default_factory=dict)  # finding -> synthetic images to generate for it
     balance: str | None = None                  # 'max': top up every model finding to the most frequent one's real count
@@ -71,7 +72,7 @@ class CohortConfig:
     seed: int = 0
     batch_size: int = 8
     dicom: bool = False                         # also write DICOM Secondary Capture files
-    mixed_precision: str = 'no'                 # 'no' | 'bf16'
+    mixed_precision: str = 'no'                 # 'no' | 'bf16' | 'auto' (bf16 where the hardware has it)
     device: str | None = None                   # None: cuda > mps > cpu
 
     def __post_init__(self):

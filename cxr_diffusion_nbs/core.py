@@ -14,11 +14,12 @@ import torch
 import yaml
 
 # %% auto #0
-__all__ = ['NIH_FINDINGS', 'RARE_FINDINGS', 'FINDING_SYNONYMS', 'KNOWN_FINDINGS', 'MASK_MODES', 'PREDICTION_TYPES', 'SCHEDULES',
-           'MIXED_PRECISION', 'canonical_finding', 'CXRDataError', 'ImageReadError', 'ManifestError', 'MaskError',
-           'PatientLeakageError', 'ConfigError', 'TrainingDivergedError', 'suggest', 'coerce', 'config_from_dict',
-           'check_findings', 'read_config_file', 'parse_override', 'set_dotted', 'read_sections', 'build_sections',
-           'default_device', 'cpu_supports_bf16', 'resolve_mixed_precision', 'choice_error', 'check_finite_numbers',
+__all__ = ['NIH_FINDINGS', 'RARE_FINDINGS', 'FINDING_SYNONYMS', 'KNOWN_FINDINGS', 'MASK_MODES', 'PREDICTION_TYPES',
+           'BF16_CPU_FLAGS', 'SCHEDULES', 'MIXED_PRECISION', 'canonical_finding', 'CXRDataError', 'ImageReadError',
+           'ManifestError', 'MaskError', 'PatientLeakageError', 'ConfigError', 'TrainingDivergedError', 'suggest',
+           'coerce', 'config_from_dict', 'check_findings', 'read_config_file', 'parse_override', 'set_dotted',
+           'read_sections', 'build_sections', 'default_device', 'cpu_flags', 'cpu_supports_bf16',
+           'resolve_mixed_precision', 'sampling_precision', 'choice_error', 'check_finite_numbers',
            'check_optim_section', 'nonfinite_step', 'divergence_error', 'preset_copy', 'atomic_write',
            'stale_temporaries', 'remove_stale_temporaries', 'check_output_folder', 'project_root', 'sample_data_root',
            'find_data_root', 'dicom_data_root', 'resolve_path', 'shareable_path', 'sha256_file']
@@ -218,10 +219,23 @@ def default_device(prefer: str | None = None) -> torch.device:
     return torch.device('cpu')
 
 # %% ../nbs/00_core.ipynb #3d0f6c2e
-def cpu_supports_bf16() -> bool:
-    "True when oneDNN has native bf16 kernels on this CPU."
-    try: return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+BF16_CPU_FLAGS = ('avx512_bf16', 'amx_bf16', 'bf16')   # x86 AVX512-BF16 and AMX; ARMv8.6 BF16
+
+def cpu_flags(cpuinfo='/proc/cpuinfo') -> set | None:
+    "The CPU's feature flags as Linux reports them (`flags` on x86, `Features` on ARM); None where it cannot tell."
+    try: text = Path(cpuinfo).read_text()
+    except OSError: return None
+    return {f for line in text.splitlines() if ':' in line and line.split(':')[0].strip() in ('flags', 'Features')
+            for f in line.split(':', 1)[1].split()}
+
+def cpu_supports_bf16(flags=None) -> bool:
+    """True when this CPU computes bfloat16 natively (`flags`: the CPU's feature flags; default `cpu_flags()`).
+    oneDNN's own check also says yes on AVX-512 CPUs without the bf16 instructions, where it emulates them, and
+    there bf16 autocast trains 2-3x *slower* than float32; so where Linux lists the flags, they decide."""
+    try: onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except Exception: return False
+    flags = cpu_flags() if flags is None else set(flags)
+    return onednn if flags is None else onednn and bool(flags & set(BF16_CPU_FLAGS))
 
 def resolve_mixed_precision(mp: str, device_type: str, source: str = '<config>') -> str:
     "The mixed-precision mode ('no', 'bf16', 'fp16') for the config value `mp` on a device type ('cpu', 'cuda', 'mps', ...)."
@@ -232,6 +246,13 @@ def resolve_mixed_precision(mp: str, device_type: str, source: str = '<config>')
     if mp == 'fp16' and device_type == 'cpu':
         raise ConfigError(source, 'optim.mixed_precision', "'fp16' needs a GPU; use 'bf16', 'auto' or 'no' on a CPU")
     return mp
+
+def sampling_precision(mp: str, device_type: str) -> str:
+    """What a sampling loop runs in for the option `mp` ('no' | 'bf16' | 'auto') on a device type: 'auto' is resolved as
+    `resolve_mixed_precision` resolves it (bf16 only where the hardware has it), and the loops autocast to bf16 or not
+    at all, so anything but 'bf16' runs in float32."""
+    return 'bf16' if (resolve_mixed_precision(mp, device_type) if mp == 'auto' else mp) == 'bf16' else 'no'
+
 
 # %% ../nbs/00_core.ipynb #5a0709d3
 SCHEDULES = ('cosine', 'linear', 'constant')        # the trainers' learning-rate schedules, after a linear warm-up

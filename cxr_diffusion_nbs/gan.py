@@ -24,7 +24,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.optimization import get_scheduler
 from . import __version__
 from .core import (read_sections, build_sections, CXRDataError, ConfigError, RARE_FINDINGS, suggest, config_from_dict, atomic_write, find_data_root, default_device, resolve_path, shareable_path,
-                                    resolve_mixed_precision, check_optim_section, check_output_folder, check_findings,
+                                    resolve_mixed_precision, sampling_precision, check_optim_section, check_output_folder, check_findings,
                                     TrainingDivergedError, nonfinite_step, divergence_error, remove_stale_temporaries,
                                     canonical_finding, sha256_file)
 from .manifest import load_shared_subset
@@ -676,7 +676,7 @@ class GANGenerator:
 
     def check_options(self, where: str = 'generate', **options) -> dict:
         """`options` merged over the defaults and checked, naming the field: `truncation` (None or > 0), `mixed_precision`
-        ('no' | 'bf16'), `progress`; diffusion options only at 'not set' values. Returns every option (diffusion ones as not set)."""
+        ('no' | 'bf16' | 'auto'), `progress`; diffusion options only at 'not set' values. Returns every option (diffusion ones as not set)."""
         for k, v in options.items():
             if k in NEUTRAL_DIFFUSION:
                 if not _is_unset(k, v): raise SamplingError(where, k, f'{v!r}: a diffusion option; a GAN draws in one pass and takes '
@@ -686,7 +686,7 @@ class GANGenerator:
         t = o['truncation']
         if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0):
             raise SamplingError(where, 'truncation', f'{t!r} must be a number > 0 (or None: no truncation)')
-        if o['mixed_precision'] not in ('no', 'bf16'): raise SamplingError(where, 'mixed_precision', f"{o['mixed_precision']!r} is not one of ('no', 'bf16')")
+        if o['mixed_precision'] not in ('no', 'bf16', 'auto'): raise SamplingError(where, 'mixed_precision', f"{o['mixed_precision']!r} is not one of ('no', 'bf16', 'auto')")
         if not isinstance(o['progress'], bool): raise SamplingError(where, 'progress', f"{o['progress']!r} is not true or false")
         return dict(o, **copy.deepcopy(NEUTRAL_DIFFUSION))
 
@@ -749,7 +749,7 @@ class GANGenerator:
         "Images (n, 1, S, S) in [-1, 1] (CPU) of latents z (n, z_dim) and labels (n, F), one image per network call."
         dev, out = self.device, []
         for i in range(len(z)):     # one image per call: bit for bit the same image whatever else the request holds
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=mixed_precision == 'bf16'):   # (a batched
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=sampling_precision(mixed_precision, dev.type) == 'bf16'):   # (a batched
                 out.append(self.net(z[i:i + 1].to(dev), labels[i:i + 1].to(dev)).float().clamp(-1, 1).cpu())   # conv may sum in another order)
         return torch.cat(out) if out else torch.zeros(0, 1, self.image_size, self.image_size)
 

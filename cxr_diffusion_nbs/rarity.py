@@ -69,7 +69,7 @@ class RarityConfig:
     guidance: dict = field(default_factory=dict)
     guidance_mode: str | None = None
     sample_batch: int = 32
-    mixed_precision: str = 'no'         # 'bf16': sample the pools 1.5-2x faster on CPUs with bf16 (not bit-exact)
+    mixed_precision: str = 'no'         # 'bf16' | 'auto': sample the pools 1.5-2x faster on CPUs with native bf16 (not bit-exact)
     device: str | None = None
 
     def __post_init__(self):

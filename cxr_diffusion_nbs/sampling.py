@@ -8,7 +8,7 @@ Docs: https://cxr-diffusion-nbs.github.io/cxr_diffusion_nbs/sampling.html.md"""
 
 # %% ../nbs/11_sampling.ipynb #39b3d43c
 from __future__ import annotations
-import argparse, contextlib, importlib, json, sys
+import argparse, contextlib, importlib, json, math, sys
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -17,7 +17,7 @@ from diffusers import DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler
 from tqdm.auto import tqdm
 from . import __version__
 from .core import (CXRDataError, atomic_write, check_output_folder, canonical_finding, resolve_path, shareable_path, sha256_file,
-                                    suggest)
+                                    suggest, sampling_precision)
 from .image_io import read_image, to_uint8, write_png
 from .forward import predicted_x0
 from .conditioning import (GUIDANCE_MODES, ConditioningError, guided_prediction, check_guidance,
@@ -28,11 +28,12 @@ from .vae import load_autoencoder, downsampling_factor, latent_shape, encode, de
 from .latents import pool_mask
 
 # %% auto #0
-__all__ = ['SAMPLERS', 'SAMPLER_LABELS', 'DEFAULT_STEPS', 'MIXED_PRECISION', 'STEP_SEED_OFFSET', 'GENERATOR_KINDS',
-           'DIFFUSION_OPTIONS', 'GENERATOR_WORDS', 'SYNTHETIC_NOTE', 'SAMPLE_OUTPUTS', 'SamplingError', 'check_sampler',
-           'make_sampler', 'image_seeds', 'initial_noise', 'loop_device', 'check_request', 'model_prediction',
-           'LoopSetup', 'loop_setup', 'SampleResult', 'sample', 'trajectory_frame', 'trajectory_figure',
-           'trajectory_widget', 'PixelDiffusionGenerator', 'load_generator', 'LatentDiffusionGenerator', 'made_by',
+__all__ = ['SAMPLERS', 'SAMPLER_LABELS', 'DEFAULT_STEPS', 'MIXED_PRECISION', 'STEP_SEED_OFFSET', 'GUIDE_MUST_MATCH',
+           'GENERATOR_KINDS', 'DIFFUSION_OPTIONS', 'GUIDE_FOLDER', 'GENERATOR_WORDS', 'SYNTHETIC_NOTE',
+           'SAMPLE_OUTPUTS', 'SamplingError', 'check_sampler', 'make_sampler', 'image_seeds', 'initial_noise',
+           'loop_device', 'check_request', 'model_prediction', 'check_autoguidance', 'LoopSetup', 'loop_setup',
+           'SampleResult', 'sample', 'trajectory_frame', 'trajectory_figure', 'trajectory_widget', 'load_guide',
+           'guide_provenance', 'PixelDiffusionGenerator', 'load_generator', 'LatentDiffusionGenerator', 'made_by',
            'synthetic_note', 'write_samples', 'main']
 
 # %% ../nbs/11_sampling.ipynb #48140347
@@ -69,7 +70,7 @@ def make_sampler(name: str, noise_scheduler, steps: int | None = None):
     return s
 
 # %% ../nbs/11_sampling.ipynb #a032febc
-MIXED_PRECISION = ('no', 'bf16')
+MIXED_PRECISION = ('no', 'bf16', 'auto')   # 'auto': bf16 where the hardware has it (core.sampling_precision)
 STEP_SEED_OFFSET = 1_000_003   # image i's step noise comes from seeds[i] + this: separate from its starting noise
 
 def image_seeds(seed, n: int) -> list[int]:
@@ -99,12 +100,33 @@ def check_request(model, conds: dict | None, guidance: dict | None, guidance_mod
     except ConditioningError as e: raise error(where, e.field, e.problem) from None
 
 def model_prediction(model, x, t, conds: dict | None = None, guidance: dict | None = None,
-                     guidance_mode: str = 'compositional') -> torch.Tensor:
+                     guidance_mode: str = 'compositional', guide=None, autoguidance: float = 0.0) -> torch.Tensor:
     """The network output at `(x, t)` for inputs checked at the edge (no checks here): plain conditional if
-    `guidance` is empty, else guided (float32)."""
+    `guidance` is empty, else guided (float32). With `autoguidance` w > 0 it is pushed away from the output of `guide`,
+    a weaker version of the model given the same inputs: D + w (D - D_guide) (Karras et al. 2024)."""
     conds = conds or {}
-    out = guided_prediction(model, x, t, conds, guidance, mode=guidance_mode) if guidance else model(x, t, **conds, validate=False)
-    return out.float()
+    def output(m):
+        out = guided_prediction(m, x, t, conds, guidance, mode=guidance_mode) if guidance else m(x, t, **conds, validate=False)
+        return out.float()
+    out = output(model)
+    return out + autoguidance * (out - output(guide)) if autoguidance else out
+
+GUIDE_MUST_MATCH = ('image_size', 'in_channels', 'out_channels', 'prediction_type')
+
+def check_autoguidance(model, guide, autoguidance, where: str = 'sample', error=SamplingError) -> float:
+    """`autoguidance` (a number >= 0; 0 = off) checked, with the weaker model `guide` it needs: the same input and output,
+    prediction type and conditions as `model`. Returns the weight as a float."""
+    if isinstance(autoguidance, bool) or not isinstance(autoguidance, (int, float)) or not math.isfinite(autoguidance) or autoguidance < 0:
+        raise error(where, 'autoguidance', f'{autoguidance!r} is not a number >= 0 (0: off)')
+    if autoguidance and guide is None:
+        raise error(where, 'autoguidance', f'{autoguidance} needs a weaker model to guide with (a guide/ folder beside the weights)')
+    if guide is not None:
+        for f in GUIDE_MUST_MATCH:
+            a, b = getattr(model.unet_cfg, f), getattr(guide.unet_cfg, f)
+            if a != b: raise error(where, 'guide', f"its {f} is {b!r}, the model's {a!r}: a guide must be a weaker version of the same model")
+        a, b = (model.cond_cfg.conditions, tuple(model.cond_cfg.findings)), (guide.cond_cfg.conditions, tuple(guide.cond_cfg.findings))
+        if a != b: raise error(where, 'guide', f"it takes {b}, the model {a}: a guide must take the same conditions")
+    return float(autoguidance)
 
 @dataclass
 class LoopSetup:
@@ -136,7 +158,7 @@ def loop_setup(model, seeds: list, timesteps, init_noise_sigma: float = 1.0, siz
         ts = tqdm(timesteps, desc=desc, leave=False)
     was_training = model.training
     model.eval()
-    try: yield LoopSetup(x, list(seeds), gens, device, mixed_precision, ts)
+    try: yield LoopSetup(x, list(seeds), gens, device, sampling_precision(mixed_precision, device.type), ts)
     finally:
         model.train(was_training)
         if progress: ts.close()
@@ -167,13 +189,15 @@ def _check_eta(eta, sampler: str, where: str = 'sample'):
 def sample(model, noise_scheduler, conds: dict | None = None, n: int | None = None, sampler: str = 'ddim',
            steps: int | None = None, eta: float = 0.0, guidance: dict | None = None,
            guidance_mode: str = 'compositional', seed=0, size: int | None = None, keep_trajectory: bool = False,
-           step_hook=None, mixed_precision: str = 'no', progress: bool = False, device=None) -> SampleResult:
+           step_hook=None, mixed_precision: str = 'no', progress: bool = False, device=None, guide=None,
+           autoguidance: float = 0.0) -> SampleResult:
     """Generate `n` images with `model` (a `ConditionalDenoiser`) and `sampler` ('ddpm' | 'ddim' | 'dpmpp').
     `conds`: forward kwargs (`labels`, `mask`, `text_emb`, `text_mask`, as `conditioning.model_inputs` builds them,
     and `drop`: per-image bool tensors that switch a condition off for single images) with batch `n`; `guidance`:
     per-condition classifier-free guidance scales, e.g. `{'labels': 3, 'mask': 1}` (empty: the plain conditional);
     `eta`: DDIM stochasticity; `seed`: int or one seed per image; `step_hook(i, t, t_prev, x) -> x | None` may edit x
-    (now at timestep `t_prev`, -1 = clean) after step i; `mixed_precision`: 'no' | 'bf16'.
+    (now at timestep `t_prev`, -1 = clean) after step i; `mixed_precision`: 'no' | 'bf16'; `autoguidance` w > 0 pushes
+    every prediction away from that of `guide`, a weaker version of `model` (`model_prediction`).
     Everything is checked here, once, before any compute; the steps trust it."""
     conds = {k: v for k, v in (conds or {}).items() if v is not None}
     drop = conds.pop('drop', None) or {}
@@ -184,6 +208,7 @@ def sample(model, noise_scheduler, conds: dict | None = None, n: int | None = No
     steps = check_sampler(sampler, noise_scheduler, steps, 'sample')
     _check_eta(eta, sampler)
     scales = check_request(model, conds, guidance, guidance_mode, mixed_precision)
+    autoguidance = check_autoguidance(model, guide, autoguidance)
     seeds = image_seeds(seed, n)
     size = size or model.unet_cfg.image_size
     device = loop_device(model, device)
@@ -200,7 +225,7 @@ def sample(model, noise_scheduler, conds: dict | None = None, n: int | None = No
         x = s.x
         for i, t in enumerate(s.timesteps):
             tt = torch.full((n,), int(t), device=device, dtype=torch.long)
-            with s.autocast(): pred = model_prediction(model, sched.scale_model_input(x, t), tt, conds, scales, guidance_mode)
+            with s.autocast(): pred = model_prediction(model, sched.scale_model_input(x, t), tt, conds, scales, guidance_mode, guide, autoguidance)
             if keep_trajectory:
                 res.timesteps.append(int(t)); res.x_t.append(x.float().cpu())
                 res.x0.append(bound(predicted_x0(pred, x, tt, noise_scheduler)).cpu())
@@ -267,13 +292,25 @@ def _mask_inputs(masks, cond_cfg, where: str):
     like = next(m for m in ms if m is not None)
     return torch.stack([torch.zeros_like(like) if m is None else m for m in ms]), none
 
+GUIDE_FOLDER = 'guide'   # beside a diffusion model's weights: the weaker model its autoguidance uses, if it has one
+
+def load_guide(ck, device=None):
+    "The weaker denoiser in `ck/guide/` (EMA weights) that a model's autoguidance pushes away from, or None."
+    return load_denoiser(ck/GUIDE_FOLDER, device=device)[0] if (Path(ck)/GUIDE_FOLDER).is_dir() else None
+
+def guide_provenance(gen) -> dict:
+    "The checksum of a generator's guide (autoguidance), if it has one; {} otherwise, so earlier provenance is unchanged."
+    if getattr(gen, 'guide', None) is None or gen.checkpoint is None: return {}
+    return dict(guide_sha256=sha256_file(weights_file(gen.checkpoint/GUIDE_FOLDER)))
+
 class PixelDiffusionGenerator:
     "A trained pixel-space conditional diffusion model (`ConditionalDenoiser` + noise scheduler) as a generator."
     kind = 'pixel-diffusion'
-    options = tuple(DIFFUSION_OPTIONS)
+    options = (*DIFFUSION_OPTIONS, 'autoguidance')    # autoguidance: 0 unless set (a generator.json default or a call's)
 
-    def __init__(self, model, noise_scheduler, checkpoint=None, weights=None):
+    def __init__(self, model, noise_scheduler, checkpoint=None, weights=None, guide=None):
         self.model, self.noise_scheduler = model.eval(), noise_scheduler
+        self.guide = guide.eval() if guide is not None else None   # the weaker model autoguidance pushes away from
         self.checkpoint, self.weights = (Path(checkpoint) if checkpoint else None), (Path(weights) if weights else None)
         self.defaults, self._sha = dict(DIFFUSION_OPTIONS), None
 
@@ -288,7 +325,7 @@ class PixelDiffusionGenerator:
         with the sampling options it recommends (`checkpoints.generator_defaults`) as its defaults, each checked."""
         model, noise_scheduler, ck = load_denoiser(path, device=device)
         cls._check_kind(ck)
-        return cls(model, noise_scheduler, ck, weights_file(ck)).with_recommended(path)
+        return cls(model, noise_scheduler, ck, weights_file(ck), load_guide(ck, device)).with_recommended(path)
 
     @classmethod
     def _check_kind(cls, ck):
@@ -318,6 +355,7 @@ class PixelDiffusionGenerator:
         o = self._merged(options, where)
         o['steps'] = check_sampler(o['sampler'], self.noise_scheduler, o['steps'], where)
         _check_eta(o['eta'], o['sampler'], where)
+        if 'autoguidance' in o: o['autoguidance'] = check_autoguidance(self.model, self.guide, o['autoguidance'], where)
         o['guidance'] = check_request(self.model, None, o['guidance'], o['guidance_mode'], o['mixed_precision'], where)
         if not isinstance(o['progress'], bool): raise SamplingError(where, 'progress', f"{o['progress']!r} is not true or false")
         return o
@@ -348,7 +386,7 @@ class PixelDiffusionGenerator:
         if 'guidance' not in options:               # recommended scales apply to the conditions this request has
             have = {'labels': 'labels', 'mask': 'mask', 'text': 'text_emb'}
             o['guidance'] = {k: v for k, v in o['guidance'].items() if conds.get(have.get(k, k)) is not None}
-        return sample(self.model, self.noise_scheduler, conds, n=n, seed=seed, **o).images
+        return sample(self.model, self.noise_scheduler, conds, n=n, seed=seed, guide=self.guide, **o).images
 
     def model_sha256(self) -> str:
         "SHA-256 of the weights file (computed once)."
@@ -361,7 +399,7 @@ class PixelDiffusionGenerator:
                     weights=self.weights.name if self.weights else None, model_sha256=self.model_sha256(),
                     findings=list(self.findings), image_size=self.image_size, conditions=list(self.conditions),
                     mask_mode=self.mask_mode, defaults={k: v for k, v in self.defaults.items() if k != 'progress'},
-                    package=f'cxr_diffusion_nbs {__version__}')
+                    package=f'cxr_diffusion_nbs {__version__}', **guide_provenance(self))
 
     def __repr__(self):
         return (f'{type(self).__name__}(kind={self.kind!r}, image_size={self.image_size}, findings={self.findings}, '
@@ -388,8 +426,8 @@ class LatentDiffusionGenerator(PixelDiffusionGenerator):
     "A latent diffusion model: a `ConditionalDenoiser` on the latents of a frozen autoencoder, which decodes what it draws."
     kind = 'latent-diffusion'
 
-    def __init__(self, model, noise_scheduler, autoencoder, checkpoint=None, weights=None):
-        super().__init__(model, noise_scheduler, checkpoint, weights)
+    def __init__(self, model, noise_scheduler, autoencoder, checkpoint=None, weights=None, guide=None):
+        super().__init__(model, noise_scheduler, checkpoint, weights, guide)
         self.autoencoder, self.factor = autoencoder.eval(), downsampling_factor(autoencoder)
         C, h, _ = latent_shape(autoencoder, self.model.unet_cfg.image_size * self.factor)
         if (C, h) != (self.model.unet_cfg.in_channels, self.model.unet_cfg.image_size):
@@ -402,7 +440,7 @@ class LatentDiffusionGenerator(PixelDiffusionGenerator):
         model, noise_scheduler, ck = load_denoiser(path, device=device)
         cls._check_kind(ck)
         ae = load_autoencoder(ck/AUTOENCODER_FOLDER, device=loop_device(model))
-        return cls(model, noise_scheduler, ae, ck, weights_file(ck)).with_recommended(path)
+        return cls(model, noise_scheduler, ae, ck, weights_file(ck), load_guide(ck, device)).with_recommended(path)
 
     image_size = property(lambda self: int(self.model.unet_cfg.image_size) * self.factor, doc='Side S of the (S, S) images it draws (decoded).')
     latent_size = property(lambda self: int(self.model.unet_cfg.image_size), doc='Side of the latent grid the denoiser works on.')

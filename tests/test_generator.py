@@ -19,7 +19,7 @@ def test_top_level_and_registry(gen):
     assert (gen.kind, gen.image_size, gen.mask_mode) == ('pixel-diffusion', 64, 'union')
     assert gen.findings == ('pneumothorax', 'nodule', 'mass', 'effusion', 'cardiomegaly')
     assert gen.conditions == ('labels', 'mask')
-    assert set(gen.options) == {'sampler', 'steps', 'eta', 'guidance', 'guidance_mode', 'mixed_precision', 'progress'}
+    assert set(gen.options) == {'sampler', 'steps', 'eta', 'guidance', 'guidance_mode', 'mixed_precision', 'progress', 'autoguidance'}
     with pytest.raises(AttributeError): cxr_diffusion_nbs.no_such_thing
 
 def test_generate_shape_range_and_equals_sample(gen):
@@ -53,6 +53,23 @@ def test_refused_by_name_before_compute(gen, kw, field, monkeypatch):
     with pytest.raises(SamplingError, match=field): gen.generate(**kw)
     assert not calls
     with pytest.raises(SamplingError, match="'temperature'"): gen.check_options(temperature=1)
+
+def test_autoguidance_guide_folder(tmp_path):
+    "A weaker model in guide/ is loaded with the generator and named in its provenance; autoguidance without one is refused by name."
+    import shutil
+    d = tmp_path/'m'
+    shutil.copytree(DEMO, d, ignore=shutil.ignore_patterns('guide'))
+    shutil.copytree(DEMO, d/'guide', ignore=shutil.ignore_patterns('guide', 'generator.json', 'log.csv'))   # the model as its own guide
+    g = load_generator(d, device='cpu')
+    assert g.guide is not None and len(g.provenance()['guide_sha256']) == 64
+    plain = g.generate(findings='nodule', seed=[1, 2], steps=3, autoguidance=0)
+    torch.testing.assert_close(g.generate(findings='nodule', seed=[1, 2], steps=3, autoguidance=2), plain, atol=1e-4, rtol=0)  # D + w (D - D) = D
+    shutil.rmtree(d/'guide')
+    spec = json.loads((d/'generator.json').read_text())
+    spec.setdefault('defaults', {})['autoguidance'] = 2
+    (d/'generator.json').write_text(json.dumps(spec))
+    with pytest.raises(SamplingError, match="defaults.autoguidance.*weaker model"): load_generator(d, device='cpu')
+    with pytest.raises(SamplingError, match="'autoguidance'"): load_generator(DEMO, device='cpu').generate(findings='nodule', steps=2, autoguidance=-1)
 
 def test_a_mask_for_a_model_without_masks():
     torch.manual_seed(0)

@@ -9,6 +9,11 @@ Settings the package's samplers do not expose are built here from diffusers dire
 experiments, not options: neither helped (the notebook shows the table). Stopping at the schedule's smallest noise level
 instead of 0 (`final_sigmas_type='sigma_min'`) did, and became the package's sampler 'dpmpp-sigma-min'.
 
+Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself"; the package's option
+`autoguidance`, 11_sampling): the prediction is pushed away from a weaker model's, D + w (D - D_weak), each with the
+usual classifier-free guidance; `--guide` names the weaker model when the checkpoint has no guide/ folder of its own
+(e.g. the shipped demo, when `--checkpoint` is a longer-trained copy of it).
+
     .venv/bin/python tools/realness_levers.py --checkpoint data/models/cpu64_demo --n 48
     .venv/bin/python tools/realness_levers.py --checkpoint data/models/cpu64_demo --only "ddpm 100" "dpmpp 50"
 """
@@ -36,6 +41,11 @@ SETTINGS = {
     'dpmpp 20, stop at sigma_min': (None, None, dict(sampler='dpmpp-sigma-min')),     # became the sampler 'dpmpp-sigma-min'
     'dpmpp 20, guidance only for t in [100, 800]': (None, (100, 800), {}),
     'dpmpp 20, guidance x1.5 (labels 6, mask 3)': (None, None, dict(guidance={'labels': 6, 'mask': 3})),
+    'dpmpp 20, autoguidance w=1': (None, None, dict(autoguidance=1.0)),
+    'dpmpp 20, autoguidance w=2': (None, None, dict(autoguidance=2.0)),
+    'dpmpp 20, autoguidance w=3': (None, None, dict(autoguidance=3.0)),
+    'dpmpp 20 stop at sigma_min, autoguidance w=1': (None, None, dict(sampler='dpmpp-sigma-min', autoguidance=1.0)),
+    'dpmpp 20 stop at sigma_min, autoguidance w=2': (None, None, dict(sampler='dpmpp-sigma-min', autoguidance=2.0)),
 }
 
 
@@ -53,8 +63,8 @@ class Patched:
             sampling.make_sampler = make
         if self.interval is not None:
             lo, hi = self.interval
-            def pred(model, x, t, conds=None, guidance=None, guidance_mode='compositional'):
-                return self.pred(model, x, t, conds, guidance if lo <= int(t[0]) <= hi else {}, guidance_mode)
+            def pred(model, x, t, conds=None, guidance=None, guidance_mode='compositional', *autoguide):
+                return self.pred(model, x, t, conds, guidance if lo <= int(t[0]) <= hi else {}, guidance_mode, *autoguide)
             sampling.model_prediction = pred
     def __exit__(self, *exc):
         sampling.make_sampler, sampling.model_prediction = self.make, self.pred
@@ -63,6 +73,7 @@ class Patched:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--checkpoint', default='data/models/cpu64_demo')
+    p.add_argument('--guide', help='the weaker model of the autoguidance settings (same conditions and image size)')
     p.add_argument('--n', type=int, default=48, help='requests (validation donors, in order)')
     p.add_argument('--only', nargs='*', help=f'settings to run (default: all of {list(SETTINGS)})')
     p.add_argument('--threads', type=int, default=2)
@@ -75,14 +86,17 @@ def main(argv=None):
     donors = np.arange(min(a.n, len(req.labels)))
     real = to_size(load_image_set(man, size=gen.image_size, split='val')['images'], 64)
     sharp_real = float(np.median(laplacian_variance(real)))
+    if a.guide: gen.guide = load_generator(a.guide, device='cpu').model
     rows = []
     for name in a.only or SETTINGS:
         sched, interval, opts = SETTINGS[name]
+        if opts.get('autoguidance') and gen.guide is None: raise SystemExit(f'realness_levers: {name!r} needs --guide (the weaker model)')
         with Patched(sched, interval):
             t = time.perf_counter()
-            x = draw_requests(gen, req, donors, seed=0, batch=len(donors), **dict(dict(sampler='dpmpp', steps=20), **opts))
+            x = draw_requests(gen, req, donors, seed=0, batch=len(donors), **dict(dict(sampler='dpmpp', steps=20, autoguidance=0.0), **opts))
             secs = (time.perf_counter() - t) / len(x)
         x = to_size(x, 64)
+        if opts.get('autoguidance'): name = f"{name} (weaker model: {shareable_path(resolve_path(a.guide)) if a.guide else 'its guide/'})"
         row = dict(generator=shareable_path(resolve_path(a.checkpoint)), setting=name, n=len(x), data=man.name,
                    sharpness_ratio=round(float(np.median(laplacian_variance(x))) / sharp_real, 3),
                    **{k: round(v, 3) for k, v in spectrum_ratios(real, x).items()}, seconds_per_image=round(secs, 2))
