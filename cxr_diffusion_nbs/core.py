@@ -6,7 +6,7 @@ Docs: https://cxr-diffusion-nbs.github.io/cxr_diffusion_nbs/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #18c8bf23
 from __future__ import annotations
-import os, re, copy, math, numbers, difflib, hashlib, tempfile, contextlib, dataclasses
+import os, re, copy, math, numbers, difflib, hashlib, tempfile, contextlib, dataclasses, functools
 from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
@@ -221,12 +221,13 @@ def default_device(prefer: str | None = None) -> torch.device:
 # %% ../nbs/00_core.ipynb #3d0f6c2e
 BF16_CPU_FLAGS = ('avx512_bf16', 'amx_bf16', 'bf16')   # x86 AVX512-BF16 and AMX; ARMv8.6 BF16
 
-def cpu_flags(cpuinfo='/proc/cpuinfo') -> set | None:
-    "The CPU's feature flags as Linux reports them (`flags` on x86, `Features` on ARM); None where it cannot tell."
+@functools.lru_cache
+def cpu_flags(cpuinfo='/proc/cpuinfo') -> frozenset | None:
+    "The CPU's feature flags as Linux reports them (`flags` on x86, `Features` on ARM; read once); None where it cannot tell."
     try: text = Path(cpuinfo).read_text()
     except OSError: return None
-    return {f for line in text.splitlines() if ':' in line and line.split(':')[0].strip() in ('flags', 'Features')
-            for f in line.split(':', 1)[1].split()}
+    return frozenset(f for line in text.splitlines() if ':' in line and line.split(':')[0].strip() in ('flags', 'Features')
+                     for f in line.split(':', 1)[1].split())
 
 def cpu_supports_bf16(flags=None) -> bool:
     """True when this CPU computes bfloat16 natively (`flags`: the CPU's feature flags; default `cpu_flags()`).
@@ -251,7 +252,7 @@ def sampling_precision(mp: str, device_type: str) -> str:
     """What a sampling loop runs in for the option `mp` ('no' | 'bf16' | 'auto') on a device type: 'auto' is resolved as
     `resolve_mixed_precision` resolves it (bf16 only where the hardware has it), and the loops autocast to bf16 or not
     at all, so anything but 'bf16' runs in float32."""
-    return 'bf16' if (resolve_mixed_precision(mp, device_type) if mp == 'auto' else mp) == 'bf16' else 'no'
+    return 'bf16' if resolve_mixed_precision(mp, device_type) == 'bf16' else 'no'
 
 
 # %% ../nbs/00_core.ipynb #5a0709d3

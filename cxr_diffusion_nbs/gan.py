@@ -34,7 +34,7 @@ from .checkpoints import (CKPT_PREFIX, STATE_FILE, GENERATOR_FILE, CheckpointErr
                                            resolve_resume, rng_state, set_rng_state, safe_load, read_weights,
                                            check_finite_weights, generator_kind, generator_file, generator_defaults)
 from .vae import save_autoencoder as save_network, WEIGHTS_NAME, CONFIG_NAME, _append_csv, _truncate_csv, _shareable_config
-from .sampling import SamplingError, image_seeds, DIFFUSION_OPTIONS, PixelDiffusionGenerator
+from .sampling import SamplingError, image_seeds, DIFFUSION_OPTIONS, MIXED_PRECISION, PixelDiffusionGenerator
 
 # %% auto #0
 __all__ = ['LOSSES', 'GAN_KIND', 'GENERATOR_FOLDER', 'GAN_OPTIONS', 'NEUTRAL_DIFFUSION', 'REALNESS_COLUMNS', 'GANError',
@@ -686,7 +686,7 @@ class GANGenerator:
         t = o['truncation']
         if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0):
             raise SamplingError(where, 'truncation', f'{t!r} must be a number > 0 (or None: no truncation)')
-        if o['mixed_precision'] not in ('no', 'bf16', 'auto'): raise SamplingError(where, 'mixed_precision', f"{o['mixed_precision']!r} is not one of ('no', 'bf16', 'auto')")
+        if o['mixed_precision'] not in MIXED_PRECISION: raise SamplingError(where, 'mixed_precision', f"{o['mixed_precision']!r} is not one of {MIXED_PRECISION}")
         if not isinstance(o['progress'], bool): raise SamplingError(where, 'progress', f"{o['progress']!r} is not true or false")
         return dict(o, **copy.deepcopy(NEUTRAL_DIFFUSION))
 
@@ -748,8 +748,9 @@ class GANGenerator:
     def images(self, z: torch.Tensor, labels: torch.Tensor, mixed_precision: str = 'no') -> torch.Tensor:
         "Images (n, 1, S, S) in [-1, 1] (CPU) of latents z (n, z_dim) and labels (n, F), one image per network call."
         dev, out = self.device, []
+        bf16 = sampling_precision(mixed_precision, dev.type) == 'bf16'
         for i in range(len(z)):     # one image per call: bit for bit the same image whatever else the request holds
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=sampling_precision(mixed_precision, dev.type) == 'bf16'):   # (a batched
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):   # (a batched
                 out.append(self.net(z[i:i + 1].to(dev), labels[i:i + 1].to(dev)).float().clamp(-1, 1).cpu())   # conv may sum in another order)
         return torch.cat(out) if out else torch.zeros(0, 1, self.image_size, self.image_size)
 
