@@ -29,14 +29,14 @@ from .manifest import (Manifest, load_shared_subset, IMAGE_COLUMNS, ANNOTATION_C
 from .dataset import CXRDataset, affine_pair
 from .splits import with_held_out_test
 from .conditioning import CONDITION_NAMES
-from .sampling import SAMPLERS, SamplingError, load_generator, made_by, synthetic_note
+from .sampling import DIFFUSION_OPTIONS, SAMPLERS, SamplingError, load_generator, made_by, synthetic_note
 
 # %% auto #0
 __all__ = ['COHORT_SAMPLING', 'PRIVATE', 'CohortError', 'CohortConfig', 'DonorPool', 'move_masks', 'jitter_mask', 'target_counts',
            'image_seed', 'plan_cohort', 'plan_conditions', 'donor_ref', 'cohort_key', 'shared_plan', 'donor_table',
            'write_private', 'attach_donors', 'scan_shared', 'cohort_readme', 'write_synthetic_dicom',
            'check_output_dir', 'read_records', 'load_real_manifest', 'cohort_guidance', 'image_guidance',
-           'is_diffusion', 'resolve_sampling', 'generator_options', 'plan_batch', 'build_cohort',
+           'is_diffusion', 'model_sampling', 'resolve_sampling', 'generator_options', 'plan_batch', 'build_cohort',
            'write_cohort_manifest', 'privatise_cohort', 'load_cohort', 'load_cohort_config', 'main']
 
 # %% ../nbs/14_cohort.ipynb #704c355f
@@ -434,12 +434,19 @@ def is_diffusion(gen) -> bool:
     "True for a generator that samples with a scheduler (pixel or latent diffusion: its options have a `sampler`), False for a GAN."
     return 'sampler' in gen.defaults
 
+def model_sampling(gen, defaults: dict) -> dict:
+    """`defaults` (sampling fields) with those a diffusion generator's `generator.json` recommends in their place: a
+    field the model recommends differently from the package's own default (`DIFFUSION_OPTIONS`) is the model's."""
+    own = {k: gen.defaults[k] for k in defaults if k in gen.defaults and gen.defaults[k] != DIFFUSION_OPTIONS.get(k)}
+    return {**defaults, **own}
+
 def resolve_sampling(cfg, gen, source: str = '<config>', defaults: dict = COHORT_SAMPLING, error=CohortError):
     """`cfg` (a config dataclass) with its unset (None) `defaults` fields (`sampler`, `steps`, `eta`) made the generator's
-    own: `defaults` for a diffusion generator (so a cohort with default fields records what it always did), none for a
-    generator without such options (a GAN): a value set for it is refused by the generator, naming the field (an `error`),
-    and one it calls 'not set' (eta 0) is recorded as unset."""
-    if is_diffusion(gen): return dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
+    own: for a diffusion generator what its `generator.json` recommends, else `defaults` (so a cohort with default
+    fields records what it always did; `model_sampling`), none for a generator without such options (a GAN): a value set
+    for it is refused by the generator, naming the field (an `error`), and one it calls 'not set' (eta 0) is recorded as unset."""
+    if is_diffusion(gen):
+        return dataclasses.replace(cfg, **{k: v for k, v in model_sampling(gen, defaults).items() if getattr(cfg, k) is None})
     try: gen.check_options(source, **{k: getattr(cfg, k) for k in defaults if getattr(cfg, k) is not None})
     except SamplingError as e: raise error(source, e.field, e.problem) from None
     return dataclasses.replace(cfg, **dict.fromkeys(defaults))

@@ -197,11 +197,13 @@ def check_generator(generator):
 
 def sampling_parameters(gen, sampler, sample_steps, guidance) -> tuple:
     """The run's `sampler` and `sample_steps` (None: the generator's own). A diffusion model (`gen` None: the one the
-    run trains) draws with `PIPELINE_SAMPLING` unless told; a GAN draws in one pass and refuses them, and guidance,
-    naming the parameter."""
-    from cxr_diffusion_nbs.cohort import is_diffusion
+    run trains) draws with `PIPELINE_SAMPLING` unless told, or with the sampler its `generator.json` recommends
+    (`cohort.model_sampling`); a GAN draws in one pass and refuses them, and guidance, naming the parameter."""
+    from cxr_diffusion_nbs.cohort import is_diffusion, model_sampling
     if gen is None or is_diffusion(gen):
-        return (PIPELINE_SAMPLING['sampler'] if sampler is None else sampler,
+        own = dict(sampler=PIPELINE_SAMPLING['sampler'])
+        if gen is not None: own = model_sampling(gen, own)       # a sampler the model's generator.json recommends
+        return (own['sampler'] if sampler is None else sampler,
                 PIPELINE_SAMPLING['sample_steps'] if sample_steps is None else sample_steps)
     for name, v in (('sampler', sampler), ('sample_steps', sample_steps), ('guidance', guidance or None)):
         if v is not None:

@@ -66,7 +66,7 @@ class RarityConfig:
     train_where: dict = field(default_factory=dict)  # keep only real training images with these column values, e.g. {'view': 'PA'}
     sampler: str | None = None          # None: the generator's own (diffusion: 'dpmpp', 20 steps, 'compositional':
     steps: int | None = None            # `RARITY_SAMPLING`; a GAN has none of the three and refuses a set one)
-    guidance: dict = field(default_factory=dict)
+    guidance: dict | None = None        # None: the model's recommended scales (its generator.json), as a cohort; {}: none
     guidance_mode: str | None = None
     sample_batch: int = 32
     mixed_precision: str = 'no'         # 'bf16' | 'auto': sample the pools 1.5-2x faster on CPUs with native bf16 (not bit-exact)
@@ -209,8 +209,8 @@ def synthetic_pool(gen, m: Manifest, cfg: RarityConfig, n: int, kind: str = 'con
     pool = DonorPool(m, gen.findings, gen.image_size, split='train')
     plan = _pool_plan(gen, pool, cfg, n, kind, seed)
     ccfg, F_ = CohortConfig(seed=seed), len(gen.findings)
-    opts = dict(sampler=cfg.sampler, steps=cfg.steps, guidance=dict(cfg.guidance), guidance_mode=cfg.guidance_mode,
-                mixed_precision=cfg.mixed_precision)
+    opts = dict(sampler=cfg.sampler, steps=cfg.steps, guidance_mode=cfg.guidance_mode, mixed_precision=cfg.mixed_precision)
+    if cfg.guidance is not None: opts['guidance'] = dict(cfg.guidance)   # None: the generator's recommended scales
     if kind == 'unconditional': opts.update(guidance={c: 0. for c in gen.conditions}, guidance_mode='compositional')
     images, asked = [], []
     for b in range(0, len(plan), cfg.sample_batch):

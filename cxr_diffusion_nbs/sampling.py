@@ -519,7 +519,8 @@ def main(argv=None):
     p.add_argument('--finding', action='append', default=[], help='finding to draw (repeatable); none: no finding')
     p.add_argument('--mask', help='lesion mask PNG of the model size (white = lesion)')
     p.add_argument('--n', type=int, default=4); p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--sampler', default='dpmpp', choices=SAMPLERS); p.add_argument('--steps', type=int)
+    p.add_argument('--sampler', choices=SAMPLERS, help="default: the model's recommended (its generator.json), else dpmpp")
+    p.add_argument('--steps', type=int)
     p.add_argument('--eta', type=float, default=0.)
     p.add_argument('--guidance', help="per-condition scales, e.g. labels=2,mask=1 ('none': no guidance; default: the model's recommended)")
     p.add_argument('--guidance-mode', choices=GUIDANCE_MODES, help="default: the model's recommended")
@@ -533,7 +534,8 @@ def main(argv=None):
         gen = load_generator(a.checkpoint, device=a.device)
         findings = [canonical_finding(f) for f in a.finding]
         mask = _read_mask(a.mask, gen.image_size) if a.mask else None
-        opts = dict(sampler=a.sampler, steps=a.steps, eta=a.eta, mixed_precision='bf16' if a.bf16 else 'no')
+        opts = dict(steps=a.steps, eta=a.eta, mixed_precision='bf16' if a.bf16 else 'no')
+        if a.sampler is not None: opts['sampler'] = a.sampler
         if a.guidance is not None: opts['guidance'] = {} if a.guidance.strip().lower() == 'none' else _parse_scales(a.guidance)
         if a.guidance_mode is not None: opts['guidance_mode'] = a.guidance_mode
         opts = {k: v for k, v in gen.check_options('cxr-sample', **opts).items() if k != 'progress'}   # resolved: what the images record

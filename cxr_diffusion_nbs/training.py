@@ -65,7 +65,7 @@ class DataSection:
     image_size: int = 64
     findings: list = field(default_factory=lambda: list(RARE_FINDINGS))
     mask_mode: str | None = 'union'   # 'union' | 'per_finding' | None (masks feed the lesion loss and mask conditioning)
-    augment: bool = False             # dataset.Augment() (small affine), a function of (seed, epoch, index)
+    augment: bool = False             # dataset.Augment() (small affine), a function of (seed, epoch, index); a generator learns its bilinear blur (16a_realness)
     limit: int | None = None          # use only the first N images of `split` (quick experiments, tests); None = all
     test_fraction: float = 0.0        # hold this fraction of `split`'s patients out as 'test' (splits.hold_out_test), unless a test split exists
     balance: float = 0.0              # draw batches with dataset.sampling_weights(power=balance): 0 uniform, 1 every finding alike

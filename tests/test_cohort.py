@@ -299,12 +299,14 @@ def test_privatise_an_older_cohort_in_place(shared_cohort, real, tmp_path):
     for p in (old/'images').glob('*.png'): np.testing.assert_array_equal(np.asarray(Image.open(p)), before[p.name])
     with pytest.raises(CohortError, match='already names donors by donor_ref'): privatise_cohort(old)
 
-def _zeros_instead_of_sampling(monkeypatch):
-    "build_cohort with the real generator loaded and its options checked, but images of zeros: seconds, not a minute of sampling."
+def _zeros_instead_of_sampling(monkeypatch, **recommended):
+    """build_cohort with the real generator loaded and its options checked, but images of zeros: seconds, not a minute of
+    sampling. `recommended`: sampling defaults that replace what the model's generator.json recommends."""
     import cxr_diffusion_nbs.cohort as C
     load = C.load_generator
     def fake_load(*a, **kw):
         g = load(*a, **kw)
+        g.defaults.update(recommended)
         def generate(labels=None, masks=None, seed=0, **options):
             g.check_options('test', **options)
             return torch.zeros(len(labels), 1, g.image_size, g.image_size)
@@ -315,7 +317,7 @@ def _zeros_instead_of_sampling(monkeypatch):
 def test_default_diffusion_cohort_keeps_its_identity(tmp_path, monkeypatch):
     "What a default cohort records (identity, request, PNG provenance, images.csv) is what it recorded before: earlier cohorts resume."
     gold = json.loads((Path(__file__).parent/'fixtures'/'cohort_default_identity.json').read_text())
-    _zeros_instead_of_sampling(monkeypatch)
+    _zeros_instead_of_sampling(monkeypatch, sampler='dpmpp')    # the demo as it was: guidance recommended, not a sampler
     out = build_cohort(dict(checkpoint=str(DEMO), output_dir=str(tmp_path/'c'), data_root=str(sample_data_root()),
                             counts={'nodule': 1, 'effusion': 1}, dicom=True), progress=False)
     meta = json.loads((out/'cohort.json').read_text())
@@ -358,3 +360,15 @@ def test_gan_cohort_refuses_diffusion_options(tmp_path, kw, field):
     with pytest.raises(CohortError, match=f"field '{field}'.*diffusion option"):
         build_cohort(dict(checkpoint=str(GAN), output_dir=str(tmp_path/'gan'), counts={'nodule': 1}, **kw), progress=False)
     assert not (tmp_path/'gan').exists()
+
+def test_default_cohort_takes_the_models_recommended_sampler(tmp_path, monkeypatch):
+    "A sampler the model's generator.json recommends is what a cohort with default fields uses and records; a set field wins."
+    _zeros_instead_of_sampling(monkeypatch, sampler='ddim')
+    kw = dict(checkpoint=str(DEMO), data_root=str(sample_data_root()), counts={'nodule': 1})
+    out = build_cohort(dict(kw, output_dir=str(tmp_path/'c')), progress=False)
+    meta = json.loads((out/'cohort.json').read_text())
+    assert meta['identity']['sampler'] == meta['identity']['options']['sampler'] == 'ddim'
+    assert meta['identity']['steps'] == 20                            # unrecommended fields: the cohort's own defaults
+    assert set(pd.read_csv(out/'images.csv').sampler) == {'ddim'}
+    out = build_cohort(dict(kw, output_dir=str(tmp_path/'d'), sampler='ddpm', steps=10), progress=False)
+    assert json.loads((out/'cohort.json').read_text())['identity']['options']['sampler'] == 'ddpm'

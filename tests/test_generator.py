@@ -27,8 +27,9 @@ def test_generate_shape_range_and_equals_sample(gen):
     imgs = gen.generate(findings='nodule', masks=box, seed=[3, 4], steps=4)
     assert imgs.shape == (2, 1, 64, 64) and imgs.dtype == torch.float32 and -1 <= imgs.min() and imgs.max() <= 1
     conds = model_inputs(gen.model, 2, findings='nodule', masks=box)
-    rec = {k: gen.defaults[k] for k in ('guidance', 'guidance_mode')}        # the model's recommended guidance (generator.json)
-    assert torch.equal(imgs, sample(gen.model, gen.noise_scheduler, conds, sampler='dpmpp', steps=4, seed=[3, 4], **rec).images)
+    rec = {k: gen.defaults[k] for k in ('sampler', 'guidance', 'guidance_mode')}   # what the model recommends (generator.json)
+    assert rec['sampler'] == 'dpmpp-sigma-min'                              # chosen in nbs/16a_realness
+    assert torch.equal(imgs, sample(gen.model, gen.noise_scheduler, conds, steps=4, seed=[3, 4], **rec).images)
     one = gen.generate(findings='nodule', masks=box, seed=4, steps=4)        # an image depends on its seed alone
     torch.testing.assert_close(one[0], imgs[1], atol=1e-4, rtol=0)
 
@@ -83,7 +84,7 @@ def test_a_mask_for_a_model_without_masks():
 def test_provenance_has_no_paths(gen):
     p = gen.provenance()
     assert p['kind'] == 'pixel-diffusion' and len(p['model_sha256']) == 64 and p['checkpoint'] == 'cpu64_demo'
-    assert p['defaults']['sampler'] == 'dpmpp' and str(project_root()) not in json.dumps(p)
+    assert p['defaults']['sampler'] == 'dpmpp-sigma-min' and str(project_root()) not in json.dumps(p)
 
 def test_unknown_kind_and_missing_path(tmp_path):
     with pytest.raises(CXRDataError, match='does not exist'): load_generator(tmp_path/'nope')

@@ -190,6 +190,7 @@ def test_generator_parameter():
     demo = check_generator(ROOT/'data'/'models'/'cpu64_demo')
     assert (gan.kind, demo.kind) == ('gan', 'pixel-diffusion')
     assert sampling_parameters(gan, None, None, {}) == (None, None) and sampling_parameters(demo, 'ddim', 8, {}) == ('ddim', 8)
+    assert sampling_parameters(demo, None, None, {}) == ('dpmpp-sigma-min', 20)         # the sampler the demo recommends
     for kw, name in ((dict(sampler='dpmpp'), 'sampler'), (dict(sample_steps=20), 'sample_steps'), (dict(guidance={'labels': 2}), 'guidance')):
         a = {**dict(sampler=None, sample_steps=None, guidance={}), **kw}
         with pytest.raises(PipelineError, match=f"field '{name}'.*the gan generator draws in one pass"):

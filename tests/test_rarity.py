@@ -125,10 +125,11 @@ def test_cli_refuses_a_folder_of_other_files(tmp_path, capsys):
     assert e.value.code == 2 and 'holds files that no rarity study wrote' in capsys.readouterr().err
     assert sorted(p.name for p in o.iterdir()) == ['thesis.docx']
 
-# what `_identity` recorded for a default study before the sampling fields defaulted to None (studies then resume)
+# what `_identity` records for a default study of the shipped demo (a study with these fields resumes): since issue 23
+# the sampler and guidance mode the demo's generator.json recommends, and its recommended guidance scales (None)
 DEFAULT_IDENTITY_CONFIG = {'findings': list(F5), 'test_fraction': 0.25, 'image_size': 64, 'width': 16, 'epochs': 8,
                            'batch_size': 64, 'lr': 0.003, 'synthetic_weight': 0.5, 'report_by': 'view', 'train_where': {},
-                           'sampler': 'dpmpp', 'steps': 20, 'guidance': {}, 'guidance_mode': 'compositional',
+                           'sampler': 'dpmpp-sigma-min', 'steps': 20, 'guidance': None, 'guidance_mode': 'nested',
                            'sample_batch': 32, 'mixed_precision': 'no'}
 
 def test_default_study_keeps_its_identity_and_a_gan_study_claims_no_sampler():
