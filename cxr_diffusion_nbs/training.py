@@ -233,8 +233,10 @@ def _check_output(cfg: TrainConfig, cc: ConditioningConfig):
         try: float(v)
         except (TypeError, ValueError): raise cfg.err(f'output.guidance.{k}', f"{v!r} is not a number") from None
 
-def validate_config(cfg: TrainConfig, build: bool = True) -> TrainConfig:
-    "Raise a `ConfigError` naming the file and the field for anything that cannot train; returns `cfg`."
+def validate_config(cfg: TrainConfig, build: bool = True, check_inputs: bool = True) -> TrainConfig:
+    """Raise a `ConfigError` naming the file and the field for anything that cannot train; returns `cfg`. With
+    `check_inputs=False` the config is read as the record of a finished run, whose starting weights
+    (`model.init_from`) need not exist on this machine."""
     d = cfg.data
     d.findings = list(check_findings(d.findings, cfg.source, 'data.findings'))
     if d.mask_mode not in MASK_MODES: raise choice_error(cfg, 'data.mask_mode', d.mask_mode, MASK_MODES)
@@ -249,7 +251,7 @@ def validate_config(cfg: TrainConfig, build: bool = True) -> TrainConfig:
     if d.modality != 'cxr' and cfg.model.autoencoder is not None:
         raise cfg.err('data.modality', f"{d.modality!r}: latent runs read CXR only (the latent cache has no modality reader); use 'cxr' or a pixel model")
     _check_optim(cfg)
-    if cfg.model.init_from is not None and not resolve_path(cfg.model.init_from).exists():
+    if check_inputs and cfg.model.init_from is not None and not resolve_path(cfg.model.init_from).exists():
         raise cfg.err('model.init_from', f"{cfg.model.init_from} does not exist (a run folder or a checkpoint-<step>/ folder)")
     # the other notebooks' configs, and their consistency
     u, cc, lc = unet_config(cfg), conditioning_config(cfg), loss_config(cfg)
@@ -270,8 +272,9 @@ def _preset_image_size(raw: dict, source: str):
     if isinstance(d, dict) and d.get('modality') is not None and 'image_size' not in d:
         d['image_size'] = modality_preset(d['modality'], source, 'data.modality').image_size
 
-def load_config(path_or_dict, overrides=()) -> TrainConfig:
-    "A validated `TrainConfig` from a YAML file (or a dict, or a `TrainConfig`) plus `key.sub=value` overrides."
+def load_config(path_or_dict, overrides=(), check_inputs: bool = True) -> TrainConfig:
+    """A validated `TrainConfig` from a YAML file (or a dict, or a `TrainConfig`) plus `key.sub=value` overrides
+    (`check_inputs`: see `validate_config`)."""
     raw, source = read_sections(path_or_dict, ['model', 'conditioning', 'loss', *_SECTIONS], overrides, TrainConfig)
     _preset_image_size(raw, source)
     kw = build_sections(raw, _SECTIONS, source)
@@ -279,7 +282,7 @@ def load_config(path_or_dict, overrides=()) -> TrainConfig:
         v = raw.get(name) or {}
         if not isinstance(v, dict): raise ConfigError(source, name, f"must be a mapping, got {v!r}")
         kw[name] = dict(v)
-    return validate_config(TrainConfig(**kw, source=source))
+    return validate_config(TrainConfig(**kw, source=source), check_inputs=check_inputs)
 
 # %% ../nbs/10_training.ipynb #ec350b86
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1, weights=None) -> list:
@@ -732,8 +735,9 @@ def init_weights(model, checkpoint, cfg: TrainConfig) -> Path:
 
 def load_for_sampling(checkpoint, use_ema: bool = True, device=None) -> tuple:
     """(model, noise_scheduler, cfg) from a checkpoint, model or run folder: `checkpoints.load_denoiser` plus the run's
-    `TrainConfig`. Kept for older code; open a generator with `cxr_diffusion_nbs.load_generator(path)` instead."""
+    `TrainConfig`, read as a record (its `model.init_from` may name a run that is not on this machine). Kept for older
+    code; open a generator with `cxr_diffusion_nbs.load_generator(path)` instead."""
     model, noise_scheduler, ckpt = load_denoiser(checkpoint, use_ema=use_ema, device=device)
     f = ckpt/'config.yaml'
     if not f.exists(): raise CheckpointError(str(f), '<file>', 'missing: the run config (load_denoiser needs only model_config.json)')
-    return model, noise_scheduler, load_config(yaml.safe_load(f.read_text()))
+    return model, noise_scheduler, load_config(yaml.safe_load(f.read_text()), check_inputs=False)

@@ -213,7 +213,7 @@ def test_init_from_loads_a_checkpoint_and_refuses_another_network(tmp_path):
     from cxr_diffusion_nbs.training import init_weights, load_config, unet_config, conditioning_config, ConfigError
     from cxr_diffusion_nbs.core import project_root
     demo = project_root()/'data'/'models'/'cpu64_demo'
-    cfg = load_config(yaml.safe_load((demo/'config.yaml').read_text()))
+    cfg = load_config(yaml.safe_load((demo/'config.yaml').read_text()), check_inputs=False)
     model = ConditionalDenoiser(unet_config(cfg), conditioning_config(cfg))
     init_weights(model, demo, cfg)
     ema = load_file(str(demo/'ema.safetensors'))
@@ -223,6 +223,21 @@ def test_init_from_loads_a_checkpoint_and_refuses_another_network(tmp_path):
     with pytest.raises(ConfigError, match='model.init_from'): init_weights(other, demo, tiny)
     with pytest.raises(ConfigError, match='model.init_from'):
         load_config(str(project_root()/'configs'/'tiny.yaml'), [('model.init_from', str(tmp_path/'nope'))])
+
+
+def test_a_finished_runs_config_opens_where_its_starting_weights_are_gone(tmp_path):
+    "A shipped or copied run records `model.init_from`; sampling from it must not need that run, training from it must."
+    import shutil, yaml
+    from cxr_diffusion_nbs.training import load_for_sampling, load_config, ConfigError
+    from cxr_diffusion_nbs.core import project_root
+    run = tmp_path/'copied_run'
+    shutil.copytree(project_root()/'data'/'models'/'cpu64_demo', run)
+    raw = yaml.safe_load((run/'config.yaml').read_text())
+    raw['model']['init_from'] = str(tmp_path/'a_run_on_another_machine')
+    (run/'config.yaml').write_text(yaml.safe_dump(raw))
+    model, sched, cfg = load_for_sampling(run, device='cpu')
+    assert cfg.model.init_from == raw['model']['init_from'] and cfg.data.image_size == 64
+    with pytest.raises(ConfigError, match=r"model\.init_from.*does not exist"): load_config(str(run/'config.yaml'))
 
 
 def test_output_folder_that_is_a_file_fails_before_training(tmp_path, capsys):

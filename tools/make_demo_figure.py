@@ -40,7 +40,7 @@ def main():
     run = resolve_path(a.run)
     ck = checkpoint_folder(list_checkpoints(run)[-1] if list_checkpoints(run) else run)
     run_dir = ck if (ck/'summary.json').exists() else ck.parent      # a checkpoint folder: its run's summary
-    cfg = load_config(yaml.safe_load((ck/'config.yaml').read_text()))
+    cfg = load_config(yaml.safe_load((ck/'config.yaml').read_text()), check_inputs=False)
     gen = load_generator(ck, device='cpu')
     d = cfg.data
     man = training_manifest(cfg)                                   # the held-out test patients removed, as in training
