@@ -11,6 +11,9 @@ donors taken in turn, as a cohort would be). Per generator it prints:
   the control: what a generator indistinguishable from real films would get here;
 - **sharpness ratio** (median variance of the Laplacian, synthetic / real) and the power ratio in the finest two
   octave bands, `spectrum distance` (mean |log10 power ratio| over all frequencies);
+- the coarsest scale: **contrast** (median per-film standard deviation of grey levels) and **brightness spread**
+  (standard deviation over films of each film's mean), synthetic / real, and the **coarse detector** AUROC: the same
+  detector on films averaged over `--coarse` x `--coarse` blocks, so only their large-scale structure is left;
 - seconds per image (drawing only, batch `--batch`, this machine).
 
 Then a summary line against the targets (issue 23): a diffusion generator with FID no worse than the GAN's, detector
@@ -75,11 +78,11 @@ def real_sets(root, size: int, test_fraction: float) -> dict:
     return {s: load_image_set(man, size=size, split=s)['images'] for s in ('test', 'val')}, man
 
 
-def measure_row(name, x, real, control, ext, f_real, seed, steps, secs, kind='', px=None, options=''):
+def measure_row(name, x, real, control, ext, f_real, seed, steps, secs, kind='', px=None, options='', coarse=4):
     "One table row: FID/PRDC at 64 px in the package's features and `realness` of `x` against `real` (same size)."
     f = extract_features(ext, to_size(x, FID_PX))
     fid = compare_sets(f_real, f, seed=seed)
-    r = realness(real, x, control=control, seed=seed, steps=steps)
+    r = realness(real, x, control=control, seed=seed, steps=steps, coarse=coarse)
     return dict(generator=name, kind=kind, px=px or x.shape[-1], options=options, n=len(x), fid=fid['fid'],
                 precision=fid['precision'], coverage=fid['coverage'], **r, seconds_per_image=secs)
 
@@ -93,6 +96,7 @@ def main(argv=None):
     p.add_argument('--data-root', help='real data (default: core.find_data_root(), the shared NIH subset if present)')
     p.add_argument('--test-fraction', type=float, default=0.25, help='the held-out test patients, as every trainer holds them out')
     p.add_argument('--detector-steps', type=int, default=300, help="the detector's training steps (batches of 32; default 300)")
+    p.add_argument('--coarse', type=int, default=4, help='block size of the coarse detector, in px at 64 px (default 4: 16-px films)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--batch', type=int, default=50)
     p.add_argument('--threads', type=int, default=2)
@@ -125,7 +129,7 @@ def run(a) -> list:
           f"{len(ref['val'])} validation films | FID in the features of data/models/classifier64 at {FID_PX} px | "
           f"detector {a.detector_steps} steps, 2 folds | seed {a.seed} | torch threads {torch.get_num_threads()}")
     rows.append(measure_row('real validation films (control)', ref['val'], ref['test'], None, ext, f_test, a.seed, a.detector_steps,
-                            float('nan'), 'real', FID_PX))
+                            float('nan'), 'real', FID_PX, coarse=a.coarse))
     for folder in folders:
         gen = load_generator(folder, device='cpu')
         name, opts = Path(folder).name, options.get(Path(folder).name, {})
@@ -137,7 +141,7 @@ def run(a) -> list:
         (real, _) = reals(gen.image_size)
         used = ', '.join(f'{k}={v}' for k, v in (opts or {}).items()) or 'defaults'
         print(f"{name}: {gen.kind}, {gen.image_size} px, {used}: {len(x)} films in {secs * len(x):.0f} s", flush=True)
-        rows.append(measure_row(name, x, real['test'], real['val'], ext, f_test, a.seed, a.detector_steps, secs, gen.kind, gen.image_size, used))
+        rows.append(measure_row(name, x, real['test'], real['val'], ext, f_test, a.seed, a.detector_steps, secs, gen.kind, gen.image_size, used, a.coarse))
     table(rows)
     summary(rows)
     return rows
@@ -145,15 +149,17 @@ def run(a) -> list:
 
 def table(rows):
     print(f"\n{'generator':<32} {'px':>4} {'FID':>6} {'prec':>5} {'cov':>5}  {'detector AUROC':>20} {'control':>7}  "
-          f"{'sharp':>5} {'8-16':>5} {'16-32':>5} {'spec':>5} {'s/img':>6}  options")
+          f"{'sharp':>5} {'8-16':>5} {'16-32':>5} {'spec':>5} {'contr':>5} {'brght':>5} {'coarse':>6} {'s/img':>6}  options")
     for r in rows:
         print(f"{r['generator'][:32]:<32} {r['px']:>4} {fmt(r['fid']):>6} {fmt(r['precision']):>5} {fmt(r['coverage']):>5}  "
               f"{fmt(r['detector_auroc']):>5} [{fmt(r['detector_auroc_low'])}, {fmt(r['detector_auroc_high'])}]   "
               f"{fmt(r.get('control_auroc', np.nan)):>7}  {fmt(r['sharpness_ratio']):>5} {fmt(r.get('band_8_16', np.nan)):>5} "
-              f"{fmt(r.get('band_16_32', np.nan)):>5} {fmt(r['spectrum_distance']):>5} {fmt(r['seconds_per_image'], 3):>6}  {r['options']}")
+              f"{fmt(r.get('band_16_32', np.nan)):>5} {fmt(r['spectrum_distance']):>5} {fmt(r['contrast_ratio']):>5} "
+              f"{fmt(r['brightness_spread_ratio']):>5} {fmt(r.get('coarse_detector_auroc', np.nan)):>6} {fmt(r['seconds_per_image'], 3):>6}  {r['options']}")
     print("(detector AUROC: 0.5 = cannot tell the films from real ones; control: the same detector on real validation films "
           "against the same reference; sharp: median Laplacian variance over real's; 8-16 / 16-32: power over real's in those "
-          "cycles-per-image bands at 64 px; spec: mean |log10 power ratio|)")
+          "cycles-per-image bands at 64 px; spec: mean |log10 power ratio|; contr / brght: per-film contrast and the spread "
+          "of films' brightness over real's; coarse: the detector on block-averaged films)")
 
 
 def summary(rows):

@@ -18,8 +18,9 @@ from .core import MaskError
 __all__ = ['DIFFUSERS_BETA_SCHEDULES', 'linear_betas', 'cosine_alpha_bar', 'cosine_betas', 'NoiseSchedule', 'make_schedule',
            'diffusers_schedule_kwargs', 'as_schedule', 'q_step', 'q_sample', 'snr', 'log_snr', 'q_posterior_mean_var',
            'v_target', 'schedule_target', 'convert_prediction', 'prediction_type_of', 'as_timesteps', 'alpha_bar',
-           'prediction_target', 'predicted_x0', 'predicted_eps', 'ring_mask', 'lesion_cnr', 'expected_lesion_cnr',
-           'lesion_cnr_curve', 'cnr_noise_floor', 'image_correlation', 'noised_view', 'show_noised']
+           'prediction_target', 'predicted_x0', 'predicted_eps', 'training_noise', 'ring_mask', 'lesion_cnr',
+           'expected_lesion_cnr', 'lesion_cnr_curve', 'cnr_noise_floor', 'image_correlation', 'noised_view',
+           'show_noised']
 
 # %% ../nbs/06_forward_process.ipynb #de5888e4
 def linear_betas(num_timesteps: int = 1000, beta_start: float | None = None, beta_end: float | None = None) -> torch.Tensor:
@@ -234,6 +235,14 @@ def predicted_eps(pred: torch.Tensor, x_t: torch.Tensor, t, scheduler) -> torch.
     ac = alpha_bar(t, scheduler, x_t).to(pred.dtype)
     if pt == 'v_prediction': return ac.sqrt() * pred + (1 - ac).sqrt() * x_t
     return (x_t - ac.sqrt() * pred) / (1 - ac).sqrt()
+
+# %% ../nbs/06_forward_process.ipynb #0896b719
+def training_noise(shape, offset: float = 0.0, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """Standard Gaussian noise of `shape` (B, C, H, W) for a training step, plus `offset` times one Gaussian per image
+    and channel (offset noise); `offset=0` draws exactly `torch.randn(shape, generator=generator)` and nothing more."""
+    noise = torch.randn(shape, generator=generator, device=device)
+    if offset: noise = noise + offset * torch.randn(*shape[:2], *([1] * (len(shape) - 2)), generator=generator, device=device)
+    return noise
 
 # %% ../nbs/06_forward_process.ipynb #d7674537
 def _as_mask(mask, shape, name='mask') -> torch.Tensor:

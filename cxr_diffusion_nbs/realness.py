@@ -18,7 +18,7 @@ from .classifier import to_size
 
 # %% auto #0
 __all__ = ['LAPLACIAN', 'grey255', 'laplacian_variance', 'radial_power_spectrum', 'octave_bands', 'spectrum_ratios',
-           'RealnessDetector', 'fit_detector', 'detector_scores', 'auroc_interval', 'realness']
+           'contrast_ratios', 'RealnessDetector', 'fit_detector', 'detector_scores', 'auroc_interval', 'realness']
 
 # %% ../nbs/16a_realness.ipynb #52f94a6c
 def grey255(images: torch.Tensor) -> torch.Tensor:
@@ -62,6 +62,17 @@ def spectrum_ratios(real, synthetic) -> dict:
     out = {f'band_{lo}_{hi}': float(ps[lo:hi].sum() / pr[lo:hi].sum()) for lo, hi in octave_bands(r.shape[-1])}
     out['spectrum_distance'] = float(np.abs(np.log10(ps[1:] / pr[1:])).mean())
     return out
+
+# %% ../nbs/16a_realness.ipynb #6fcb97fc
+def contrast_ratios(real, synthetic) -> dict:
+    """`contrast_ratio`: the median per-film standard deviation of grey levels, synthetic over real (below 1: greyer
+    films); `brightness_spread_ratio`: the standard deviation over films of each film's mean, synthetic over real
+    (below 1: every film nearer the average exposure)."""
+    r, s = check_images(real, 'real').double(), check_images(synthetic, 'synthetic').double()
+    check_same_size(r, s)
+    contrast = lambda x: float(x.flatten(1).std(1).median())
+    spread = lambda x: float(x.flatten(1).mean(1).std())
+    return dict(contrast_ratio=contrast(s) / contrast(r), brightness_spread_ratio=spread(s) / spread(r))
 
 # %% ../nbs/16a_realness.ipynb #9223fd12
 class RealnessDetector(nn.Module):
@@ -136,7 +147,8 @@ def auroc_interval(scores, targets, n_boot: int = 1000, seed: int = 0, level: fl
     return float(roc_auc_score(targets, scores)), float(lo), float(hi)
 
 # %% ../nbs/16a_realness.ipynb #5a408955
-def realness(real, synthetic, control=None, size: int | None = 64, folds: int = 2, seed: int = 0, **fit_kw) -> dict:
+def realness(real, synthetic, control=None, size: int | None = 64, folds: int = 2, seed: int = 0, coarse: int | None = None,
+             **fit_kw) -> dict:
     """How real `synthetic` films look next to `real` ones, both (N, 1, S, S) in [-1, 1] at the same size and brought to
     `size` px the same way (`classifier.to_size`; None: as they are). Returns:
     - `detector_auroc` (and its 95% bootstrap interval `_low`/`_high`): a `RealnessDetector` trained from scratch to
@@ -145,7 +157,10 @@ def realness(real, synthetic, control=None, size: int | None = 64, folds: int = 
       value a perfect generator would get with these sample sizes;
     - `sharpness_real`, `sharpness_synthetic` (median variance of the Laplacian), `sharpness_ratio` (synthetic / real)
       and `sharpness_auroc` (how well blur alone, lower sharpness = synthetic, tells them apart);
-    - the power ratio per octave band and `spectrum_distance` (`spectrum_ratios`)."""
+    - the power ratio per octave band and `spectrum_distance` (`spectrum_ratios`), `contrast_ratio` and
+      `brightness_spread_ratio` (`contrast_ratios`);
+    - with `coarse=f`, `coarse_detector_auroc`: the same detector on films averaged over f x f blocks, which keeps
+      only their large-scale structure (contrast, brightness, anatomy's layout)."""
     r, s = check_images(real, 'real'), check_images(synthetic, 'synthetic')
     check_same_size(r, s)
     if size is not None: r, s = to_size(r, size), to_size(s, size)
@@ -157,7 +172,11 @@ def realness(real, synthetic, control=None, size: int | None = 64, folds: int = 
         check_same_size(check_images(real, 'real'), c, ('real', 'control'))
         if size is not None: c = to_size(c, size)
         out['control_auroc'] = auroc_interval(*detector_scores(r, c, folds, seed, **fit_kw), seed=seed)[0]
+    if coarse is not None:
+        if isinstance(coarse, bool) or not isinstance(coarse, int) or not 2 <= coarse <= r.shape[-1] // 8:
+            raise MetricsError('realness', 'coarse', f'{coarse!r}: a block size from 2 to {r.shape[-1] // 8} px (the films must stay >= 8 px)')
+        out['coarse_detector_auroc'] = auroc_interval(*detector_scores(F.avg_pool2d(r, coarse), F.avg_pool2d(s, coarse), folds, seed, **fit_kw), seed=seed)[0]
     out.update(sharpness_real=float(np.median(lr_)), sharpness_synthetic=float(np.median(ls)),
                sharpness_ratio=float(np.median(ls) / np.median(lr_)),
                sharpness_auroc=float(roc_auc_score(np.r_[np.zeros(len(lr_)), np.ones(len(ls))], -np.r_[lr_, ls])))
-    return dict(out, **spectrum_ratios(r, s))
+    return dict(out, **spectrum_ratios(r, s), **contrast_ratios(r, s))

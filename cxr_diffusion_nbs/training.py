@@ -25,6 +25,7 @@ from .core import (read_sections, build_sections, RARE_FINDINGS, MASK_MODES, CXR
                                     cpu_supports_bf16, resolve_mixed_precision, SCHEDULES, MIXED_PRECISION, choice_error,
                                     check_optim_section, check_output_folder, TrainingDivergedError, nonfinite_step,
                                     divergence_error, remove_stale_temporaries)
+from .forward import training_noise
 from .unet import UNetConfig, PRESETS, make_noise_scheduler
 from .conditioning import ConditioningConfig, ConditionalDenoiser, FrozenTextEncoder, batch_conditions
 from .losses import LesionLossConfig, lesion_preserving_loss
@@ -93,6 +94,7 @@ class OptimSection:
     mixed_precision: str = 'auto'     # 'no' | 'bf16' | 'fp16' | 'auto' (bf16 where the CPU/GPU supports it)
     cpu: bool = False                 # force the CPU even if a GPU is there
     seed: int = 0
+    noise_offset: float = 0.0         # offset noise (forward.training_noise): + this x one Gaussian per film; 0 = off (16a_realness: it did not help)
 
 @dataclass
 class OutputSection:
@@ -218,6 +220,8 @@ def _check_optim(cfg: TrainConfig):
     check_optim_section(cfg)                          # core: what every trainer checks
     o = cfg.optim
     if o.ema_decay is not None and not 0 < o.ema_decay < 1: raise cfg.err('optim.ema_decay', f"{o.ema_decay} must be in (0, 1) or null")
+    if isinstance(o.noise_offset, bool) or not isinstance(o.noise_offset, (int, float)) or not 0 <= o.noise_offset < 1:
+        raise cfg.err('optim.noise_offset', f"{o.noise_offset!r} must be a number in [0, 1) (0 = off)")
 
 def _check_output(cfg: TrainConfig, cc: ConditioningConfig):
     out = cfg.output
@@ -578,7 +582,7 @@ def train_step(run: TrainRun, batch: dict):
     x0 = batch['image'].to(dev)
     mask = batch['mask'].to(dev) if 'mask' in batch else None
     conds = core.drop_conditions(batch_conditions(batch, core.cond_cfg, text_encoder=run.text_encoder, device=dev), generator=run.gen)
-    noise = torch.randn(x0.shape, generator=run.gen, device=dev)
+    noise = training_noise(x0.shape, o.noise_offset, run.gen, dev)
     t = torch.randint(0, run.noise_sched.config.num_train_timesteps, (x0.shape[0],), generator=run.gen, device=dev)
     x_t = run.noise_sched.add_noise(x0, noise, t)
     pred = run.model(x_t, t, **conds)                                   # autocast by accelerate

@@ -7,7 +7,7 @@ import numpy as np, pytest, torch
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 from cxr_diffusion_nbs.metrics import MetricsError
-from cxr_diffusion_nbs.realness import (laplacian_variance, radial_power_spectrum, octave_bands, spectrum_ratios,
+from cxr_diffusion_nbs.realness import (laplacian_variance, radial_power_spectrum, octave_bands, spectrum_ratios, contrast_ratios,
                                         detector_scores, auroc_interval, realness)
 
 ROOT = Path(__file__).parents[1]
@@ -74,6 +74,17 @@ def test_realness_report_keys_and_control():
               'sharpness_auroc', 'band_8_16', 'spectrum_distance'):
         assert k in r and np.isfinite(r[k])
     assert r['sharpness_ratio'] < .5 and r['sharpness_auroc'] > .9 and r['detector_auroc'] > r['control_auroc']
+
+def test_contrast_and_the_coarse_detector_see_greyer_films_that_are_as_sharp():
+    "Films pulled towards one grey lose contrast and brightness spread; the coarse detector sees it, the edges stay as sharp as they were."
+    x = smooth_films(64, size=32, seed=5, sigma=1.5)
+    grey = x[32:] * .6 + .3 * torch.sign(x[32:]) * (x[32:].abs() > .9)   # greyer films with hard-edged bright spots
+    r = realness(x[:32], grey.clamp(-1, 1), size=None, steps=60, coarse=2)
+    assert r['contrast_ratio'] < .8 and r['brightness_spread_ratio'] < .8 and r['coarse_detector_auroc'] > .8
+    same = contrast_ratios(x[:32], x[32:])
+    assert abs(same['contrast_ratio'] - 1) < .2 and abs(same['brightness_spread_ratio'] - 1) < .4
+    with pytest.raises(MetricsError, match='coarse'): realness(x[:32], x[32:], size=None, coarse=8)   # 32 px / 8 < 8 px
+    with pytest.raises(MetricsError, match='coarse'): realness(x[:32], x[32:], size=None, coarse=True)
 
 def test_refusals():
     x = smooth_films(8)
