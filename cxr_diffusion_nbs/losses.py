@@ -38,10 +38,12 @@ def snr_of(t, scheduler, like: torch.Tensor | None = None) -> torch.Tensor:
     ac = alpha_bar(t, scheduler, like).reshape(-1)
     return ac / (1 - ac)
 
-def min_snr_weight(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
-    "Per-sample min-SNR-γ loss weight (Hang et al. 2023) for the given prediction type."
+def min_snr_weight(snr: torch.Tensor, gamma: float, prediction_type: str, floor: float | None = None) -> torch.Tensor:
+    """Per-sample min-SNR-γ loss weight (Hang et al. 2023) for the given prediction type: the x0-space weight is
+    min(SNR, γ), or with `floor` clamp(SNR, floor, γ), which keeps the noisiest timesteps in the loss."""
     snr = torch.as_tensor(snr, dtype=torch.float32)
     clipped = snr.clamp(max=float(gamma))
+    if floor is not None: clipped = clipped.clamp(min=float(floor))
     if prediction_type == 'epsilon': return torch.where(snr > 0, clipped / snr, torch.ones_like(snr))
     if prediction_type == 'v_prediction': return clipped / (snr + 1)
     if prediction_type == 'sample': return clipped
@@ -104,6 +106,7 @@ class LesionLossConfig:
     lesion_weight: float = 4.0          # extra weight of lesion pixels: w = 1 + lesion_weight * union(mask)
     ssim_weight: float = 0.1            # weight of (1 - SSIM) between predicted x0 and x0 in the lesion box
     min_snr_gamma: float | None = 5.0   # min-SNR-γ per-sample weighting (Hang et al. 2023); None = off
+    min_snr_floor: float | None = None  # x0-weight clamp(SNR, floor, γ): the noisiest steps keep weight (16a_realness)
     bbox_margin: int = 4                # pixels added around the lesion bounding box for SSIM
     ssim_window: int = 7                # SSIM window (odd); boxes are widened to at least this size
     ssim_kernel: str = 'gaussian'       # 'gaussian' (σ = ssim_sigma, population covariance) or 'uniform'
@@ -119,6 +122,9 @@ class LesionLossConfig:
         g = self.min_snr_gamma
         if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not g > 0):
             bad('min_snr_gamma', f'must be > 0, or None to turn min-SNR weighting off; got {g!r}')
+        fl = self.min_snr_floor
+        if fl is not None and (isinstance(fl, bool) or not isinstance(fl, (int, float)) or not 0 < fl <= (g or 0)):
+            bad('min_snr_floor', f'must be in (0, min_snr_gamma], or None for no floor; got {fl!r} with min_snr_gamma {g!r}')
         if isinstance(self.bbox_margin, bool) or not isinstance(self.bbox_margin, int) or self.bbox_margin < 0:
             bad('bbox_margin', f'must be an int >= 0, got {self.bbox_margin!r}')
         w = self.ssim_window
@@ -169,7 +175,7 @@ def lesion_preserving_loss(pred, x0, x_t, noise, t, mask, scheduler, cfg: Lesion
             per_sample = (err * w).sum((1, 2, 3)) / (w.sum((1, 2, 3)) * C)
         else: per_sample = err.mean((1, 2, 3))
         if cfg.min_snr_gamma is not None:
-            per_sample = per_sample * min_snr_weight(snr_of(t, scheduler, p), cfg.min_snr_gamma, pt)
+            per_sample = per_sample * min_snr_weight(snr_of(t, scheduler, p), cfg.min_snr_gamma, pt, cfg.min_snr_floor)
         diffusion = per_sample.mean()
     ssim_term = p.new_zeros(())
     if cfg.ssim_weight > 0 and union is not None:

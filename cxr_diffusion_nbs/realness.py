@@ -12,6 +12,7 @@ import numpy as np, pandas as pd
 import torch
 from torch import nn
 import torch.nn.functional as F
+from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
 from .metrics import MetricsError, check_images, check_same_size
 from .classifier import to_size
@@ -140,11 +141,14 @@ def auroc_interval(scores, targets, n_boot: int = 1000, seed: int = 0, level: fl
     "(AUROC, low, high): the AUROC of `scores` for `targets` and a percentile bootstrap interval, resampling within each class."
     scores, targets = np.asarray(scores, float), np.asarray(targets, int)
     pos, neg = np.flatnonzero(targets == 1), np.flatnonzero(targets == 0)
+    auc = float(roc_auc_score(targets, scores))
     rng = np.random.default_rng(seed)
-    boots = [roc_auc_score(np.r_[np.ones(len(pos)), np.zeros(len(neg))],
-                           np.r_[scores[rng.choice(pos, len(pos))], scores[rng.choice(neg, len(neg))]]) for _ in range(n_boot)]
+    draws = [(rng.choice(pos, len(pos)), rng.choice(neg, len(neg))) for _ in range(n_boot)]
+    # every replicate's AUROC at once, as the Mann-Whitney statistic: ranks (ties averaged) of its positives among all
+    ranks = rankdata(np.concatenate([scores[np.stack([p for p, _ in draws])], scores[np.stack([q for _, q in draws])]], 1), axis=1)
+    boots = (ranks[:, :len(pos)].sum(1) - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
     lo, hi = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2])
-    return float(roc_auc_score(targets, scores)), float(lo), float(hi)
+    return auc, float(lo), float(hi)
 
 # %% ../nbs/16a_realness.ipynb #5a408955
 def realness(real, synthetic, control=None, size: int | None = 64, folds: int = 2, seed: int = 0, coarse: int | None = None,
@@ -164,6 +168,8 @@ def realness(real, synthetic, control=None, size: int | None = 64, folds: int = 
     r, s = check_images(real, 'real'), check_images(synthetic, 'synthetic')
     check_same_size(r, s)
     if size is not None: r, s = to_size(r, size), to_size(s, size)
+    if coarse is not None and (isinstance(coarse, bool) or not isinstance(coarse, int) or not 2 <= coarse <= r.shape[-1] // 8):
+        raise MetricsError('realness', 'coarse', f'{coarse!r}: a block size from 2 to {r.shape[-1] // 8} px (the films must stay >= 8 px)')
     lr_, ls = laplacian_variance(r), laplacian_variance(s)
     auc, lo, hi = auroc_interval(*detector_scores(r, s, folds, seed, **fit_kw), seed=seed)
     out = dict(n_real=len(r), n_synthetic=len(s), detector_auroc=auc, detector_auroc_low=lo, detector_auroc_high=hi)
@@ -173,8 +179,6 @@ def realness(real, synthetic, control=None, size: int | None = 64, folds: int = 
         if size is not None: c = to_size(c, size)
         out['control_auroc'] = auroc_interval(*detector_scores(r, c, folds, seed, **fit_kw), seed=seed)[0]
     if coarse is not None:
-        if isinstance(coarse, bool) or not isinstance(coarse, int) or not 2 <= coarse <= r.shape[-1] // 8:
-            raise MetricsError('realness', 'coarse', f'{coarse!r}: a block size from 2 to {r.shape[-1] // 8} px (the films must stay >= 8 px)')
         out['coarse_detector_auroc'] = auroc_interval(*detector_scores(F.avg_pool2d(r, coarse), F.avg_pool2d(s, coarse), folds, seed, **fit_kw), seed=seed)[0]
     out.update(sharpness_real=float(np.median(lr_)), sharpness_synthetic=float(np.median(ls)),
                sharpness_ratio=float(np.median(ls) / np.median(lr_)),

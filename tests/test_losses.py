@@ -171,19 +171,23 @@ def test_snr_of_scheduler():
     assert snr_of(0, s).item() == pytest.approx((1 - 1e-4) / 1e-4, rel=1e-3)
 
 
-@pytest.mark.parametrize('pt,weights', [('epsilon', (0.5, 1.0)), ('v_prediction', (0.25, 0.25)), ('sample', (0.5, 1 / 3))])
-def test_min_snr_loss_by_hand(pt, weights):
+@pytest.mark.parametrize('pt,gamma,floor,weights', [('epsilon', 0.5, None, (0.5, 1.0)), ('v_prediction', 0.5, None, (0.25, 0.25)),
+                                                     ('sample', 0.5, None, (0.5, 1 / 3)), ('epsilon', 5, 1, (1.0, 3.0)),
+                                                     ('v_prediction', 5, 1, (0.5, 0.75)), ('sample', 5, 1, (1.0, 1.0))])
+def test_min_snr_loss_by_hand(pt, gamma, floor, weights):
     # SNR = 1 (t=0) and 1/3 (t=1); γ = 0.5 -> eps: min(snr,γ)/snr = 0.5, 1 ; v: /(snr+1) = .25, .25 ; x0: .5, 1/3
+    # γ = 5, floor 1 -> x0-weights clamp(snr, 1, 5) = 1, 1 ; eps: /snr = 1, 3 ; v: /(snr+1) = 1/2, 3/4
     s = two_step(pt)
     x0, noise, g = batch(B=2, H=4, W=4)
     t = torch.tensor([0, 1])
     pred = torch.randn(2, 1, 4, 4, generator=g)
     per_sample = ((pred - prediction_target(x0, noise, t, s)) ** 2).mean((1, 2, 3))
-    cfg = LesionLossConfig(lesion_weight=0, ssim_weight=0, min_snr_gamma=0.5)
+    cfg = LesionLossConfig(lesion_weight=0, ssim_weight=0, min_snr_gamma=gamma, min_snr_floor=floor)
     loss, parts = lesion_preserving_loss(pred, x0, s.add_noise(x0, noise, t), noise, t, None, s, cfg)
     expected = (weights[0] * per_sample[0] + weights[1] * per_sample[1]) / 2
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert parts['mse'] == pytest.approx(per_sample.mean().item(), rel=1e-5)
+
 
 
 # ---------------------------------------------------------------- SSIM
@@ -317,6 +321,9 @@ def test_bad_shapes_and_config_are_clear_errors():
         LesionLossConfig(lesion_weight=-1)
     with pytest.raises(ValueError, match='LesionLossConfig.min_snr_gamma'):
         LesionLossConfig(min_snr_gamma=0)
+    for floor, gamma in ((0, 5), (6, 5), (1, None), (True, 5)):
+        with pytest.raises(ValueError, match='LesionLossConfig.min_snr_floor'):
+            LesionLossConfig(min_snr_gamma=gamma, min_snr_floor=floor)
     with pytest.raises(ValueError, match='LesionLossConfig.ssim_window'):
         LesionLossConfig(ssim_window=6)
     with pytest.raises(ValueError, match='LesionLossConfig.ssim_kernel'):

@@ -83,8 +83,24 @@ def test_contrast_and_the_coarse_detector_see_greyer_films_that_are_as_sharp():
     assert r['contrast_ratio'] < .8 and r['brightness_spread_ratio'] < .8 and r['coarse_detector_auroc'] > .8
     same = contrast_ratios(x[:32], x[32:])
     assert abs(same['contrast_ratio'] - 1) < .2 and abs(same['brightness_spread_ratio'] - 1) < .4
-    with pytest.raises(MetricsError, match='coarse'): realness(x[:32], x[32:], size=None, coarse=8)   # 32 px / 8 < 8 px
-    with pytest.raises(MetricsError, match='coarse'): realness(x[:32], x[32:], size=None, coarse=True)
+
+def test_a_bad_coarse_is_refused_before_any_detector_is_trained(monkeypatch):
+    import cxr_diffusion_nbs.realness as rn
+    monkeypatch.setattr(rn, 'detector_scores', lambda *a, **k: pytest.fail('a detector was trained before the refusal'))
+    x = smooth_films(16, size=32)
+    with pytest.raises(MetricsError, match='coarse'): realness(x[:8], x[8:], size=None, coarse=8)   # 32 px / 8 < 8 px
+    with pytest.raises(MetricsError, match='coarse'): realness(x[:8], x[8:], size=None, coarse=True)
+
+def test_auroc_interval_replicates_are_sklearns_aurocs_of_the_same_draws():
+    "The vectorised bootstrap gives each replicate exactly sklearn's AUROC (ties counted half) of the same resampled films."
+    rng = np.random.default_rng(1)
+    y = np.r_[np.zeros(30), np.ones(20)]; s = np.round(rng.standard_normal(50) + y, 1)   # rounded: many ties
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    draw = np.random.default_rng(7)
+    boots = [roc_auc_score(np.r_[np.ones(20), np.zeros(30)], np.r_[s[draw.choice(pos, 20)], s[draw.choice(neg, 30)]]) for _ in range(200)]
+    auc, lo, hi = auroc_interval(s, y, n_boot=200, seed=7)
+    assert auc == pytest.approx(roc_auc_score(y, s))
+    assert (lo, hi) == pytest.approx(tuple(np.quantile(boots, [.025, .975])), rel=1e-12)
 
 def test_refusals():
     x = smooth_films(8)
