@@ -146,7 +146,7 @@ def insert_lesion(model, noise_scheduler, image, mask, findings, steps: int = 50
     (B, 1, H, W) (one mask for all images, or one each); `findings`: a finding name for all images or one entry per
     image (see `finding_labels`); `guidance`: per-condition classifier-free guidance scales (`conditioning.check_guidance`);
     `seed`: int or one per image; `steps`, `jump_length`, `jump_n_sample`, `eta`: the RePaint schedule
-    (`make_repaint_scheduler`); `mixed_precision`: 'no' | 'bf16'."""
+    (`make_repaint_scheduler`); `mixed_precision`: 'no' | 'bf16' | 'auto' (bf16 where the hardware has it)."""
     W = 'insert_lesion'
     # ---- checks, all here and before any compute; the loop trusts them ----
     gen = model if hasattr(model, 'generate') else None                # a generator: its denoiser and scheduler
