@@ -27,9 +27,9 @@ import seaborn as sns
 
 # %% auto #0
 __all__ = ['METRICS', 'DownstreamError', 'auroc', 'average_precision', 'sensitivity', 'specificity', 'youden_threshold',
-           'binary_metrics', 'bootstrap_ci', 'DeLongResult', 'delong_components', 'delong_cov', 'delong_test',
-           'delong_ci', 'paired_bootstrap_auroc_diff', 'hanley_mcneil_se', 'auroc_test_size', 'simulate_rarity',
-           'resized_copy', 'downstream_experiment', 'summarise', 'utility_figure']
+           'binary_metrics', 'auroc_rows', 'bootstrap_ci', 'DeLongResult', 'delong_components', 'delong_cov',
+           'delong_test', 'delong_ci', 'paired_bootstrap_auroc_diff', 'hanley_mcneil_se', 'auroc_test_size',
+           'simulate_rarity', 'resized_copy', 'downstream_experiment', 'summarise', 'utility_figure']
 
 # %% ../nbs/19_downstream.ipynb #bfcfa9de
 class DownstreamError(CXRDataError):
@@ -84,7 +84,7 @@ def binary_metrics(y, p, threshold: float | None = None) -> dict:
 # %% ../nbs/19_downstream.ipynb #622d52b2
 METRICS = ('auroc', 'auprc', 'sensitivity', 'specificity')
 
-def _auroc_rows(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+def auroc_rows(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
     "AUROC of each row: positives' scores `pos` (B, m) against negatives' `neg` (B, n), Mann-Whitney U / (m n) (scipy)."
     u = stats.mannwhitneyu(pos, neg, axis=-1, method='asymptotic', use_continuity=False).statistic
     return u / (pos.shape[-1] * neg.shape[-1])
@@ -108,7 +108,7 @@ def _row_statistic(metric, threshold):
             y = np.r_[np.ones(pos.shape[-1], bool), np.zeros(neg.shape[-1], bool)]
             return np.array([metric(y, np.r_[a, b]) for a, b in zip(pos, neg)], float)
         return f
-    if metric == 'auroc': return _auroc_rows
+    if metric == 'auroc': return auroc_rows
     if metric == 'auprc': return _ap_rows
     if metric in ('sensitivity', 'specificity'):
         if threshold is None or not np.isfinite(threshold):
@@ -211,7 +211,7 @@ def paired_bootstrap_auroc_diff(y, p1, p2, n_boot: int = 1000, seed: int = 0, al
     p-value (twice the smaller tail of the replicates beyond 0; resolution 1/n_boot)."""
     y, p1 = _yp(y, p1)
     _, p2 = _yp(y, p2)
-    res = _stratified_bootstrap(y, np.vstack([p1, p2]), lambda a, b: _auroc_rows(a[0], b[0]) - _auroc_rows(a[1], b[1]),
+    res = _stratified_bootstrap(y, np.vstack([p1, p2]), lambda a, b: auroc_rows(a[0], b[0]) - auroc_rows(a[1], b[1]),
                                 n_boot, seed, alpha)
     d, (lo, hi) = res.bootstrap_distribution, res.confidence_interval
     pv = min(1., 2 * min((d <= 0).mean(), (d >= 0).mean()))

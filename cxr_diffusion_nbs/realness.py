@@ -12,10 +12,10 @@ import numpy as np, pandas as pd
 import torch
 from torch import nn
 import torch.nn.functional as F
-from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
 from .metrics import MetricsError, check_images, check_same_size
 from .classifier import to_size
+from .downstream import auroc_rows
 
 # %% auto #0
 __all__ = ['LAPLACIAN', 'grey255', 'laplacian_variance', 'radial_power_spectrum', 'octave_bands', 'spectrum_ratios',
@@ -143,10 +143,8 @@ def auroc_interval(scores, targets, n_boot: int = 1000, seed: int = 0, level: fl
     pos, neg = np.flatnonzero(targets == 1), np.flatnonzero(targets == 0)
     auc = float(roc_auc_score(targets, scores))
     rng = np.random.default_rng(seed)
-    draws = [(rng.choice(pos, len(pos)), rng.choice(neg, len(neg))) for _ in range(n_boot)]
-    # every replicate's AUROC at once, as the Mann-Whitney statistic: ranks (ties averaged) of its positives among all
-    ranks = rankdata(np.concatenate([scores[np.stack([p for p, _ in draws])], scores[np.stack([q for _, q in draws])]], 1), axis=1)
-    boots = (ranks[:, :len(pos)].sum(1) - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
+    ip, ineg = zip(*[(rng.choice(pos, len(pos)), rng.choice(neg, len(neg))) for _ in range(n_boot)])
+    boots = auroc_rows(scores[np.stack(ip)], scores[np.stack(ineg)])      # every replicate at once (Mann-Whitney)
     lo, hi = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2])
     return auc, float(lo), float(hi)
 

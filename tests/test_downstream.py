@@ -12,7 +12,7 @@ from cxr_diffusion_nbs.downstream import (DownstreamError, auroc, average_precis
                                           youden_threshold, binary_metrics, bootstrap_ci, delong_test, delong_cov,
                                           delong_ci, paired_bootstrap_auroc_diff, hanley_mcneil_se, auroc_test_size,
                                           simulate_rarity, resized_copy, downstream_experiment, summarise,
-                                          utility_figure, _auroc_rows, _ap_rows)
+                                          utility_figure, auroc_rows, _ap_rows)
 
 torch.set_num_threads(1)
 FINDINGS = ('pneumothorax', 'nodule', 'mass', 'effusion', 'cardiomegaly')
@@ -116,7 +116,7 @@ def test_vectorised_bootstrap_statistics_match_sklearn():
     "The per-replicate statistics of the bootstrap (vectorised over replicates) equal scikit-learn row by row."
     s, m = np.round(np.random.default_rng(0).normal(size=(40, 50)), 1), 12               # many ties
     yy = np.r_[np.ones(m), np.zeros(50 - m)]
-    np.testing.assert_allclose(_auroc_rows(s[:, :m], s[:, m:]), [roc_auc_score(yy, r) for r in s], atol=1e-12)
+    np.testing.assert_allclose(auroc_rows(s[:, :m], s[:, m:]), [roc_auc_score(yy, r) for r in s], atol=1e-12)
     np.testing.assert_allclose(_ap_rows(s[:, :m], s[:, m:]), [average_precision_score(yy, r) for r in s], atol=1e-12)
 
 def test_metrics_published_example_and_degenerate_inputs():

@@ -189,7 +189,6 @@ def test_min_snr_loss_by_hand(pt, gamma, floor, weights):
     assert parts['mse'] == pytest.approx(per_sample.mean().item(), rel=1e-5)
 
 
-
 # ---------------------------------------------------------------- SSIM
 def test_ssim_identical_is_one():
     a = torch.rand(2, 3, 20, 20) * 2 - 1
