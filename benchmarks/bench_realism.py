@@ -16,6 +16,10 @@ donors taken in turn, as a cohort would be). Per generator it prints:
   detector on films averaged over `--coarse` x `--coarse` blocks, so only their large-scale structure is left;
 - seconds per image (drawing only, batch `--batch`, this machine).
 
+`--detector-px 128` (or 256) looks at the films at that size instead (detector, sharpness, spectra; FID stays at 64 px);
+`--reconstructions` adds, for each latent generator, the validation films encoded and decoded by its autoencoder: how
+real its decoder alone lets films be (nbs/16a_realness).
+
 Then a summary line against the targets (issue 23): a diffusion generator with FID no worse than the GAN's, detector
 AUROC <= 0.75 and sharpness within 15% of real films (consistency >= 0.9 for every rare finding is measured by
 benchmarks/bench_conditioning.py). Measured in one run, nothing stored unless `--record`; numbers move with `--seed`.
@@ -23,6 +27,7 @@ benchmarks/bench_conditioning.py). Measured in one run, nothing stored unless `-
     .venv/bin/python benchmarks/bench_realism.py                                # every shipped generator, 300 films each
     .venv/bin/python benchmarks/bench_realism.py --generators data/models/cpu64_demo --set cpu64_demo:sampler=ddpm,steps=100
     .venv/bin/python benchmarks/bench_realism.py --n 64 --generators data/models/gan64   # quick
+    .venv/bin/python benchmarks/bench_realism.py --generators data/models/cpu256_latent_demo --n 120 --reconstructions --detector-px 128
 """
 import argparse, json, time
 from pathlib import Path
@@ -78,13 +83,19 @@ def real_sets(root, size: int, test_fraction: float) -> dict:
     return {s: load_image_set(man, size=size, split=s)['images'] for s in ('test', 'val')}, man
 
 
-def measure_row(name, x, real, control, ext, f_real, seed, steps, secs, kind='', px=None, options='', coarse=4):
-    "One table row: FID/PRDC at 64 px in the package's features and `realness` of `x` against `real` (same size)."
-    f = extract_features(ext, to_size(x, FID_PX))
+def measure_row(name, x, real, control, ext, f_real, seed, steps, secs, kind='', px=None, options='', coarse=4, detector_px=64,
+                fid_films=None):
+    "One table row: FID/PRDC at 64 px in the package's features (of `fid_films`, default `x`) and `realness` of `x` against `real` (same size) at `detector_px`."
+    f = extract_features(ext, to_size(x if fid_films is None else fid_films, FID_PX))
     fid = compare_sets(f_real, f, seed=seed)
-    r = realness(real, x, control=control, seed=seed, steps=steps, coarse=coarse)
+    r = realness(real, x, control=control, size=detector_px, seed=seed, steps=steps, coarse=coarse * detector_px // 64)
     return dict(generator=name, kind=kind, px=px or x.shape[-1], options=options, n=len(x), fid=fid['fid'],
-                precision=fid['precision'], coverage=fid['coverage'], **r, seconds_per_image=secs)
+                precision=fid['precision'], coverage=fid['coverage'], detector_px=detector_px, **r, seconds_per_image=secs)
+
+
+def reconstructions(gen, films, batch: int) -> torch.Tensor:
+    "`films` through a latent generator's autoencoder and back (`to_latents`, `to_images`): the ceiling its decoder sets."
+    return torch.cat([gen.to_images(gen.to_latents(films[i:i + batch])) for i in range(0, len(films), batch)])
 
 
 def main(argv=None):
@@ -97,6 +108,11 @@ def main(argv=None):
     p.add_argument('--test-fraction', type=float, default=0.25, help='the held-out test patients, as every trainer holds them out')
     p.add_argument('--detector-steps', type=int, default=300, help="the detector's training steps (batches of 32; default 300)")
     p.add_argument('--coarse', type=int, default=4, help='block size of the coarse detector, in px at 64 px (default 4: 16-px films)')
+    p.add_argument('--detector-px', type=int, default=64, choices=(64, 128, 256),
+                   help='the size at which the detector, sharpness and spectra look at the films (default 64; FID stays at 64)')
+    p.add_argument('--reconstructions', action='store_true',
+                   help="for each latent generator, a row more: the validation films through its autoencoder and back "
+                        "(how real its decoder alone lets films be)")
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--batch', type=int, default=50)
     p.add_argument('--threads', type=int, default=2)
@@ -128,8 +144,9 @@ def run(a) -> list:
     print(f"real data: {load_shared_subset(root).name} | reference: {len(ref['test'])} test-patient films | control: "
           f"{len(ref['val'])} validation films | FID in the features of data/models/classifier64 at {FID_PX} px | "
           f"detector {a.detector_steps} steps, 2 folds | seed {a.seed} | torch threads {torch.get_num_threads()}")
-    rows.append(measure_row('real validation films (control)', ref['val'], ref['test'], None, ext, f_test, a.seed, a.detector_steps,
-                            float('nan'), 'real', FID_PX, coarse=a.coarse))
+    big = reals(a.detector_px)[0] if a.detector_px > FID_PX else ref     # the control at the detector's size
+    rows.append(measure_row('real validation films (control)', big['val'], big['test'], None, ext, f_test, a.seed, a.detector_steps,
+                            float('nan'), 'real', a.detector_px, coarse=a.coarse, detector_px=a.detector_px, fid_films=ref['val']))
     for folder in folders:
         gen = load_generator(folder, device='cpu')
         name, opts = Path(folder).name, options.get(Path(folder).name, {})
@@ -141,7 +158,15 @@ def run(a) -> list:
         (real, _) = reals(gen.image_size)
         used = ', '.join(f'{k}={v}' for k, v in (opts or {}).items()) or 'defaults'
         print(f"{name}: {gen.kind}, {gen.image_size} px, {used}: {len(x)} films in {secs * len(x):.0f} s", flush=True)
-        rows.append(measure_row(name, x, real['test'], real['val'], ext, f_test, a.seed, a.detector_steps, secs, gen.kind, gen.image_size, used, a.coarse))
+        if gen.image_size < a.detector_px: raise SystemExit(f'bench_realism: {name} draws {gen.image_size}-px films; --detector-px {a.detector_px} would upsample them')
+        rows.append(measure_row(name, x, real['test'], real['val'], ext, f_test, a.seed, a.detector_steps, secs, gen.kind,
+                                gen.image_size, used, a.coarse, a.detector_px))
+        if a.reconstructions and gen.kind == 'latent-diffusion':
+            t = time.perf_counter()
+            rec = reconstructions(gen, real['val'], a.batch)
+            rows.append(measure_row(f'{name} autoencoder reconstructions', rec, real['test'], real['val'], ext, f_test, a.seed,
+                                    a.detector_steps, (time.perf_counter() - t) / len(rec), 'reconstruction', gen.image_size,
+                                    'validation films encoded and decoded', a.coarse, a.detector_px))
     table(rows)
     summary(rows)
     return rows
@@ -158,7 +183,7 @@ def table(rows):
               f"{fmt(r['brightness_spread_ratio']):>5} {fmt(r.get('coarse_detector_auroc', np.nan)):>6} {fmt(r['seconds_per_image'], 3):>6}  {r['options']}")
     print("(detector AUROC: 0.5 = cannot tell the films from real ones; control: the same detector on real validation films "
           "against the same reference; sharp: median Laplacian variance over real's; 8-16 / 16-32: power over real's in those "
-          "cycles-per-image bands at 64 px; spec: mean |log10 power ratio|; contr / brght: per-film contrast and the spread "
+          "cycles-per-image bands at the detector's size; spec: mean |log10 power ratio|; contr / brght: per-film contrast and the spread "
           "of films' brightness over real's; coarse: the detector on block-averaged films)")
 
 

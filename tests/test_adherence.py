@@ -13,7 +13,6 @@ from cxr_diffusion_nbs.adherence import (AdherenceError, SegmenterConfig, Lesion
                                          load_segmenter, shipped_segmenter, load_masked_images, mask_adherence,
                                          derangement, consistency_table, class_consistency)
 
-torch.set_num_threads(1)
 SHIPPED = project_root()/'data'/'models'/'segmenter64'
 
 def refused(field, fn, *a, err=AdherenceError, **kw):

@@ -10,7 +10,6 @@ from cxr_diffusion_nbs.classifier import (ClassifierConfig, ClassifierError, CXR
                                           save_model_folder, load_model_folder, save_classifier, load_classifier,
                                           shipped_classifier, predict_proba, image_features)
 
-torch.set_num_threads(1)
 SHIPPED = project_root()/'data'/'models'/'classifier64'
 
 def refused(err, field, fn, *a, **kw):

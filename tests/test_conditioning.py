@@ -8,7 +8,6 @@ from cxr_diffusion_nbs.conditioning import (ConditioningConfig, ConditioningErro
                                             batch_conditions, guided_prediction, condition_tensors, show_conditions,
                                             ellipse_mask, model_inputs, check_guidance, check_guidance_mode)
 
-torch.set_num_threads(1)
 TINY = unet_preset('tiny')
 B, S, F = 2, 32, len(RARE_FINDINGS)
 

@@ -2,7 +2,7 @@
 scikit-learn, DeLong against a brute-force implementation of its definition,
 bootstrap determinism and coverage, the rarity cap, refusals before training, and one tiny end-to-end experiment."""
 import dataclasses, math
-import numpy as np, pandas as pd, pytest, torch
+import numpy as np, pandas as pd, pytest
 from scipy import stats
 from sklearn.metrics import roc_auc_score, average_precision_score, roc_curve
 from cxr_diffusion_nbs.core import sample_data_root, PatientLeakageError, CXRDataError
@@ -14,7 +14,6 @@ from cxr_diffusion_nbs.downstream import (DownstreamError, auroc, average_precis
                                           simulate_rarity, resized_copy, downstream_experiment, summarise,
                                           utility_figure, auroc_rows, _ap_rows)
 
-torch.set_num_threads(1)
 FINDINGS = ('pneumothorax', 'nodule', 'mass', 'effusion', 'cardiomegaly')
 
 # ---------------------------------------------------------------- an independent DeLong, from the definition

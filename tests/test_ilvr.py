@@ -10,7 +10,6 @@ from cxr_diffusion_nbs.ilvr import (ILVRError, ILVRReference, low_pass, check_fa
                                    complement_weight, prepare_patch, ilvr_hook, ilvr_sample, ilvr_sweep, lowpass_correlation,
                                    lesion_conditions, anatomy_patch_references, ilvr_figure, check_references)
 
-torch.set_num_threads(2)
 DEMO = project_root()/'data'/'models'/'cpu64_demo'
 
 @pytest.fixture(scope='module')

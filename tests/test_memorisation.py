@@ -8,7 +8,6 @@ from cxr_diffusion_nbs.metrics import MetricsError
 from cxr_diffusion_nbs.memorisation import (MemorisationError, feature_distances, nearest_real, calibrate_thresholds,
                                             flag_copies, donor_analysis, closest_pairs_figure)
 
-torch.set_num_threads(1)
 
 def smooth_images(n, size=32, seed=0):
     "Random smooth images in [-1, 1]: blurred noise, so SSIM behaves as on natural images."

@@ -20,7 +20,6 @@ from cxr_diffusion_nbs.metrics import (MetricsError, FeatureExtractor, feature_e
                                        psnr, lesion_ssim, embed_2d, embedding_figure, compare_sets, fidelity_report,
                                        load_image_set, check_images, MS_SSIM_BETAS)
 
-torch.set_num_threads(1)
 
 def fid_scipy(a, b):
     mu1, mu2 = a.mean(0), b.mean(0)

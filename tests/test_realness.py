@@ -11,7 +11,6 @@ from cxr_diffusion_nbs.realness import (laplacian_variance, radial_power_spectru
                                         detector_scores, auroc_interval, realness)
 
 ROOT = Path(__file__).parents[1]
-torch.set_num_threads(1)
 
 def smooth_films(n, size=64, seed=0, sigma=3.0):
     "Random smooth 'films' in [-1, 1] with texture added: blobs at several scales plus fine noise."

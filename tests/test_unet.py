@@ -5,7 +5,6 @@ from diffusers import UNet2DModel, UNet2DConditionModel, DDPMScheduler
 from cxr_diffusion_nbs.unet import (UNetConfig, PRESETS, unet_preset, build_unet, make_noise_scheduler, count_params,
                                     unet_levels)
 
-torch.set_num_threads(1)
 
 def test_presets_valid_and_sized():
     assert set(PRESETS) >= {'tiny', 'cpu64', 'gpu256', 'gpu512'}
