@@ -134,6 +134,9 @@ def run(a) -> list:
     options = parse_options(a.set)
     unknown = set(options) - {Path(f).name for f in folders}
     if unknown: raise SystemExit(f'bench_realism: --set names {sorted(unknown)}, not among the generators {[Path(f).name for f in folders]}')
+    gens = {Path(f).name: load_generator(f, device='cpu') for f in folders}
+    small = [f'{name} ({g.image_size} px)' for name, g in gens.items() if g.image_size < a.detector_px]
+    if small: raise SystemExit(f'bench_realism: --detector-px {a.detector_px} would upsample the films of {", ".join(small)}')
     ext = feature_extractor()
     cache, rows = {}, []
     def reals(size):
@@ -144,12 +147,11 @@ def run(a) -> list:
     print(f"real data: {load_shared_subset(root).name} | reference: {len(ref['test'])} test-patient films | control: "
           f"{len(ref['val'])} validation films | FID in the features of data/models/classifier64 at {FID_PX} px | "
           f"detector {a.detector_steps} steps, 2 folds | seed {a.seed} | torch threads {torch.get_num_threads()}")
-    big = reals(a.detector_px)[0] if a.detector_px > FID_PX else ref     # the control at the detector's size
+    big = reals(a.detector_px)[0]                                         # the real films at the detector's size
     rows.append(measure_row('real validation films (control)', big['val'], big['test'], None, ext, f_test, a.seed, a.detector_steps,
                             float('nan'), 'real', a.detector_px, coarse=a.coarse, detector_px=a.detector_px, fid_films=ref['val']))
-    for folder in folders:
-        gen = load_generator(folder, device='cpu')
-        name, opts = Path(folder).name, options.get(Path(folder).name, {})
+    for name, gen in gens.items():
+        opts = options.get(name, {})
         req = donor_requests(man, 'train', gen.findings, gen.image_size, FID_PX)
         donors = np.random.default_rng(a.seed).permutation(len(req.labels))[np.arange(a.n) % len(req.labels)]   # each donor once, then again
         t = time.perf_counter()
@@ -158,7 +160,6 @@ def run(a) -> list:
         (real, _) = reals(gen.image_size)
         used = ', '.join(f'{k}={v}' for k, v in (opts or {}).items()) or 'defaults'
         print(f"{name}: {gen.kind}, {gen.image_size} px, {used}: {len(x)} films in {secs * len(x):.0f} s", flush=True)
-        if gen.image_size < a.detector_px: raise SystemExit(f'bench_realism: {name} draws {gen.image_size}-px films; --detector-px {a.detector_px} would upsample them')
         rows.append(measure_row(name, x, real['test'], real['val'], ext, f_test, a.seed, a.detector_steps, secs, gen.kind,
                                 gen.image_size, used, a.coarse, a.detector_px))
         if a.reconstructions and gen.kind == 'latent-diffusion':
