@@ -21,7 +21,7 @@ from .core import (CXRDataError, ConfigError, RARE_FINDINGS, check_findings, con
 from .manifest import Manifest
 from .masks import overlay
 from .dataset import CXRDataset, Augment
-from .classifier import (conv_block, fit, save_model_folder, load_model_folder, predict_proba, check_low_res,
+from .classifier import (conv_block, fit, finite_scores, save_model_folder, load_model_folder, predict_proba, check_low_res,
                                           low_res_augment)
 
 # %% auto #0
@@ -220,8 +220,8 @@ def predict_masks(model: LesionSegmenter, images, batch_size: int = 64) -> np.nd
     if x.shape[-1] % k: raise AdherenceError('predict_masks', 'images', f'size {x.shape[-1]} is not a multiple of {k}')
     model.eval()
     dev = next(model.parameters()).device
-    return torch.cat([torch.sigmoid(model(x[b:b + batch_size].to(dev))).float().cpu()
-                      for b in range(0, len(x), batch_size)]).numpy()
+    return finite_scores(torch.cat([torch.sigmoid(model(x[b:b + batch_size].to(dev))).float().cpu()
+                                    for b in range(0, len(x), batch_size)]).numpy(), 'predict_masks')
 
 # %% ../nbs/17_adherence.ipynb #d575ea68
 def save_segmenter(model: LesionSegmenter, cfg: SegmenterConfig, folder, half: bool = True, **facts) -> Path:

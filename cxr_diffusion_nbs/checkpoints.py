@@ -7,22 +7,24 @@ Docs: https://cxr-diffusion-nbs.github.io/cxr_diffusion_nbs/checkpoints.html.md"
 
 # %% ../nbs/09a_checkpoints.ipynb #4ef2e175
 from __future__ import annotations
-import os, json, pickle, random, shutil, warnings
+import os, json, pickle, random, shutil, warnings, contextlib
 from pathlib import Path
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_model, save_file, load_model, load_file
-from .core import CXRDataError, ConfigError, atomic_write, config_from_dict, default_device, resolve_path
+from .core import CXRDataError, ConfigError, TrainingDivergedError, atomic_write, config_from_dict, default_device, resolve_path
 from .unet import UNetConfig, make_noise_scheduler
 from .conditioning import ConditioningConfig, ConditionalDenoiser
 
 # %% auto #0
 __all__ = ['CKPT_PREFIX', 'STATE_FILE', 'SIGNATURE_FILE', 'GENERATOR_FILE', 'DEFAULT_KIND', 'DENOISER_KINDS',
-           'AUTOENCODER_FOLDER', 'CheckpointError', 'list_checkpoints', 'prune_checkpoints', 'checkpoint_folder',
-           'resolve_resume', 'rng_state', 'set_rng_state', 'safe_load', 'nonfinite_tensors', 'check_finite_weights',
-           'read_weights', 'save_checkpoint', 'load_checkpoint', 'weights_file', 'load_weights', 'read_signature',
-           'generator_file', 'generator_kind', 'generator_defaults', 'recommend_defaults', 'load_denoiser']
+           'AUTOENCODER_FOLDER', 'MAX_WEIGHT', 'INTEGER_BUFFERS', 'CheckpointError', 'list_checkpoints',
+           'prune_checkpoints', 'checkpoint_folder', 'resolve_resume', 'rng_state', 'set_rng_state', 'safe_load',
+           'restoring', 'nonfinite_tensors', 'weight_problems', 'safetensors_dtypes', 'DivergedWeightsError',
+           'check_weights', 'read_weights', 'save_checkpoint', 'load_checkpoint', 'weights_file', 'load_weights',
+           'read_json_object', 'read_signature', 'generator_file', 'generator_kind', 'generator_defaults',
+           'recommend_defaults', 'load_denoiser']
 
 # %% ../nbs/09a_checkpoints.ipynb #6b1b4dfc
 CKPT_PREFIX = 'checkpoint-'
@@ -95,26 +97,76 @@ def safe_load(path, map_location=None):
     "`torch.load(path, weights_only=True)`; a file that needs more (arbitrary objects, code) is refused with a `CheckpointError`."
     path = Path(path)
     if not path.exists(): raise CheckpointError(str(path), '<file>', 'missing')
+    if not path.is_file(): raise CheckpointError(str(path), '<file>', 'is not a file (a folder?)')
     try: return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[-1][:200]
+        lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+        first = next((l for l in lines if 'GLOBAL' in l or 'Unsupported' in l or 'load key' in l), lines[-1] if lines else '')[:200]
+        if 'GLOBAL' not in str(e):          # no object to build, so not a pickle of this package at all: random bytes, a cut-off file
+            raise CheckpointError(str(path), '<file>', f'not a torch file (truncated or corrupt?): {first}') from None
         raise CheckpointError(str(path), '<file>', 'refused: it holds objects other than tensors and plain values, '
                               f'which only a full unpickling, able to run code, would build ({first})') from None
     except (RuntimeError, EOFError) as e:
         raise CheckpointError(str(path), '<file>', f'unreadable: {type(e).__name__}: {str(e)[:200]}') from None
 
+MAX_WEIGHT = 1e6   # no healthy network here holds a weight this large; a run diverging with lr 1e30 saved ~3e29
+INTEGER_BUFFERS = ('num_batches_tracked',)   # the only integer tensors a network of this package holds (batch norm)
+
+@contextlib.contextmanager
+def restoring(ckpt, what: str = 'training state'):
+    """Put a checkpoint's saved state back inside this: any failure to do so (a truncated JSON file, a random state or an
+    optimiser of another kind, a folder where a file should be) becomes a `CheckpointError` naming the checkpoint,
+    not a traceback; the package's own errors pass through as they are."""
+    try: yield
+    except CXRDataError: raise
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError, OSError, RecursionError) as e:
+        raise CheckpointError(str(ckpt), what, f'cannot be restored into this run ({type(e).__name__}: {str(e)[:200]}); '
+                              'resume from another checkpoint or start afresh') from None
+
+def _tensor_items(tensors) -> list:
+    return list(tensors.state_dict().items() if isinstance(tensors, torch.nn.Module) else dict(tensors).items())
+
 def nonfinite_tensors(tensors) -> list:
     "Names of the floating-point tensors holding a NaN or an infinity in `tensors` (a mapping of names to tensors, or a module: its `state_dict`)."
-    items = tensors.state_dict().items() if isinstance(tensors, torch.nn.Module) else dict(tensors).items()
-    return [n for n, t in items if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    return [n for n, t in _tensor_items(tensors) if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
-def check_finite_weights(tensors, path, problem: str = 'refused') -> None:
-    """Raise a `CheckpointError` naming `path` and the first tensor of `tensors` holding NaN or inf. Every writer and
-    loader of weights calls it: a diverged run's weights draw black or noise images that would be filed as synthetic
-    chest X-rays, so they are neither saved nor sampled from."""
-    bad = nonfinite_tensors(tensors)
-    if bad: raise CheckpointError(str(path), bad[0], f"holds NaN or infinite values ({len(bad)} tensor(s) do; weights of a "
-                                  f"diverged training): {problem}")
+def weight_problems(tensors) -> list:
+    """(name, problem) of every tensor in `tensors` that no trained network of this package would hold: NaN or infinite
+    values, a magnitude above `MAX_WEIGHT`, or an integer or boolean type where a weight is (a bool or int64 file loads
+    into a float network without complaint and draws black images)."""
+    out = []
+    for n, t in _tensor_items(tensors):
+        if not torch.is_tensor(t): continue
+        if not t.is_floating_point():
+            if not n.endswith(INTEGER_BUFFERS): out.append((n, f'has type {str(t.dtype).removeprefix("torch.")}, not a floating-point weight'))
+        elif not bool(torch.isfinite(t).all()): out.append((n, 'holds NaN or infinite values'))
+        elif t.numel() and float(t.abs().max()) > MAX_WEIGHT:
+            out.append((n, f'holds values up to {float(t.abs().max()):.3g}, beyond {MAX_WEIGHT:.0e}'))
+    return out
+
+def safetensors_dtypes(path) -> dict:
+    "{tensor name: dtype name} of a safetensors file, from its header only ({} if it cannot be read)."
+    try:
+        with safe_open(str(path), 'pt') as f: return {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    except (SafetensorError, OSError): return {}
+
+class DivergedWeightsError(CheckpointError, TrainingDivergedError):
+    "Weights a trainer was about to save that no healthy training holds (not finite, or beyond `MAX_WEIGHT`): the run diverged."
+
+def check_weights(tensors, path, problem: str = 'refused', saving: bool = False) -> None:
+    """Raise a `CheckpointError` naming `path` and the first tensor of `tensors` (a mapping or a module) that
+    `weight_problems` finds: not finite, beyond `MAX_WEIGHT`, or not floating-point. For a module loaded from an existing
+    safetensors file `path`, the file's own types are checked too (loading casts them). Every writer and loader of
+    weights calls it: a diverged run's weights draw black or noise images that would be filed as synthetic chest X-rays,
+    so they are neither saved nor sampled from. `saving`: the weights are a training's own, about to be written; then
+    the error is a `DivergedWeightsError` (a `TrainingDivergedError` too: `cxr-train` exits 1, as for a NaN loss)."""
+    bad = weight_problems(tensors)
+    if not bad and isinstance(tensors, torch.nn.Module) and Path(path).suffix == '.safetensors' and Path(path).is_file():
+        bad = [(n, f'has type {d}, not a floating-point weight') for n, d in safetensors_dtypes(path).items()
+               if not d.startswith(('F', 'BF')) and not n.endswith(INTEGER_BUFFERS)]
+    if bad: raise (DivergedWeightsError if saving else CheckpointError)(
+        str(path), bad[0][0], f"{bad[0][1]} ({len(bad)} tensor(s) fail; weights of a diverged or damaged training): {problem}"
+        + ('; the run stops here, its earlier checkpoints are intact (usual cause: a too high optim.lr)' if saving else ''))
 
 def read_weights(path, device=None) -> dict:
     "The tensors of safetensors file `path`; a missing, truncated or corrupt file is a `CheckpointError` naming it (not a raw traceback)."
@@ -152,9 +204,9 @@ def save_checkpoint(output_dir, step: int, *, accelerator, model, optimizer, lr_
     out, acc = Path(output_dir), accelerator
     final, tmp = out/f'{CKPT_PREFIX}{step}', out/f'.tmp-{CKPT_PREFIX}{step}'
     m = acc.unwrap_model(model)               # finite weights or no checkpoint at all (every process sees the same weights)
-    check_finite_weights(m, final/'model.safetensors', 'not written')
-    if ema is not None: check_finite_weights(dict(zip([n for n, _ in m.named_parameters()], ema.shadow_params)),
-                                             final/'ema.safetensors', 'not written')
+    check_weights(m, final/'model.safetensors', 'not written', saving=True)
+    if ema is not None: check_weights(dict(zip([n for n, _ in m.named_parameters()], ema.shadow_params)),
+                                             final/'ema.safetensors', 'not written', saving=True)
     if acc.is_main_process:
         if tmp.exists(): shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
@@ -174,7 +226,7 @@ def _load_ema(ckpt: Path, m, ema, device):
     f = ckpt/'ema.safetensors'
     if not f.exists(): raise CheckpointError(str(f), 'ema.safetensors', 'missing, but the run keeps an EMA (optim.ema_decay is set)')
     sh = read_weights(f, device)
-    check_finite_weights(sh, f, 'refused: resume from an earlier checkpoint')
+    check_weights(sh, f, 'refused: resume from an earlier checkpoint')
     names = [n for n, _ in m.named_parameters()]
     missing = [n for n in names if n not in sh]
     if missing: raise CheckpointError(str(f), missing[0], 'parameter missing from the EMA weights')
@@ -184,24 +236,25 @@ def _load_ema(ckpt: Path, m, ema, device):
 def load_checkpoint(ckpt, *, accelerator, model, optimizer, lr_scheduler, ema, gen) -> dict:
     "Restore everything `save_checkpoint` wrote into the given objects; returns the train state (step, epoch, ...)."
     ckpt, acc = checkpoint_folder(ckpt), accelerator
-    state = json.loads((ckpt/STATE_FILE).read_text())
-    m = acc.unwrap_model(model)
-    try: load_model(m, str(ckpt/'model.safetensors'), device=str(acc.device))
-    except SafetensorError as e:
-        raise CheckpointError(str(ckpt/'model.safetensors'), '<file>', f'not a readable safetensors file (truncated or corrupt?): {str(e)[:200]}') from None
-    check_finite_weights(m, ckpt/'model.safetensors', 'refused: resume from an earlier checkpoint')
-    if ema is not None: _load_ema(ckpt, m, ema, acc.device)
-    optimizer.load_state_dict(safe_load(ckpt/'optimizer.pt', map_location=acc.device))
-    lr_scheduler.load_state_dict(safe_load(ckpt/'scheduler.pt'))
-    rs = ckpt/f'random_states_{acc.process_index}.pt'
-    if rs.exists() and state.get('num_processes') == acc.num_processes:
-        r = safe_load(rs)
-        set_rng_state(r['rng'], gen)
-        state['log_sums'] = r.get('log_sums')
-    else:
-        warnings.warn(f"{ckpt}: saved with {state.get('num_processes')} process(es), resuming with {acc.num_processes}: "
-                      "the run continues but will not repeat the uninterrupted one exactly")
-    return state
+    with restoring(ckpt):   # a damaged or foreign state: an error naming the checkpoint, not a traceback
+        state = json.loads((ckpt/STATE_FILE).read_text())
+        m = acc.unwrap_model(model)
+        try: load_model(m, str(ckpt/'model.safetensors'), device=str(acc.device))
+        except SafetensorError as e:
+            raise CheckpointError(str(ckpt/'model.safetensors'), '<file>', f'not a readable safetensors file (truncated or corrupt?): {str(e)[:200]}') from None
+        check_weights(m, ckpt/'model.safetensors', 'refused: resume from an earlier checkpoint')
+        if ema is not None: _load_ema(ckpt, m, ema, acc.device)
+        optimizer.load_state_dict(safe_load(ckpt/'optimizer.pt', map_location=acc.device))
+        lr_scheduler.load_state_dict(safe_load(ckpt/'scheduler.pt'))
+        rs = ckpt/f'random_states_{acc.process_index}.pt'
+        if rs.exists() and state.get('num_processes') == acc.num_processes:
+            r = safe_load(rs)
+            set_rng_state(r['rng'], gen)
+            state['log_sums'] = r.get('log_sums')
+        else:
+            warnings.warn(f"{ckpt}: saved with {state.get('num_processes')} process(es), resuming with {acc.num_processes}: "
+                          "the run continues but will not repeat the uninterrupted one exactly")
+        return state
 
 # %% ../nbs/09a_checkpoints.ipynb #b46086f8
 def weights_file(ckpt, use_ema: bool = True) -> Path:
@@ -215,13 +268,14 @@ def load_weights(model, ckpt, use_ema: bool = True) -> Path:
     "Copy a checkpoint's weights (`weights_file`) into `model`; a file of another network is refused naming the tensor. Returns the file."
     f = weights_file(ckpt, use_ema)
     if f.name == 'model.safetensors':                  # the full state dict, as safetensors' save_model wrote it
+        check_weights(read_weights(f), f, 'refused; use an earlier checkpoint')   # as the file holds them (loading casts)
         try: load_model(model, str(f))
         except RuntimeError as e: raise CheckpointError(str(f), 'state_dict', f'does not fit this model: {str(e)[:300]}') from None
         except SafetensorError as e: raise CheckpointError(str(f), '<file>', f'not a readable safetensors file (truncated or corrupt?): {str(e)[:200]}') from None
-        check_finite_weights(model, f, 'refused; use an earlier checkpoint')
+        check_weights(model, f, 'refused; use an earlier checkpoint')
         return f
     sd, own = read_weights(f), dict(model.named_parameters())   # EMA: the parameters only
-    check_finite_weights(sd, f, 'refused; use an earlier checkpoint')
+    check_weights(sd, f, 'refused; use an earlier checkpoint')
     for n, p in own.items():
         if n not in sd: raise CheckpointError(str(f), n, 'missing from this file (a checkpoint of another network?)')
         if tuple(sd[n].shape) != tuple(p.shape):
@@ -232,17 +286,20 @@ def load_weights(model, ckpt, use_ema: bool = True) -> Path:
         for n, p in own.items(): p.copy_(sd[n].to(p.dtype))
     return f
 
-def _read_json(f: Path, what: str) -> dict:
-    if not f.exists(): raise CheckpointError(str(f), '<file>', f'missing: {what}')
+def read_json_object(f: Path, what: str = '') -> dict:
+    "The JSON object in file `f`; a missing, damaged, too deeply nested or non-object file is a `CheckpointError` naming it."
+    f = Path(f)
+    if not f.is_file(): raise CheckpointError(str(f), '<file>', 'missing' + (f': {what}' if what else ''))
     try: d = json.loads(f.read_text())
-    except json.JSONDecodeError as e: raise CheckpointError(str(f), '<json>', f'not valid JSON: {e}') from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise CheckpointError(str(f), '<json>', f'not valid JSON: {e}') from None
+    except RecursionError: raise CheckpointError(str(f), '<json>', 'nested too deeply to be a file this package wrote') from None
     if not isinstance(d, dict): raise CheckpointError(str(f), '<top level>', 'must be a JSON object')
     return d
 
 def read_signature(ckpt) -> dict:
     "The network a checkpoint holds (`model_config.json`: `unet` and `conditioning` sections)."
     f = checkpoint_folder(ckpt)/SIGNATURE_FILE
-    d = _read_json(f, 'the signature of the network (unet and conditioning)')
+    d = read_json_object(f, 'the signature of the network (unet and conditioning)')
     for k in ('unet', 'conditioning'):
         if not isinstance(d.get(k), dict): raise CheckpointError(str(f), k, 'section missing')
     return d
@@ -259,7 +316,7 @@ def generator_kind(ckpt) -> str:
     "What kind of generator a checkpoint (or model/run folder) is: `generator.json`'s `kind`, else 'pixel-diffusion'."
     f = generator_file(ckpt)
     if not f.exists(): return DEFAULT_KIND
-    kind = _read_json(f, 'the generator kind').get('kind')
+    kind = read_json_object(f, 'the generator kind').get('kind')
     if not isinstance(kind, str) or not kind: raise CheckpointError(str(f), 'kind', f'{kind!r} must be a non-empty string')
     return kind
 
@@ -268,14 +325,14 @@ def generator_defaults(ckpt) -> dict:
     measured curve), or {}. `load_generator` uses them wherever a caller does not set an option itself."""
     f = generator_file(ckpt)
     if not f.exists(): return {}
-    d = _read_json(f, 'the generator kind and defaults').get('defaults', {})
+    d = read_json_object(f, 'the generator kind and defaults').get('defaults', {})
     if not isinstance(d, dict): raise CheckpointError(str(f), 'defaults', f'{type(d).__name__}: must be a mapping of sampling options')
     return d
 
 def recommend_defaults(folder, defaults: dict, why: str) -> Path:
     "Record sampling `defaults` (and `why`: where they were measured) in the `generator.json` of a model `folder`, atomically."
     f = resolve_path(folder)/GENERATOR_FILE
-    d = _read_json(f, 'the generator kind') if f.exists() else {'kind': DEFAULT_KIND}
+    d = read_json_object(f, 'the generator kind') if f.exists() else {'kind': DEFAULT_KIND}
     d.update(defaults=dict(defaults), defaults_why=str(why))
     with atomic_write(f) as tmp: _write_json(tmp, d)
     return f

@@ -23,13 +23,14 @@ from .core import (CXRDataError, ConfigError, RARE_FINDINGS, atomic_write, check
                                     default_device, project_root)
 from .manifest import Manifest
 from .dataset import CXRDataset, Augment
-from .checkpoints import read_weights
+from .checkpoints import read_weights, check_weights
 
 # %% auto #0
 __all__ = ['to_size', 'round_trip', 'check_low_res', 'low_res_augment', 'ClassifierError', 'ClassifierConfig', 'conv_block',
            'CXRClassifier', 'masked_bce', 'label_weights', 'positive_weights', 'collate', 'fit', 'train_classifier',
-           'load_images', 'predict_proba', 'image_features', 'predict', 'per_finding_auroc', 'save_model_folder',
-           'read_model_json', 'load_model_folder', 'save_classifier', 'load_classifier', 'shipped_classifier']
+           'load_images', 'finite_scores', 'predict_proba', 'image_features', 'predict', 'per_finding_auroc',
+           'save_model_folder', 'read_model_json', 'load_model_folder', 'save_classifier', 'load_classifier',
+           'shipped_classifier']
 
 # %% ../nbs/15_classifier.ipynb #8f470ffa
 def to_size(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -232,10 +233,16 @@ def _batched(fn, images: torch.Tensor, batch_size: int, device) -> torch.Tensor:
     out = [fn(images[b:b + batch_size].to(device)).float().cpu() for b in range(0, len(images), batch_size)]
     return torch.cat(out) if out else torch.zeros(0)
 
+def finite_scores(p: np.ndarray, where: str) -> np.ndarray:
+    "`p` if every score a judge gave is finite, else a `ClassifierError`: NaN scores would turn every figure computed from them into NaN without a word."
+    bad = int((~np.isfinite(p)).reshape(len(p), -1).any(1).sum()) if len(p) else 0
+    if bad: raise ClassifierError(where, 'output', f'{bad} of {len(p)} images scored NaN or infinite (damaged weights, or images that are not films)')
+    return p
+
 def predict_proba(model: CXRClassifier, images: torch.Tensor, batch_size: int = 128) -> np.ndarray:
-    "Probabilities (N, F) for images (N, 1, S, S) in [-1, 1]."
+    "Probabilities (N, F) for images (N, 1, S, S) in [-1, 1] (checked finite: `finite_scores`)."
     model.eval()
-    return torch.sigmoid(_batched(model, images, batch_size, next(model.parameters()).device)).numpy()
+    return finite_scores(torch.sigmoid(_batched(model, images, batch_size, next(model.parameters()).device)).numpy(), 'predict_proba')
 
 def image_features(model: CXRClassifier, images: torch.Tensor, batch_size: int = 128) -> np.ndarray:
     "Penultimate features (N, D) for images (N, 1, S, S) in [-1, 1]."
@@ -287,6 +294,7 @@ def load_model_folder(folder, name: str, config_cls, build: Callable, device=Non
     cfg = config_cls.from_dict(read_model_json(d, name, error)['config'], str(d/f'{name}.json'), 'config')
     model = build(cfg)
     sd = read_weights(d/f'{name}.safetensors')              # a truncated or corrupt file: an error naming it
+    check_weights(sd, d/f'{name}.safetensors', 'refused: a judge with such weights scores NaN')
     try: model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
     except RuntimeError as e: raise error(d/f'{name}.safetensors', 'state_dict', str(e).splitlines()[0]) from None
     return model.to(device or default_device()).eval(), cfg

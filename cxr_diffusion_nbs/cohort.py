@@ -19,7 +19,7 @@ from PIL import Image
 from pydicom.uid import generate_uid, MultiFrameGrayscaleByteSecondaryCaptureImageStorage
 from tqdm.auto import tqdm
 from . import __version__
-from .core import (CXRDataError, ConfigError, PatientLeakageError, atomic_write, canonical_finding, check_output_folder,
+from .core import (cli_errors, CXRDataError, ConfigError, PatientLeakageError, atomic_write, write_shared_csv, canonical_finding, check_output_folder,
                                     config_from_dict, find_data_root, parse_override, project_root, read_config_file,
                                     remove_stale_temporaries, resolve_path, shareable_path, stale_temporaries)
 from .image_io import to_uint8, write_png, write_dicom
@@ -32,12 +32,12 @@ from .conditioning import CONDITION_NAMES
 from .sampling import DIFFUSION_OPTIONS, SAMPLERS, SamplingError, load_generator, made_by, synthetic_note
 
 # %% auto #0
-__all__ = ['COHORT_SAMPLING', 'PRIVATE', 'CohortError', 'CohortConfig', 'DonorPool', 'move_masks', 'jitter_mask', 'target_counts',
-           'image_seed', 'plan_cohort', 'plan_conditions', 'donor_ref', 'cohort_key', 'shared_plan', 'donor_table',
-           'write_private', 'attach_donors', 'scan_shared', 'cohort_readme', 'write_synthetic_dicom',
-           'check_output_dir', 'read_records', 'load_real_manifest', 'cohort_guidance', 'image_guidance',
-           'is_diffusion', 'model_sampling', 'resolve_sampling', 'generator_options', 'plan_batch', 'build_cohort',
-           'write_cohort_manifest', 'privatise_cohort', 'load_cohort', 'load_cohort_config', 'main']
+__all__ = ['COHORT_SAMPLING', 'MAX_COHORT_IMAGES', 'PRIVATE', 'CohortError', 'CohortConfig', 'DonorPool', 'move_masks',
+           'jitter_mask', 'target_counts', 'image_seed', 'plan_cohort', 'plan_conditions', 'donor_ref', 'cohort_key',
+           'shared_plan', 'donor_table', 'write_private', 'attach_donors', 'scan_shared', 'cohort_readme', 'image_uids',
+           'write_synthetic_dicom', 'check_output_dir', 'read_records', 'load_real_manifest', 'cohort_guidance',
+           'image_guidance', 'is_diffusion', 'model_sampling', 'resolve_sampling', 'generator_options', 'plan_batch',
+           'build_cohort', 'write_cohort_manifest', 'privatise_cohort', 'load_cohort', 'load_cohort_config', 'main']
 
 # %% ../nbs/14_cohort.ipynb #704c355f
 class CohortError(CXRDataError):
@@ -170,6 +170,8 @@ def jitter_mask(masks: torch.Tensor, region: torch.Tensor, rng: np.random.Genera
     return (masks > .5).float(), dict(angle=0., scale=1., tx=0., ty=0., tries=0)
 
 # %% ../nbs/14_cohort.ipynb #d22b2740
+MAX_COHORT_IMAGES = 100_000   # one cohort's images; beyond it, planning alone takes minutes and the folder holds >1e5 files
+
 def target_counts(cfg: CohortConfig, pool: DonorPool, source: str = '<config>') -> dict:
     "Synthetic images per finding: `cfg.counts`, or with `balance='max'` enough to lift every finding to the most frequent."
     if cfg.balance not in (None, 'max'): raise CohortError(source, 'balance', f"{cfg.balance!r}: use 'max' or leave it empty")
@@ -180,7 +182,12 @@ def target_counts(cfg: CohortConfig, pool: DonorPool, source: str = '<config>') 
             raise CohortError(source, 'counts', f"the model was not trained on {f!r}; it knows {', '.join(pool.findings)}")
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
             raise CohortError(source, f'counts.{f}', f'{n!r} is not a non-negative integer')
-    if cfg.counts: return {f: int(n) for f, n in cfg.counts.items()}
+    if cfg.counts:
+        total = sum(int(n) for n in cfg.counts.values())
+        if total > MAX_COHORT_IMAGES:
+            raise CohortError(source, 'counts', f'{total:,} images is above the limit of {MAX_COHORT_IMAGES:,} per cohort; build it in several '
+                              'cohorts (the progress bar of a smaller one shows the time per image on this machine)')
+        return {f: int(n) for f, n in cfg.counts.items()}
     real = pool.counts()
     top = max(real.values())
     out = {f: top - n for f, n in real.items()}
@@ -276,8 +283,8 @@ def donor_table(donor_ids, patient_of: dict, key: bytes) -> pd.DataFrame:
 def write_private(out, donor_ids, patient_of: dict, key: bytes):
     "Write the cohort's `private/` folder: the donor table and a README saying never to share it (the key is already there)."
     d = Path(out)/PRIVATE
-    with atomic_write(d/'donors.csv') as tmp: donor_table(donor_ids, patient_of, key).to_csv(tmp, index=False)
-    with atomic_write(d/'README.md') as tmp: tmp.write_text(_PRIVATE_README)
+    write_shared_csv(donor_table(donor_ids, patient_of, key), d/'donors.csv', mode=0o600)   # owner-only, in the folder and in a tar of it
+    with atomic_write(d/'README.md', mode=0o600) as tmp: tmp.write_text(_PRIVATE_README)
     d.chmod(0o700)
 
 def attach_donors(m: Manifest, out) -> Manifest:
@@ -334,6 +341,12 @@ To share this cohort, leave `private/` out: `tar --exclude=private -czf cohort.t
 """
 
 # %% ../nbs/14_cohort.ipynb #c51cd7de
+def image_uids(meta: dict, image_id: str) -> tuple[str, str]:
+    """(StudyInstanceUID, SeriesInstanceUID) of one synthetic image: each image is its own synthetic patient (its
+    PatientID is the image id), and DICOM allows a study only one patient, so each gets its own study and series,
+    derived from the cohort's UIDs and the image id (the same on a resumed build; dicom3tools' `dcentvfy` passes)."""
+    return (generate_uid(entropy_srcs=[meta['study_uid'], image_id]), generate_uid(entropy_srcs=[meta['series_uid'], image_id]))
+
 def write_synthetic_dicom(path, pixels: np.ndarray, image_id: str, study_uid: str, series_uid: str,
                           instance_number: int, provenance: dict, kind: str = 'pixel-diffusion') -> Path:
     """A synthetic image as a DICOM Multi-frame Grayscale Byte Secondary Capture (one frame): `ConversionType` SYN,
@@ -510,7 +523,7 @@ def build_cohort(cfg: CohortConfig | dict, source: str = '<config>', progress: b
                     generator_kind=gen.kind, masks=takes_masks,
                     study_uid=generate_uid(), series_uid=generate_uid(), package=f'cxr_diffusion_nbs {__version__}',
                     created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'))
-        with atomic_write(out/'plan.csv') as tmp: shared_plan(plan, key).to_csv(tmp, index=False)
+        write_shared_csv(shared_plan(plan, key), out/'plan.csv')
         if not (out/'README.md').exists():
             with atomic_write(out/'README.md') as tmp: tmp.write_text(cohort_readme(meta))
         with atomic_write(out/'cohort.json') as tmp: tmp.write_text(json.dumps(meta, indent=1))
@@ -546,7 +559,7 @@ def build_cohort(cfg: CohortConfig | dict, source: str = '<config>', progress: b
                     rec['masks'][f] = mp
             if cfg.dicom:
                 rec['dicom_path'] = f'dicom/{iid}.dcm'
-                write_synthetic_dicom(out/rec['dicom_path'], px, iid, meta['study_uid'], meta['series_uid'], int(r['index']) + 1, prov, gen.kind)
+                write_synthetic_dicom(out/rec['dicom_path'], px, iid, *image_uids(meta, iid), 1, prov, gen.kind)
             write_png(out/rec['path'], px, {'Description': note, 'Software': f'cxr_diffusion_nbs {__version__}',
                                             'Provenance': json.dumps(prov)})
             _append_record(out, rec)
@@ -586,8 +599,7 @@ def write_cohort_manifest(out) -> Manifest:
     im['width'] = im['height'] = float(size)
     an = pd.DataFrame(anns).reindex(columns=list(ANNOTATION_COLUMNS)) if anns else empty_annotations()
     if anns: an[['frame_width', 'frame_height']] = float(size)
-    with atomic_write(out/'images.csv') as tmp: im.to_csv(tmp, index=False)
-    with atomic_write(out/'annotations.csv') as tmp: an.to_csv(tmp, index=False)
+    write_shared_csv(im, out/'images.csv'); write_shared_csv(an, out/'annotations.csv')   # donor text neutralised (CSV injection)
     mj = dict(name=out.name, findings=findings, root='.', origin='', schema=1, synthetic=True, cohort='cohort.json')
     with atomic_write(out/'manifest.json') as tmp: tmp.write_text(json.dumps(mj, indent=1))
     return Manifest.from_csv(out, check_files=True)
@@ -623,7 +635,7 @@ def privatise_cohort(out, data_root=None) -> Path:
     with atomic_write(out/'cohort.json') as tmp: tmp.write_text(json.dumps(meta, indent=1))
     if not (out/'README.md').exists():
         with atomic_write(out/'README.md') as tmp: tmp.write_text(cohort_readme(meta))
-    with atomic_write(out/'plan.csv') as tmp: shared_plan(plan, key).to_csv(tmp, index=False)     # last: the marker of a finished run
+    write_shared_csv(shared_plan(plan, key), out/'plan.csv')     # last: the marker of a finished run
     write_cohort_manifest(out)
     return out
 
@@ -668,18 +680,16 @@ def main(argv=None):
     over = [s for g in a.overrides for s in g]
     for k in ('checkpoint', 'output_dir', 'balance', 'max_per_finding', 'sampler', 'steps', 'seed', 'batch_size', 'dicom'):
         if getattr(a, k) is not None: over.append((k, getattr(a, k)))
-    try:
+    with cli_errors('cxr-cohort'):
         if a.counts:
+            if a.balance is None: over.append(('balance', None))   # --counts on the command line replaces the config's balance
             for item in a.counts.split(','):
                 k, v = parse_override(item)
                 over.append((f'counts.{k}', v))
         cfg, source = load_cohort_config(a.config, over)
         out = build_cohort(cfg, source, progress=not a.no_progress)
-    except CXRDataError as e:
-        print(f'cxr-cohort: refused: {e}', file=sys.stderr)
-        raise SystemExit(2)
-    m = load_cohort(out)
-    print(json.dumps(dict(output_dir=str(out), images=len(m.images), annotations=len(m.annotations),
-                          per_finding={f: int(m.images[f].sum()) for f in m.findings}), indent=1))
+        m = load_cohort(out)
+        print(json.dumps(dict(output_dir=str(out), images=len(m.images), annotations=len(m.annotations),
+                              per_finding={f: int(m.images[f].sum()) for f in m.findings}), indent=1))
 
 if __name__ == '__main__' and '__file__' in globals() and 'get_ipython' not in globals(): main()

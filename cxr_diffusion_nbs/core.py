@@ -6,7 +6,7 @@ Docs: https://cxr-diffusion-nbs.github.io/cxr_diffusion_nbs/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #18c8bf23
 from __future__ import annotations
-import os, re, copy, math, numbers, difflib, hashlib, tempfile, contextlib, dataclasses, functools
+import os, sys, re, copy, math, errno, numbers, difflib, hashlib, tempfile, contextlib, dataclasses, functools
 from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
@@ -15,14 +15,16 @@ import yaml
 
 # %% auto #0
 __all__ = ['NIH_FINDINGS', 'RARE_FINDINGS', 'FINDING_SYNONYMS', 'KNOWN_FINDINGS', 'MASK_MODES', 'PREDICTION_TYPES',
-           'BF16_CPU_FLAGS', 'SCHEDULES', 'MIXED_PRECISION', 'canonical_finding', 'CXRDataError', 'ImageReadError',
-           'ManifestError', 'MaskError', 'PatientLeakageError', 'ConfigError', 'TrainingDivergedError', 'suggest',
-           'coerce', 'config_from_dict', 'check_findings', 'read_config_file', 'parse_override', 'set_dotted',
-           'read_sections', 'build_sections', 'default_device', 'cpu_flags', 'cpu_supports_bf16',
+           'MAX_IMAGE_SIZE', 'MAX_SEED', 'EXIT_CODES', 'BF16_CPU_FLAGS', 'SCHEDULES', 'MIXED_PRECISION',
+           'FORMULA_STARTS', 'canonical_finding', 'CXRDataError', 'ImageReadError', 'ManifestError', 'MaskError',
+           'PatientLeakageError', 'ConfigError', 'TrainingDivergedError', 'ResourceError', 'suggest', 'coerce',
+           'config_from_dict', 'check_findings', 'read_config_file', 'parse_override', 'set_dotted', 'read_sections',
+           'build_sections', 'default_device', 'available_device', 'cli_errors', 'cpu_flags', 'cpu_supports_bf16',
            'resolve_mixed_precision', 'sampling_precision', 'choice_error', 'check_finite_numbers',
            'check_optim_section', 'nonfinite_step', 'divergence_error', 'preset_copy', 'atomic_write',
-           'stale_temporaries', 'remove_stale_temporaries', 'check_output_folder', 'project_root', 'sample_data_root',
-           'find_data_root', 'dicom_data_root', 'resolve_path', 'shareable_path', 'sha256_file']
+           'neutralise_cell', 'write_shared_csv', 'stale_temporaries', 'remove_stale_temporaries',
+           'check_output_folder', 'project_root', 'sample_data_root', 'find_data_root', 'dicom_data_root',
+           'resolve_path', 'shareable_path', 'sha256_file']
 
 # %% ../nbs/00_core.ipynb #195ee6e8
 NIH_FINDINGS = ('atelectasis', 'cardiomegaly', 'consolidation', 'edema', 'effusion', 'emphysema', 'fibrosis',
@@ -48,6 +50,8 @@ KNOWN_FINDINGS = tuple(sorted(set(NIH_FINDINGS) | set(FINDING_SYNONYMS.values())
 MASK_MODES = (None, 'union', 'per_finding')
 # what the denoiser predicts (diffusers' names): the noise, the velocity v, or the clean image
 PREDICTION_TYPES = ('epsilon', 'v_prediction', 'sample')
+MAX_IMAGE_SIZE = 4096   # the largest film side a network of this package takes (the GPU configs use 256-1024)
+MAX_SEED = 2**32 - 1     # NumPy's seeding limit: every trainer seeds Python, NumPy and torch with optim.seed
 
 # %% ../nbs/00_core.ipynb #53aca3ed
 class CXRDataError(ValueError):
@@ -67,6 +71,9 @@ class ConfigError(CXRDataError):
 
 class TrainingDivergedError(CXRDataError):
     "A training step whose loss or gradient is NaN or infinite. The message names the config file, the step and the batch's images."
+
+class ResourceError(CXRDataError):
+    "A request this machine cannot serve: a device it lacks, or more memory than a film of that size allows."
 
 def suggest(name, options) -> str:
     "The hint appended to an 'unknown name' error: the closest option, else the list of known ones."
@@ -212,11 +219,49 @@ def build_sections(raw: dict, sections: dict, source: str, base=None) -> dict:
 # %% ../nbs/00_core.ipynb #85b46477
 def default_device(prefer: str | None = None) -> torch.device:
     "CUDA if available, else Apple MPS, else CPU; `prefer` (or env `CXR_DEVICE`) overrides."
+    src = '--device' if prefer else 'CXR_DEVICE'
     prefer = prefer or os.environ.get('CXR_DEVICE')
-    if prefer: return torch.device(prefer)
+    if prefer: return available_device(prefer, src)
     if torch.cuda.is_available(): return torch.device('cuda')
     if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available(): return torch.device('mps')
     return torch.device('cpu')
+
+def available_device(name, where: str = '--device') -> torch.device:
+    "`torch.device(name)` if this machine has it, else a `ResourceError` naming `where` (not torch's assertion deep in a call)."
+    try: dev = torch.device(name)
+    except (RuntimeError, TypeError) as e: raise ConfigError(where, 'device', f'{name!r} is not a device name ({e})') from None
+    ok = {'cpu': True, 'cuda': torch.cuda.is_available(), 'meta': True,
+          'mps': getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available()}.get(dev.type, False)
+    if ok and dev.type == 'cuda' and dev.index is not None: ok = dev.index < torch.cuda.device_count()
+    if not ok: raise ResourceError(where, 'device', f'{str(dev)!r} is not available on this machine (this torch sees '
+                                   f'{torch.cuda.device_count()} CUDA device(s)); use cpu, or leave it unset to pick the best there is')
+    return dev
+
+# %% ../nbs/00_core.ipynb #2f5a7144
+EXIT_CODES = {0: 'success',
+              1: 'a training run diverged (NaN or infinite loss or gradient): its last checkpoint is the last healthy one',
+              2: 'refused: a file, folder, config field or option that cannot be used (the message names it); nothing was written',
+              3: 'a resource is missing: a device this machine lacks, more memory than the request needs, or a full disk',
+              130: 'interrupted (Ctrl-C): commands that train or draw resume with --resume auto where they have it'}
+
+def _fail(prog: str, what: str, message, code: int):
+    print(f'{prog}: {what}: {message}', file=sys.stderr)
+    raise SystemExit(code)
+
+@contextlib.contextmanager
+def cli_errors(prog: str):
+    "Run a command's work; map its errors to one stderr line and a status of `EXIT_CODES` (a real bug keeps its traceback)."
+    try: yield
+    except TrainingDivergedError as e: _fail(prog, 'training stopped', e, 1)
+    except ResourceError as e: _fail(prog, 'not possible on this machine', e, 3)
+    except CXRDataError as e: _fail(prog, 'refused', e, 2)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        _fail(prog, 'refused', f"{e.filename}: {e.strerror}" if e.filename else e, 2)
+    except MemoryError: _fail(prog, 'out of memory', 'the request needs more memory than this machine has; ask for fewer or smaller images', 3)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT): _fail(prog, 'disk full', f"{e.filename or ''}: {e.strerror}", 3)
+        raise
+    except KeyboardInterrupt: _fail(prog, 'interrupted', 'stopped by the user', 130)
 
 # %% ../nbs/00_core.ipynb #3d0f6c2e
 BF16_CPU_FLAGS = ('avx512_bf16', 'amx_bf16', 'bf16')   # x86 AVX512-BF16 and AMX; ARMv8.6 BF16
@@ -304,6 +349,8 @@ def check_optim_section(cfg):
         raise cfg.err('optim.max_steps', f"the {o.schedule!r} schedule decays over max_steps; set it (max_minutes still caps the time)")
     if o.max_minutes is not None and not o.max_minutes > 0: raise cfg.err('optim.max_minutes', 'must be > 0 or null')
     if o.grad_clip is not None and not o.grad_clip > 0: raise cfg.err('optim.grad_clip', 'must be > 0 or null')
+    if hasattr(o, 'seed') and not (isinstance(o.seed, int) and 0 <= o.seed <= MAX_SEED):
+        raise cfg.err('optim.seed', f'{o.seed!r} must be a whole number in [0, {MAX_SEED}]')
     if o.mixed_precision is False: o.mixed_precision = 'no'      # YAML 1.1 reads a bare `no` as false
     if o.mixed_precision not in MIXED_PRECISION: raise choice_error(cfg, 'optim.mixed_precision', o.mixed_precision, MIXED_PRECISION)
 
@@ -333,8 +380,9 @@ def preset_copy(presets: dict, name: str, cls, where: str, **overrides):
 
 # %% ../nbs/00_core.ipynb #f44e5986
 @contextlib.contextmanager
-def atomic_write(path, suffix: str | None = None):
-    "Yield a temporary path next to `path`; on success rename it to `path`, on error delete it."
+def atomic_write(path, suffix: str | None = None, mode: int | None = None):
+    """Yield a temporary path next to `path`; on success rename it to `path` (permissions `mode`, default the umask's
+    usual ones; 0o600 for a file only its owner may read), on error delete it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix=suffix or path.suffix or '.tmp')
@@ -342,11 +390,29 @@ def atomic_write(path, suffix: str | None = None):
     try:
         yield Path(tmp)
         umask = os.umask(0); os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes owner-only files; give the usual permissions
+        os.chmod(tmp, 0o666 & ~umask if mode is None else mode)   # mkstemp makes owner-only files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
         raise
+
+# %% ../nbs/00_core.ipynb #dce957c7
+FORMULA_STARTS = ('=', '+', '-', '@', '\t', '\r')
+
+def neutralise_cell(v):
+    "A string cell a spreadsheet would run as a formula (it begins with one of `FORMULA_STARTS`) prefixed with `'`; anything else as it is."
+    if isinstance(v, str) and v.startswith(FORMULA_STARTS):
+        try: float(v); return v                 # '-0.5' is a number, not a formula
+        except ValueError: return "'" + v
+    return v
+
+def write_shared_csv(df, path, mode: int | None = None) -> Path:
+    "Write `df` (no index) to `path` atomically, every text cell through `neutralise_cell`: a table meant to be opened by others."
+    df = df.copy()
+    text = [c for c in df.columns if df[c].dtype == object or str(df[c].dtype) in ('str', 'string')]
+    for c in text: df[c] = df[c].map(neutralise_cell)
+    with atomic_write(path, mode=mode) as tmp: df.to_csv(tmp, index=False)
+    return Path(path)
 
 # %% ../nbs/00_core.ipynb #c5882dc7
 _TEMP_NAME = re.compile(r'^\.(?P<name>.+)\.[a-z0-9_]{8}(?P<suffix>\.[A-Za-z0-9]+)$')

@@ -23,7 +23,7 @@ from diffusers import ModelMixin, ConfigMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.optimization import get_scheduler
 from . import __version__
-from .core import (read_sections, build_sections, CXRDataError, ConfigError, RARE_FINDINGS, suggest, config_from_dict, atomic_write, find_data_root, default_device, resolve_path, shareable_path,
+from .core import (cli_errors, read_sections, build_sections, CXRDataError, ConfigError, RARE_FINDINGS, suggest, config_from_dict, atomic_write, find_data_root, default_device, resolve_path, shareable_path,
                                     resolve_mixed_precision, sampling_precision, check_optim_section, check_output_folder, check_findings,
                                     TrainingDivergedError, nonfinite_step, divergence_error, remove_stale_temporaries,
                                     canonical_finding, sha256_file)
@@ -31,10 +31,10 @@ from .manifest import load_shared_subset
 from .splits import with_held_out_test
 from .dataset import CXRDataset, sampling_weights
 from .checkpoints import (CKPT_PREFIX, STATE_FILE, GENERATOR_FILE, CheckpointError, list_checkpoints, prune_checkpoints,
-                                           resolve_resume, rng_state, set_rng_state, safe_load, read_weights,
-                                           check_finite_weights, generator_kind, generator_file, generator_defaults)
+                                           resolve_resume, rng_state, set_rng_state, safe_load, read_weights, restoring,
+                                           check_weights, generator_kind, generator_file, generator_defaults)
 from .vae import save_autoencoder as save_network, WEIGHTS_NAME, CONFIG_NAME, _append_csv, _truncate_csv, _shareable_config
-from .sampling import SamplingError, image_seeds, DIFFUSION_OPTIONS, MIXED_PRECISION, PixelDiffusionGenerator
+from .sampling import SamplingError, image_seeds, DIFFUSION_OPTIONS, MIXED_PRECISION, PixelDiffusionGenerator, check_generated
 
 # %% auto #0
 __all__ = ['LOSSES', 'GAN_KIND', 'GENERATOR_FOLDER', 'GAN_OPTIONS', 'NEUTRAL_DIFFUSION', 'REALNESS_COLUMNS', 'GANError',
@@ -470,7 +470,7 @@ def save_gan_checkpoint(run: GANRun) -> Path:
     "Write `checkpoint-<step>/` atomically (temporary folder, then rename) and prune to `keep_last`; returns its path."
     out = run.out
     final, tmp = out/f'{CKPT_PREFIX}{run.step}', out/f'.tmp-{CKPT_PREFIX}{run.step}'
-    for net, name in ((run.g_ema, GENERATOR_FOLDER), (run.g, 'g'), (run.d, 'd')): check_finite_weights(net, final/name/WEIGHTS_NAME, 'not written')
+    for net, name in ((run.g_ema, GENERATOR_FOLDER), (run.g, 'g'), (run.d, 'd')): check_weights(net, final/name/WEIGHTS_NAME, 'not written', saving=True)
     if tmp.exists(): shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     for net, name in ((run.g_ema, GENERATOR_FOLDER), (run.g, 'g'), (run.d, 'd')): save_network(net, tmp/name)
@@ -489,24 +489,25 @@ def save_gan_checkpoint(run: GANRun) -> Path:
 
 def _load_into(net: nn.Module, f: Path, device):
     sd = read_weights(f, device)
-    check_finite_weights(sd, f, 'refused: resume from an earlier checkpoint')
+    check_weights(sd, f, 'refused: resume from an earlier checkpoint')
     try: net.load_state_dict(sd)
     except RuntimeError as e: raise CheckpointError(str(f), 'state_dict', f'does not fit this network: {str(e)[:300]}') from None
 
 def load_gan_checkpoint(run: GANRun, ckpt) -> dict:
     "Restore what `save_gan_checkpoint` wrote into `run` (networks, EMA, optimisers, schedules, generators, position)."
     ckpt = Path(ckpt)
-    st = json.loads((ckpt/STATE_FILE).read_text())
-    for net, name in ((run.g_ema, GENERATOR_FOLDER), (run.g, 'g'), (run.d, 'd')): _load_into(net, ckpt/name/WEIGHTS_NAME, run.device)
-    run.opt_g.load_state_dict(safe_load(ckpt/'optimizer_g.pt', map_location=run.device))
-    run.opt_d.load_state_dict(safe_load(ckpt/'optimizer_d.pt', map_location=run.device))
-    run.sched_g.load_state_dict(safe_load(ckpt/'scheduler_g.pt')); run.sched_d.load_state_dict(safe_load(ckpt/'scheduler_d.pt'))
-    r = safe_load(ckpt/'random_states.pt')
-    set_rng_state(r['rng'])
-    for k in ('data_gen', 'z_gen', 'aug_gen'): getattr(run, k).set_state(r[k])
-    run.sums, run.count = dict(r.get('log_sums') or {}), int(r.get('log_count') or 0)
-    run.step, run.images_seen, run.elapsed0 = st['step'], st['images_seen'], st['elapsed']
-    return st
+    with restoring(ckpt):   # a damaged or foreign state: an error naming the checkpoint, not a traceback
+        st = json.loads((ckpt/STATE_FILE).read_text())
+        for net, name in ((run.g_ema, GENERATOR_FOLDER), (run.g, 'g'), (run.d, 'd')): _load_into(net, ckpt/name/WEIGHTS_NAME, run.device)
+        run.opt_g.load_state_dict(safe_load(ckpt/'optimizer_g.pt', map_location=run.device))
+        run.opt_d.load_state_dict(safe_load(ckpt/'optimizer_d.pt', map_location=run.device))
+        run.sched_g.load_state_dict(safe_load(ckpt/'scheduler_g.pt')); run.sched_d.load_state_dict(safe_load(ckpt/'scheduler_d.pt'))
+        r = safe_load(ckpt/'random_states.pt')
+        set_rng_state(r['rng'])
+        for k in ('data_gen', 'z_gen', 'aug_gen'): getattr(run, k).set_state(r[k])
+        run.sums, run.count = dict(r.get('log_sums') or {}), int(r.get('log_count') or 0)
+        run.step, run.images_seen, run.elapsed0 = st['step'], st['images_seen'], st['elapsed']
+        return st
 
 # %% ../nbs/24_gan.ipynb #aec5ba1d
 def finding_rows(findings) -> list:
@@ -589,7 +590,7 @@ def train_gan(cfg, overrides=(), stop_after: int | None = None) -> dict:
     return finish_gan_run(run, start_step, wall0, last_ckpt)
 
 def main(argv=None):
-    "The `cxr-train-gan` command line (prints the summary as JSON; exit status 2 for a config or checkpoint error, 1 for a diverged run)."
+    "The `cxr-train-gan` command line (prints the summary as JSON; exit status as `core.EXIT_CODES`)."
     p = argparse.ArgumentParser(prog='cxr-train-gan', description='Train (or resume) the conditional CXR GAN from a YAML config.')
     p.add_argument('config', help='YAML file (configs/gan64.yaml)')
     p.add_argument('--output', default=None, help='run folder (overrides output.output_dir)')
@@ -600,13 +601,7 @@ def main(argv=None):
     overrides = [s for group in args.overrides for s in group]
     if args.output is not None: overrides.append(('output.output_dir', args.output))
     if args.resume is not None: overrides.append(('output.resume', args.resume))
-    try: summary = train_gan(load_gan_config(args.config, overrides))
-    except ConfigError as e:
-        print(f"cxr-train-gan: config error: {e}", file=sys.stderr); raise SystemExit(2)
-    except CheckpointError as e:
-        print(f"cxr-train-gan: checkpoint error: {e}", file=sys.stderr); raise SystemExit(2)
-    except TrainingDivergedError as e:
-        print(f"cxr-train-gan: training stopped: {e}", file=sys.stderr); raise SystemExit(1)
+    with cli_errors('cxr-train-gan'): summary = train_gan(load_gan_config(args.config, overrides))
     print(json.dumps(summary, indent=1))
 
 # %% ../nbs/24_gan.ipynb #5649868d
@@ -640,7 +635,7 @@ def load_gan_network(folder, device=None) -> ConditionalGenerator:
             warnings.simplefilter('ignore')
             net = ConditionalGenerator.from_pretrained(str(p), use_safetensors=True, torch_dtype=torch.float32, low_cpu_mem_usage=False)
     except Exception as e: raise CheckpointError(str(wf), 'state_dict', f'does not fit the config: {type(e).__name__}: {str(e)[:300]}') from None
-    check_finite_weights(net, wf, 'refused; use an earlier checkpoint')
+    check_weights(net, wf, 'refused; use an earlier checkpoint')
     return net.to(torch.device(device) if device is not None else default_device()).eval()
 
 class GANGenerator:
@@ -733,7 +728,7 @@ class GANGenerator:
         if n is None and not isinstance(seed, (int, np.integer)): n = len(seed)
         y = self.inputs(labels, masks, findings=findings, text=text, n=n)['labels']
         seeds = image_seeds(seed, len(y))
-        return self.images(self.latents(seeds, o['truncation']), y, o['mixed_precision'])
+        return check_generated(self.images(self.latents(seeds, o['truncation']), y, o['mixed_precision']), self.checkpoint)
 
     def inputs(self, labels=None, masks=None, *, findings=None, text=None, n: int | None = None, where: str = 'generate') -> dict:
         """The conditions of a request as the network takes them, `{'labels': (n, F)}`, as the diffusion generators'

@@ -101,6 +101,15 @@ def _decode_dicom(path, ds, frame) -> np.ndarray:
     for f in ('BitsStored', 'PhotometricInterpretation', 'Rows', 'Columns'):
         if f not in ds: raise ImageReadError(path, f, 'missing (required to decode the pixels)')
     _check_size(path, int(ds.Rows) * int(ds.Columns) * n, f'Rows x Columns x frames = {ds.Rows} x {ds.Columns} x {n}', 'Rows')
+    if not ts.is_compressed and 'PixelData' in ds and 'BitsAllocated' in ds:   # the header must describe the pixels it carries
+        spp = int(ds.get('SamplesPerPixel', 1) or 1)
+        need = int(ds.Rows) * int(ds.Columns) * spp * n * int(ds.BitsAllocated) // 8
+        have = len(ds.PixelData)
+        if have not in (need, need + 1):                # one byte of padding to an even length is allowed
+            cut = have < need                           # a file cut short, or a header that claims a smaller image
+            raise ImageReadError(path, 'PixelData' if cut else 'Rows', f'Rows x Columns x SamplesPerPixel x frames x BitsAllocated = '
+                                 f'{ds.Rows} x {ds.Columns} x {spp} x {n} x {ds.BitsAllocated} bits need {need} bytes of PixelData, '
+                                 f'the file holds {have}: ' + ('truncated?' if cut else 'the header does not describe the pixels'))
     try: arr = ds.pixel_array
     except Exception as e:
         raise ImageReadError(path, 'PixelData', f'cannot decode {ts.name} pixels ({type(e).__name__}: {e})') from e

@@ -123,12 +123,14 @@ def load_latent_cache(ds: LatentDataset, folder) -> bool:
     mf, tf = folder/'latents.json', folder/'latents.safetensors'
     if not (mf.exists() and tf.exists()): return False
     try: meta, t = json.loads(mf.read_text()), load_file(str(tf))
-    except Exception as e: raise CXRDataError(f"{folder}: the latent cache is unreadable ({type(e).__name__}); delete the folder to encode again") from None
+    except Exception as e: raise CXRDataError(folder, 'latents', f"the latent cache is unreadable ({type(e).__name__}); delete the folder to encode again") from None
+    if not isinstance(meta, dict) or not {'latents', 'labels', 'known'} <= set(t):
+        raise CXRDataError(folder, 'latents', 'the latent cache is not one this package wrote; delete the folder to encode again')
     texts = meta.pop('texts', None)
     if meta != _cache_meta(ds): return False
     keys = [(v, i) for v in range(ds.variants) for i in range(len(ds))]
     if len(t['latents']) != len(keys) or texts is None or len(texts) != len(keys):
-        raise CXRDataError(f"{folder/'latents.safetensors'}: field 'latents': {len(t['latents'])} rows, expected {len(keys)}")
+        raise CXRDataError(folder/'latents.safetensors', 'latents', f"{len(t['latents'])} rows, expected {len(keys)}; delete the folder to encode again")
     for n, k in enumerate(keys):
         ds._latents[k] = (t['latents'][n], t['masks'][n] if 'masks' in t else None, texts[n], t['labels'][n], t['known'][n])
     return True

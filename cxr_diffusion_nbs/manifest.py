@@ -12,14 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np, pandas as pd
 from .core import (NIH_FINDINGS, RARE_FINDINGS, canonical_finding, ManifestError, PatientLeakageError,
-                                    atomic_write, find_data_root)
+                                    atomic_write, find_data_root, suggest)
 from .masks import frame_checks
 
 # %% auto #0
-__all__ = ['IMAGE_COLUMNS', 'ANNOTATION_COLUMNS', 'ANNOTATION_KINDS', 'CHESTXDET_FINDINGS', 'CHEXPERT_LABELS', 'VINDR_CLASSES',
-           'empty_annotations', 'validate_manifest', 'Manifest', 'load_shared_subset', 'load_nih_chestxray14',
-           'load_chexpert', 'load_mimic_cxr_jpg', 'load_siim_acr', 'load_vindr_cxr', 'load_chestx_det',
-           'mix_real_synthetic']
+__all__ = ['IMAGE_COLUMNS', 'ANNOTATION_COLUMNS', 'ANNOTATION_KINDS', 'CHESTXDET_FINDINGS', 'SPLITS', 'CHEXPERT_LABELS',
+           'VINDR_CLASSES', 'empty_annotations', 'validate_manifest', 'Manifest', 'inside_root', 'load_shared_subset',
+           'load_nih_chestxray14', 'load_chexpert', 'load_mimic_cxr_jpg', 'load_siim_acr', 'load_vindr_cxr',
+           'load_chestx_det', 'mix_real_synthetic']
 
 # %% ../nbs/03_manifest.ipynb #bf53a749
 IMAGE_COLUMNS = ('image_id', 'path', 'patient_id', 'source', 'view', 'split', 'width', 'height')
@@ -264,6 +264,10 @@ def _finish(images, annotations, findings, root, name, origin, missing='error', 
                                 f'pass missing="drop" to skip them)')
         images = images[exists].reset_index(drop=True)
         ann = ann[ann['image_id'].isin(set(images['image_id']))].reset_index(drop=True)
+    empty = images['path'].map(os.path.getsize) == 0
+    if empty.any():       # a zero-byte file is a failed copy, refused before anything reads or writes
+        p = images.loc[empty, 'path']
+        raise ManifestError(p.iloc[0], 'path', f'image file is empty (0 bytes; {len(p)} empty file(s) in total)')
     return Manifest(images, ann, findings, Path(root).resolve(), name, str(origin)).validate(check_files=True)
 
 # %% ../nbs/03_manifest.ipynb #e27b4051
@@ -271,13 +275,30 @@ CHESTXDET_FINDINGS = ('atelectasis', 'calcification', 'cardiomegaly', 'consolida
                       'emphysema', 'fibrosis', 'fracture', 'mass', 'nodule', 'pleural_thickening', 'pneumothorax')
 _SHARED_REQUIRED = ('image_id', 'path', 'source', 'patient_id', 'view', 'split', *NIH_FINDINGS)
 
+SPLITS = ('train', 'val', 'test')
+
+def inside_root(root: Path, rel: str, mpath, field: str) -> str:
+    """`root/rel` as a string if it stays inside `root` once resolved (symlinks followed), else a `ManifestError`
+    naming the manifest and the field: a manifest may only point at files of its own data folder (no `..`, no
+    absolute paths, no link out of it)."""
+    p = Path(rel)
+    if p.is_absolute() or '..' in p.parts:
+        raise ManifestError(mpath, field, f"{rel!r} leaves the data folder; paths are relative to it, without '..'")
+    full = (root/p).resolve()
+    if not full.is_relative_to(root): raise ManifestError(mpath, field, f"{rel!r} resolves outside the data folder (a symbolic link out of it)")
+    return str(root/p)
+
 def load_shared_subset(root=None, missing: str = 'error') -> Manifest:
-    "The bundled sample / shared NIH ChestX-ray14 subset (`root=None`: `core.find_data_root()`)."
+    """The bundled sample / shared NIH ChestX-ray14 subset (`root=None`: `core.find_data_root()`). Every path it
+    names must lie inside `root` (`inside_root`) and every split be one of `SPLITS`."""
     root = Path(root) if root is not None else find_data_root()
     root = root.resolve()
     mpath = root/'manifest.csv'
     df = _read_table(mpath, _SHARED_REQUIRED)
-    im = pd.DataFrame({'image_id': df['image_id'], 'path': [str(root/p) for p in df['path']],
+    bad = sorted(set(df['split']) - set(SPLITS))
+    if bad: raise ManifestError(mpath, 'split', f"unknown split {bad[0]!r} (image {df.loc[df['split'] == bad[0], 'image_id'].iloc[0]})"
+                                + suggest(bad[0], SPLITS))
+    im = pd.DataFrame({'image_id': df['image_id'], 'path': [inside_root(root, p, mpath, 'path') for p in df['path']],
                        'patient_id': df['patient_id'], 'source': df['source'], 'view': df['view'],
                        'split': df['split'], 'width': 256.0, 'height': 256.0})
     for f in NIH_FINDINGS: im[f] = _to_float(df[f], mpath, f)
@@ -293,7 +314,7 @@ def load_shared_subset(root=None, missing: str = 'error') -> Manifest:
         for p in filter(None, (x.strip() for x in paths.split('|'))):
             mm = re.fullmatch(re.escape(iid) + r'_seg_(.+)\.png', Path(p).name)
             if mm is None: raise ManifestError(mpath, 'seg_mask_paths', f"{p!r} of {iid} is not named '<image_id>_seg_<finding>.png'")
-            rows.append(dict(image_id=iid, finding=canonical_finding(mm.group(1)), kind='mask', mask_path=str(root/p),
+            rows.append(dict(image_id=iid, finding=canonical_finding(mm.group(1)), kind='mask', mask_path=inside_root(root, p, mpath, 'seg_mask_paths'),
                              frame_width=256.0, frame_height=256.0, source='ChestX-Det'))
     masks = pd.DataFrame(rows, columns=['image_id', 'finding', 'kind', 'mask_path', 'frame_width', 'frame_height', 'source'])
     if len(masks) and (root/'segments.csv').exists():
@@ -323,7 +344,7 @@ def load_shared_subset(root=None, missing: str = 'error') -> Manifest:
     for c in ('sex', 'followup', 'original_image_index', 'curation_folder', 'label_source', 'bbox_labels',
               'chestxdet_image', 'chestxdet_split', 'chestxdet_labels', 'licence'):
         if c in df: im[c] = df[c]
-    if 'mask_path' in df: im['bbox_mask_path'] = [str(root/p) if p else '' for p in df['mask_path']]
+    if 'mask_path' in df: im['bbox_mask_path'] = [inside_root(root, p, mpath, 'mask_path') if p else '' for p in df['mask_path']]
     return _finish(im, ann, findings, root, root.name, mpath, missing)
 
 # %% ../nbs/03_manifest.ipynb #69ec5cab

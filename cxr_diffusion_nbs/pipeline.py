@@ -10,18 +10,18 @@ Docs: https://cxr-diffusion-nbs.github.io/cxr_diffusion_nbs/pipeline.html.md"""
 
 # %% ../nbs/21_pipeline.ipynb #575cc51e
 from __future__ import annotations
-import argparse, hashlib, json, os, sys, time, datetime
+import argparse, hashlib, json, math, os, sys, time, datetime
 from collections.abc import Mapping
 from pathlib import Path
 import numpy as np, pandas as pd
 import yaml
-from .core import CXRDataError, atomic_write, check_output_folder, project_root, remove_stale_temporaries, shareable_path, suggest
+from .core import cli_errors, CXRDataError, atomic_write, write_shared_csv, check_output_folder, project_root, remove_stale_temporaries, shareable_path, suggest
 
 # %% auto #0
-__all__ = ['PIPELINE_NOTEBOOK', 'DEMO_MODELS', 'PIPELINE_SAMPLING', 'PipelineError', 'Stages', 'save_table', 'save_figure',
-           'check_parameters', 'run_pipeline', 'main', 'StageLog', 'text_progress', 'check_generator',
-           'sampling_parameters', 'demo_model', 'check_judges', 'rarity_study_config', 'evidence', 'rarity_sentences',
-           'markdown_table']
+__all__ = ['PIPELINE_NOTEBOOK', 'PARAMETER_RANGES', 'DEMO_MODELS', 'PIPELINE_SAMPLING', 'PipelineError', 'Stages', 'save_table',
+           'save_figure', 'check_parameters', 'check_parameter_values', 'run_pipeline', 'main', 'StageLog',
+           'text_progress', 'check_generator', 'sampling_parameters', 'demo_model', 'check_judges',
+           'rarity_study_config', 'evidence', 'rarity_sentences', 'markdown_table']
 
 # %% ../nbs/21_pipeline.ipynb #1fca0255
 class PipelineError(CXRDataError):
@@ -52,8 +52,7 @@ class Stages:
 
 def save_table(df: pd.DataFrame, path) -> Path:
     "A CSV, atomically."
-    with atomic_write(path) as tmp: df.to_csv(tmp, index=False)
-    return Path(path)
+    return write_shared_csv(df, path)
 
 def save_figure(fig, path, dpi: int = 80) -> Path:
     "A PNG, atomically."
@@ -74,6 +73,28 @@ def check_parameters(notebook, parameters: dict) -> dict:
     known = list(pm.inspect_notebook(str(notebook)))
     for k in parameters:
         if k not in known: raise PipelineError('parameters', k, 'not a parameter of the pipeline' + suggest(k, known))
+    return check_parameter_values(parameters)
+
+# (low, high) of the pipeline's numeric parameters; int: whole numbers only. Checked before anything runs or is
+# written, so that `-p train_steps -5` is refused at once, not blamed on a config field half a minute into the run.
+PARAMETER_RANGES = {'train_steps': (1, 10**7, int), 'train_minutes': (1e-3, 10**6, float), 'train_lr': (1e-12, 1.0, float),
+                    'cohort_per_finding': (1, 10**5, int), 'classifier_epochs': (1, 10**4, int), 'classifier_width': (1, 4096, int),
+                    'fidelity_repeats': (1, 1000, int), 'min_positives': (1, 10**6, int), 'realness_steps': (1, 10**6, int),
+                    'rarity_k': (1, 10**6, int), 'rarity_n': (0, 10**6, int), 'turing_cases': (2, 10**4, int),
+                    'seed': (0, 2**32 - 1, int), 'test_fraction': (0.0, 0.9, float), 'image_size': (8, 4096, int),
+                    'judges': (64, 4096, int)}
+
+def check_parameter_values(parameters: dict) -> dict:
+    "`parameters`, after checking every numeric one against `PARAMETER_RANGES` (None where the notebook allows it)."
+    for k, v in parameters.items():
+        if k not in PARAMETER_RANGES or (v is None and k == 'image_size'): continue
+        lo, hi, typ = PARAMETER_RANGES[k]
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (typ is float or float(v).is_integer())
+        if not ok: raise PipelineError('parameters', k, f'{v!r} is not a {"whole " if typ is int else ""}number')
+        if not lo <= v <= hi: raise PipelineError('parameters', k, f'{v!r} is outside [{lo}, {hi}]')
+    seeds = parameters.get('downstream_seeds')
+    if seeds is not None and (not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**32 for s in seeds)):
+        raise PipelineError('parameters', 'downstream_seeds', f'{seeds!r} must be a non-empty list of whole numbers in [0, 2**32)')
     return parameters
 
 def run_pipeline(output_dir, parameters: dict | None = None, notebook=None, progress: bool = True) -> Path:
@@ -117,9 +138,8 @@ def main(argv=None):
     p.add_argument('--no-progress', action='store_true')
     a = p.parse_args(argv)
     params = {k: _yaml_value(v) for k, v in a.parameter}
-    try: nb = run_pipeline(a.output, params, progress=not a.no_progress)
-    except CXRDataError as e:
-        print(f'cxr-pipeline: refused: {e}', file=sys.stderr); raise SystemExit(2)
+    try:
+        with cli_errors('cxr-pipeline'): nb = run_pipeline(a.output, params, progress=not a.no_progress)
     except Exception as e:          # papermill re-raises a failing cell (its ename / evalue); the executed notebook shows where
         what = f"{getattr(e, 'ename', None) or type(e).__name__}: {str(getattr(e, 'evalue', None) or e)[:2000]}"
         print(f'cxr-pipeline: failed: {what}\nsee {Path(a.output)/"pipeline.ipynb"}', file=sys.stderr)

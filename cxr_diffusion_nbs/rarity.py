@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
 import matplotlib.pyplot as plt
-from .core import (CXRDataError, ConfigError, RARE_FINDINGS, atomic_write, check_findings, config_from_dict,
+from .core import (cli_errors, CXRDataError, ConfigError, RARE_FINDINGS, atomic_write, write_shared_csv, check_findings, config_from_dict,
                                     default_device, remove_stale_temporaries)
 from .manifest import Manifest
 from .splits import with_held_out_test, check_no_leakage
@@ -435,7 +435,9 @@ def load_predictions(out_dir) -> tuple[dict, pd.DataFrame]:
     for f in sorted((out/'predictions').glob('k*_n*_seed*.npy')):
         k, rest = f.stem[1:].split('_', 1)
         arm, n, seed = rest.rsplit('_', 2)
-        preds[(int(k), arm, int(n[1:]), int(seed[4:]))] = np.load(f)
+        try: preds[(int(k), arm, int(n[1:]), int(seed[4:]))] = np.load(f, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:    # an object array, a cut-off or foreign file
+            raise RarityError(f, 'predictions', f'not a probability array this study wrote ({str(e)[:120]}); delete it to run that part again') from None
     return preds, pd.read_csv(out/'test.csv', keep_default_na=False)
 
 def verdict(diff: float, p: float, n_pos: int, min_pos: int, alpha: float = .05) -> str:
@@ -560,7 +562,7 @@ def main(argv=None):
     p.add_argument('--set', dest='overrides', nargs='+', action='append', default=[], metavar='KEY=VALUE')
     p.add_argument('--no-progress', action='store_true')
     a = p.parse_args(argv)
-    try:
+    with cli_errors('cxr-rarity'):
         check_output_folder(a.output, where='--output')          # a file or an unwritable place: refused before any work
         o = Path(a.output)
         if o.is_dir() and any(o.iterdir()) and not (o/'study.json').exists():
@@ -574,12 +576,9 @@ def main(argv=None):
         gen = load_generator(a.checkpoint)
         out = run_study(gen, real, cfg, a.output, ext, progress=not a.no_progress)
         table = study_table(out, cfg)
-    except CXRDataError as e:
-        print(f'cxr-rarity: refused: {e}', file=sys.stderr)
-        raise SystemExit(2)
-    with atomic_write(out/'table.csv') as tmp: table.round(4).to_csv(tmp, index=False)
-    fig = study_figure(table)
-    with atomic_write(out/'figure.png') as tmp: fig.savefig(tmp, format='png', dpi=80, bbox_inches='tight')
-    md = '\n\n'.join(f'## {s}\n\n' + summary_markdown(table, cfg, s) for s in dict.fromkeys(table['eval_set']))
-    with atomic_write(out/'summary.md') as tmp: Path(tmp).write_text(md + '\n')
-    print(summary_markdown(table, cfg))
+        write_shared_csv(table.round(4), out/'table.csv')
+        fig = study_figure(table)
+        with atomic_write(out/'figure.png') as tmp: fig.savefig(tmp, format='png', dpi=80, bbox_inches='tight')
+        md = '\n\n'.join(f'## {s}\n\n' + summary_markdown(table, cfg, s) for s in dict.fromkeys(table['eval_set']))
+        with atomic_write(out/'summary.md') as tmp: Path(tmp).write_text(md + '\n')
+        print(summary_markdown(table, cfg))

@@ -21,13 +21,13 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import save_file, save_model, load_model
 from . import __version__
-from .core import (read_sections, build_sections, CXRDataError, ConfigError, config_from_dict, suggest, default_device, resolve_mixed_precision, check_optim_section, check_output_folder,
+from .core import (cli_errors, read_sections, build_sections, CXRDataError, ConfigError, config_from_dict, suggest, default_device, resolve_mixed_precision, check_optim_section, check_output_folder,
                                     divergence_error, nonfinite_step, remove_stale_temporaries, TrainingDivergedError, resolve_path, shareable_path,
                                     sha256_file, find_data_root)
 from .unet import PRESETS, UNetConfig, build_unet, unet_preset, make_noise_scheduler
 from .conditioning import ConditioningConfig
 from .checkpoints import (CKPT_PREFIX, STATE_FILE, CheckpointError, list_checkpoints, prune_checkpoints,
-                                           resolve_resume, rng_state, set_rng_state, safe_load, read_weights, check_finite_weights)
+                                           resolve_resume, rng_state, set_rng_state, safe_load, read_weights, check_weights, restoring, read_json_object)
 from .sampling import sample, check_sampler, SAMPLERS
 from .image_io import read_image, to_uint8, write_png
 from .vae import AEDataSection, AEOptimSection, CropSampler, load_images, ae_training_manifest
@@ -41,8 +41,8 @@ __all__ = ['TRAIN_KINDS', 'TRAIN_RANGES', 'OBJECTIVES', 'RESTORER_FILE', 'RESTOR
            'restorer_loss', 'RestorerModelSection', 'RestorerDegradationSection', 'RestorerOutputSection',
            'RestorerConfig', 'validate_restorer_config', 'load_restorer_config', 'RestorerRun', 'restorer_start_checks',
            'build_restorer_run', 'restorer_train_step', 'save_restorer', 'save_restorer_checkpoint',
-           'load_restorer_checkpoint', 'train_restorer', 'restorer_folder', 'Restorer', 'load_restorer',
-           'restore_inputs', 'restore_file', 'main', 'train_main', 'ship_restorer']
+           'load_restorer_checkpoint', 'train_restorer', 'restorer_folder', 'load_restorer_scheduler', 'Restorer',
+           'load_restorer', 'restore_inputs', 'restore_file', 'main', 'train_main', 'ship_restorer']
 
 # %% ../nbs/23b_restorer.ipynb #43f9ca25
 class RestorerError(CXRDataError):
@@ -338,7 +338,7 @@ def save_restorer(unet: UNet2DModel, folder, objective: str, unet_cfg: UNetConfi
                   noise_scheduler: DDPMScheduler | None = None, dtype: torch.dtype | None = None) -> Path:
     "Write a restorer folder: `unet/` (diffusers, safetensors, in `dtype` if given), `scheduler/` (diffusion) and `restorer.json`."
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
-    check_finite_weights(unet, folder/'unet', 'not written')
+    check_weights(unet, folder/'unet', 'not written', saving=True)
     u = unet if dtype is None else __import__('copy').deepcopy(unet).to(dtype)
     u.save_pretrained(folder/'unet', safe_serialization=True)
     if objective == 'diffusion': (noise_scheduler or make_noise_scheduler(unet_cfg)).save_pretrained(folder/'scheduler')
@@ -356,7 +356,7 @@ def save_restorer_checkpoint(run: RestorerRun) -> Path:
     "Write `checkpoint-<step>/` atomically (temporary folder, then rename) and prune to `keep_last`; returns its path."
     out = run.out
     final, tmp = out/f'{CKPT_PREFIX}{run.step}', out/f'.tmp-{CKPT_PREFIX}{run.step}'
-    check_finite_weights(run.model, final/'model.safetensors', 'not written')
+    check_weights(run.model, final/'model.safetensors', 'not written', saving=True)
     if tmp.exists(): shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     save_model(run.model, str(tmp/'model.safetensors'))
@@ -377,21 +377,22 @@ def save_restorer_checkpoint(run: RestorerRun) -> Path:
 def load_restorer_checkpoint(run: RestorerRun, ckpt) -> dict:
     "Restore what `save_restorer_checkpoint` wrote into `run`."
     ckpt = Path(ckpt)
-    st = json.loads((ckpt/STATE_FILE).read_text())
-    wf = ckpt/'model.safetensors'
-    sd = read_weights(wf, run.device)
-    check_finite_weights(sd, wf, 'refused: resume from an earlier checkpoint')
-    try: run.model.load_state_dict(sd)
-    except RuntimeError as e: raise CheckpointError(str(wf), 'state_dict', f'does not fit this model: {str(e)[:300]}') from None
-    sh = read_weights(ckpt/'ema.safetensors', run.device)
-    run.ema.load_state_dict(dict(json.loads((ckpt/'ema_state.json').read_text()), shadow_params=[sh[f'p{i}'] for i in range(len(sh))]))
-    run.opt.load_state_dict(safe_load(ckpt/'optimizer.pt', map_location=run.device))
-    run.lr_sched.load_state_dict(safe_load(ckpt/'scheduler.pt'))
-    r = safe_load(ckpt/'random_states.pt')
-    set_rng_state(r['rng']); run.crop_gen.set_state(r['crop_gen']); run.noise_gen.set_state(r['noise_gen'])
-    run.loss_sum, run.count = float(r['loss_sum']), int(r['count'])
-    run.step, run.elapsed0 = st['step'], st['elapsed']
-    return st
+    with restoring(ckpt):   # a damaged or foreign state: an error naming the checkpoint, not a traceback
+        st = json.loads((ckpt/STATE_FILE).read_text())
+        wf = ckpt/'model.safetensors'
+        sd = read_weights(wf, run.device)
+        check_weights(sd, wf, 'refused: resume from an earlier checkpoint')
+        try: run.model.load_state_dict(sd)
+        except RuntimeError as e: raise CheckpointError(str(wf), 'state_dict', f'does not fit this model: {str(e)[:300]}') from None
+        sh = read_weights(ckpt/'ema.safetensors', run.device)
+        run.ema.load_state_dict(dict(json.loads((ckpt/'ema_state.json').read_text()), shadow_params=[sh[f'p{i}'] for i in range(len(sh))]))
+        run.opt.load_state_dict(safe_load(ckpt/'optimizer.pt', map_location=run.device))
+        run.lr_sched.load_state_dict(safe_load(ckpt/'scheduler.pt'))
+        r = safe_load(ckpt/'random_states.pt')
+        set_rng_state(r['rng']); run.crop_gen.set_state(r['crop_gen']); run.noise_gen.set_state(r['noise_gen'])
+        run.loss_sum, run.count = float(r['loss_sum']), int(r['count'])
+        run.step, run.elapsed0 = st['step'], st['elapsed']
+        return st
 
 # %% ../nbs/23b_restorer.ipynb #3230fef6
 def _log(run: RestorerRun, images_per_s: float):
@@ -459,6 +460,19 @@ def restorer_folder(path) -> Path:
         if (c/RESTORER_FILE).exists(): return c
     raise RestorerError(str(path), 'checkpoint', f'holds no {RESTORER_FILE} (not a restorer, its checkpoint or its run folder)')
 
+def load_restorer_scheduler(folder) -> DDPMScheduler:
+    "A diffusion restorer's noise scheduler from `folder/scheduler_config.json`, after checking the values diffusers would misbuild or refuse late."
+    cf = Path(folder)/'scheduler_config.json'
+    c = read_json_object(cf, "the restorer's noise scheduler")
+    n = c.get('num_train_timesteps', 1000)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 100_000:
+        raise RestorerError(str(cf), 'num_train_timesteps', f'{n!r} must be a whole number in [1, 100000]')
+    schedules = ('linear', 'scaled_linear', 'squaredcos_cap_v2', 'sigmoid')
+    if c.get('beta_schedule', 'linear') not in schedules:
+        raise RestorerError(str(cf), 'beta_schedule', f"{c.get('beta_schedule')!r} is not one of {schedules}")
+    try: return DDPMScheduler.from_pretrained(Path(folder))
+    except Exception as e: raise RestorerError(str(cf), '<config>', f'not a scheduler diffusers can build: {str(e).splitlines()[0][:200]}') from None
+
 class Restorer:
     "A trained restorer (diffusion or regression) ready to restore films."
     def __init__(self, model: nn.Module, info: dict, noise_scheduler=None, folder=None):
@@ -470,20 +484,21 @@ class Restorer:
     @classmethod
     def load(cls, path, device=None) -> 'Restorer':
         f = restorer_folder(path)
-        info = json.loads((f/RESTORER_FILE).read_text())
+        info = read_json_object(f/RESTORER_FILE, 'the restorer description')
         if info.get('objective') not in OBJECTIVES: raise RestorerError(str(f/RESTORER_FILE), 'objective', f"{info.get('objective')!r} is not one of {OBJECTIVES}")
+        if not isinstance(info.get('unet'), dict): raise RestorerError(str(f/RESTORER_FILE), 'unet', 'missing: the U-Net configuration')
         ucfg = config_from_dict(UNetConfig, info['unet'], str(f/RESTORER_FILE), 'unet')
         wf = f/'unet'/'diffusion_pytorch_model.safetensors'
         if not wf.exists(): raise RestorerError(str(wf), 'weights', 'missing (a restorer keeps its U-Net in unet/ as safetensors)')
         try: unet = UNet2DModel.from_pretrained(f/'unet', use_safetensors=True, torch_dtype=torch.float32)
         except Exception as e: raise RestorerError(str(wf), 'weights', f'cannot be opened: {str(e).splitlines()[0][:200]}') from None
-        check_finite_weights(unet, wf, 'refused')
+        check_weights(unet, wf, 'refused')
         rs = info.get('residual_scale')
         if rs is not None and (info['objective'] != 'diffusion' or isinstance(rs, bool) or not isinstance(rs, (int, float)) or not math.isfinite(rs) or rs <= 0):
             raise RestorerError(str(f/RESTORER_FILE), 'residual_scale', f'{rs!r} must be a number > 0 on a diffusion restorer (or absent)')
         model = RestorationDenoiser(ucfg, unet, rs) if info['objective'] == 'diffusion' else RegressionRestorer(ucfg, unet)
-        sched = DDPMScheduler.from_pretrained(f/'scheduler') if info['objective'] == 'diffusion' else None
-        dev = torch.device(device) if device is not None else default_device()
+        sched = load_restorer_scheduler(f/'scheduler') if info['objective'] == 'diffusion' else None
+        dev = default_device(device)          # a device this machine lacks: a ResourceError naming it
         return cls(model.to(dev), info, sched, f)
 
     @property
@@ -584,7 +599,7 @@ def main(argv=None):
     p.add_argument('--device', default=None)
     p.add_argument('--overwrite', action='store_true', help='restore films whose output exists too')
     a = p.parse_args(argv)
-    try:
+    with cli_errors('cxr-restore'):
         files = restore_inputs(a.input)
         out = Path(a.output)
         check_output_folder(out, where='--output')
@@ -603,9 +618,7 @@ def main(argv=None):
             restore_file(restorer, f, out/n, seed=a.seed + i, work_size=a.work_size, **opts)
             done += 1
             print(f'[cxr-restore] {i + 1}/{len(files)} {f.name} -> {n}', file=sys.stderr, flush=True)
-    except (CXRDataError, ConfigError) as e:
-        print(f'cxr-restore: {e}', file=sys.stderr); sys.exit(2)
-    print(f'{done} film(s) restored into {shareable_path(out)} ({len(files) - done} already there)')
+        print(f'{done} film(s) restored into {shareable_path(out)} ({len(files) - done} already there)')
 
 def train_main(argv=None):
     p = argparse.ArgumentParser(prog='cxr-train-restorer', description='Train (or resume) a diffusion or regression restorer from a YAML config.')
@@ -614,11 +627,7 @@ def train_main(argv=None):
     p.add_argument('--resume', default=None, help="'auto' (newest checkpoint in output_dir) or a checkpoint folder")
     a = p.parse_args(argv)
     ov = list(a.set) + ([('output.resume', a.resume)] if a.resume is not None else [])
-    try: s = train_restorer(a.config, ov)
-    except TrainingDivergedError as e:                # a run that diverged: 1; a config or file that cannot be used: 2
-        print(f'cxr-train-restorer: {e}', file=sys.stderr); sys.exit(1)
-    except (CXRDataError, ConfigError) as e:
-        print(f'cxr-train-restorer: {e}', file=sys.stderr); sys.exit(2)
+    with cli_errors('cxr-train-restorer'): s = train_restorer(a.config, ov)
     print(json.dumps(s, indent=1))
 
 # %% ../nbs/23b_restorer.ipynb #701b5a98

@@ -16,7 +16,7 @@ import torch
 from diffusers import DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler
 from tqdm.auto import tqdm
 from . import __version__
-from .core import (CXRDataError, atomic_write, check_output_folder, canonical_finding, resolve_path, shareable_path, sha256_file,
+from .core import (cli_errors, available_device, CXRDataError, atomic_write, check_output_folder, canonical_finding, resolve_path, shareable_path, sha256_file,
                                     suggest, sampling_precision)
 from .image_io import read_image, to_uint8, write_png
 from .forward import predicted_x0
@@ -29,12 +29,12 @@ from .latents import pool_mask
 
 # %% auto #0
 __all__ = ['SAMPLERS', 'SAMPLER_LABELS', 'DEFAULT_STEPS', 'MIXED_PRECISION', 'STEP_SEED_OFFSET', 'GUIDE_MUST_MATCH',
-           'GENERATOR_KINDS', 'DIFFUSION_OPTIONS', 'GUIDE_FOLDER', 'GENERATOR_WORDS', 'SYNTHETIC_NOTE',
-           'SAMPLE_OUTPUTS', 'SamplingError', 'check_sampler', 'make_sampler', 'image_seeds', 'initial_noise',
-           'loop_device', 'check_request', 'model_prediction', 'check_autoguidance', 'LoopSetup', 'loop_setup',
-           'SampleResult', 'sample', 'trajectory_frame', 'trajectory_figure', 'trajectory_widget', 'load_guide',
-           'guide_provenance', 'PixelDiffusionGenerator', 'load_generator', 'LatentDiffusionGenerator', 'made_by',
-           'synthetic_note', 'write_samples', 'main']
+           'MIN_FILM_STD', 'MAX_SATURATED', 'GENERATOR_KINDS', 'DIFFUSION_OPTIONS', 'GUIDE_FOLDER', 'GENERATOR_WORDS',
+           'SYNTHETIC_NOTE', 'SAMPLE_OUTPUTS', 'SamplingError', 'check_sampler', 'make_sampler', 'image_seeds',
+           'initial_noise', 'loop_device', 'check_request', 'model_prediction', 'check_autoguidance', 'LoopSetup',
+           'loop_setup', 'SampleResult', 'sample', 'trajectory_frame', 'trajectory_figure', 'trajectory_widget',
+           'generated_problems', 'check_generated', 'load_guide', 'guide_provenance', 'PixelDiffusionGenerator',
+           'load_generator', 'LatentDiffusionGenerator', 'made_by', 'synthetic_note', 'write_samples', 'main']
 
 # %% ../nbs/11_sampling.ipynb #48140347
 class SamplingError(CXRDataError):
@@ -275,6 +275,30 @@ def trajectory_widget(res: SampleResult, index: int = 0):
     step.observe(redraw, 'value'); redraw()
     return W.VBox([step, out])
 
+# %% ../nbs/11_sampling.ipynb #5db295a3
+MIN_FILM_STD, MAX_SATURATED = 1e-3, 0.9
+
+def generated_problems(images: torch.Tensor) -> dict:
+    "{problem: number of images} over (n, C, H, W) images in [-1, 1] (empty: every image passes)."
+    x = images.detach().float().flatten(1)
+    finite = torch.isfinite(x).all(1)
+    xf = torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+    out = {'not finite': int((~finite).sum()),
+           'outside [-1, 1]': int((finite & (xf.abs() > 1 + 1e-3).any(1)).sum()),
+           'flat (no grey-level spread)': int((finite & (xf.std(1) < MIN_FILM_STD)).sum()) if x.shape[1] > 1 else 0,
+           f'saturated (over {MAX_SATURATED:.0%} of pixels at -1 or 1)': int((finite & ((xf.abs() >= 1 - 1e-3).float().mean(1) > MAX_SATURATED)).sum())}
+    return {k: v for k, v in out.items() if v}
+
+def check_generated(images: torch.Tensor, source, where: str = 'generate') -> torch.Tensor:
+    """`images` if `generated_problems` finds nothing, else a `SamplingError` naming `source` (the checkpoint) and how
+    many of the images fail which way. Every generator calls it on what it returns."""
+    bad = generated_problems(images)
+    if bad:
+        what = '; '.join(f'{v} of {len(images)} {k}' for k, v in bad.items())
+        raise SamplingError(str(source or where), 'images', f'the drawn images are not films ({what}): the weights are '
+                            'damaged or from a diverged run; nothing is written')
+    return images
+
 # %% ../nbs/11_sampling.ipynb #ca08744b
 GENERATOR_KINDS = {'pixel-diffusion': 'cxr_diffusion_nbs.sampling:PixelDiffusionGenerator.load',
                    'latent-diffusion': 'cxr_diffusion_nbs.sampling:LatentDiffusionGenerator.load',
@@ -386,7 +410,10 @@ class PixelDiffusionGenerator:
         if 'guidance' not in options:               # recommended scales apply to the conditions this request has
             have = {'labels': 'labels', 'mask': 'mask', 'text': 'text_emb'}
             o['guidance'] = {k: v for k, v in o['guidance'].items() if conds.get(have.get(k, k)) is not None}
-        return sample(self.model, self.noise_scheduler, conds, n=n, seed=seed, guide=self.guide, **o).images
+        return check_generated(self.decoded(sample(self.model, self.noise_scheduler, conds, n=n, seed=seed, guide=self.guide, **o).images),
+                               self.checkpoint)
+
+    def decoded(self, x: torch.Tensor) -> torch.Tensor: return x    # what the loop draws is the image (a latent model decodes it)
 
     def model_sha256(self) -> str:
         "SHA-256 of the weights file (computed once)."
@@ -419,6 +446,7 @@ def load_generator(path, device=None):
     kind = generator_kind(p)
     if kind not in GENERATOR_KINDS:
         raise SamplingError(str(p), 'kind', f'{kind!r} is not a generator kind this package can open' + suggest(kind, GENERATOR_KINDS))
+    if device is not None: device = available_device(device, 'device')    # 'cuda' on a CPU-only machine: one line, not an assertion
     return _resolve_loader(GENERATOR_KINDS[kind])(p, device=device)
 
 # %% ../nbs/11_sampling.ipynb #a3bed676
@@ -460,9 +488,7 @@ class LatentDiffusionGenerator(PixelDiffusionGenerator):
         "Latents as images (n, 1, S, S) in [-1, 1] (`vae.decode`)."
         return decode(self.autoencoder, latents).float().cpu()
 
-    def generate(self, labels=None, masks=None, seed=0, *, findings=None, text=None, n: int | None = None, **options) -> torch.Tensor:
-        "As `PixelDiffusionGenerator.generate`, masks at `image_size`; the latents drawn are decoded to images."
-        return self.to_images(super().generate(labels, masks, seed, findings=findings, text=text, n=n, **options))
+    def decoded(self, latents: torch.Tensor) -> torch.Tensor: return self.to_images(latents)   # `generate` returns films
 
     def provenance(self) -> dict:
         "As a pixel model's, plus the autoencoder's weights checksum and the latent grid."
@@ -528,7 +554,7 @@ def main(argv=None):
     p.add_argument('--overwrite', action='store_true', help="replace earlier samples in --output (refused otherwise)")
     p.add_argument('--device'); p.add_argument('--bf16', action='store_true')
     a = p.parse_args(argv)
-    try:
+    with cli_errors('cxr-sample'):
         if a.n < 1: raise SamplingError('--n', 'n', f'{a.n} must be >= 1')
         earlier = check_output_folder(a.output, SAMPLE_OUTPUTS, a.overwrite)    # before any compute; nothing created yet
         gen = load_generator(a.checkpoint, device=a.device)
@@ -543,13 +569,10 @@ def main(argv=None):
             opts['guidance'] = {k: v for k, v in opts['guidance'].items() if k != 'text' and not (k == 'mask' and mask is None)}
         seeds = image_seeds(a.seed, a.n)
         images = gen.generate(masks=mask, seed=seeds, findings=[findings] * a.n if findings else None, progress=True, **opts)
-    except CXRDataError as e:
-        print(f'cxr-sample: refused: {e}', file=sys.stderr)
-        raise SystemExit(2)
-    prov = dict(gen.provenance(), checkpoint=shareable_path(a.checkpoint), **opts, findings=findings,
-                mask=shareable_path(a.mask) if a.mask else None)
-    for f in earlier: f.unlink()                   # --overwrite: the earlier samples go once the new ones are drawn
-    files = write_samples(a.output, images, seeds, prov)
-    print(json.dumps(dict(output=str(a.output), files=len(files)), indent=1))
+        prov = dict(gen.provenance(), checkpoint=shareable_path(a.checkpoint), **opts, findings=findings,
+                    mask=shareable_path(a.mask) if a.mask else None)
+        for f in earlier: f.unlink()                   # --overwrite: the earlier samples go once the new ones are drawn
+        files = write_samples(a.output, images, seeds, prov)
+        print(json.dumps(dict(output=str(a.output), files=len(files)), indent=1))
 
 if __name__ == '__main__' and '__file__' in globals() and 'get_ipython' not in globals(): main()

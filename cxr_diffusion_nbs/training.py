@@ -20,7 +20,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
-from .core import (read_sections, build_sections, RARE_FINDINGS, MASK_MODES, CXRDataError, ConfigError, suggest, config_from_dict,
+from .core import (cli_errors, read_config_file, read_sections, build_sections, RARE_FINDINGS, MASK_MODES, CXRDataError, ConfigError, suggest, config_from_dict,
                                     check_findings, atomic_write, find_data_root, default_device, project_root, resolve_path,
                                     cpu_supports_bf16, resolve_mixed_precision, SCHEDULES, MIXED_PRECISION, choice_error,
                                     check_optim_section, check_output_folder, TrainingDivergedError, nonfinite_step,
@@ -696,7 +696,7 @@ def train(cfg, overrides=()) -> dict:
 
 # %% ../nbs/10_training.ipynb #e112efe6
 def main(argv=None):
-    "The `cxr-train` command line (prints the summary as JSON; exit status 2 for a config or checkpoint error, 1 for a diverged run)."
+    "The `cxr-train` command line (prints the summary as JSON; exit status as `core.EXIT_CODES`: 1 a diverged run, 2 refused input, 3 a missing resource)."
     p = argparse.ArgumentParser(prog='cxr-train', description='Train (or resume) a conditional CXR diffusion model from a YAML config.')
     p.add_argument('--config', required=True, help='YAML file (see configs/)')
     p.add_argument('--set', dest='overrides', nargs='+', action='append', default=[], metavar='KEY=VALUE',
@@ -705,18 +705,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     overrides = [s for group in args.overrides for s in group]
     if args.resume is not None: overrides.append(('output.resume', args.resume))
-    try:
-        cfg = load_config(args.config, overrides)
-        summary = train(cfg)
-    except ConfigError as e:
-        print(f"cxr-train: config error: {e}", file=sys.stderr)
-        raise SystemExit(2)
-    except CheckpointError as e:
-        print(f"cxr-train: checkpoint error: {e}", file=sys.stderr)
-        raise SystemExit(2)
-    except TrainingDivergedError as e:
-        print(f"cxr-train: training stopped: {e}", file=sys.stderr)
-        raise SystemExit(1)
+    with cli_errors('cxr-train'): summary = train(load_config(args.config, overrides))
     if PartialState().is_main_process: print(json.dumps(summary, indent=1))
     # returns None: the console script does sys.exit(main()), and any other value would be an error exit
 
@@ -744,4 +733,4 @@ def load_for_sampling(checkpoint, use_ema: bool = True, device=None) -> tuple:
     model, noise_scheduler, ckpt = load_denoiser(checkpoint, use_ema=use_ema, device=device)
     f = ckpt/'config.yaml'
     if not f.exists(): raise CheckpointError(str(f), '<file>', 'missing: the run config (load_denoiser needs only model_config.json)')
-    return model, noise_scheduler, load_config(yaml.safe_load(f.read_text()), check_inputs=False)
+    return model, noise_scheduler, load_config(read_config_file(f), check_inputs=False)   # a YAML tag or damaged file: a ConfigError naming it

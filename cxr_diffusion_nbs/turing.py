@@ -16,7 +16,7 @@ from PIL import Image
 from scipy.stats import binomtest, binom
 from sklearn.metrics import cohen_kappa_score
 from . import __version__
-from .core import CXRDataError, atomic_write, canonical_finding
+from .core import CXRDataError, atomic_write, write_shared_csv, canonical_finding
 from .manifest import Manifest
 from .image_io import read_image
 
@@ -276,8 +276,7 @@ def export_turing_kit(real: Manifest, synthetic: Manifest, out_dir, n_real: int,
         sheet = contact_sheet_html(cases, pngs, instructions, show_finding, display_px)
         with atomic_write(rd/'contact_sheet.html') as tmp: tmp.write_text(sheet, encoding='utf-8')
         if pdf: contact_sheet_pdf(rd/'contact_sheet.pdf', cases, [np.asarray(im) for im, _ in blinded], instructions, show_finding)
-        with atomic_write(rd/'reader_form.csv') as tmp: form.to_csv(tmp, index=False)
-        with atomic_write(stage/'answer_key.csv') as tmp: key.to_csv(tmp, index=False)
+        write_shared_csv(form, rd/'reader_form.csv'); write_shared_csv(key, stage/'answer_key.csv')
         files = {str(p.relative_to(stage)): _sha(p.read_bytes()) for p in sorted(stage.rglob('*')) if p.is_file()}
         meta = dict(seed=int(seed), n_real=n_r, n_synthetic=n_s, n_cases=len(cases), size=size, findings=findings,
                     stratify_by_finding=bool(stratify_by_finding), tell_prevalence=bool(tell_prevalence),

@@ -17,7 +17,7 @@ from diffusers import UNet2DModel, UNet2DConditionModel, DDPMScheduler
 __all__ = ['PRESETS', 'UNetConfig', 'unet_preset', 'build_unet', 'count_params', 'unet_levels', 'make_noise_scheduler']
 
 # %% ../nbs/07_unet.ipynb #6c8f30cd
-from .core import PREDICTION_TYPES, ConfigError, config_from_dict, suggest, preset_copy
+from .core import PREDICTION_TYPES, MAX_IMAGE_SIZE, ConfigError, config_from_dict, suggest, preset_copy
 
 @dataclass
 class UNetConfig:
@@ -65,6 +65,9 @@ class UNetConfig:
         if any(c <= 0 for c in self.block_out_channels): raise self._err('block_out_channels', f'{self.block_out_channels} must be positive')
         if not isinstance(self.image_size, int) or self.image_size <= 0:
             raise self._err('image_size', f'{self.image_size!r} must be a positive int')
+        if self.image_size > MAX_IMAGE_SIZE:
+            raise self._err('image_size', f'{self.image_size} px is above the limit of {MAX_IMAGE_SIZE} px (one film alone would '
+                            f'take {4 * self.image_size ** 2 / 2**30:.1f} GiB per channel and layer in float32)')
         f = 2**(self.levels - 1)
         if self.image_size % f:
             raise self._err('image_size', f'{self.image_size} px is not divisible by 2**(levels-1) = {f} '

@@ -22,7 +22,7 @@ from diffusers.optimization import get_scheduler
 from safetensors import safe_open
 from safetensors.torch import save_file
 from skimage.metrics import structural_similarity, peak_signal_noise_ratio
-from .core import (read_sections, build_sections, CXRDataError, ConfigError, suggest, config_from_dict, atomic_write, find_data_root, default_device, resolve_path, shareable_path,
+from .core import (cli_errors, MAX_IMAGE_SIZE, read_sections, build_sections, CXRDataError, ConfigError, suggest, config_from_dict, atomic_write, find_data_root, default_device, resolve_path, shareable_path,
                                     project_root, resolve_mixed_precision, SCHEDULES, MIXED_PRECISION, choice_error,
                                     check_optim_section, preset_copy, check_output_folder, TrainingDivergedError,
                                     nonfinite_step, divergence_error, remove_stale_temporaries)
@@ -30,8 +30,8 @@ from .manifest import load_shared_subset
 from .splits import with_held_out_test
 from .dataset import CXRDataset
 from .checkpoints import (CKPT_PREFIX, STATE_FILE, CheckpointError, list_checkpoints, prune_checkpoints,
-                                           resolve_resume, rng_state, set_rng_state, safe_load, read_weights,
-                                           check_finite_weights)
+                                           resolve_resume, rng_state, set_rng_state, safe_load, read_weights, restoring,
+                                           check_weights)
 
 # %% auto #0
 __all__ = ['AE_PRESETS', 'WEIGHTS_NAME', 'CONFIG_NAME', 'AUTOENCODER_TARGETS', 'AutoencoderConfig', 'ae_preset',
@@ -204,7 +204,7 @@ WEIGHTS_NAME, CONFIG_NAME = 'diffusion_pytorch_model.safetensors', 'config.json'
 def save_autoencoder(ae, folder, dtype: torch.dtype | None = None) -> Path:
     "`ae.save_pretrained(folder, safe_serialization=True)` written atomically (temporary folder, then rename); `dtype` e.g. torch.float16 to ship smaller weights."
     folder = Path(folder)
-    check_finite_weights(ae, folder/WEIGHTS_NAME, 'not written')
+    check_weights(ae, folder/WEIGHTS_NAME, 'not written', saving=True)
     tmp = folder.with_name(f'.tmp-{folder.name}')
     if tmp.exists(): shutil.rmtree(tmp)
     m = ae if dtype is None or dtype == next(ae.parameters()).dtype else copy.deepcopy(ae).to(dtype)
@@ -238,6 +238,10 @@ def load_autoencoder(path, device=None, subfolder: str | None = None, require_st
     if require_stats and (cfg.get('shift_factor') is None or not cfg.get('scaling_factor')):
         raise CheckpointError(str(cf), 'shift_factor', 'the latent statistics were never measured (shift_factor is null): '
                               'run latent_statistics(ae, training_images) and save again')
+    for k in ('shift_factor', 'scaling_factor'):     # Infinity / NaN parse as floats and would decode flat films
+        v = cfg.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (k == 'scaling_factor' and v <= 0)):
+            raise CheckpointError(str(cf), k, f"{v!r}: must be a finite number" + (' above 0' if k == 'scaling_factor' else ''))
     if not wf.exists():
         other = [q.name for q in p.glob('*.bin')] + [q.name for q in p.glob('*.pt')]
         raise CheckpointError(str(wf), '<file>', 'missing' + (f"; {other} are not loaded (safetensors only)" if other else ''))
@@ -251,7 +255,7 @@ def load_autoencoder(path, device=None, subfolder: str | None = None, require_st
             ae = AutoencoderKL.from_pretrained(str(p), use_safetensors=True, torch_dtype=torch.float32, low_cpu_mem_usage=False)
     except Exception as e:
         raise CheckpointError(str(wf), 'state_dict', f'does not fit the config: {type(e).__name__}: {str(e)[:300]}') from None
-    check_finite_weights(ae, wf, 'refused; use an earlier checkpoint')
+    check_weights(ae, wf, 'refused; use an earlier checkpoint')
     device = torch.device(device) if device is not None else default_device()
     return ae.to(device).eval()
 
@@ -516,6 +520,7 @@ def validate_vae_config(cfg: AETrainConfig) -> AETrainConfig:
     d, o, out = cfg.data, cfg.optim, cfg.output
     f = net.factor
     if d.image_size <= 0 or d.image_size % f: raise cfg.err('data.image_size', f'{d.image_size} must be a positive multiple of the downsampling factor {f}')
+    if d.image_size > MAX_IMAGE_SIZE: raise cfg.err('data.image_size', f'{d.image_size} px is above the limit of {MAX_IMAGE_SIZE} px')
     if d.crop_size <= 0 or d.crop_size % f: raise cfg.err('data.crop_size', f'{d.crop_size} must be a positive multiple of the downsampling factor {f}')
     if d.crop_size > d.image_size: raise cfg.err('data.crop_size', f'{d.crop_size} is larger than data.image_size={d.image_size}')
     if d.crop_size < 16: raise cfg.err('data.crop_size', f'{d.crop_size} is smaller than 16 px (the SSIM window and the latent grid need room)')
@@ -712,8 +717,8 @@ def save_ae_checkpoint(run: AERun) -> Path:
     "Write `checkpoint-<step>/` atomically (temporary folder, then rename) and prune to `keep_last`; returns its path."
     out = run.out
     final, tmp = out/f'{CKPT_PREFIX}{run.step}', out/f'.tmp-{CKPT_PREFIX}{run.step}'
-    check_finite_weights(run.ae, final/'vae'/WEIGHTS_NAME, 'not written')
-    if run.disc is not None: check_finite_weights(run.disc, final/'discriminator.safetensors', 'not written')
+    check_weights(run.ae, final/'vae'/WEIGHTS_NAME, 'not written', saving=True)
+    if run.disc is not None: check_weights(run.disc, final/'discriminator.safetensors', 'not written', saving=True)
     if tmp.exists(): shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     run.ae.save_pretrained(tmp/'vae', safe_serialization=True)
@@ -735,28 +740,29 @@ def save_ae_checkpoint(run: AERun) -> Path:
 def load_ae_checkpoint(run: AERun, ckpt) -> dict:
     "Restore what `save_ae_checkpoint` wrote into `run` (weights, optimiser(s), LR schedule, generators, position)."
     ckpt = Path(ckpt)
-    st = json.loads((ckpt/STATE_FILE).read_text())
-    wf = ckpt/'vae'/WEIGHTS_NAME
-    sd = read_weights(wf, run.device)
-    check_finite_weights(sd, wf, 'refused: resume from an earlier checkpoint')
-    try: run.ae.load_state_dict(sd)
-    except RuntimeError as e: raise CheckpointError(str(wf), 'state_dict', f'does not fit this model: {str(e)[:300]}') from None
-    run.opt.load_state_dict(safe_load(ckpt/'optimizer.pt', map_location=run.device))
-    run.lr_sched.load_state_dict(safe_load(ckpt/'scheduler.pt'))
-    if run.disc is not None:
-        df = ckpt/'discriminator.safetensors'
-        if df.exists():
-            sd = read_weights(df, run.device)
-            check_finite_weights(sd, df, 'refused: resume from an earlier checkpoint')
-            run.disc.load_state_dict(sd)
-            run.opt_d.load_state_dict(safe_load(ckpt/'disc_optimizer.pt', map_location=run.device))
-        else: warnings.warn(f"{shareable_path(ckpt)}: no discriminator saved; it starts afresh")
-    r = safe_load(ckpt/'random_states.pt')
-    set_rng_state(r['rng'])
-    run.crop_gen.set_state(r['crop_gen']); run.noise_gen.set_state(r['noise_gen'])
-    run.sums, run.count = dict(r.get('log_sums') or {}), int(r.get('log_count') or 0)
-    run.step, run.crops_seen, run.elapsed0 = st['step'], st['crops_seen'], st['elapsed']
-    return st
+    with restoring(ckpt):   # a damaged or foreign state: an error naming the checkpoint, not a traceback
+        st = json.loads((ckpt/STATE_FILE).read_text())
+        wf = ckpt/'vae'/WEIGHTS_NAME
+        sd = read_weights(wf, run.device)
+        check_weights(sd, wf, 'refused: resume from an earlier checkpoint')
+        try: run.ae.load_state_dict(sd)
+        except RuntimeError as e: raise CheckpointError(str(wf), 'state_dict', f'does not fit this model: {str(e)[:300]}') from None
+        run.opt.load_state_dict(safe_load(ckpt/'optimizer.pt', map_location=run.device))
+        run.lr_sched.load_state_dict(safe_load(ckpt/'scheduler.pt'))
+        if run.disc is not None:
+            df = ckpt/'discriminator.safetensors'
+            if df.exists():
+                sd = read_weights(df, run.device)
+                check_weights(sd, df, 'refused: resume from an earlier checkpoint')
+                run.disc.load_state_dict(sd)
+                run.opt_d.load_state_dict(safe_load(ckpt/'disc_optimizer.pt', map_location=run.device))
+            else: warnings.warn(f"{shareable_path(ckpt)}: no discriminator saved; it starts afresh")
+        r = safe_load(ckpt/'random_states.pt')
+        set_rng_state(r['rng'])
+        run.crop_gen.set_state(r['crop_gen']); run.noise_gen.set_state(r['noise_gen'])
+        run.sums, run.count = dict(r.get('log_sums') or {}), int(r.get('log_count') or 0)
+        run.step, run.crops_seen, run.elapsed0 = st['step'], st['crops_seen'], st['elapsed']
+        return st
 
 # %% ../nbs/09b_vae.ipynb #f0c111aa
 def _stats_images(run: AERun) -> torch.Tensor:
@@ -969,7 +975,7 @@ def reconstruction_widget(ae, ds, indices=None):
 
 # %% ../nbs/09b_vae.ipynb #8e3bc82e
 def main(argv=None):
-    "The `cxr-train-autoencoder` command line (prints the summary as JSON; exit status 2 for a config or checkpoint error, 1 for a diverged run)."
+    "The `cxr-train-autoencoder` command line (prints the summary as JSON; exit status as `core.EXIT_CODES`)."
     p = argparse.ArgumentParser(prog='cxr-train-autoencoder', description='Train (or resume) the CXR autoencoder from a YAML config.')
     p.add_argument('--config', required=True, help='YAML file (configs/vae256.yaml)')
     p.add_argument('--output', default=None, help='run folder (overrides output.output_dir)')
@@ -980,13 +986,7 @@ def main(argv=None):
     overrides = [s for group in args.overrides for s in group]
     if args.output is not None: overrides.append(('output.output_dir', args.output))
     if args.resume is not None: overrides.append(('output.resume', args.resume))
-    try: summary = train_autoencoder(load_vae_config(args.config, overrides))
-    except ConfigError as e:
-        print(f"cxr-train-autoencoder: config error: {e}", file=sys.stderr); raise SystemExit(2)
-    except CheckpointError as e:
-        print(f"cxr-train-autoencoder: checkpoint error: {e}", file=sys.stderr); raise SystemExit(2)
-    except TrainingDivergedError as e:
-        print(f"cxr-train-autoencoder: training stopped: {e}", file=sys.stderr); raise SystemExit(1)
+    with cli_errors('cxr-train-autoencoder'): summary = train_autoencoder(load_vae_config(args.config, overrides))
     print(json.dumps(summary, indent=1))
 
 if __name__ == '__main__' and '__file__' in globals() and 'get_ipython' not in globals(): main()  # python -m, not a notebook

@@ -1,0 +1,284 @@
+"""Hostile and careless input (issue 26): outputs checked before they are written, one exit-status table for every
+command, data confined to its root, shared tables a spreadsheet cannot execute, refusals before anything is written.
+Each family of the issue has at least one case here, so that it stays fixed."""
+import json, os, shutil, stat, subprocess, sys
+from pathlib import Path
+
+import numpy as np, pandas as pd, pytest, torch
+from safetensors.torch import load_file, save_file
+
+from cxr_diffusion_nbs.core import project_root, sample_data_root, EXIT_CODES
+from cxr_diffusion_nbs.checkpoints import CheckpointError, safe_load, load_denoiser
+from cxr_diffusion_nbs.sampling import load_generator
+
+MODELS = project_root()/'data'/'models'
+
+
+def _copy(name, tmp_path) -> Path:
+    dst = tmp_path/name
+    shutil.copytree(MODELS/name, dst)
+    return dst
+
+
+def _rewrite(f, fn):
+    "Rewrite safetensors file `f` with `fn(tensor)` applied to every tensor."
+    save_file({k: fn(v).contiguous() for k, v in load_file(str(f)).items()}, str(f))
+
+
+class _Result:
+    def __init__(self, code, err): self.returncode, self.stderr = code, err
+
+COMMANDS = {'cxr-sample': 'sampling:main', 'cxr-train': 'training:main', 'cxr-restore': 'restorer:main',
+            'cxr-cohort': 'cohort:main', 'cxr-pipeline': 'pipeline:main'}
+
+def _cli(tool, *args):
+    "Run command `tool` in this process (its console-script entry point) from the project root: (exit status, stderr)."
+    import importlib, contextlib, io
+    mod, fn = COMMANDS[tool].split(':')
+    main = getattr(importlib.import_module(f'cxr_diffusion_nbs.{mod}'), fn)
+    err, here = io.StringIO(), os.getcwd()
+    os.chdir(project_root())
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try: main([str(a) for a in args]); code = 0
+            except SystemExit as e: code = e.code
+    finally: os.chdir(here)
+    return _Result(code, err.getvalue())
+
+
+# ---- 1. garbage out with exit 0 --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('damage, message', [(lambda t: t.float() * 1e30, 'beyond 1e+06'), (lambda t: t.to(torch.int64), 'has type int64'),
+                                             (lambda t: t > 0, 'has type bool')])
+def test_damaged_weights_draw_nothing(tmp_path, damage, message):
+    "Weights scaled up, or saved as integers or booleans, load without complaint into a float network: refused by name."
+    model = _copy('cpu64_demo', tmp_path)
+    _rewrite(model/'ema.safetensors', damage)
+    r = _cli('cxr-sample', '--checkpoint', model, '--n', '1', '--steps', '2', '--output', tmp_path/'out')
+    assert r.returncode == 2 and 'ema.safetensors' in r.stderr and message in r.stderr, r.stderr
+    assert r.stderr.strip().count('\n') == 0 and not (tmp_path/'out').exists()
+
+
+def test_a_diverged_runs_finite_but_huge_weights_are_not_written(tmp_path):
+    "lr 1e30 leaves finite weights of ~3e29 before the loss turns NaN: the saver refuses them (the last healthy state stays)."
+    from accelerate import Accelerator
+    from diffusers.training_utils import EMAModel
+    from cxr_diffusion_nbs.checkpoints import save_checkpoint
+    from cxr_diffusion_nbs.conditioning import ConditionalDenoiser, ConditioningConfig
+    from cxr_diffusion_nbs.unet import unet_preset
+    m = ConditionalDenoiser(unet_preset('tiny'), ConditioningConfig())
+    with torch.no_grad(): next(m.parameters()).mul_(3e29)
+    opt = torch.optim.AdamW(m.parameters())
+    with pytest.raises(CheckpointError, match='beyond 1e\\+06.*not written'):
+        save_checkpoint(tmp_path, 5, accelerator=Accelerator(cpu=True), model=m, optimizer=opt,
+                        lr_scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), ema=EMAModel(m.parameters()),
+                        gen=torch.Generator(), config_yaml='', signature={}, state=dict(step=5, epoch=0))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize('field, value', [('scaling_factor', 'Infinity'), ('shift_factor', 'NaN'), ('scaling_factor', '-1.0')])
+def test_autoencoder_latent_statistics_must_be_finite(tmp_path, field, value):
+    from cxr_diffusion_nbs.vae import load_autoencoder
+    model = _copy('cpu256_latent_demo', tmp_path)
+    cf = model/'vae'/'config.json'
+    cfg = json.loads(cf.read_text()); cfg[field] = 0.5
+    cf.write_text(json.dumps(cfg).replace(f'"{field}": 0.5', f'"{field}": {value}'))
+    with pytest.raises(CheckpointError, match=f"config.json: field '{field}': .*must be a finite number"):
+        load_autoencoder(model/'vae')
+
+
+def test_a_judge_with_nan_weights_is_refused(tmp_path):
+    from cxr_diffusion_nbs.classifier import load_classifier
+    judge = _copy('classifier64', tmp_path)
+    f = judge/'classifier.safetensors'
+    sd = load_file(str(f)); k = sorted(k for k, v in sd.items() if v.is_floating_point())[0]
+    sd[k] = sd[k].clone(); sd[k].view(-1)[0] = float('nan'); save_file(sd, str(f))
+    with pytest.raises(CheckpointError, match=f"classifier.safetensors: field '{k}': holds NaN.*scores NaN"):
+        load_classifier(judge)
+
+
+def test_every_generator_checks_its_images(monkeypatch):
+    "A generator whose network draws flat films (weights that pass every check but are wrong) stops with an error."
+    from cxr_diffusion_nbs.sampling import SamplingError
+    gan = load_generator(MODELS/'gan64', device='cpu')
+    monkeypatch.setattr(gan.net, 'forward', lambda z, y: torch.zeros(len(z), 1, 64, 64))
+    with pytest.raises(SamplingError, match="gan64: field 'images': the drawn images are not films .*2 of 2 flat"):
+        gan.generate(findings='nodule', n=2)
+
+
+# ---- 2. one line and a documented exit status, not a traceback -------------------------------------------------
+
+def test_exit_codes_are_documented_in_the_readme():
+    readme = (project_root()/'README.md').read_text()
+    for code in EXIT_CODES: assert f'| {code} |' in readme, code
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='this machine has CUDA')
+def test_a_device_the_machine_lacks_is_a_resource_error(tmp_path):
+    r = _cli('cxr-sample', '--device', 'cuda', '--n', '1', '--output', tmp_path/'out')
+    assert r.returncode == 3 and "'cuda' is not available on this machine" in r.stderr and 'Traceback' not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize('damage, message', [
+    (lambda f: f.write_text(f.read_text()[:40]), "restorer.json: field '<json>': not valid JSON"),
+    (lambda f: f.write_text('[1, 2]'), "restorer.json: field '<top level>': must be a JSON object"),
+    (lambda f: f.write_text(json.dumps({k: v for k, v in json.loads(f.read_text()).items() if k != 'unet'})), "field 'unet': missing"),
+    (lambda f: (f.parent/'scheduler'/'scheduler_config.json').write_text(json.dumps(dict(
+        json.loads((f.parent/'scheduler'/'scheduler_config.json').read_text()), beta_schedule='bogus'))), "field 'beta_schedule': 'bogus'"),
+    (lambda f: (f.parent/'scheduler'/'scheduler_config.json').write_text(json.dumps(dict(
+        json.loads((f.parent/'scheduler'/'scheduler_config.json').read_text()), num_train_timesteps=-5))), "field 'num_train_timesteps': -5")])
+def test_a_damaged_restorer_is_one_line(tmp_path, damage, message):
+    model = _copy('restorer128_diffusion', tmp_path)
+    damage(model/'restorer.json')
+    (tmp_path/'in').mkdir(); shutil.copy(sample_data_root()/'images'/sorted(os.listdir(sample_data_root()/'images'))[0], tmp_path/'in')
+    r = _cli('cxr-restore', '--checkpoint', model, '--input', tmp_path/'in', '--output', tmp_path/'out', '--steps', '2')
+    assert r.returncode == 2 and message in r.stderr and 'Traceback' not in r.stderr, r.stderr
+
+
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory):
+    "A finished two-step run of configs/tiny.yaml on the bundled sample."
+    out = tmp_path_factory.mktemp('run')/'tiny'
+    r = _cli('cxr-train', '--config', 'configs/tiny.yaml', '--set', f'output.output_dir={out}', 'optim.max_steps=2',
+             'output.checkpoint_every=2', f'data.root={sample_data_root()}', 'output.progress=false')
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.mark.parametrize('damage', [
+    lambda ck: torch.save({'rng': {'python': 'x'}}, ck/'random_states_0.pt'),
+    lambda ck: (ck/'train_state.json').write_text((ck/'train_state.json').read_text()[:10]),
+    lambda ck: ((ck/'optimizer.pt').unlink(), (ck/'optimizer.pt').mkdir()),
+    lambda ck: torch.save({'state': {}, 'param_groups': [{'params': [0]}, {'params': [1]}]}, ck/'optimizer.pt'),
+    lambda ck: (ck/'optimizer.pt').write_bytes(os.urandom(300))])
+def test_resume_from_a_damaged_state_is_refused_with_status_2(tiny_run, tmp_path, damage):
+    run = tmp_path/'tiny'; shutil.copytree(tiny_run, run)
+    damage(run/'checkpoint-2')
+    r = _cli('cxr-train', '--config', 'configs/tiny.yaml', '--set', f'output.output_dir={run}', 'optim.max_steps=3',
+             f'data.root={sample_data_root()}', 'output.progress=false', '--resume', 'auto')
+    assert r.returncode == 2 and 'checkpoint-2' in r.stderr and 'Traceback' not in r.stderr, r.stderr
+
+
+def test_random_bytes_are_not_called_code(tmp_path):
+    f = tmp_path/'x.pt'; f.write_bytes(os.urandom(200))
+    with pytest.raises(CheckpointError, match='not a torch file') as e: safe_load(f)
+    assert 'run code' not in str(e.value)
+
+
+def test_deep_json_and_python_yaml_tags_are_refused(tmp_path):
+    from cxr_diffusion_nbs.training import load_for_sampling
+    model = _copy('cpu64_demo', tmp_path)
+    (model/'generator.json').write_text('[' * 100_000)
+    with pytest.raises(CheckpointError, match='generator.json.*nested too deeply'): load_generator(model)
+    (model/'generator.json').write_text(json.dumps({'kind': 'pixel-diffusion'}))
+    (model/'config.yaml').write_text('model: !!python/object/apply:os.system ["true"]\n')
+    with pytest.raises(Exception, match="config.yaml: field '<yaml>': not valid YAML"): load_for_sampling(model)
+
+
+def test_a_garbage_latent_cache_is_one_error(tmp_path):
+    from cxr_diffusion_nbs.latents import load_latent_cache
+    from cxr_diffusion_nbs.core import CXRDataError
+    (tmp_path/'latents.json').write_text('{}'); (tmp_path/'latents.safetensors').write_bytes(os.urandom(100))
+    with pytest.raises(CXRDataError, match="field 'latents': the latent cache is unreadable"): load_latent_cache(None, tmp_path)
+
+
+def test_rarity_predictions_holding_objects_are_refused(tmp_path):
+    from cxr_diffusion_nbs.rarity import load_predictions, RarityError
+    (tmp_path/'predictions').mkdir()
+    np.save(tmp_path/'predictions'/'k20_mixing_n100_seed0.npy', np.array([{'a': 1}], dtype=object), allow_pickle=True)
+    pd.DataFrame({'image_id': ['a']}).to_csv(tmp_path/'test.csv', index=False)
+    with pytest.raises(RarityError, match="k20_mixing_n100_seed0.npy: field 'predictions': not a probability array"):
+        load_predictions(tmp_path)
+
+
+@pytest.mark.parametrize('setting, field', [('optim.seed=99999999999999999999999999', 'optim.seed'), ('optim.seed=-1', 'optim.seed'),
+                                            ('data.image_size=100000', 'data.image_size')])
+def test_out_of_range_config_numbers_are_refused_before_the_run_folder(tmp_path, setting, field):
+    r = _cli('cxr-train', '--config', 'configs/tiny.yaml', '--set', f'output.output_dir={tmp_path/"run"}', setting)
+    assert r.returncode == 2 and f"field '{field}'" in r.stderr and 'Traceback' not in r.stderr, r.stderr
+    assert not (tmp_path/'run').exists()
+
+
+def test_a_dicom_whose_header_lies_about_its_size(tmp_path):
+    import pydicom
+    from cxr_diffusion_nbs.image_io import write_dicom, read_image
+    from cxr_diffusion_nbs.core import ImageReadError
+    f = tmp_path/'a.dcm'
+    write_dicom(f, (np.random.default_rng(0).random((64, 64)) * 4000).astype(np.uint16))
+    ds = pydicom.dcmread(f); ds.Rows = ds.Columns = 32; ds.save_as(f)
+    with pytest.raises(ImageReadError, match="field 'Rows': .*need 2048 bytes of PixelData, the file holds 8192"): read_image(f)
+
+
+# ---- 3. data confined to its root; 5. refusals before anything is written --------------------------------------
+
+def _root(tmp_path, edit) -> Path:
+    "A data folder with the bundled sample's manifest rows edited by `edit(DataFrame)`, its images copied."
+    src = sample_data_root()
+    root = tmp_path/'root'
+    shutil.copytree(src/'images', root/'images')
+    if (src/'masks').exists(): shutil.copytree(src/'masks', root/'masks')
+    m = pd.read_csv(src/'manifest.csv', dtype=str, keep_default_na=False)
+    edit(m).to_csv(root/'manifest.csv', index=False)
+    return root
+
+
+@pytest.mark.parametrize('edit, message', [
+    (lambda m: m.assign(path=['../../../../../../etc/passwd'] + list(m.path[1:])), "field 'path': '../../../../../../etc/passwd' leaves the data folder"),
+    (lambda m: m.assign(split=['trian'] + list(m.split[1:])), "unknown split 'trian'"),
+    (lambda m: pd.concat([m, m.head(1)]), "field 'image_id': 1 duplicated image id"),
+    (lambda m: m.assign(path=['images/empty.png'] + list(m.path[1:])), 'image file is empty (0 bytes')])
+def test_training_on_a_hostile_root_writes_nothing(tmp_path, edit, message):
+    root = _root(tmp_path, edit)
+    (root/'images'/'empty.png').write_bytes(b'')
+    r = _cli('cxr-train', '--config', 'configs/tiny.yaml', '--set', f'data.root={root}', f'output.output_dir={tmp_path/"run"}')
+    assert r.returncode == 2 and message in r.stderr and 'Traceback' not in r.stderr, r.stderr
+    assert not (tmp_path/'run').exists()
+
+
+def test_pipeline_parameters_are_checked_before_anything_runs(tmp_path):
+    r = _cli('cxr-pipeline', '--output', tmp_path/'p', '-p', 'train_steps', '-5', '--no-progress')
+    assert r.returncode == 2 and "field 'train_steps': -5 is outside" in r.stderr, r.stderr
+    assert not (tmp_path/'p').exists()
+
+
+def test_an_unbounded_cohort_is_refused_at_once(tmp_path):
+    r = _cli('cxr-cohort', '--checkpoint', MODELS/'gan64', '--counts', 'nodule=1000000000000', '--output', tmp_path/'c',
+             '--set', f'data_root={sample_data_root()}', '--no-progress')
+    assert r.returncode == 2 and 'above the limit of 100,000' in r.stderr, r.stderr
+    assert not (tmp_path/'c').exists()
+
+
+# ---- 4. shared tables a spreadsheet would execute; valid as a set ---------------------------------------------
+
+@pytest.fixture(scope='module')
+def hostile_cohort(tmp_path_factory):
+    "A GAN cohort (quick) from a data folder whose donors' `view` is a spreadsheet formula."
+    tmp = tmp_path_factory.mktemp('hostile')
+    root = _root(tmp, lambda m: m.assign(view='=HYPERLINK("http://x")'))
+    r = _cli('cxr-cohort', '--checkpoint', MODELS/'gan64', '--counts', 'nodule=2,effusion=1', '--output', tmp/'cohort',
+             '--dicom', '--set', f'data_root={root}', '--no-progress')
+    assert r.returncode == 0, r.stderr
+    return tmp/'cohort'
+
+
+def test_shared_tables_neutralise_formulas(hostile_cohort):
+    for name in ('images.csv', 'plan.csv'):
+        text = (hostile_cohort/name).read_text()
+        assert '=HYPERLINK' in text or name == 'plan.csv'
+        for cell in pd.read_csv(hostile_cohort/name, dtype=str, keep_default_na=False).to_numpy().ravel():
+            assert not cell.startswith(('=', '+', '@', '\t', '\r')), (name, cell)
+
+
+def test_private_files_are_owner_only(hostile_cohort):
+    for f in (hostile_cohort/'private').iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+
+
+def test_each_synthetic_patient_has_its_own_study_and_series(hostile_cohort):
+    import pydicom
+    ds = [pydicom.dcmread(f) for f in sorted((hostile_cohort/'dicom').glob('*.dcm'))]
+    assert len(ds) == 3
+    for key in ('StudyInstanceUID', 'SeriesInstanceUID', 'PatientID'): assert len({str(d[key].value) for d in ds}) == 3, key
+    if shutil.which('dcentvfy'):
+        r = subprocess.run(['dcentvfy', *sorted(map(str, (hostile_cohort/'dicom').glob('*.dcm')))], capture_output=True, text=True)
+        assert 'Error' not in r.stdout + r.stderr, r.stdout + r.stderr
