@@ -28,7 +28,7 @@ from .unet import PRESETS, UNetConfig, build_unet, unet_preset, make_noise_sched
 from .conditioning import ConditioningConfig
 from .checkpoints import (CKPT_PREFIX, STATE_FILE, CheckpointError, list_checkpoints, prune_checkpoints,
                                            resolve_resume, rng_state, set_rng_state, safe_load, read_weights, check_weights, restoring, read_json_object)
-from .sampling import sample, check_sampler, SAMPLERS
+from .sampling import sample, check_sampler, check_generated, SAMPLERS
 from .image_io import read_image, to_uint8, write_png
 from .vae import AEDataSection, AEOptimSection, CropSampler, load_images, ae_training_manifest
 from .dataset import CXRDataset
@@ -581,6 +581,7 @@ def restore_file(restorer: Restorer, src, dst, seed: int = 0, work_size: int | N
         y = restorer.restore(_resize(x, (max(1, round(H * s)), max(1, round(W * s)))), seed=seed, **options)
         y = _resize(y, (H, W)).clamp(-1, 1)
     else: y = restorer.restore(x, seed=seed, **options)
+    check_generated(y, restorer.folder, 'restore')       # a damaged restorer's flat or NaN film is never written
     text = dict(Software=f'cxr_diffusion_nbs {__version__}', Description=PROCESSED_NOTE,
                 Restorer=json.dumps(dict(objective=restorer.objective, kinds=restorer.info.get('kinds'), seed=seed, work_size=work_size,
                                          weights_sha256=sha256_file(restorer.folder/'unet'/'diffusion_pytorch_model.safetensors'), **options)))

@@ -282,3 +282,14 @@ def test_each_synthetic_patient_has_its_own_study_and_series(hostile_cohort):
     if shutil.which('dcentvfy'):
         r = subprocess.run(['dcentvfy', *sorted(map(str, (hostile_cohort/'dicom').glob('*.dcm')))], capture_output=True, text=True)
         assert 'Error' not in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+def test_a_restorer_never_writes_a_film_that_is_not_one(tmp_path, monkeypatch):
+    from cxr_diffusion_nbs.restorer import load_restorer, restore_file
+    from cxr_diffusion_nbs.sampling import SamplingError
+    r = load_restorer(MODELS/'restorer128_regression', 'cpu')
+    monkeypatch.setattr(r, 'restore', lambda x, **kw: torch.full_like(x, float('nan')))
+    src = sample_data_root()/'images'/sorted(os.listdir(sample_data_root()/'images'))[0]
+    with pytest.raises(SamplingError, match="field 'images': the drawn images are not films .*1 of 1 not finite"):
+        restore_file(r, src, tmp_path/'out.png')
+    assert not (tmp_path/'out.png').exists()

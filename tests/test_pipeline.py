@@ -93,6 +93,7 @@ def test_pipeline_small_run(tmp_path):
     assert f"| control AUROC | {rl['control_auroc']:.3f} |" in report and 'power ratio, 16-32 cycles per image' in report
     assert pd.read_csv(out/'tables'/'realness.csv')['detector_auroc'].iloc[0] == pytest.approx(rl['detector_auroc'])
 
+@pytest.mark.slow
 def test_pipeline_latent_run(tmp_path):
     "The same job on the latent config: the latent demo fine-tuned, 256-px cohort images, classified and judged at 128 px."
     from PIL import Image
@@ -205,6 +206,7 @@ def test_pipeline_refuses_a_bad_generator_before_anything(tmp_path, capsys):
         assert e.value.code == 2 and msg in capsys.readouterr().err
         assert not (tmp_path/'run').exists()
 
+@pytest.mark.slow
 def test_pipeline_gan_run(tmp_path):
     "The shipped GAN as `generator` (about a minute): no training, every evaluation stage, a report that names the generator."
     out = tmp_path/'run'
