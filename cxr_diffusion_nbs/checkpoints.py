@@ -268,11 +268,10 @@ def load_weights(model, ckpt, use_ema: bool = True) -> Path:
     "Copy a checkpoint's weights (`weights_file`) into `model`; a file of another network is refused naming the tensor. Returns the file."
     f = weights_file(ckpt, use_ema)
     if f.name == 'model.safetensors':                  # the full state dict, as safetensors' save_model wrote it
-        check_weights(read_weights(f), f, 'refused; use an earlier checkpoint')   # as the file holds them (loading casts)
         try: load_model(model, str(f))
         except RuntimeError as e: raise CheckpointError(str(f), 'state_dict', f'does not fit this model: {str(e)[:300]}') from None
         except SafetensorError as e: raise CheckpointError(str(f), '<file>', f'not a readable safetensors file (truncated or corrupt?): {str(e)[:200]}') from None
-        check_weights(model, f, 'refused; use an earlier checkpoint')
+        check_weights(model, f, 'refused; use an earlier checkpoint')   # the values loaded, and the types the file holds (loading casts)
         return f
     sd, own = read_weights(f), dict(model.named_parameters())   # EMA: the parameters only
     check_weights(sd, f, 'refused; use an earlier checkpoint')
