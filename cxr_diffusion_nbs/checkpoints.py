@@ -109,6 +109,7 @@ def safe_load(path, map_location=None):
     except (RuntimeError, EOFError) as e:
         raise CheckpointError(str(path), '<file>', f'unreadable: {type(e).__name__}: {str(e)[:200]}') from None
 
+# %% ../nbs/09a_checkpoints.ipynb #99dc7020
 MAX_WEIGHT = 1e6   # no healthy network here holds a weight this large; a run diverging with lr 1e30 saved ~3e29
 INTEGER_BUFFERS = ('num_batches_tracked',)   # the only integer tensors a network of this package holds (batch norm)
 

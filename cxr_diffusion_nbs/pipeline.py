@@ -75,6 +75,7 @@ def check_parameters(notebook, parameters: dict) -> dict:
         if k not in known: raise PipelineError('parameters', k, 'not a parameter of the pipeline' + suggest(k, known))
     return check_parameter_values(parameters)
 
+# %% ../nbs/21_pipeline.ipynb #b38cfc59
 # (low, high) of the pipeline's numeric parameters; int: whole numbers only. Checked before anything runs or is
 # written, so that `-p train_steps -5` is refused at once, not blamed on a config field half a minute into the run.
 PARAMETER_RANGES = {'train_steps': (1, 10**7, int), 'train_minutes': (1e-3, 10**6, float), 'train_lr': (1e-12, 1.0, float),
