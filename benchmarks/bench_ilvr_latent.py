@@ -43,7 +43,7 @@ def main():
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     gen = load_generator(a.checkpoint, device='cpu')
-    if not hasattr(gen, 'to_latents'): raise SystemExit(f'{a.checkpoint}: a {gen.kind} generator; this benchmark measures latent ones')
+    if not gen.has_latents: raise SystemExit(f'{a.checkpoint}: a {gen.kind} generator; this benchmark measures latent ones')
     man = with_held_out_test(load_shared_subset(find_data_root()), .25)
     ds = CXRDataset(man, findings=gen.findings, size=gen.image_size, split='val', mask_mode=gen.mask_mode)
     items = [ds[i] for i in range(min(a.films, len(ds)))]

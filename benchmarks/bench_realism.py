@@ -37,6 +37,7 @@ import pandas as pd
 import torch
 
 from cxr_diffusion_nbs import load_generator
+from cxr_diffusion_nbs.generators import package_kinds
 from cxr_diffusion_nbs.core import CXRDataError, atomic_write, find_data_root, project_root, resolve_path, shareable_path
 from cxr_diffusion_nbs.manifest import load_shared_subset
 from cxr_diffusion_nbs.splits import with_held_out_test
@@ -47,7 +48,6 @@ from cxr_diffusion_nbs.realness import realness
 
 FID_PX = 64                       # the package's feature extractor (data/models/classifier64)
 DETECTOR_TARGET, SHARPNESS_TOLERANCE = 0.75, 0.15
-GENERATOR_KINDS = ('pixel-diffusion', 'latent-diffusion', 'gan')
 
 
 def shipped_generators() -> list:
@@ -56,8 +56,18 @@ def shipped_generators() -> list:
     for f in sorted((project_root()/'data'/'models').glob('*/generator.json')):
         try: kind = json.loads(f.read_text()).get('kind')
         except (OSError, ValueError): continue
-        if kind in GENERATOR_KINDS: out.append(f.parent)
+        if kind in package_kinds(): out.append(f.parent)
     return out
+
+
+def top_level_split(text: str, sep: str = ',') -> list:
+    "`text` split at the `sep`s outside brackets and braces: 'a=1,b={\"x\": 1, \"y\": 2}' -> ['a=1', 'b={\"x\": 1, \"y\": 2}']."
+    out, depth, cur = [], 0, ''
+    for ch in text:
+        depth += (ch in '[{') - (ch in ']}')
+        if ch == sep and depth == 0: out.append(cur); cur = ''
+        else: cur += ch
+    return out + [cur]
 
 
 def parse_options(items) -> dict:
@@ -66,7 +76,7 @@ def parse_options(items) -> dict:
     for item in items or ():
         name, _, rest = item.partition(':')
         if not rest: raise SystemExit(f'bench_realism: --set {item!r}: expected name:key=value[,key=value]')
-        for kv in rest.split(','):
+        for kv in top_level_split(rest):
             k, _, v = kv.partition('=')
             try: v = json.loads(v)
             except ValueError: pass
@@ -162,7 +172,7 @@ def run(a) -> list:
         print(f"{name}: {gen.kind}, {gen.image_size} px, {used}: {len(x)} films in {secs * len(x):.0f} s", flush=True)
         rows.append(measure_row(name, x, real['test'], real['val'], ext, f_test, a.seed, a.detector_steps, secs, gen.kind,
                                 gen.image_size, used, a.coarse, a.detector_px))
-        if a.reconstructions and gen.kind == 'latent-diffusion':
+        if a.reconstructions and gen.has_latents:
             t = time.perf_counter()
             rec = reconstructions(gen, real['val'], a.batch)
             rows.append(measure_row(f'{name} autoencoder reconstructions', rec, real['test'], real['val'], ext, f_test, a.seed,

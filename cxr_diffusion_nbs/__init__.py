@@ -10,6 +10,7 @@ Modules:
 - `cxr_diffusion_nbs.conditioning`: One denoiser that can be told *which* findings to draw (labels), *where* (a lesion mask) and *how* to describe them (a text prompt), in any combination, with each condition dropped independently during training so that classifier-free guidance can turn each one up or down separately.
 - `cxr_diffusion_nbs.downstream`: Train the same classifier on real images only and on real + synthetic images (a sweep over the mixing ratio and the synthetic count, and a "simulated rarity" mode that caps a finding at k real positives), evaluate it on held-out real images with per-finding AUROC, AUPRC, sensitivity and specificity, stratified bootstrap confidence intervals and DeLong's paired test.
 - `cxr_diffusion_nbs.gan`: A small conditional GAN for 64-px chest X-rays (finding labels as conditions; spectral norm, a projection discriminator, hinge loss, a lazy R1 penalty, an EMA of the generator), trained on the real training films within a CPU budget, opened by `load_generator` as `kind='gan'` like the diffusion models, and latent class optimisation: moving z so the package's classifier sees a requested finding.
+- `cxr_diffusion_nbs.generators`: What every generator is to the rest of the package (a `Generator` base class with capability flags, option checking, provenance and the weights checksum), the registry each model kind adds itself to, and `load_generator`, which opens any registered kind; with a toy kind registered in a few lines.
 - `cxr_diffusion_nbs.ilvr`: Steer a trained sampler with real images, without retraining: at every step the low frequencies of $x_t$ are pulled towards a noised reference (a healthy chest for the anatomy, a real lesion patch for the pathology), each through its own low-pass filter, until its own stop step.
 - `cxr_diffusion_nbs.inpainting`: Put a lesion of a chosen finding inside a chosen mask of a real, healthy chest X-ray and leave every pixel outside it as it was, with RePaint resampling (Lugmayr et al., CVPR 2022) on our conditional denoiser.
 - `cxr_diffusion_nbs.latents`: A latent denoiser trains on the autoencoder's latents, not on pixels. This notebook encodes the training images once and caches them (augmented variants included), and brings lesion masks to the latent grid by area pooling.
@@ -32,8 +33,8 @@ Modules:
 __version__ = "0.1.0"
 
 def __getattr__(name):
-    "`cxr_diffusion_nbs.load_generator` (from `sampling`), imported on first use so that importing the package stays light."
+    "`cxr_diffusion_nbs.load_generator` (from `generators`), imported on first use so that importing the package stays light."
     if name == 'load_generator':
-        from .sampling import load_generator
+        from .generators import load_generator
         return load_generator
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -29,15 +29,16 @@ from .manifest import (Manifest, load_shared_subset, IMAGE_COLUMNS, ANNOTATION_C
 from .dataset import CXRDataset, affine_pair
 from .splits import with_held_out_test
 from .conditioning import CONDITION_NAMES
-from .sampling import DIFFUSION_OPTIONS, SAMPLERS, SamplingError, load_generator, made_by, synthetic_note
+from .generators import DIFFUSION_OPTIONS, SamplingError, load_generator, made_by
+from .sampling import SAMPLERS, synthetic_note
 
 # %% auto #0
 __all__ = ['COHORT_SAMPLING', 'MAX_COHORT_IMAGES', 'PRIVATE', 'CohortError', 'CohortConfig', 'DonorPool', 'move_masks',
            'jitter_mask', 'target_counts', 'image_seed', 'plan_cohort', 'plan_conditions', 'donor_ref', 'cohort_key',
            'shared_plan', 'donor_table', 'write_private', 'attach_donors', 'scan_shared', 'cohort_readme', 'image_uids',
            'write_synthetic_dicom', 'check_output_dir', 'read_records', 'load_real_manifest', 'cohort_guidance',
-           'image_guidance', 'is_diffusion', 'model_sampling', 'resolve_sampling', 'generator_options', 'plan_batch',
-           'build_cohort', 'write_cohort_manifest', 'privatise_cohort', 'load_cohort', 'load_cohort_config', 'main']
+           'image_guidance', 'model_sampling', 'resolve_sampling', 'generator_options', 'plan_batch', 'build_cohort',
+           'write_cohort_manifest', 'privatise_cohort', 'load_cohort', 'load_cohort_config', 'main']
 
 # %% ../nbs/14_cohort.ipynb #704c355f
 class CohortError(CXRDataError):
@@ -443,10 +444,6 @@ def image_guidance(guidance: dict, mask_used: bool) -> dict:
     for the mask), so a mask scale does nothing to it and its provenance does not claim one."""
     return {k: v for k, v in guidance.items() if mask_used or k != 'mask'}
 
-def is_diffusion(gen) -> bool:
-    "True for a generator that samples with a scheduler (pixel or latent diffusion: its options have a `sampler`), False for a GAN."
-    return 'sampler' in gen.defaults
-
 def model_sampling(gen, defaults: dict) -> dict:
     """`defaults` (sampling fields) with those a diffusion generator's `generator.json` recommends in their place: a
     field the model recommends differently from the package's own default (`DIFFUSION_OPTIONS`) is the model's."""
@@ -458,7 +455,7 @@ def resolve_sampling(cfg, gen, source: str = '<config>', defaults: dict = COHORT
     own: for a diffusion generator what its `generator.json` recommends, else `defaults` (so a cohort with default
     fields records what it always did; `model_sampling`), none for a generator without such options (a GAN): a value set
     for it is refused by the generator, naming the field (an `error`), and one it calls 'not set' (eta 0) is recorded as unset."""
-    if is_diffusion(gen):
+    if gen.takes_sampler:
         return dataclasses.replace(cfg, **{k: v for k, v in model_sampling(gen, defaults).items() if getattr(cfg, k) is None})
     try: gen.check_options(source, **{k: getattr(cfg, k) for k in defaults if getattr(cfg, k) is not None})
     except SamplingError as e: raise error(source, e.field, e.problem) from None
@@ -497,7 +494,7 @@ def build_cohort(cfg: CohortConfig | dict, source: str = '<config>', progress: b
     gen = load_generator(cfg.checkpoint, device=cfg.device)
     cfg = resolve_sampling(cfg, gen, source)         # unset sampling fields: the generator's own, before the identity
     opts = generator_options(cfg, gen, source)
-    diffusion, takes_masks = is_diffusion(gen), gen.mask_mode is not None
+    diffusion, takes_masks = gen.takes_sampler, gen.mask_mode is not None
     manifest = with_held_out_test(load_real_manifest(cfg.data_root), cfg.test_fraction)
     if cfg.split not in set(manifest.images['split']):
         raise CohortError(manifest.origin or manifest.name, 'split', f"no {cfg.split!r} images; found {sorted(set(manifest.images['split']))}")

@@ -34,19 +34,18 @@ from .checkpoints import (CKPT_PREFIX, STATE_FILE, GENERATOR_FILE, CheckpointErr
                                            resolve_resume, rng_state, set_rng_state, safe_load, read_weights, restoring,
                                            check_weights, generator_kind, generator_file, generator_defaults)
 from .vae import save_autoencoder as save_network, WEIGHTS_NAME, CONFIG_NAME, _append_csv, _truncate_csv, _shareable_config
-from .sampling import SamplingError, image_seeds, DIFFUSION_OPTIONS, MIXED_PRECISION, PixelDiffusionGenerator, check_generated
+from .generators import Generator, SamplingError, image_seeds, check_generated, check_kind, register_generator
 
 # %% auto #0
-__all__ = ['LOSSES', 'GAN_KIND', 'GENERATOR_FOLDER', 'GAN_OPTIONS', 'NEUTRAL_DIFFUSION', 'REALNESS_COLUMNS', 'GANError',
-           'ConditionalBatchNorm', 'GBlock', 'ConditionalGenerator', 'ProjectionDiscriminator', 'd_loss_fn',
-           'g_loss_fn', 'r1_penalty', 'diff_augment', 'ema_update', 'GANModelSection', 'GANLossSection',
-           'GANDataSection', 'GANOptimSection', 'GANOutputSection', 'GANTrainConfig', 'validate_gan_config',
-           'load_gan_config', 'gan_training_manifest', 'load_films', 'GANRun', 'gan_start_checks', 'build_gan_run',
-           'gan_train_step', 'gan_log_window', 'save_gan_checkpoint', 'load_gan_checkpoint', 'finding_rows',
-           'sample_grid', 'finish_gan_run', 'train_gan', 'main', 'gan_folder', 'load_gan_network', 'GANGenerator',
-           'ship_gan', 'prior_penalty', 'LatentSearch', 'judge_size', 'optimise_latents', 'latent_search_figure',
-           'real_films', 'draw_conditioned', 'aligned_labels', 'downstream_auroc', 'downstream_columns',
-           'compare_generators']
+__all__ = ['LOSSES', 'GAN_KIND', 'GENERATOR_FOLDER', 'GAN_OPTIONS', 'REALNESS_COLUMNS', 'GANError', 'ConditionalBatchNorm',
+           'GBlock', 'ConditionalGenerator', 'ProjectionDiscriminator', 'd_loss_fn', 'g_loss_fn', 'r1_penalty',
+           'diff_augment', 'ema_update', 'GANModelSection', 'GANLossSection', 'GANDataSection', 'GANOptimSection',
+           'GANOutputSection', 'GANTrainConfig', 'validate_gan_config', 'load_gan_config', 'gan_training_manifest',
+           'load_films', 'GANRun', 'gan_start_checks', 'build_gan_run', 'gan_train_step', 'gan_log_window',
+           'save_gan_checkpoint', 'load_gan_checkpoint', 'finding_rows', 'sample_grid', 'finish_gan_run', 'train_gan',
+           'main', 'gan_folder', 'load_gan_network', 'seeded_latents', 'multi_hot', 'GANGenerator', 'ship_gan',
+           'prior_penalty', 'LatentSearch', 'judge_size', 'optimise_latents', 'latent_search_figure', 'real_films',
+           'draw_conditioned', 'aligned_labels', 'downstream_auroc', 'downstream_columns', 'compare_generators']
 
 # %% ../nbs/24_gan.ipynb #09e23d45
 class GANError(CXRDataError):
@@ -520,14 +519,16 @@ def sample_grid(gen, n: int = 8, seed: int = 0, size: float = 0.9, title: str | 
     what the label changes for one z."""
     import matplotlib.pyplot as plt
     rows = finding_rows(gen.findings)
-    fig, axs = plt.subplots(squeeze=False, nrows=len(rows), ncols=n, figsize=(size * n + 1.2, size * len(rows) + (.3 if title else 0)))
+    # constrained layout keeps the title and the row names clear of the images (tight_layout let the title run into them)
+    fig, axs = plt.subplots(squeeze=False, nrows=len(rows), ncols=n, figsize=(size * n + 1.2, size * len(rows) + (.3 if title else 0)),
+                            layout='constrained')
+    fig.get_layout_engine().set(w_pad=.01, h_pad=.02, wspace=0, hspace=0)
     for r, (name, lab) in enumerate(rows):
         ims = gen.generate(labels=torch.tensor([lab] * n), seed=seed, **options)
         for c in range(n):
             axs[r, c].imshow(ims[c, 0].numpy(), cmap='gray', vmin=-1, vmax=1); axs[r, c].set_xticks([]); axs[r, c].set_yticks([])
         axs[r, 0].set_ylabel(name, fontsize=8, rotation=0, ha='right', va='center')
     if title: fig.suptitle(title, fontsize=9)
-    fig.tight_layout(pad=.2)
     return fig
 
 def _save_grid(run: GANRun):
@@ -606,12 +607,6 @@ def main(argv=None):
 
 # %% ../nbs/24_gan.ipynb #5649868d
 GAN_OPTIONS = dict(truncation=None, mixed_precision='no', progress=False)
-NEUTRAL_DIFFUSION = dict(sampler=None, steps=None, eta=0.0, guidance={}, guidance_mode=None)   # what check_options reports
-
-def _is_unset(name: str, value) -> bool:
-    "True if diffusion option `name` holds a value that means 'not set' (None, {} or the diffusion default)."
-    return value is None or value == DIFFUSION_OPTIONS[name] or (name == 'guidance' and value == {})
-
 def gan_folder(path) -> Path:
     "The folder holding a GAN's `generator/`: `path` itself (a checkpoint, shipped model or finished run) or a run folder's newest checkpoint."
     p = resolve_path(path)
@@ -638,92 +633,80 @@ def load_gan_network(folder, device=None) -> ConditionalGenerator:
     check_weights(net, wf, 'refused; use an earlier checkpoint')
     return net.to(torch.device(device) if device is not None else default_device()).eval()
 
-class GANGenerator:
+
+# %% ../nbs/24_gan.ipynb #b63f59a8
+def seeded_latents(seeds: list, z_dim: int, truncation: float | None = None) -> torch.Tensor:
+    "z (n, z_dim) on the CPU, image i's from `torch.Generator().manual_seed(seeds[i])`; with `truncation` t, entries beyond +-t redrawn (the truncation trick)."
+    zs = []
+    for s in seeds:
+        g = torch.Generator().manual_seed(int(s))
+        z = torch.randn(z_dim, generator=g)
+        if truncation is not None:
+            for _ in range(1000):
+                bad = z.abs() > truncation
+                if not bad.any(): break
+                z[bad] = torch.randn(int(bad.sum()), generator=g)
+            z = z.clamp(-truncation, truncation)
+        zs.append(z)
+    return torch.stack(zs) if zs else torch.zeros(0, z_dim)
+
+def multi_hot(names: tuple, labels=None, findings=None, n: int | None = None, where: str = 'generate') -> torch.Tensor:
+    "Multi-hot labels (n, F) over finding `names` from ready `labels` ((F,) or (n, F)) or `findings` (a name or names for all images, or one entry per image)."
+    from types import SimpleNamespace
+    from cxr_diffusion_nbs.conditioning import _findings_by_image, ConditioningError
+    F_ = len(names)
+    if labels is not None and findings is not None: raise SamplingError(where, 'findings', 'give findings or labels, not both')
+    if labels is not None:
+        lab = torch.as_tensor(np.asarray(labels) if not torch.is_tensor(labels) else labels).detach().float().cpu()
+        if lab.ndim == 1: lab = lab[None].repeat(n or 1, 1)
+        if lab.ndim != 2 or lab.shape[1] != F_: raise SamplingError(where, 'labels', f'shape {tuple(lab.shape)}; expected (n, {F_}) for findings {names}')
+        if not bool(torch.isfinite(lab).all()): raise SamplingError(where, 'labels', 'holds NaN or infinite values')
+        if n is not None and len(lab) != n: raise SamplingError(where, 'n', f'{n} images requested but {len(lab)} label rows given')
+        return lab
+    try: common, each = _findings_by_image(findings, SimpleNamespace(findings=names), where) if findings is not None else ((), None)
+    except ConditioningError as e: raise SamplingError(e.path, e.field, e.problem) from None
+    if each is not None and n is not None and len(each) != n: raise SamplingError(where, 'n', f'{n} images requested but findings for {len(each)} given')
+    rows = each if each is not None else [common] * (n or 1)
+    return torch.tensor([[float(f in r) for f in names] for r in rows])
+
+
+# %% ../nbs/24_gan.ipynb #b53299ca
+class GANGenerator(Generator):
     "A trained conditional GAN (its EMA generator) as a generator: labels in, images in [-1, 1] out."
-    kind = GAN_KIND
-    options = tuple(GAN_OPTIONS) + tuple(NEUTRAL_DIFFUSION)
-    conditions = ('labels',)
-    mask_mode = None
+    kind, noun, own_options = GAN_KIND, 'GAN', tuple(GAN_OPTIONS)   # one pass: no sampler, guidance, inpainting or latents
 
     def __init__(self, net: ConditionalGenerator, checkpoint=None, weights=None):
+        super().__init__(checkpoint, weights, GAN_OPTIONS)
         self.net = net.eval()
-        self.checkpoint, self.weights = (Path(checkpoint) if checkpoint else None), (Path(weights) if weights else None)
-        self.defaults, self._sha = dict(GAN_OPTIONS), None
 
     @classmethod
     def load(cls, path, device=None) -> 'GANGenerator':
         "Open a GAN checkpoint, shipped model folder or run folder (its newest checkpoint), with the defaults its `generator.json` recommends."
         folder = gan_folder(path)
-        kind = generator_kind(folder)
-        if kind != GAN_KIND: raise SamplingError(str(generator_file(folder)), 'kind', f'{kind!r}: GANGenerator opens {GAN_KIND!r} models; use load_generator')
-        gen = cls(load_gan_network(folder/GENERATOR_FOLDER, device), folder, folder/GENERATOR_FOLDER/WEIGHTS_NAME)
-        rec = generator_defaults(folder)
-        if rec:
-            where = str(generator_file(folder))
-            try: gen.defaults.update({k: v for k, v in gen.check_options(where, **rec).items() if k in GAN_OPTIONS and k in rec})
-            except SamplingError as e: raise SamplingError(where, f'defaults.{e.field}', e.problem) from None
-        return gen
+        check_kind(folder, cls)
+        return cls(load_gan_network(folder/GENERATOR_FOLDER, device), folder, folder/GENERATOR_FOLDER/WEIGHTS_NAME).with_recommended(folder)
 
     findings = property(lambda self: tuple(self.net.config.findings), doc='The finding names the labels refer to, in order.')
     image_size = property(lambda self: int(self.net.config.image_size), doc='Side S of the (S, S) images it draws.')
     z_dim = property(lambda self: int(self.net.config.z_dim), doc='Size of its latent z.')
     device = property(lambda self: next(self.net.parameters()).device, doc='Where its weights are.')
 
-    def check_options(self, where: str = 'generate', **options) -> dict:
-        """`options` merged over the defaults and checked, naming the field: `truncation` (None or > 0), `mixed_precision`
-        ('no' | 'bf16' | 'auto'), `progress`; diffusion options only at 'not set' values. Returns every option (diffusion ones as not set)."""
-        for k, v in options.items():
-            if k in NEUTRAL_DIFFUSION:
-                if not _is_unset(k, v): raise SamplingError(where, k, f'{v!r}: a diffusion option; a GAN draws in one pass and takes '
-                                                           f'{", ".join(GAN_OPTIONS)} only')
-            elif k not in GAN_OPTIONS: raise SamplingError(where, k, f'not an option of {self.kind} generators' + suggest(k, self.options))
-        o = {**self.defaults, **{k: v for k, v in options.items() if k in GAN_OPTIONS}}
+    def check_values(self, o: dict, where: str = 'generate') -> dict:
+        "`truncation` of merged options `o` checked (None or a number > 0), naming the field; the base checks the rest."
         t = o['truncation']
         if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0):
             raise SamplingError(where, 'truncation', f'{t!r} must be a number > 0 (or None: no truncation)')
-        if o['mixed_precision'] not in MIXED_PRECISION: raise SamplingError(where, 'mixed_precision', f"{o['mixed_precision']!r} is not one of {MIXED_PRECISION}")
-        if not isinstance(o['progress'], bool): raise SamplingError(where, 'progress', f"{o['progress']!r} is not true or false")
-        return dict(o, **copy.deepcopy(NEUTRAL_DIFFUSION))
+        return o
 
-    def latents(self, seeds: list, truncation: float | None = None) -> torch.Tensor:
-        "z (n, z_dim) on the CPU, image i's from `torch.Generator().manual_seed(seeds[i])`; with `truncation` t, entries beyond +-t redrawn (the truncation trick)."
-        zs = []
-        for s in seeds:
-            g = torch.Generator().manual_seed(int(s))
-            z = torch.randn(self.z_dim, generator=g)
-            if truncation is not None:
-                for _ in range(1000):
-                    bad = z.abs() > truncation
-                    if not bad.any(): break
-                    z[bad] = torch.randn(int(bad.sum()), generator=g)
-                z = z.clamp(-truncation, truncation)
-            zs.append(z)
-        return torch.stack(zs) if zs else torch.zeros(0, self.z_dim)
-
-    def labels(self, labels=None, findings=None, n: int | None = None, where: str = 'generate') -> torch.Tensor:
-        "Multi-hot labels (n, F) from ready `labels` ((F,) or (n, F)) or `findings` (a name or names for all images, or one entry per image)."
-        from types import SimpleNamespace
-        from cxr_diffusion_nbs.conditioning import _findings_by_image, ConditioningError
-        F_ = len(self.findings)
-        if labels is not None and findings is not None: raise SamplingError(where, 'findings', 'give findings or labels, not both')
-        if labels is not None:
-            lab = torch.as_tensor(np.asarray(labels) if not torch.is_tensor(labels) else labels).detach().float().cpu()
-            if lab.ndim == 1: lab = lab[None].repeat(n or 1, 1)
-            if lab.ndim != 2 or lab.shape[1] != F_: raise SamplingError(where, 'labels', f'shape {tuple(lab.shape)}; expected (n, {F_}) for findings {self.findings}')
-            if not bool(torch.isfinite(lab).all()): raise SamplingError(where, 'labels', 'holds NaN or infinite values')
-            if n is not None and len(lab) != n: raise SamplingError(where, 'n', f'{n} images requested but {len(lab)} label rows given')
-            return lab
-        try: common, each = _findings_by_image(findings, SimpleNamespace(findings=self.findings), where) if findings is not None else ((), None)
-        except ConditioningError as e: raise SamplingError(e.path, e.field, e.problem) from None
-        if each is not None and n is not None and len(each) != n: raise SamplingError(where, 'n', f'{n} images requested but findings for {len(each)} given')
-        rows = each if each is not None else [common] * (n or 1)
-        return torch.tensor([[float(f in r) for f in self.findings] for r in rows])
+    def latents(self, seeds: list, truncation: float | None = None) -> torch.Tensor:   # z (n, z_dim) on the CPU
+        return seeded_latents(seeds, self.z_dim, truncation)
+    def labels(self, labels=None, findings=None, n: int | None = None, where: str = 'generate') -> torch.Tensor:   # (n, F)
+        return multi_hot(self.findings, labels, findings, n, where)
 
     @torch.no_grad()
     def generate(self, labels=None, masks=None, seed=0, *, findings=None, text=None, n: int | None = None, **options) -> torch.Tensor:
-        """Images (n, 1, S, S) in [-1, 1] for `findings` (a name or list of names for all images, or one entry per image)
-        or ready multi-hot `labels` (n, F); `seed` an int (image i gets seed + i) or one per image; `options` as in
-        `self.options`. `masks` and `text` are refused: a GAN takes finding labels only."""
+        """Images (n, 1, S, S) in [-1, 1] for `findings` (names for all images, or one entry per image) or multi-hot `labels`
+        (n, F); `seed` an int (image i gets seed + i) or one per image. `masks` and `text` are refused: labels only."""
         o = self.check_options('generate', **options)
         if n is None and not isinstance(seed, (int, np.integer)): n = len(seed)
         y = self.inputs(labels, masks, findings=findings, text=text, n=n)['labels']
@@ -731,8 +714,7 @@ class GANGenerator:
         return check_generated(self.images(self.latents(seeds, o['truncation']), y, o['mixed_precision']), self.checkpoint)
 
     def inputs(self, labels=None, masks=None, *, findings=None, text=None, n: int | None = None, where: str = 'generate') -> dict:
-        """The conditions of a request as the network takes them, `{'labels': (n, F)}`, as the diffusion generators'
-        `inputs` (what `screening.ScreenedGenerator` scores against); masks and text are refused by name."""
+        "The conditions as the network takes them, `{'labels': (n, F)}` (what `screening` scores against); masks, text refused."
         if masks is not None and not (isinstance(masks, (list, tuple)) and all(m is None for m in masks)):
             raise SamplingError(where, 'masks', 'given, but a GAN takes finding labels only (no mask conditioning)')
         if text is not None: raise SamplingError(where, 'text', 'given, but a GAN takes finding labels only (no text conditioning)')
@@ -749,12 +731,10 @@ class GANGenerator:
                 out.append(self.net(z[i:i + 1].to(dev), labels[i:i + 1].to(dev)).float().clamp(-1, 1).cpu())   # conv may sum in another order)
         return torch.cat(out) if out else torch.zeros(0, 1, self.image_size, self.image_size)
 
-    # the same record as the diffusion generators' (kind, names without paths, checksum, conditions, defaults)
-    model_sha256, provenance = PixelDiffusionGenerator.model_sha256, PixelDiffusionGenerator.provenance
 
-    def __repr__(self):
-        return (f'{type(self).__name__}(kind={self.kind!r}, image_size={self.image_size}, findings={self.findings}, '
-                f'checkpoint={self.checkpoint.name if self.checkpoint else None!r})')
+# %% ../nbs/24_gan.ipynb #c961840a
+register_generator(GAN_KIND, GANGenerator.load, 'GAN')   # load_generator opens folders whose generator.json says 'gan'
+
 
 # %% ../nbs/24_gan.ipynb #354906b8
 if __name__ == '__main__' and '__file__' in globals() and 'get_ipython' not in globals(): main()   # python -m, not a notebook
@@ -857,14 +837,14 @@ def latent_search_figure(res: LatentSearch, n: int = 6, size: float = 1.2):
     "Before (top) and after (bottom) images of a latent search, each titled with the classifier's probability of the finding."
     import matplotlib.pyplot as plt
     k, n = list(res.findings).index(res.finding), min(n, len(res.z))
-    fig, axs = plt.subplots(2, n, figsize=(size * n + .8, 2 * size + .5), squeeze=False)
+    fig, axs = plt.subplots(2, n, figsize=(size * n + .8, 2 * size + .5), squeeze=False, layout='constrained')
+    fig.get_layout_engine().set(w_pad=.01, h_pad=.02, wspace=0, hspace=0)
     for r, (ims, p) in enumerate(((res.before, res.p_before), (res.after, res.p_after))):
         for c in range(n):
             axs[r, c].imshow(ims[c, 0].numpy(), cmap='gray', vmin=-1, vmax=1); axs[r, c].set_xticks([]); axs[r, c].set_yticks([])
             axs[r, c].set_title(f'p = {p[c, k]:.2f}', fontsize=7)
         axs[r, 0].set_ylabel(('before', 'after')[r], fontsize=8)
     fig.suptitle(f'latent optimisation towards {res.finding}', fontsize=9)
-    fig.tight_layout(pad=.2)
     return fig
 
 # %% ../nbs/24_gan.ipynb #9193ff4e

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from skimage.exposure import equalize_hist, match_histograms
 from .conditioning import ConditioningError, model_inputs
 from .masks import overlay
-from .sampling import SamplingError, SampleResult, sample, image_seeds
+from .generators import Generator, SamplingError, image_seeds
+from .sampling import SampleResult, sample
 
 # %% auto #0
 __all__ = ['ILVRError', 'check_factor', 'low_pass', 'ILVRReference', 'complement_weight', 'check_references', 'ilvr_hook',
@@ -170,11 +171,11 @@ def ilvr_sample(model, noise_scheduler, references, conds: dict | None = None, n
     `load_generator` (`noise_scheduler=None`, `conds` from `gen.inputs(...)`); a latent one refines its latents
     (`latent_references`) and returns decoded images."""
     if 'step_hook' in kwargs: raise ILVRError('ilvr_sample', 'step_hook', 'ILVR brings its own hook: call sample(step_hook=...) with ilvr_hook() inside yours')
-    if hasattr(model, 'generate'):                                     # a generator: its denoiser and scheduler
+    if isinstance(model, Generator):                                   # a generator: its denoiser and scheduler
         gen = model
         if noise_scheduler is not None: raise ILVRError('ilvr_sample', 'noise_scheduler', 'give None with a generator (it has its own)')
-        if not hasattr(gen, 'noise_scheduler'): raise ILVRError('ilvr_sample', 'model', f'{gen.kind} generators have no denoising loop to guide')
-        if not hasattr(gen, 'to_latents'):
+        if not gen.can_guide: raise ILVRError('ilvr_sample', 'model', f'{gen.kind} generators have no denoising loop to guide')
+        if not gen.has_latents:
             return ilvr_sample(gen.model, gen.noise_scheduler, references, conds, n, sampler, steps, guidance, seed, record, **kwargs)
         res = ilvr_sample(gen.model, gen.noise_scheduler, latent_references(gen, references), conds, n, sampler, steps,
                           guidance, seed, record, **kwargs)

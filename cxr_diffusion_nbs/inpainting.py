@@ -17,8 +17,8 @@ import matplotlib.pyplot as plt
 from diffusers import RePaintScheduler
 from .forward import predicted_eps
 from .conditioning import ConditioningConfig, ConditioningError, model_inputs
-from .sampling import (SamplingError, check_request, model_prediction, image_seeds, loop_device,
-                                        loop_setup)
+from .generators import Generator, SamplingError, image_seeds
+from .sampling import check_request, model_prediction, loop_device, loop_setup
 from .latents import pool_mask
 
 # %% auto #0
@@ -149,12 +149,12 @@ def insert_lesion(model, noise_scheduler, image, mask, findings, steps: int = 50
     (`make_repaint_scheduler`); `mixed_precision`: 'no' | 'bf16' | 'auto' (bf16 where the hardware has it)."""
     W = 'insert_lesion'
     # ---- checks, all here and before any compute; the loop trusts them ----
-    gen = model if hasattr(model, 'generate') else None                # a generator: its denoiser and scheduler
+    gen = model if isinstance(model, Generator) else None             # a generator: its denoiser and scheduler
     if gen is not None:
         if noise_scheduler is not None: raise InpaintingError(W, 'noise_scheduler', 'give None with a generator (it has its own)')
-        if not hasattr(gen, 'noise_scheduler'): raise InpaintingError(W, 'model', f'{gen.kind} generators cannot inpaint (no denoising loop)')
+        if not gen.can_inpaint: raise InpaintingError(W, 'model', f'{gen.kind} generators cannot inpaint (no denoising loop)')
         model, noise_scheduler = gen.model, gen.noise_scheduler
-    latent = gen is not None and hasattr(gen, 'to_latents')
+    latent = gen is not None and gen.has_latents
     img, msk = _check_image_and_mask(model, image, mask, W, *((gen.image_size, 1) if latent else ()))
     B, C, H, Wd = img.shape
     if isinstance(dilate, bool) or not isinstance(dilate, (int, np.integer)) or dilate < 0:

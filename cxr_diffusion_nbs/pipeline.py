@@ -21,7 +21,8 @@ from .core import cli_errors, CXRDataError, atomic_write, write_shared_csv, chec
 __all__ = ['PIPELINE_NOTEBOOK', 'PARAMETER_RANGES', 'DEMO_MODELS', 'PIPELINE_SAMPLING', 'PipelineError', 'Stages', 'save_table',
            'save_figure', 'check_parameters', 'check_parameter_values', 'run_pipeline', 'main', 'StageLog',
            'text_progress', 'check_generator', 'sampling_parameters', 'demo_model', 'check_judges',
-           'rarity_study_config', 'evidence', 'rarity_sentences', 'markdown_table']
+           'rarity_study_config', 'evidence', 'rarity_sentences', 'markdown_table', 'embed_images', 'report_html',
+           'rarity_primary', 'report_headline']
 
 # %% ../nbs/21_pipeline.ipynb #1fca0255
 class PipelineError(CXRDataError):
@@ -145,7 +146,8 @@ def main(argv=None):
         what = f"{getattr(e, 'ename', None) or type(e).__name__}: {str(getattr(e, 'evalue', None) or e)[:2000]}"
         print(f'cxr-pipeline: failed: {what}\nsee {Path(a.output)/"pipeline.ipynb"}', file=sys.stderr)
         raise SystemExit(1)
-    print(json.dumps(dict(run=str(Path(a.output).resolve()), notebook=str(nb), report=str(Path(a.output).resolve()/'report.md')), indent=1))
+    print(json.dumps(dict(run=str(Path(a.output).resolve()), notebook=str(nb), report=str(Path(a.output).resolve()/'report.md'),
+                     page=str(Path(a.output).resolve()/'report.html')), indent=1))
 
 if __name__ == '__main__' and '__file__' in globals() and 'get_ipython' not in globals(): main()
 
@@ -220,8 +222,8 @@ def sampling_parameters(gen, sampler, sample_steps, guidance) -> tuple:
     """The run's `sampler` and `sample_steps` (None: the generator's own). A diffusion model (`gen` None: the one the
     run trains) draws with `PIPELINE_SAMPLING` unless told, or with the sampler its `generator.json` recommends
     (`cohort.model_sampling`); a GAN draws in one pass and refuses them, and guidance, naming the parameter."""
-    from cxr_diffusion_nbs.cohort import is_diffusion, model_sampling
-    if gen is None or is_diffusion(gen):
+    from cxr_diffusion_nbs.cohort import model_sampling
+    if gen is None or gen.takes_sampler:
         own = dict(sampler=PIPELINE_SAMPLING['sampler'])
         if gen is not None: own = model_sampling(gen, own)       # a sampler the model's generator.json recommends
         return (own['sampler'] if sampler is None else sampler,
@@ -312,3 +314,103 @@ def markdown_table(df: pd.DataFrame, floatfmt: str = '.3g') -> str:
     lines = ['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
     lines += ['| ' + ' | '.join(cell(v) for v in row) + ' |' for row in d.itertuples(index=False)]
     return '\n'.join(lines)
+
+# %% ../nbs/21_pipeline.ipynb #c3d4e5a1
+_IMAGE_TYPES = {'.png': 'image/png', '.jpg': 'image/jpeg', '.jpeg': 'image/jpeg', '.gif': 'image/gif', '.svg': 'image/svg+xml'}
+_REPORT_STYLE = ('body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:72em;padding:0 1em;line-height:1.45;color:#222}'
+                 'details{border:1px solid #ccc;border-radius:4px;margin:.6em 0;padding:.3em .8em}'
+                 'summary{cursor:pointer;font-weight:bold;font-size:1.1em}.wrap{overflow-x:auto}'
+                 'table{border-collapse:collapse;font-size:13px;margin:.6em 0}th,td{border:1px solid #ccc;padding:2px 6px;'
+                 'text-align:left;vertical-align:top}th{background:#f3f3f3}img{max-width:100%;height:auto}'
+                 '.headline{background:#f5f8fc;border-left:4px solid #2b6cb0;padding:.2em 1em;margin:1em 0}')
+
+def embed_images(page: str, folder) -> str:
+    """`page` (HTML) with the file of every relative `<img src>` (under `folder`) put in as a `data:` URI: a page that
+    opens on its own. A missing file, a source outside `folder` or on a network is refused, naming it."""
+    import base64, re
+    root = Path(folder).resolve()
+    def data_uri(m):
+        src = m.group(2)
+        if src.startswith('data:'): return m.group(0)
+        p = (root/src).resolve()
+        if '://' in src or src.startswith('//') or not p.is_relative_to(root) or p.suffix.lower() not in _IMAGE_TYPES:
+            raise PipelineError(src, 'figure', f'not an image file of the run folder: the page must open without it')
+        if not p.is_file(): raise PipelineError(src, 'figure', 'missing from the run folder: the page would show a broken image')
+        return f'{m.group(1)}data:{_IMAGE_TYPES[p.suffix.lower()]};base64,{base64.b64encode(p.read_bytes()).decode()}{m.group(3)}'
+    return re.sub(r'(<img\b[^>]*?\bsrc=")([^"]*)(")', data_uri, page)
+
+def report_html(markdown_text: str, folder, title: str | None = None) -> str:
+    """A Markdown report (`report.md`) as one self-contained HTML page: what comes before its first `## ` section (the
+    title and the headline) open at the top, then every `## ` section folded (`<details>`), tables scrolling inside
+    their box, figures (relative to `folder`) embedded."""
+    import html, mistune, re
+    to_html = mistune.create_markdown(escape=True, plugins=['table'])
+    parts = re.split(r'(?m)^## ', markdown_text)
+    head, sections = parts[0], parts[1:]
+    m = re.search(r'(?m)^# (.+)$', head)
+    title = title or (m.group(1).strip() if m else 'report')
+    body = [f'<div class="headline">{to_html(head)}</div>']
+    for s in sections:
+        name, _, text = s.partition('\n')
+        body.append(f'<details><summary>{html.escape(name.strip())}</summary>\n{to_html(text)}</details>')
+    page = '\n'.join(body).replace('<table>', '<div class="wrap"><table>').replace('</table>', '</table></div>')
+    csp = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><meta http-equiv="Content-Security-Policy" '
+            f'content="{csp}"><meta name="viewport" content="width=device-width, initial-scale=1">'
+            f'<title>{html.escape(title)}</title><style>{_REPORT_STYLE}</style></head><body>\n'
+            f'{embed_images(page, folder)}\n</body></html>\n')
+
+# %% ../nbs/21_pipeline.ipynb #c3d4e5a2
+def rarity_primary(table: pd.DataFrame, min_test_positives: int, eval_set: str = 'test', arm: str = 'mix') -> list:
+    """The rarity study's primary comparison and whether it can support a conclusion, two sentences: `arm` (the run's generator, conditioned) at the largest n
+    and the smallest k against real-only, finding by finding; then whether it can support a conclusion (which findings
+    have at least `min_test_positives` test positives, and which of those show a gain or a loss after Holm)."""
+    t = table[(table['eval_set'] == eval_set) & (table['arm'] == arm)]
+    if not len(t): return [f'no {arm} arm on {eval_set}: no primary comparison.', 'No: the primary comparison was not run.']
+    k, n = int(t['k'].min()), int(t[t['k'] == t['k'].min()]['n'].max())
+    t = t[(t['k'] == k) & (t['n'] == n)]
+    f3 = lambda v: 'n/a' if not np.isfinite(v) else f'{v:.3f}'
+    per = '; '.join(f"{r.finding} {f3(r.auroc_real_only)} to {f3(r.auroc)} ({'n/a' if not np.isfinite(r.auroc_diff) else f'{r.auroc_diff:+.3f}'}, "
+                    f'{r.verdict})' for r in t.itertuples())
+    first = (f'primary comparison ({arm}: {n} synthetic images per finding added to k = {k} real training '
+             f'positives, against real-only, AUROC on the held-out {eval_set} patients): {per}.')
+    able = t[t['test_pos'] >= min_test_positives]
+    sig = able[able['verdict'].isin(['gain', 'loss'])]
+    if not len(able):
+        second = (f'No: no finding has {min_test_positives} test positives, so every comparison '
+                  'is too small to conclude anything.')
+    elif len(sig):
+        second = (f'Yes, for {len(able)} of {len(t)} findings (at least {min_test_positives} test '
+                  f"positives): {', '.join(f'{r.finding}: {r.verdict}' for r in sig.itertuples())} after Holm's correction"
+                  + (f"; the others of them no significant difference." if len(sig) < len(able) else '.'))
+    else:
+        second = (f'Not as a gain or a loss: {len(able)} of {len(t)} findings have at least {min_test_positives} test '
+                  f"positives, and none of them shows a significant difference after Holm's correction (no evidence of a "
+                  'difference, which is not evidence of none: see the intervals).')
+    return [first, second]
+
+def report_headline(trained: str, fidelity: pd.DataFrame, conditioning: dict, rarity: pd.DataFrame, min_test_positives: int,
+                    realness: dict | None = None, memorisation: dict | None = None) -> list:
+    """The report's first lines (Markdown): what was trained, fidelity against its real floor (and realness), conditioning
+    fidelity, memorisation, and the rarity study's primary result with whether it can support a conclusion."""
+    g = lambda v: 'n/a' if v is None or not np.isfinite(v) else f'{v:.3g}'
+    syn, floor = fidelity.loc['synthetic'], fidelity.loc[next(i for i in fidelity.index if 'floor' in str(i))]
+    lines = [f'**Trained:** {trained}',
+             f"**Fidelity:** FID {g(syn['fid'])} against a floor of {g(floor['fid'])} (real test images against the real "
+             f"training images); precision {g(syn['precision'])}, recall {g(syn['recall'])}, coverage {g(syn['coverage'])} "
+             f"(the floor: {g(floor['precision'])}, {g(floor['recall'])}, {g(floor['coverage'])})."]
+    if realness and 'detector_auroc' in realness:
+        lines[-1] += (f" A detector tells the synthetic images from real ones at AUROC {realness['detector_auroc']:.2f} "
+                      f"(two real sets: {realness['control_auroc']:.2f}; 0.5 = cannot tell).")
+    cons = {k[len('consistency_'):]: v for k, v in conditioning.items() if k.startswith('consistency_') and k != 'consistency_min'}
+    few = list(conditioning.get('too_few') or [])
+    lo = min(cons, key=lambda f: cons[f] if np.isfinite(cons[f]) else np.inf) if cons else None
+    lines.append('**Conditioning fidelity:** class consistency (the judge\'s AUROC on synthetic images over that on real ones; '
+                 '1 = as recognisable as real) ' + (f'from {g(cons[lo])} ({lo}) to {g(max(cons.values()))}' if cons else 'n/a')
+                 + f"; mask adherence {g(conditioning.get('adherence', np.nan))} of the real ceiling"
+                 + (f"; resting on too few real positives to conclude: {', '.join(few)}." if few else '.'))
+    if memorisation:
+        lines.append(f"**Memorisation:** {memorisation['flagged']} of {memorisation['synthetic']} synthetic images flagged as "
+                     'near-copies of a training image.')
+    primary, conclusion = rarity_primary(rarity, min_test_positives)
+    return lines + [f'**Rarity study**, {primary}', f'**Can it support a conclusion?** {conclusion}']

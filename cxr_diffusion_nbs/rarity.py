@@ -22,7 +22,7 @@ from .core import (cli_errors, CXRDataError, ConfigError, RARE_FINDINGS, atomic_
 from .manifest import Manifest
 from .splits import with_held_out_test, check_no_leakage
 from .dataset import affine_pair, Augment
-from .cohort import CohortConfig, DonorPool, plan_cohort, plan_conditions, is_diffusion, resolve_sampling
+from .cohort import CohortConfig, DonorPool, plan_cohort, plan_conditions, resolve_sampling
 from .classifier import CXRClassifier, fit, load_images, predict_proba, to_size, label_weights
 from .downstream import auroc, average_precision, bootstrap_ci, delong_test
 from .screening import ScreenedGenerator, load_screener
@@ -194,7 +194,7 @@ def study_sampling(cfg: RarityConfig, gen, kind: str | None = None) -> RarityCon
     """`cfg` with the sampling fields the generator's own (`cohort.resolve_sampling` with `RARITY_SAMPLING`), checked
     before any work: a GAN refuses a set diffusion option, and the `unconditional` pool (conditions switched off by
     guidance 0), which only a diffusion model can draw, naming `arms`."""
-    if not is_diffusion(gen) and (kind == 'unconditional' or (kind is None and 'unconditional' in cfg.arms)):
+    if not gen.can_guide and (kind == 'unconditional' or (kind is None and 'unconditional' in cfg.arms)):
         raise RarityError('RarityConfig', 'arms', f"'unconditional' draws with the conditions switched off (guidance 0), which "
                           f"a {gen.kind} generator cannot do; leave that arm out")
     return resolve_sampling(cfg, gen, 'RarityConfig', RARITY_SAMPLING, RarityError)
@@ -313,7 +313,7 @@ def evaluation_sets(test: StudySet, external: StudySet | None = None) -> dict:
 
 # %% ../nbs/19a_rarity.ipynb #986f1aea
 def _identity(gen, cfg: RarityConfig, real: Manifest, external) -> dict:
-    return dict(generator=gen.model_sha256() if hasattr(gen, 'model_sha256') else gen.kind, data=real.name,
+    return dict(generator=gen.model_sha256(), data=real.name,
                 external=None if external is None else external.name,
                 config={k: v for k, v in cfg.to_dict().items() if k not in _PLAN_FIELDS})
 
@@ -496,8 +496,11 @@ def study_figure(table: pd.DataFrame, eval_set: str = 'test', figsize=None):
     "AUROC (seed ensemble, bootstrap 95% CI) against synthetic images per finding, one panel per finding."
     t = table[table['eval_set'] == eval_set]
     findings = list(dict.fromkeys(t['finding']))
-    fig, axs = plt.subplots(1, len(findings), figsize=figsize or (2.6 * len(findings), 3), sharey=True, squeeze=False)
     arms = [a for a in dict.fromkeys(t['arm']) if a not in ('real-only', 'mix')]
+    entries = len(set(t['k'])) * (1 + len(arms)); ncol = min(6, entries)
+    # constrained layout with the legend outside, below the x labels (a figure legend placed by hand covered them)
+    fig, axs = plt.subplots(1, len(findings), figsize=figsize or (2.6 * len(findings), 3 + .2 * -(-entries // ncol)),
+                            sharey=True, squeeze=False, layout='constrained')
     marks = dict(zip(arms, 'sD^vP*'))
     for ax, f in zip(axs[0], findings):
         g = t[t['finding'] == f]
@@ -513,8 +516,7 @@ def study_figure(table: pd.DataFrame, eval_set: str = 'test', figsize=None):
         ax.set(title=f'{f} ({npos} test pos.)', xlabel='synthetic images per finding')
     axs[0, 0].set_ylabel(f'AUROC on {eval_set} (ensemble)')
     h, l = axs[0, 0].get_legend_handles_labels()
-    fig.legend(h, l, loc='lower center', ncol=min(6, len(l)), fontsize=7, bbox_to_anchor=(.5, -.08))
-    fig.tight_layout()
+    fig.legend(h, l, loc='outside lower center', ncol=ncol, fontsize=7)
     return fig
 
 # %% ../nbs/19a_rarity.ipynb #ffdbcb47

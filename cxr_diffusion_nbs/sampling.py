@@ -8,38 +8,34 @@ Docs: https://cxr-diffusion-nbs.github.io/cxr_diffusion_nbs/sampling.html.md"""
 
 # %% ../nbs/11_sampling.ipynb #39b3d43c
 from __future__ import annotations
-import argparse, contextlib, importlib, json, math, sys
+import argparse, contextlib, json, math, sys
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import torch
 from diffusers import DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler
 from tqdm.auto import tqdm
-from . import __version__
-from .core import (cli_errors, available_device, CXRDataError, atomic_write, check_output_folder, canonical_finding, resolve_path, shareable_path, sha256_file,
-                                    suggest, sampling_precision)
+from .generators import (SamplingError, MIXED_PRECISION, DIFFUSION_OPTIONS, Generator, image_seeds,
+                                          check_generated, made_by, register_generator, load_generator)
+from .core import (cli_errors, atomic_write, check_output_folder, canonical_finding, shareable_path, sha256_file,
+                                    sampling_precision)
 from .image_io import read_image, to_uint8, write_png
 from .forward import predicted_x0
 from .conditioning import (GUIDANCE_MODES, ConditioningError, guided_prediction, check_guidance,
                                             check_guidance_mode, model_inputs)
-from .checkpoints import (AUTOENCODER_FOLDER, generator_kind, generator_defaults, generator_file, load_denoiser,
-                                           weights_file)
+from .checkpoints import (AUTOENCODER_FOLDER, generator_kind, generator_file, load_denoiser, weights_file)
 from .vae import load_autoencoder, downsampling_factor, latent_shape, encode, decode
 from .latents import pool_mask
 
 # %% auto #0
-__all__ = ['SAMPLERS', 'SAMPLER_LABELS', 'DEFAULT_STEPS', 'MIXED_PRECISION', 'STEP_SEED_OFFSET', 'GUIDE_MUST_MATCH',
-           'MIN_FILM_STD', 'MAX_SATURATED', 'GENERATOR_KINDS', 'DIFFUSION_OPTIONS', 'GUIDE_FOLDER', 'GENERATOR_WORDS',
-           'SYNTHETIC_NOTE', 'SAMPLE_OUTPUTS', 'SamplingError', 'check_sampler', 'make_sampler', 'image_seeds',
-           'initial_noise', 'loop_device', 'check_request', 'model_prediction', 'check_autoguidance', 'LoopSetup',
-           'loop_setup', 'SampleResult', 'sample', 'trajectory_frame', 'trajectory_figure', 'trajectory_widget',
-           'generated_problems', 'check_generated', 'load_guide', 'guide_provenance', 'PixelDiffusionGenerator',
-           'load_generator', 'LatentDiffusionGenerator', 'made_by', 'synthetic_note', 'write_samples', 'main']
+__all__ = ['SAMPLERS', 'SAMPLER_LABELS', 'DEFAULT_STEPS', 'STEP_SEED_OFFSET', 'GUIDE_MUST_MATCH', 'GUIDE_FOLDER',
+           'SYNTHETIC_NOTE', 'SAMPLE_OUTPUTS', 'check_sampler', 'make_sampler', 'initial_noise', 'loop_device',
+           'check_request', 'model_prediction', 'check_autoguidance', 'LoopSetup', 'loop_setup', 'SampleResult',
+           'sample', 'trajectory_frame', 'trajectory_figure', 'trajectory_widget', 'denoiser_inputs', 'check_kind',
+           'load_guide', 'guide_provenance', 'PixelDiffusionGenerator', 'LatentDiffusionGenerator', 'synthetic_note',
+           'write_samples', 'main']
 
 # %% ../nbs/11_sampling.ipynb #48140347
-class SamplingError(CXRDataError):
-    "A sampling request that does not fit the model or the sampler; the message names the field."
-
 SAMPLERS = ('ddpm', 'ddim', 'dpmpp', 'dpmpp-sigma-min')
 SAMPLER_LABELS = {'ddpm': 'DDPM', 'ddim': 'DDIM', 'dpmpp': 'DPM-Solver++', 'dpmpp-sigma-min': 'DPM-Solver++ to sigma_min'}
 DEFAULT_STEPS = {'ddpm': 1000, 'ddim': 50, 'dpmpp': 20, 'dpmpp-sigma-min': 20}
@@ -70,15 +66,7 @@ def make_sampler(name: str, noise_scheduler, steps: int | None = None):
     return s
 
 # %% ../nbs/11_sampling.ipynb #a032febc
-MIXED_PRECISION = ('no', 'bf16', 'auto')   # 'auto': bf16 where the hardware has it (core.sampling_precision)
 STEP_SEED_OFFSET = 1_000_003   # image i's step noise comes from seeds[i] + this: separate from its starting noise
-
-def image_seeds(seed, n: int) -> list[int]:
-    "Per-image seeds: a list is used as is (length `n`), an int `s` gives `s, s+1, ..., s+n-1`."
-    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool): return [int(seed) + i for i in range(n)]
-    seeds = [int(s) for s in seed]
-    if len(seeds) != n: raise SamplingError('sample', 'seed', f'{len(seeds)} seeds for {n} images')
-    return seeds
 
 def initial_noise(seeds: list[int], shape: tuple) -> torch.Tensor:
     "Starting noise `(len(seeds), *shape)` on the CPU, image i from `torch.Generator().manual_seed(seeds[i])`."
@@ -275,37 +263,7 @@ def trajectory_widget(res: SampleResult, index: int = 0):
     step.observe(redraw, 'value'); redraw()
     return W.VBox([step, out])
 
-# %% ../nbs/11_sampling.ipynb #5db295a3
-MIN_FILM_STD, MAX_SATURATED = 1e-3, 0.9
-
-def generated_problems(images: torch.Tensor) -> dict:
-    "{problem: number of images} over (n, C, H, W) images in [-1, 1] (empty: every image passes)."
-    x = images.detach().float().flatten(1)
-    finite = torch.isfinite(x).all(1)
-    xf = torch.where(torch.isfinite(x), x, torch.zeros_like(x))
-    out = {'not finite': int((~finite).sum()),
-           'outside [-1, 1]': int((finite & (xf.abs() > 1 + 1e-3).any(1)).sum()),
-           'flat (no grey-level spread)': int((finite & (xf.std(1) < MIN_FILM_STD)).sum()) if x.shape[1] > 1 else 0,
-           f'saturated (over {MAX_SATURATED:.0%} of pixels at -1 or 1)': int((finite & ((xf.abs() >= 1 - 1e-3).float().mean(1) > MAX_SATURATED)).sum())}
-    return {k: v for k, v in out.items() if v}
-
-def check_generated(images: torch.Tensor, source, where: str = 'generate') -> torch.Tensor:
-    """`images` if `generated_problems` finds nothing, else a `SamplingError` naming `source` (the checkpoint) and how
-    many of the images fail which way. Every generator calls it on what it returns."""
-    bad = generated_problems(images)
-    if bad:
-        what = '; '.join(f'{v} of {len(images)} {k}' for k, v in bad.items())
-        raise SamplingError(str(source or where), 'images', f'the drawn images are not films ({what}): the weights are '
-                            'damaged or from a diverged run; nothing is written')
-    return images
-
 # %% ../nbs/11_sampling.ipynb #ca08744b
-GENERATOR_KINDS = {'pixel-diffusion': 'cxr_diffusion_nbs.sampling:PixelDiffusionGenerator.load',
-                   'latent-diffusion': 'cxr_diffusion_nbs.sampling:LatentDiffusionGenerator.load',
-                   'gan': 'cxr_diffusion_nbs.gan:GANGenerator.load'}
-DIFFUSION_OPTIONS = dict(sampler='dpmpp', steps=None, eta=0.0, guidance={}, guidance_mode='compositional',
-                         mixed_precision='no', progress=False)
-
 def _mask_inputs(masks, cond_cfg, where: str):
     "Masks for `model_inputs`, and a per-image 'no mask' flag where an entry of a list is None (None if there is none)."
     if not isinstance(masks, (list, tuple)) or not any(m is None for m in masks): return masks, None
@@ -315,6 +273,21 @@ def _mask_inputs(masks, cond_cfg, where: str):
     ms = [None if m is None else torch.as_tensor(np.asarray(m) if not torch.is_tensor(m) else m).float() for m in masks]
     like = next(m for m in ms if m is not None)
     return torch.stack([torch.zeros_like(like) if m is None else m for m in ms]), none
+
+def denoiser_inputs(model, labels=None, masks=None, findings=None, text=None, n: int | None = None, where: str = 'generate',
+                    model_masks=None) -> dict:
+    "Forward kwargs of `model` for these conditions (`conditioning.model_inputs`, plus `drop` for images whose mask entry is None)."
+    masks, no_mask = _mask_inputs(masks, model.cond_cfg, where)
+    if masks is not None and model_masks is not None: masks = model_masks(masks, where)
+    try: conds = model_inputs(model, n, findings=findings, labels=labels, masks=masks, text=text, where=where)
+    except ConditioningError as e: raise SamplingError(e.path, e.field, e.problem) from None
+    if no_mask is not None and conds.get('mask') is not None: conds['drop'] = {'mask': no_mask}
+    return conds
+
+def check_kind(ck, cls):
+    "Refuse a checkpoint whose `generator.json` names another kind than class `cls` opens (`load_generator` opens any)."
+    kind = generator_kind(ck)
+    if kind != cls.kind: raise SamplingError(str(generator_file(ck)), 'kind', f'{kind!r}: {cls.__name__} opens {cls.kind!r} checkpoints; use load_generator')
 
 GUIDE_FOLDER = 'guide'   # beside a diffusion model's weights: the weaker model its autoguidance uses, if it has one
 
@@ -327,46 +300,26 @@ def guide_provenance(gen) -> dict:
     if getattr(gen, 'guide', None) is None or gen.checkpoint is None: return {}
     return dict(guide_sha256=sha256_file(weights_file(gen.checkpoint/GUIDE_FOLDER)))
 
-class PixelDiffusionGenerator:
+
+# %% ../nbs/11_sampling.ipynb #873817d0
+class PixelDiffusionGenerator(Generator):
     "A trained pixel-space conditional diffusion model (`ConditionalDenoiser` + noise scheduler) as a generator."
-    kind = 'pixel-diffusion'
-    options = (*DIFFUSION_OPTIONS, 'autoguidance')    # autoguidance: 0 unless set (a generator.json default or a call's)
+    kind, noun = 'pixel-diffusion', 'diffusion model'
+    takes_sampler = can_guide = can_inpaint = True    # a denoising loop: a sampler, guidance, RePaint
+    own_options = (*DIFFUSION_OPTIONS, 'autoguidance')    # autoguidance: 0 unless set (a generator.json default or a call's)
 
     def __init__(self, model, noise_scheduler, checkpoint=None, weights=None, guide=None):
+        super().__init__(checkpoint, weights, DIFFUSION_OPTIONS)
         self.model, self.noise_scheduler = model.eval(), noise_scheduler
         self.guide = guide.eval() if guide is not None else None   # the weaker model autoguidance pushes away from
-        self.checkpoint, self.weights = (Path(checkpoint) if checkpoint else None), (Path(weights) if weights else None)
-        self.defaults, self._sha = dict(DIFFUSION_OPTIONS), None
-
-    def _merged(self, options: dict, where: str = 'generate') -> dict:
-        for k in options:
-            if k not in self.options: raise SamplingError(where, k, f'not an option of {self.kind} generators' + suggest(k, self.options))
-        return {**self.defaults, **options}
 
     @classmethod
     def load(cls, path, device=None) -> 'PixelDiffusionGenerator':
         """Open a pixel-diffusion checkpoint, model or run folder (`checkpoints.load_denoiser`, EMA weights if present),
         with the sampling options it recommends (`checkpoints.generator_defaults`) as its defaults, each checked."""
         model, noise_scheduler, ck = load_denoiser(path, device=device)
-        cls._check_kind(ck)
+        check_kind(ck, cls)
         return cls(model, noise_scheduler, ck, weights_file(ck), load_guide(ck, device)).with_recommended(path)
-
-    @classmethod
-    def _check_kind(cls, ck):
-        kind = generator_kind(ck)
-        if kind != cls.kind: raise SamplingError(str(generator_file(ck)), 'kind', f'{kind!r}: {cls.__name__} opens {cls.kind!r} checkpoints; use load_generator')
-
-    def with_recommended(self, path):
-        "Take the sampling options the model folder at `path` recommends (`generator.json` `defaults`) as defaults, each checked."
-        rec = generator_defaults(path)
-        if rec:
-            where = str(generator_file(path))
-            unknown = [k for k in rec if k not in self.options or k == 'progress']
-            if unknown: raise SamplingError(where, f'defaults.{unknown[0]}', 'is not a sampling option' + suggest(unknown[0], self.options))
-            try: self.check_options(where, **rec)
-            except SamplingError as e: raise SamplingError(where, f'defaults.{e.field}', e.problem) from None
-            self.defaults.update(rec)
-        return self
 
     findings = property(lambda self: tuple(self.model.cond_cfg.findings), doc='The finding names labels and per-finding masks refer to, in order.')
     image_size = property(lambda self: int(self.model.unet_cfg.image_size), doc='Side S of the (S, S) images it draws.')
@@ -374,25 +327,16 @@ class PixelDiffusionGenerator:
     mask_mode = property(lambda self: self.model.cond_cfg.mask_mode, doc="None | 'union' | 'per_finding'.")
     device = property(lambda self: loop_device(self.model), doc='Where its weights are.')
 
-    def check_options(self, where: str = 'generate', **options) -> dict:
-        "`options` merged over the defaults, each checked (unknown names, sampler, steps, eta, guidance, precision), naming it."
-        o = self._merged(options, where)
+    def check_values(self, o: dict, where: str = 'generate') -> dict:
+        "Merged options `o` checked against the model (sampler, steps, eta, autoguidance, guidance, precision), naming the field."
         o['steps'] = check_sampler(o['sampler'], self.noise_scheduler, o['steps'], where)
         _check_eta(o['eta'], o['sampler'], where)
         if 'autoguidance' in o: o['autoguidance'] = check_autoguidance(self.model, self.guide, o['autoguidance'], where)
         o['guidance'] = check_request(self.model, None, o['guidance'], o['guidance_mode'], o['mixed_precision'], where)
-        if not isinstance(o['progress'], bool): raise SamplingError(where, 'progress', f"{o['progress']!r} is not true or false")
         return o
-
     def inputs(self, labels=None, masks=None, *, findings=None, text=None, n: int | None = None, where: str = 'generate') -> dict:
-        "Forward kwargs for these conditions (`conditioning.model_inputs`, plus `drop` for images whose mask entry is None)."
-        cc = self.model.cond_cfg
-        masks, no_mask = _mask_inputs(masks, cc, where)
-        if masks is not None: masks = self.model_masks(masks, where)
-        try: conds = model_inputs(self.model, n, findings=findings, labels=labels, masks=masks, text=text, where=where)
-        except ConditioningError as e: raise SamplingError(e.path, e.field, e.problem) from None
-        if no_mask is not None and conds.get('mask') is not None: conds['drop'] = {'mask': no_mask}
-        return conds
+        "Forward kwargs for these conditions (`denoiser_inputs`, the masks brought to the network by `model_masks`)."
+        return denoiser_inputs(self.model, labels, masks, findings, text, n, where, self.model_masks)
 
     def model_masks(self, masks, where: str = 'generate'):
         "Masks as the network takes them (pixel models: as given, at `image_size`)."
@@ -414,45 +358,15 @@ class PixelDiffusionGenerator:
                                self.checkpoint)
 
     def decoded(self, x: torch.Tensor) -> torch.Tensor: return x    # what the loop draws is the image (a latent model decodes it)
+    def provenance_extra(self) -> dict: return guide_provenance(self)   # a guide's checksum, if it has one
 
-    def model_sha256(self) -> str:
-        "SHA-256 of the weights file (computed once)."
-        if self._sha is None: self._sha = sha256_file(self.weights) if self.weights else ''
-        return self._sha
+register_generator('pixel-diffusion', PixelDiffusionGenerator.load, 'diffusion model')
 
-    def provenance(self) -> dict:
-        "What made the images: kind, checkpoint and weights names (no absolute paths), weights checksum, the model's conditions, default options."
-        return dict(kind=self.kind, checkpoint=self.checkpoint.name if self.checkpoint else None,
-                    weights=self.weights.name if self.weights else None, model_sha256=self.model_sha256(),
-                    findings=list(self.findings), image_size=self.image_size, conditions=list(self.conditions),
-                    mask_mode=self.mask_mode, defaults={k: v for k, v in self.defaults.items() if k != 'progress'},
-                    package=f'cxr_diffusion_nbs {__version__}', **guide_provenance(self))
-
-    def __repr__(self):
-        return (f'{type(self).__name__}(kind={self.kind!r}, image_size={self.image_size}, findings={self.findings}, '
-                f'conditions={self.conditions}, mask_mode={self.mask_mode!r}, checkpoint={self.checkpoint.name if self.checkpoint else None!r})')
-
-def _resolve_loader(spec: str):
-    mod, _, attr = spec.partition(':')
-    obj = importlib.import_module(mod)
-    for a in attr.split('.'): obj = getattr(obj, a)
-    return obj
-
-def load_generator(path, device=None):
-    """Open the trained generator at `path` (a checkpoint, a model folder such as `data/models/cpu64_demo`, or a run
-    folder: its newest checkpoint), whatever its kind (`checkpoints.generator_kind`, looked up in `GENERATOR_KINDS`)."""
-    p = resolve_path(path)
-    if not p.exists(): raise SamplingError(str(path), 'path', 'does not exist')
-    kind = generator_kind(p)
-    if kind not in GENERATOR_KINDS:
-        raise SamplingError(str(p), 'kind', f'{kind!r} is not a generator kind this package can open' + suggest(kind, GENERATOR_KINDS))
-    if device is not None: device = available_device(device, 'device')    # 'cuda' on a CPU-only machine: one line, not an assertion
-    return _resolve_loader(GENERATOR_KINDS[kind])(p, device=device)
 
 # %% ../nbs/11_sampling.ipynb #a3bed676
 class LatentDiffusionGenerator(PixelDiffusionGenerator):
     "A latent diffusion model: a `ConditionalDenoiser` on the latents of a frozen autoencoder, which decodes what it draws."
-    kind = 'latent-diffusion'
+    kind, noun, has_latents = 'latent-diffusion', 'latent diffusion model', True
 
     def __init__(self, model, noise_scheduler, autoencoder, checkpoint=None, weights=None, guide=None):
         super().__init__(model, noise_scheduler, checkpoint, weights, guide)
@@ -466,7 +380,7 @@ class LatentDiffusionGenerator(PixelDiffusionGenerator):
     def load(cls, path, device=None) -> 'LatentDiffusionGenerator':
         "Open a latent-diffusion checkpoint, model or run folder: the denoiser (EMA weights) and its autoencoder (`vae/`)."
         model, noise_scheduler, ck = load_denoiser(path, device=device)
-        cls._check_kind(ck)
+        check_kind(ck, cls)
         ae = load_autoencoder(ck/AUTOENCODER_FOLDER, device=loop_device(model))
         return cls(model, noise_scheduler, ae, ck, weights_file(ck), load_guide(ck, device)).with_recommended(path)
 
@@ -496,13 +410,10 @@ class LatentDiffusionGenerator(PixelDiffusionGenerator):
         return dict(super().provenance(), latent_size=self.latent_size,
                     autoencoder_sha256=sha256_file(f) if f is not None and f.exists() else '')
 
+register_generator('latent-diffusion', LatentDiffusionGenerator.load, 'latent diffusion model')
+
+
 # %% ../nbs/11_sampling.ipynb #392e634c
-GENERATOR_WORDS = {'pixel-diffusion': 'diffusion model', 'latent-diffusion': 'latent diffusion model', 'gan': 'GAN'}
-
-def made_by(kind: str) -> str:
-    "What made an image of a generator of `kind` (`GENERATOR_KINDS`), in words: 'diffusion model', 'latent diffusion model', 'GAN'."
-    return GENERATOR_WORDS.get(kind, f'{kind} model')
-
 def synthetic_note(kind: str = 'pixel-diffusion') -> str:
     "The text every synthetic image carries (PNG `Description`, DICOM `DerivationDescription`), naming what made it."
     return (f'SYNTHETIC chest X-ray generated by a {made_by(kind)} (cxr_diffusion_nbs); '

@@ -23,9 +23,9 @@ from .image_io import read_image
 # %% auto #0
 __all__ = ['ANSWERS', 'FORM_COLUMNS', 'KEY_COLUMNS', 'FLEISS_WIKIPEDIA_EXAMPLE', 'TuringError', 'check_manifests', 'allocate',
            'draw_cases', 'blind_image', 'png_bytes', 'png_text_chunks', 'contact_sheet_html', 'contact_sheet_pdf',
-           'check_kit_dir', 'export_turing_kit', 'load_answer_key', 'read_reader_forms', 'score_readers',
-           'confusion_table', 'cohens_kappa', 'ratings_table', 'fleiss_kappa', 'reader_agreement', 'simulate_reader',
-           'plot_reader_accuracy', 'binomial_power', 'cases_for_power']
+           'reader_page_html', 'check_kit_dir', 'export_turing_kit', 'load_answer_key', 'read_reader_forms',
+           'score_readers', 'confusion_table', 'cohens_kappa', 'ratings_table', 'fleiss_kappa', 'reader_agreement',
+           'simulate_reader', 'plot_reader_accuracy', 'binomial_power', 'cases_for_power']
 
 # %% ../nbs/20_turing.ipynb #b8c54617
 class TuringError(CXRDataError):
@@ -171,14 +171,20 @@ def png_text_chunks(data_or_path) -> list:
     return out
 
 # %% ../nbs/20_turing.ipynb #a1a8c121
-def _instructions(n_cases: int, n_real: int, n_synthetic: int, tell_prevalence: bool, show_finding: bool) -> list:
+def _instructions(n_cases: int, n_real: int, n_synthetic: int, tell_prevalence: bool, show_finding: bool,
+                  page: bool = False) -> list:
+    "The study's instructions, for the form and the contact sheet or (`page`) for the reader page."
+    how = ('For each case, answer real or synthetic (keys R / S) and give your confidence from 1 (a guess) to 5 (certain)'
+           + (', and say whether the finding named with the case is visible (Y / N)' if show_finding else '')
+           + '; comments are welcome. When every case is answered, download your answers and return the file.') if page else (
+           'For each case, fill in one row of reader_form.csv: answer = real or synthetic (r / s are accepted), '
+           'confidence = 1 (a guess) to 5 (certain)'
+           + (', finding_visible = yes or no (is the finding named under the case visible?)' if show_finding else '')
+           + ', and any comments.')
     lines = [f'This set holds {n_cases} chest radiographs. Each one is either an image of a real patient or an image '
-             'made by a computer model (synthetic).',
-             'For each case, fill in one row of reader_form.csv: answer = real or synthetic (r / s are accepted), '
-             'confidence = 1 (a guess) to 5 (certain)'
-             + (', finding_visible = yes or no (is the finding named under the case visible?)' if show_finding else '')
-             + ', and any comments.',
-             'Answer every case, on your own, without discussing the cases with other readers. Do not rename the cases.']
+             'made by a computer model (synthetic).', how,
+             'Answer every case, on your own, without discussing the cases with other readers.'
+             + ('' if page else ' Do not rename the cases.')]
     lines.append(f'The set contains {n_real} real and {n_synthetic} synthetic images.' if tell_prevalence else
                  'The proportion of real and synthetic images is not disclosed: judge each case on its own.')
     return lines
@@ -222,6 +228,263 @@ def contact_sheet_pdf(path, cases: pd.DataFrame, pixels: list, instructions: lis
                 ax.set_axis_off()
             pdf.savefig(fig)
     return Path(path)
+
+# %% ../nbs/20_turing.ipynb #b7e1a2c5
+_PAGE_STYLE = """
+body{font-family:system-ui,sans-serif;margin:0;background:#111;color:#eee}
+main{max-width:90em;margin:auto;padding:1em 1.5em}
+a,button{font:inherit}
+button{background:#333;color:#eee;border:1px solid #777;border-radius:4px;padding:.35em .8em;margin:.15em;cursor:pointer}
+button[aria-pressed=true]{background:#2b6cb0;border-color:#9cf;color:#fff;font-weight:bold}
+button:disabled{opacity:.4;cursor:default}
+button:focus-visible,input:focus-visible,textarea:focus-visible{outline:3px solid #fc0}
+input,textarea{font:inherit;background:#222;color:#eee;border:1px solid #777;border-radius:4px;padding:.3em}
+textarea{width:100%;box-sizing:border-box;height:4.5em}
+.row{display:flex;gap:1.5em;align-items:flex-start;flex-wrap:wrap}
+#viewer{width:min(78vh,62vw)}#stage{width:100%;height:min(78vh,62vw);overflow:auto;background:#000;border:1px solid #444;cursor:crosshair}
+#film{display:block;margin:auto}
+#panel{flex:1;min-width:18em}
+.label{color:#aaa;font-size:.9em;margin-top:.8em}
+kbd{background:#333;border:1px solid #666;border-radius:3px;padding:0 .3em;font-size:.85em}
+#bar{height:6px;background:#333;margin:.3em 0 .8em}#bar div{height:6px;background:#2b6cb0}
+.warn{color:#fc6}.hidden{display:none}
+"""
+
+_PAGE_SCRIPT = r"""
+'use strict';
+const S = JSON.parse(document.getElementById('study').textContent);
+const KEY = 'cxr-reader-study:' + S.kit, N = S.cases.length;
+const $ = id => document.getElementById(id);
+let st = {reader: '', pos: 0, answers: {}};
+try { const v = JSON.parse(localStorage.getItem(KEY)); if (v && v.answers) st = Object.assign(st, v); } catch (e) {}
+const view = {zoom: 1, level: 128, width: 256};
+let screen = 'start', raw = null, shown = 0;
+
+function save() {
+  try { localStorage.setItem(KEY, JSON.stringify(st)); }
+  catch (e) { $('saved').textContent = 'This browser does not keep the answers: download them before closing the page.'; }
+}
+function ans(id) { return st.answers[id] || (st.answers[id] = {answer: '', confidence: '', finding_visible: '', comments: ''}); }
+function complete(id) { const a = ans(id); return !!(a.answer && a.confidence && (!S.show_finding || a.finding_visible)); }
+function missing() { return S.cases.filter(c => !complete(c.id)).map(c => c.id); }
+function label(id) { return 'Case ' + id.split('_').pop(); }
+function show(name) {
+  screen = name;
+  if (document.activeElement && document.activeElement !== document.body) document.activeElement.blur();
+  for (const s of ['start', 'case', 'done']) $(s).classList.toggle('hidden', s !== name);
+}
+
+// the start: who reads
+$('reader').value = st.reader;
+$('start-form').addEventListener('submit', e => {
+  e.preventDefault();
+  const r = $('reader').value.trim();
+  if (!/^[A-Za-z0-9][A-Za-z0-9 _.-]{0,39}$/.test(r)) {
+    $('reader-msg').textContent = 'Give a reader id of letters, digits, spaces, _ . or - (at most 40 characters).';
+    return;
+  }
+  if (st.reader && st.reader !== r && Object.keys(st.answers).length &&
+      !confirm('Answers of reader ' + st.reader + ' are kept in this browser. Go on as ' + r + ' with those answers?')) return;
+  st.reader = r; save(); go(Math.min(st.pos || 0, N - 1));
+});
+
+// one case
+function go(i) {
+  if (i >= N) return finish();
+  st.pos = Math.max(0, i); save(); show('case'); render();
+}
+function render() {
+  const c = S.cases[st.pos], a = ans(c.id);
+  $('case-label').textContent = label(c.id);
+  $('progress').textContent = 'case ' + (st.pos + 1) + ' of ' + N;
+  const n = N - missing().length;
+  $('answered').textContent = n + ' of ' + N + ' answered';
+  $('bar').firstElementChild.style.width = (100 * n / N) + '%';
+  if (S.show_finding) $('finding').textContent = c.finding.replace(/_/g, ' ');
+  for (const b of document.querySelectorAll('button[data-field]'))
+    b.setAttribute('aria-pressed', String(a[b.dataset.field] === b.dataset.value));
+  $('comments').value = a.comments;
+  $('prev').disabled = st.pos === 0;
+  raw = null;
+  const img = new Image(), token = ++shown;
+  img.onload = () => {
+    if (token !== shown) return;                       // a later case was opened meanwhile: never show its film here
+    const off = document.createElement('canvas');
+    off.width = img.naturalWidth; off.height = img.naturalHeight;
+    const x = off.getContext('2d'); x.drawImage(img, 0, 0);
+    raw = x.getImageData(0, 0, off.width, off.height); draw();
+  };
+  img.src = c.img;
+}
+function set(field, value) {
+  ans(S.cases[st.pos].id)[field] = value; save(); render();
+}
+for (const b of document.querySelectorAll('button[data-field]'))
+  b.addEventListener('click', () => set(b.dataset.field, b.dataset.value));
+$('comments').addEventListener('input', () => { ans(S.cases[st.pos].id).comments = $('comments').value; save(); });
+$('prev').addEventListener('click', () => go(st.pos - 1));
+$('next').addEventListener('click', () => go(st.pos + 1));
+
+// window / level and zoom: grey values in [level - width / 2, level + width / 2] spread over black to white
+function draw() {
+  if (!raw) return;
+  const cv = $('film'), lut = new Uint8ClampedArray(256), lo = view.level - view.width / 2;
+  for (let v = 0; v < 256; v++) lut[v] = Math.round((v - lo) * 255 / view.width);
+  cv.width = raw.width; cv.height = raw.height;
+  const out = new ImageData(raw.width, raw.height), d = raw.data, o = out.data;
+  for (let i = 0; i < d.length; i += 4) { o[i] = o[i + 1] = o[i + 2] = lut[d[i]]; o[i + 3] = 255; }
+  cv.getContext('2d').putImageData(out, 0, 0);
+  const side = Math.floor($('stage').clientWidth * view.zoom) + 'px';
+  cv.style.width = side; cv.style.height = side;
+  $('level').value = view.level; $('width').value = view.width;
+  $('wl').textContent = 'level ' + Math.round(view.level) + ', width ' + Math.round(view.width) + ', zoom ' + view.zoom.toFixed(2) + 'x';
+}
+function setView(level, width, zoom) {
+  view.level = Math.min(255, Math.max(0, level)); view.width = Math.min(512, Math.max(2, width));
+  view.zoom = Math.min(8, Math.max(1, zoom)); draw();
+}
+$('level').addEventListener('input', () => setView(+$('level').value, view.width, view.zoom));
+$('width').addEventListener('input', () => setView(view.level, +$('width').value, view.zoom));
+$('reset').addEventListener('click', () => setView(128, 256, 1));
+let drag = null;
+$('film').addEventListener('mousedown', e => { drag = {x: e.clientX, y: e.clientY, level: view.level, width: view.width}; e.preventDefault(); });
+addEventListener('mouseup', () => { drag = null; });
+addEventListener('mousemove', e => { if (drag) setView(drag.level - (e.clientY - drag.y), drag.width + (e.clientX - drag.x), view.zoom); });
+$('stage').addEventListener('wheel', e => { e.preventDefault(); setView(view.level, view.width, view.zoom * (e.deltaY < 0 ? 1.25 : 0.8)); }, {passive: false});
+addEventListener('resize', draw);
+
+// the end: every case answered, then the form
+function finish() {
+  st.pos = N - 1; save(); show('done');
+  const m = missing();
+  $('done-msg').textContent = m.length ? m.length + ' of ' + N + ' cases are not answered yet (answer, confidence'
+    + (S.show_finding ? ', finding visible' : '') + '): ' + m.slice(0, 8).map(label).join(', ') + (m.length > 8 ? ', ...' : '')
+    : 'All ' + N + ' cases are answered. Download your answers and return the file to the study team.';
+  $('download').disabled = m.length > 0;
+  $('first-missing').classList.toggle('hidden', !m.length);
+  (m.length ? $('first-missing') : $('download')).focus();
+}
+$('first-missing').addEventListener('click', () => go(S.cases.findIndex(c => !complete(c.id))));
+$('review').addEventListener('click', () => go(N - 1));
+function cell(v) {
+  v = String(v);
+  if (/^[=+\-@\t\r]/.test(v) && isNaN(Number(v))) v = "'" + v;   // a spreadsheet would run it as a formula
+  return /[",\r\n]/.test(v) ? '"' + v.replace(/"/g, '""') + '"' : v;
+}
+function formCsv() {
+  const lines = [S.columns.join(',')];
+  for (const c of S.cases) {
+    const a = ans(c.id), row = Object.assign({case_id: c.id, finding: c.finding, reader: st.reader}, a);
+    lines.push(S.columns.map(k => cell(row[k] ?? '')).join(','));
+  }
+  return lines.join('\n') + '\n';
+}
+$('download').addEventListener('click', () => {
+  if (missing().length) return;
+  const url = URL.createObjectURL(new Blob([formCsv()], {type: 'text/csv'}));
+  const a = document.createElement('a');
+  a.href = url; a.download = 'reader_' + st.reader.replace(/[^A-Za-z0-9_.-]/g, '_') + '.csv';
+  document.body.appendChild(a); a.click(); a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10000);
+  $('saved').textContent = 'Downloaded ' + a.download + '. Your answers stay in this browser until you clear its data.';
+});
+
+// the keyboard
+addEventListener('keydown', e => {
+  if (e.ctrlKey || e.metaKey || e.altKey) return;
+  const t = e.target.tagName;
+  if (t === 'TEXTAREA' || t === 'INPUT') { if (e.key === 'Escape') e.target.blur(); return; }
+  const k = e.key.toLowerCase();
+  if (screen === 'done') {
+    if (k === 'arrowleft' || k === 'backspace') { go(N - 1); e.preventDefault(); }
+    return;
+  }
+  if (screen !== 'case') return;
+  if (k === 'r' || k === 's') set('answer', k === 'r' ? 'real' : 'synthetic');
+  else if (/^[1-5]$/.test(k)) set('confidence', k);
+  else if (S.show_finding && (k === 'y' || k === 'n')) set('finding_visible', k === 'y' ? 'yes' : 'no');
+  else if (k === 'enter' || k === 'arrowright') go(st.pos + 1);
+  else if (k === 'arrowleft' || k === 'backspace') go(st.pos - 1);
+  else if (k === 'c') $('comments').focus();
+  else if (k === '+' || k === '=') setView(view.level, view.width, view.zoom * 1.25);
+  else if (k === '-') setView(view.level, view.width, view.zoom * 0.8);
+  else if (k === '0') setView(128, 256, 1);
+  else if (k === 'arrowup' || k === 'arrowdown') setView(view.level + (k === 'arrowup' ? 8 : -8), view.width, view.zoom);
+  else if (k === '[' || k === ']') setView(view.level, view.width * (k === '[' ? 0.8 : 1.25), view.zoom);
+  else return;
+  e.preventDefault();
+});
+show('start'); $('reader').focus();
+"""
+
+_PAGE_BODY = """<main>
+<h1>__TITLE__</h1>
+<section id="start">
+<ul>__INSTRUCTIONS__</ul>
+<p>Keys: <kbd>R</kbd> real, <kbd>S</kbd> synthetic, <kbd>1</kbd>-<kbd>5</kbd> confidence__FINDING_KEYS__,
+<kbd>C</kbd> comment (<kbd>Esc</kbd> leaves it), <kbd>Enter</kbd> or <kbd>&rarr;</kbd> next case, <kbd>&larr;</kbd> previous case;
+image: <kbd>&uarr;</kbd> <kbd>&darr;</kbd> level, <kbd>[</kbd> <kbd>]</kbd> window width (or drag on the image), <kbd>+</kbd> <kbd>-</kbd> zoom
+(or the mouse wheel), <kbd>0</kbd> reset. Your answers are kept in this browser as you go: you can close the page and come back.</p>
+<form id="start-form"><label for="reader">Your reader id (as the study team gave it): </label>
+<input id="reader" autocomplete="off" maxlength="40"> <button type="submit">Start</button>
+<p id="reader-msg" class="warn" role="alert"></p></form>
+</section>
+<section id="case" class="hidden">
+<div class="row">
+<div id="viewer"><div id="stage"><canvas id="film" role="img" aria-label="the radiograph of this case"></canvas></div>
+<div class="label"><label>level <input id="level" type="range" min="0" max="255"></label>
+<label>width <input id="width" type="range" min="2" max="512"></label> <button id="reset" type="button">reset view</button>
+<span id="wl"></span></div></div>
+<div id="panel">
+<h2 id="case-label"></h2>
+<div id="progress"></div><div id="bar"><div></div></div><div id="answered" class="label"></div>
+__FINDING_LINE__
+<div class="label">real or synthetic?</div>
+<button type="button" data-field="answer" data-value="real">Real (R)</button>
+<button type="button" data-field="answer" data-value="synthetic">Synthetic (S)</button>
+<div class="label">confidence: 1 (a guess) to 5 (certain)</div>
+<button type="button" data-field="confidence" data-value="1">1</button><button type="button" data-field="confidence" data-value="2">2</button><button type="button" data-field="confidence" data-value="3">3</button><button type="button" data-field="confidence" data-value="4">4</button><button type="button" data-field="confidence" data-value="5">5</button>
+__FINDING_BUTTONS__
+<div class="label"><label for="comments">comments (C)</label></div><textarea id="comments"></textarea>
+<p><button id="prev" type="button">&larr; previous</button> <button id="next" type="button">next &rarr;</button></p>
+<p id="saved" class="label" role="status"></p>
+</div></div>
+</section>
+<section id="done" class="hidden">
+<p id="done-msg"></p>
+<button id="download" type="button">Download my answers</button> <button id="first-missing" type="button">Go to the first unanswered case</button>
+<button id="review" type="button">&larr; back to the cases</button>
+</section>
+</main>"""
+
+def reader_page_html(cases: pd.DataFrame, images: list, instructions: list, show_finding: bool, kit_id: str,
+                     title: str = 'Reader study: chest radiographs') -> str:
+    """One self-contained HTML page on which a reader takes the study: one case at a time with window/level and zoom,
+    answers by buttons or keys, kept in the browser (`localStorage`, keyed by `kit_id`), and a button that downloads
+    the filled form (`reader_<id>.csv`, read by `read_reader_forms`). Only `case_id` (and, with `show_finding`,
+    `finding`) of `cases` and the PNG bytes of `images` (in case order) enter the page."""
+    if len(images) != len(cases):
+        raise TuringError('<reader page>', 'images', f'{len(images)} image(s) for {len(cases)} case(s)')
+    if not isinstance(kit_id, str) or not kit_id.replace('-', '').replace('_', '').isalnum() or len(kit_id) > 64:
+        raise TuringError('<reader page>', 'kit_id', f'{kit_id!r}: letters, digits, - and _ only (at most 64)')
+    columns = ['case_id'] + (['finding'] if show_finding else []) + list(FORM_COLUMNS[1:]) + ['reader']
+    study = dict(kit=kit_id, show_finding=bool(show_finding), columns=columns, cases=[
+        dict(id=str(c['case_id']), finding=str(c['finding']) if show_finding else '',
+             img='data:image/png;base64,' + base64.b64encode(data).decode()) for (_, c), data in zip(cases.iterrows(), images)])
+    yes_no = ('<div class="label">is the finding visible?</div><button type="button" data-field="finding_visible" '
+              'data-value="yes">Yes (Y)</button><button type="button" data-field="finding_visible" data-value="no">No (N)</button>')
+    body = (_PAGE_BODY.replace('__TITLE__', html.escape(title))
+            .replace('__INSTRUCTIONS__', ''.join(f'<li>{html.escape(l)}</li>' for l in instructions))
+            .replace('__FINDING_KEYS__', ', <kbd>Y</kbd> / <kbd>N</kbd> finding visible' if show_finding else '')
+            .replace('__FINDING_LINE__', '<div class="label">finding to look for: <b id="finding"></b></div>' if show_finding else '')
+            .replace('__FINDING_BUTTONS__', yes_no if show_finding else ''))
+    data = json.dumps(study, separators=(',', ':')).replace('</', '<\\/')
+    csp = "default-src 'none'; img-src data: blob:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta http-equiv="Content-Security-Policy" content="{csp}">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{html.escape(title)}</title>'
+            f'<style>{_PAGE_STYLE}</style></head><body>\n{body}\n'
+            f'<script id="study" type="application/json">{data}</script>\n<script>{_PAGE_SCRIPT}</script>\n</body></html>\n')
 
 # %% ../nbs/20_turing.ipynb #a77d4516
 _KIT_NAMES = {'kit.json', 'answer_key.csv', 'readers'}
@@ -275,10 +538,14 @@ def export_turing_kit(real: Manifest, synthetic: Manifest, out_dir, n_real: int,
             with atomic_write(rd/'images'/f"{c['case_id']}.png") as tmp: tmp.write_bytes(data)
         sheet = contact_sheet_html(cases, pngs, instructions, show_finding, display_px)
         with atomic_write(rd/'contact_sheet.html') as tmp: tmp.write_text(sheet, encoding='utf-8')
+        kit_id = _sha(''.join(f'{c}:{_sha(b)};' for c, b in zip(cases['case_id'], pngs)).encode())[:16]
+        page = reader_page_html(cases, pngs, _instructions(len(cases), n_r, n_s, tell_prevalence, show_finding, page=True),
+                                show_finding, kit_id)
+        with atomic_write(rd/'reader.html') as tmp: tmp.write_text(page, encoding='utf-8')
         if pdf: contact_sheet_pdf(rd/'contact_sheet.pdf', cases, [np.asarray(im) for im, _ in blinded], instructions, show_finding)
         write_shared_csv(form, rd/'reader_form.csv'); write_shared_csv(key, stage/'answer_key.csv')
         files = {str(p.relative_to(stage)): _sha(p.read_bytes()) for p in sorted(stage.rglob('*')) if p.is_file()}
-        meta = dict(seed=int(seed), n_real=n_r, n_synthetic=n_s, n_cases=len(cases), size=size, findings=findings,
+        meta = dict(kit_id=kit_id, seed=int(seed), n_real=n_r, n_synthetic=n_s, n_cases=len(cases), size=size, findings=findings,
                     stratify_by_finding=bool(stratify_by_finding), tell_prevalence=bool(tell_prevalence),
                     show_finding=show_finding, real=dict(name=real.name, origin=str(real.origin)),
                     synthetic=dict(name=synthetic.name, origin=str(synthetic.origin)), files=files,
@@ -493,7 +760,7 @@ def plot_reader_accuracy(scores: pd.DataFrame, confusion: pd.DataFrame | None = 
         m = confusion.to_numpy()
         for (i, j), v in np.ndenumerate(m):
             ax2.text(j, i, int(v), ha='center', va='center', fontsize=11, color='w' if v > m.max() / 2 else 'k')
-        ax2.set_xticks(range(len(confusion.columns)), [f'called {c}' for c in confusion.columns])
+        ax2.set_xticks(range(len(confusion.columns)), [f'called\n{c}' for c in confusion.columns])   # on one line they collide
         ax2.set_yticks(range(len(confusion.index)), [f'truly {c}' for c in confusion.index])
         ax2.set_title('all readings', fontsize=10)
     fig.tight_layout()

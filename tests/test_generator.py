@@ -7,7 +7,8 @@ from cxr_diffusion_nbs.core import project_root, CXRDataError
 from cxr_diffusion_nbs.conditioning import ConditionalDenoiser, ConditioningConfig, model_inputs
 from cxr_diffusion_nbs.unet import unet_preset, make_noise_scheduler
 from cxr_diffusion_nbs.masks import box_to_mask
-from cxr_diffusion_nbs.sampling import (GENERATOR_KINDS, PixelDiffusionGenerator, SamplingError, load_generator, sample)
+from cxr_diffusion_nbs.generators import GENERATOR_KINDS
+from cxr_diffusion_nbs.sampling import PixelDiffusionGenerator, SamplingError, load_generator, sample
 
 DEMO = project_root()/'data'/'models'/'cpu64_demo'
 
@@ -128,3 +129,63 @@ def test_non_finite_generator_is_refused_before_drawing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and name in err and err.count('\n') == 1, err
     assert not (tmp_path/'out').exists()
+
+
+# ---- a new kind in a few lines: registered, then opened by load_generator, cxr-sample and cxr-cohort ----------------
+
+from cxr_diffusion_nbs.generators import Generator, check_generated, check_kind, image_seeds, register_generator
+
+class Grey(Generator):
+    "A test kind: a grey film per finding (brighter with more findings) and seeded speckle; its weights are the levels."
+    kind, noun = 'test-grey', 'grey test model'
+    findings, image_size = ('pneumothorax', 'nodule', 'mass', 'effusion', 'cardiomegaly'), 64
+
+    @classmethod
+    def load(cls, path, device=None):
+        check_kind(path, cls)
+        return cls(path, Path(path)/'levels.safetensors', dict(mixed_precision='no', progress=False))
+
+    def generate(self, labels=None, masks=None, seed=0, *, findings=None, text=None, n=None, **options):
+        self.check_options('generate', **options)
+        rows = labels if labels is not None else torch.tensor([[float(f in (r or ())) for f in self.findings] for r in (findings or [()] * (n or 1))])
+        seeds = image_seeds(seed, len(rows))
+        speckle = torch.stack([torch.rand(1, 64, 64, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        return check_generated(torch.as_tensor(rows).float().sum(1)[:, None, None, None] / 10 - .5 + .2 * speckle, self.checkpoint)
+
+@pytest.fixture(scope='module')
+def grey(tmp_path_factory):
+    from safetensors.torch import save_file
+    d = tmp_path_factory.mktemp('grey')
+    save_file({'levels': torch.arange(6.)}, str(d/'levels.safetensors'))
+    (d/'generator.json').write_text(json.dumps({'kind': 'test-grey'}))
+    register_generator('test-grey', Grey.load, 'grey test model')
+    return d
+
+def test_a_new_kind_opens_draws_and_records(grey):
+    gen = load_generator(grey)
+    assert isinstance(gen, Grey) and cxr_diffusion_nbs.load_generator(grey, device='cpu').kind == 'test-grey'
+    assert (gen.takes_sampler, gen.can_guide, gen.can_inpaint, gen.has_latents) == (False, False, False, False)
+    x = gen.generate(findings=[['nodule'], []], seed=[4, 5])
+    assert x.shape == (2, 1, 64, 64) and torch.equal(gen.generate(findings=[[]], seed=5), x[1:])
+    with pytest.raises(SamplingError, match="'steps'.*a grey test model draws in one pass"): gen.generate(steps=20)
+    p = gen.provenance()
+    assert p['kind'] == 'test-grey' and p['weights'] == 'levels.safetensors' and len(p['model_sha256']) == 64
+
+def test_a_new_kind_through_cxr_sample_and_cxr_cohort(grey, tmp_path):
+    from cxr_diffusion_nbs.sampling import main as cxr_sample
+    from cxr_diffusion_nbs.cohort import main as cxr_cohort, load_cohort
+    from cxr_diffusion_nbs.core import sample_data_root
+    cxr_sample(['--checkpoint', str(grey), '--finding', 'mass', '--n', '2', '--output', str(tmp_path/'s')])
+    meta = json.loads((tmp_path/'s'/'samples.json').read_text())
+    assert meta['kind'] == 'test-grey' and meta['sampler'] is None and len(meta['files']) == 2
+    cxr_cohort(['--checkpoint', str(grey), '--output', str(tmp_path/'c'), '--counts', 'nodule=2',
+                '--set', f'data_root={sample_data_root()}', '--no-progress'])
+    assert len(load_cohort(tmp_path/'c').images) == 2
+    assert json.loads((tmp_path/'c'/'cohort.json').read_text())['generator_kind'] == 'test-grey'
+    assert 'drawn by a grey test model' in (tmp_path/'c'/'README.md').read_text()
+
+def test_a_loader_must_return_a_generator(tmp_path):
+    (tmp_path/'generator.json').write_text(json.dumps({'kind': 'test-not-a-generator'}))
+    register_generator('test-not-a-generator', lambda p, device=None: object())
+    with pytest.raises(SamplingError, match="returned a object, not a Generator"): load_generator(tmp_path)
+    with pytest.raises(SamplingError, match="'loader'"): register_generator('x', 'cxr_diffusion_nbs.gan:GANGenerator.load')

@@ -40,7 +40,7 @@ def test_pipeline_small_run(tmp_path):
     assert '] finished in ' in r.stderr and 'Executing' not in r.stderr
     for bar in ('train', 'synthetic images', 'classifier epochs', 'conditioning requests', 'rarity study'):
         assert f'{bar}: 100%' in r.stderr, (bar, r.stderr[-3000:])
-    for f in ('pipeline.ipynb', 'report.md', 'summary.json', 'stages.json', 'figures/samples.png', 'figures/embedding.png',
+    for f in ('pipeline.ipynb', 'report.md', 'report.html', 'summary.json', 'stages.json', 'figures/samples.png', 'figures/embedding.png',
               'figures/closest_pairs.png', 'figures/rarity.png', 'tables/fidelity.csv', 'tables/memorisation.csv',
               'tables/conditioning_consistency.csv', 'tables/conditioning_adherence.csv', 'tables/conditioning_contrast.csv',
               'tables/conditioning_coverage.csv', 'tables/rarity_table.csv', 'tables/realness.csv', 'rarity/runs.csv', 'cohort/images.csv',
@@ -48,6 +48,15 @@ def test_pipeline_small_run(tmp_path):
         assert (out/f).exists(), f
     assert set(json.loads((out/'stages.json').read_text())) >= {'train', 'cohort', 'classifier', 'conditioning', 'rarity', 'turing'}
     report = (out/'report.md').read_text()
+    # the headline first, in report.md and in report.html (its figures embedded, its sections folded)
+    summary = json.loads((out/'summary.json').read_text())
+    assert report.index(summary['headline'][0]) < report.index('## ') and len(summary['headline']) == 6
+    few = (pd.read_csv(out/'tables'/'rarity_table.csv').query("eval_set == 'test'").test_pos < 20).all()
+    assert summary['headline'][-1].startswith('**Can it support a conclusion?** ' + ('No: no finding has 20 test positives' if few else ''))
+    page = (out/'report.html').read_text()
+    assert page.count('data:image/png;base64,') == report.count('](figures/') == 4 and 'src="figures/' not in page
+    assert page.count('<details>') == report.count('\n## ') and page.index('Can it support a conclusion?') < page.index('<details>')
+    assert 'reader.html' in report and (out/'turing_kit'/'readers'/'reader.html').exists()
     for section in ('## Fidelity', '## Diversity', '## Realness', '## Conditioning fidelity', '### Class consistency', '### Mask adherence',
                     '### Lesion contrast', '### Coverage per finding', '## Memorisation', '## Rarity study', '## Reader-study kit'):
         assert section in report, section
@@ -222,3 +231,29 @@ def test_pipeline_gan_run(tmp_path):
     syn = load_cohort(out/'cohort')
     assert len(syn.images) == 15 and syn.images.steps.isna().all() and json.loads((out/'cohort'/'cohort.json').read_text())['generator_kind'] == 'gan'
     assert json.loads((out/'summary.json').read_text())['generator'].startswith('data/models/gan64 (gan)')
+
+def test_report_headline_follows_the_counts():
+    "The headline of report.md / report.html: the rarity study's primary comparison and whether it can support a conclusion."
+    from cxr_diffusion_nbs.pipeline import report_headline, rarity_primary
+    t = pd.DataFrame(dict(eval_set='test', k=[20] * 5 + [50], arm=['mix', 'mix', 'mix', 'mix', 'augment', 'mix'],
+                          n=[50, 50, 100, 100, 100, 100], finding=['nodule', 'effusion'] * 3, test_pos=[4, 60] * 3,
+                          auroc_real_only=.6, auroc=.65, auroc_diff=[.05, -.08, .01, .02, .03, .04],
+                          verdict=['too few to conclude (4 test positives)', 'no significant difference'] * 3))
+    first, second = rarity_primary(t, 20)
+    assert first.startswith('primary comparison (mix: 100 synthetic images per finding added to k = 20 real')   # largest n, smallest k
+    assert 'nodule 0.600 to 0.650 (+0.010, too few to conclude (4 test positives))' in first and '-0.080' not in first
+    assert second.startswith('Not as a gain or a loss: 1 of 2 findings have at least 20 test positives')
+    assert rarity_primary(t.assign(test_pos=4), 20)[1].startswith('No: no finding has 20 test positives')
+    gain = t.assign(verdict=['too few to conclude (4 test positives)', 'gain'] * 3)
+    assert rarity_primary(gain, 20)[1] == "Yes, for 1 of 2 findings (at least 20 test positives): effusion: gain after Holm's correction."
+    assert rarity_primary(t, 20, arm='negatives')[0].startswith('no negatives arm')
+    fid = pd.DataFrame(dict(fid=[.13, 3.45], precision=[.97, .94], recall=[.97, .9], coverage=[.73, .25]),
+                       index=pd.Index(['real test (floor)', 'synthetic'], name='comparison'))
+    cond = dict(consistency_pneumothorax=.63, consistency_nodule=.7, consistency_min=.63, adherence=.5, too_few=['nodule'])
+    h = report_headline('a model', fid, cond, t, 20, realness=dict(detector_auroc=.95, control_auroc=.52),
+                        memorisation=dict(flagged=0, synthetic=120))
+    assert [l.split('**')[1] for l in h] == ['Trained:', 'Fidelity:', 'Conditioning fidelity:', 'Memorisation:', 'Rarity study',
+                                             'Can it support a conclusion?']
+    assert 'FID 3.45 against a floor of 0.13' in h[1] and 'AUROC 0.95' in h[1]
+    assert 'from 0.63 (pneumothorax) to 0.7' in h[2] and 'too few real positives to conclude: nodule' in h[2]
+    assert len(report_headline('a model', fid, cond, t, 20)) == 5                   # no memorisation line when not given

@@ -46,7 +46,7 @@ def refused(fn, field):
 def test_kit_layout_and_neutral_names(kit):
     files = sorted(str(p.relative_to(kit)) for p in kit.rglob('*') if p.is_file())
     assert files == ['answer_key.csv', 'kit.json', 'readers/contact_sheet.html', 'readers/contact_sheet.pdf',
-                     *[f'readers/images/case_{i:03d}.png' for i in range(1, 13)], 'readers/reader_form.csv']
+                     *[f'readers/images/case_{i:03d}.png' for i in range(1, 13)], 'readers/reader.html', 'readers/reader_form.csv']
     assert not [p for p in kit.parent.iterdir() if p.name.startswith('.')]          # no staging or temp files left
 
 def test_images_carry_no_metadata_and_share_size_and_mode(kit, syn):
@@ -77,6 +77,24 @@ def test_html_and_pdf_do_not_leak(kit):
     import base64
     emb = [base64.b64decode(m.split(',', 1)[1]) for m in DATA_URI.findall(page)]
     assert emb == [(kit/'readers'/'images'/f'{c}.png').read_bytes() for c in key.case_id]
+
+def test_reader_page_embeds_the_case_images_only(kit, real, syn, tmp_path):
+    "The page's cases: ids, findings and the kit's own PNGs, in case order (tests/test_reader_page.py drives it in a browser)."
+    import base64
+    key, meta = key_of(kit), json.loads((kit/'kit.json').read_text())
+    page = (kit/'readers'/'reader.html').read_text()
+    study = json.loads(re.search(r'<script id="study" type="application/json">(.*?)</script>', page, re.S).group(1))
+    assert [c['id'] for c in study['cases']] == key.case_id.tolist() and study['show_finding'] is True
+    assert [base64.b64decode(c['img'].split(',', 1)[1]) for c in study['cases']] == \
+        [(kit/'readers'/'images'/f'{c}.png').read_bytes() for c in key.case_id]
+    assert study['kit'] == meta['kit_id'] and len(meta['kit_id']) == 16 and 'readers/reader.html' in meta['files']
+    assert "default-src 'none'" in page and 'not disclosed' in page
+    # the same draw gives the same kit id (a reader's saved answers follow it); another draw another id
+    same = export_turing_kit(real, syn, tmp_path/'a', n_real=6, n_synthetic=6, seed=3, pdf=False)
+    other = export_turing_kit(real, syn, tmp_path/'b', n_real=6, n_synthetic=6, seed=4, pdf=False)
+    assert json.loads((same/'kit.json').read_text())['kit_id'] == meta['kit_id'] != json.loads((other/'kit.json').read_text())['kit_id']
+    refused(lambda: turing.reader_page_html(key, [], [], True, 'k'), 'images')
+    refused(lambda: turing.reader_page_html(key.iloc[:0], [], [], True, 'a b'), 'kit_id')
 
 def test_reader_form_is_empty_and_in_case_order(kit):
     form = pd.read_csv(kit/'readers'/'reader_form.csv', dtype=str, keep_default_na=False)
