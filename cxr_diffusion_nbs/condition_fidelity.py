@@ -301,7 +301,8 @@ def guidance_curve(gen, real: Manifest, settings, split: str = 'val', judges: Ju
 def curve_figure(curve: pd.DataFrame, findings=RARE_FINDINGS, figsize=(11, 3.2)):
     """Three panels against the label scale (rows with mask = 1) and the mask scale (rows at the other label scale):
     consistency ratio per finding, adherence ratio, FID and coverage. Dotted lines: the targets."""
-    fig, axs = plt.subplots(1, 3, figsize=figsize)
+    import matplotlib.pyplot as plt
+    fig, axs = plt.subplots(1, 3, figsize=figsize, layout='constrained')
     by_l = curve[curve['mask'] == 1].sort_values('labels')
     for f in findings:
         if f'consistency_{f}' in by_l: axs[0].plot(by_l['labels'], by_l[f'consistency_{f}'], 'o-', label=f)
@@ -315,7 +316,8 @@ def curve_figure(curve: pd.DataFrame, findings=RARE_FINDINGS, figsize=(11, 3.2))
     if axs[1].get_legend_handles_labels()[0]: axs[1].legend(fontsize=7)
     axs[2].plot(by_l['labels'], by_l['fid'], 'o-', c='C3', label='FID'); axs[2].set(xlabel='label guidance scale (mask 1)', ylabel='FID', title='realism')
     ax2 = axs[2].twinx(); ax2.plot(by_l['labels'], by_l['coverage'], 's--', c='C0', label='coverage'); ax2.set_ylabel('coverage')
-    fig.legend(loc='lower right', fontsize=7); fig.tight_layout()
+    handles = [h for a in (axs[2], ax2) for h in a.get_legend_handles_labels()[0]]
+    axs[2].legend(handles, [h.get_label() for h in handles], fontsize=7)   # one legend for both scales, inside the panel
     return fig
 
 # %% ../nbs/17a_condition_fidelity.ipynb #908b3ea8

@@ -14,6 +14,7 @@ SLACK = 1.0          # pixels: boxes that only touch are not an overlap
 
 def _ticks(axis):
     "The tick labels matplotlib draws on `axis` (inside the view limits, visible, not empty)."
+    if not axis.get_visible(): return []                                  # e.g. the shared x axis of a twinx panel
     return [l for t in axis._update_ticks() for l in (t.label1, t.label2) if l.get_visible() and l.get_text().strip()]
 
 def layout(fig):
@@ -132,3 +133,50 @@ def test_pipeline_figures():
                               ssim=rng.uniform(0, 1, 8)))
     check(closest_pairs_figure(torch.zeros(8, 1, 16, 16), torch.zeros(10, 1, 16, 16), table, n=6,
                                flags=np.r_[True, np.zeros(7, bool)]))
+
+# ---------------------------------------------------------------- the other lessons' figure functions
+RARE = ('pneumothorax', 'nodule', 'mass', 'effusion', 'cardiomegaly')
+
+def test_curve_figure():
+    from cxr_diffusion_nbs.condition_fidelity import curve_figure
+    d = pd.read_csv(project_root()/'nbs'/'images'/'guidance_curve.csv').drop(columns=['model', 'split', 'donors'])
+    check(curve_figure(d))
+
+def test_prevalence_figure():
+    from cxr_diffusion_nbs.dataset import prevalence_figure
+    rng = np.random.default_rng(0)
+    im = pd.DataFrame(rng.integers(0, 2, (50, 5)), columns=list(RARE)).assign(patient_id=np.arange(50) % 20, split='train')
+    check(prevalence_figure(im, RARE))
+
+def test_ct_windows_figure():
+    from cxr_diffusion_nbs.modalities import ct_windows_figure
+    check(ct_windows_figure(np.linspace(-1000, 1000, 64 * 64).reshape(64, 64), title='a phantom slice'))
+
+def test_levels_figure():
+    from cxr_diffusion_nbs.restoration import levels_figure
+    check(levels_figure(np.random.default_rng(0).uniform(0, 1, (64, 64))))
+
+def test_restoration_figure():
+    from cxr_diffusion_nbs.restoration import restoration_figure
+    g = np.random.default_rng(0)
+    c = g.uniform(0, 1, (64, 64)); check(restoration_figure(c, c * .9, {'median': c * .95, 'diffusion': c}, title='restored'))
+
+def test_before_after_figure():
+    from cxr_diffusion_nbs.inpainting import before_after_figure
+    x = torch.zeros(2, 1, 32, 32); m = torch.zeros(2, 1, 32, 32); m[:, :, 8:16, 8:16] = 1
+    check(before_after_figure(x, x, m, titles=['nodule', 'mass']))
+
+def test_trajectory_figure():
+    from cxr_diffusion_nbs.sampling import SampleResult, trajectory_figure
+    r = SampleResult(torch.zeros(1, 1, 16, 16), [0], 'ddim', 6)
+    r.timesteps = list(range(900, -1, -150)); r.x_t = [torch.zeros(1, 1, 16, 16)] * 7; r.x0 = [torch.zeros(1, 1, 16, 16)] * 7
+    check(trajectory_figure(r))
+
+def test_dataset_figures():
+    "The first lessons' figures, on the bundled sample: examples per finding (masks and report text) and one film browsed."
+    from cxr_diffusion_nbs.core import sample_data_root
+    from cxr_diffusion_nbs.manifest import load_shared_subset
+    from cxr_diffusion_nbs.dataset import CXRDataset, examples_grid, browse_figure
+    ds = CXRDataset(load_shared_subset(sample_data_root()), size=64)
+    check(examples_grid(ds, ['nodule', 'effusion'], n=3))
+    check(browse_figure(ds, 0))
