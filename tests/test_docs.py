@@ -1,6 +1,6 @@
 """What can be checked of the docs without Quarto: `nbdev-proc-nbs` succeeds, every notebook converts to standalone
 HTML with its stored static figures, and a static figure always comes before the first widget."""
-import json, shutil, subprocess, sys
+import json, re, shutil, subprocess, sys
 from pathlib import Path
 import pytest
 
@@ -73,3 +73,15 @@ def test_static_figure_before_widget(nb):
 @pytest.mark.parametrize('nb', NBS, ids=[p.stem for p in NBS])
 def test_outputs_stay_small(nb):
     assert nb.stat().st_size < 1_500_000, f"{nb.name} is {nb.stat().st_size/1e6:.1f} MB: shrink its figures"
+
+MACHINE_PATH = re.compile(r'(?<![\w.])/(?:tmp|var/folders|private/var|home|Users|root)/[^\s\'"]+')
+
+@pytest.mark.parametrize('nb', NBS, ids=[p.stem for p in NBS])
+def test_stored_outputs_show_no_machine_path(nb):
+    "The stored outputs are what every docs reader sees: no temporary folder, home folder or this clone's location."
+    here = str(ROOT.resolve())
+    for i, c in enumerate(json.loads(nb.read_text())['cells']):
+        for o in c.get('outputs', []):
+            text = json.dumps({k: v for k, v in o.get('data', {}).items() if not k.startswith('image/')}) + json.dumps(o.get('text', ''))
+            found = MACHINE_PATH.findall(text) + ([here] if here in text else [])
+            assert not found, f"{nb.name} cell {i}: its stored output shows {found[0]!r} (print shareable_path(...) instead)"
