@@ -219,11 +219,15 @@ def summary(rows):
 def record(a, rows):
     "Append the rows to the CSV `a.record` (written atomically)."
     import datetime
-    path = resolve_path(a.record)
+    append_rows(a.record, [dict(label=a.label, seed=a.seed, date=datetime.date.today().isoformat(),
+                                **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}) for r in rows])
+
+
+def append_rows(path, rows: list):
+    "Append `rows` (dicts) to the CSV `path` (written atomically); the lever scripts record through it too."
+    path = resolve_path(path)
     prev = pd.read_csv(path) if path.exists() else pd.DataFrame()
-    new = pd.DataFrame([dict(label=a.label, seed=a.seed, date=datetime.date.today().isoformat(),
-                             **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}) for r in rows])
-    with atomic_write(path) as tmp: pd.concat([prev, new], ignore_index=True).to_csv(tmp, index=False)
+    with atomic_write(path) as tmp: pd.concat([prev, pd.DataFrame(rows)], ignore_index=True).to_csv(tmp, index=False)
     print(f"recorded in {shareable_path(path)}")
 
 

@@ -31,7 +31,7 @@ import numpy as np, pandas as pd, torch
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_realism as br
 from cxr_diffusion_nbs import sampling
-from cxr_diffusion_nbs.core import atomic_write, find_data_root, project_root, resolve_path, shareable_path
+from cxr_diffusion_nbs.core import find_data_root, project_root
 from cxr_diffusion_nbs.manifest import load_shared_subset
 from cxr_diffusion_nbs.metrics import feature_extractor, extract_features
 from cxr_diffusion_nbs.condition_fidelity import donor_requests, draw_requests, measure, load_judges
@@ -53,14 +53,6 @@ class MaskBelow:
 def setting_name(below, low) -> str:
     if below is None: return 'cpu64_demo, defaults (mask 2 at every step)'
     return f"cpu64_demo, mask 2 for t>={below}, {'dropped' if low == 0 else f'scale {low:g}'} below"
-
-
-def append(path, rows: list):
-    "Append `rows` (dicts) to the CSV `path`, written atomically."
-    path = resolve_path(path)
-    prev = pd.read_csv(path) if path.exists() else pd.DataFrame()
-    with atomic_write(path) as tmp: pd.concat([prev, pd.DataFrame(rows)], ignore_index=True).to_csv(tmp, index=False)
-    print(f'recorded in {shareable_path(path)}')
 
 
 def main(argv=None):
@@ -96,7 +88,7 @@ def main(argv=None):
         rows.append(br.measure_row(setting_name(below, low), x, ref['test'], ref['val'], ext, f_test, a.seed, 300, secs,
                                    gen.kind, 64, f'labels 4 at every step, mask 2 for t>={below} and {low:g} below'))
     br.table(rows)
-    append(a.record_realness, [dict(label=f'mask condition over the high-noise part only (benchmarks/lever_mask_interval.py)',
+    br.append_rows(a.record_realness, [dict(label=f'mask condition over the high-noise part only (benchmarks/lever_mask_interval.py)',
                                     seed=a.seed, date=datetime.date.today().isoformat(),
                                     **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}) for r in rows])
 
@@ -110,7 +102,7 @@ def main(argv=None):
                         **{k: round(v, 4) for k, v in s.items() if k.startswith(('consistency_', 'adherence', 'fid'))},
                         date=datetime.date.today().isoformat()))
         print(out[-1], flush=True)
-    append(a.record_fidelity, out)
+    br.append_rows(a.record_fidelity, out)
 
 
 if __name__ == '__main__':
