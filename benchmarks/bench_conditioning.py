@@ -29,8 +29,9 @@ worse than FID_TARGET. A row resting on fewer than `--min-positives` (20) real p
     .venv/bin/python benchmarks/bench_conditioning.py --guidance labels=3,mask=1 --guidance-mode nested
     .venv/bin/python benchmarks/bench_conditioning.py --checkpoint runs/cpu64 --repeats 2
     .venv/bin/python benchmarks/bench_conditioning.py --screen 4                # best of 4 by the 64-px screener (nbs/17b_screening)
+    .venv/bin/python benchmarks/bench_conditioning.py --guidance none --sampler dpmpp --steps 20 --save nbs/images/demo_fidelity.json   # nbs/17a's tables
 """
-import argparse, json, math, time
+import argparse, datetime, json, math, shlex, sys, time
 from pathlib import Path
 
 import numpy as np
@@ -84,7 +85,10 @@ def main(argv=None):
     p.add_argument('--progress', action='store_true', help='print a line per batch drawn (for long runs such as DDPM 1000 steps)')
     p.add_argument('--record', help='append the summary as a row to this CSV (the experiments table of nbs/17a_condition_fidelity)')
     p.add_argument('--label', default='', help='what the row is (with --record), e.g. "balanced draws"')
+    p.add_argument('--save', help='store the whole measurement (every table, not the images) as JSON (FidelityResult.save), '
+                                  'e.g. nbs/images/demo_fidelity.json, which nbs/17a_condition_fidelity reads')
     a = p.parse_args(argv)
+    a.command = ' '.join(['benchmarks/bench_conditioning.py'] + [shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv)])
     for k in ('repeats', 'batch', 'steps', 'screen', 'realness_steps'):
         if getattr(a, k) < 1: p.error(f"--{k.replace('_', '-')} must be >= 1")
     torch.set_num_threads(a.threads)
@@ -155,6 +159,12 @@ def run(a):
     print(f"  FID:         {s['fid']:.2f} vs {fmt(FID_TARGET) if FID_TARGET else 'n/a'}: {fid_v}")
     n_met = int((c.ratio >= CONSISTENCY_TARGET).sum())
     if a.record: record(a, gen, o, judges, real, r, s, look)
+    if a.save:
+        path = r.save(a.save, command=a.command, checkpoint=shareable_path(resolve_path(a.checkpoint)), kind=gen.kind,
+                      model_sha256=gen.model_sha256(), judges=judges.name, data=real.name, split=a.split,
+                      donors=len(set(r.donors.tolist())), images=len(r.synthetic), image_ids=list(req.image_ids),
+                      date=datetime.date.today().isoformat())
+        print(f"stored in {shareable_path(path)}")
     print(f"  summary: consistency {n_met}/{len(c)} findings met; adherence {verdict(s['adherence'], ADHERENCE_TARGET)}; FID {fid_v}"
           + (f"; * too few to conclude: {', '.join(s['too_few'])}" if s['too_few'] else ''))
 
@@ -205,7 +215,7 @@ def _progress(t0):
 
 def record(a, gen, o, judges, real, r, s, look):
     "Append this run's summary and realness (`look`; its image counts as `realness_n_real`, `realness_n_synthetic`) to the CSV `a.record` (written atomically)."
-    import datetime, pandas as pd
+    import pandas as pd
     from cxr_diffusion_nbs.core import atomic_write
     row = dict(label=a.label, checkpoint=shareable_path(resolve_path(a.checkpoint)), screen=a.screen, sampler=o['sampler'], steps=o['steps'],
                mixed_precision=o['mixed_precision'],

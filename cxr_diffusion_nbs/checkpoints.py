@@ -7,7 +7,7 @@ Docs: https://cxr-diffusion-nbs.github.io/cxr_diffusion_nbs/checkpoints.html.md"
 
 # %% ../nbs/09a_checkpoints.ipynb #4ef2e175
 from __future__ import annotations
-import os, json, pickle, random, shutil, warnings, contextlib
+import os, csv, copy, json, pickle, random, shutil, warnings, contextlib
 from pathlib import Path
 import numpy as np
 import torch
@@ -19,12 +19,13 @@ from .conditioning import ConditioningConfig, ConditionalDenoiser
 
 # %% auto #0
 __all__ = ['CKPT_PREFIX', 'STATE_FILE', 'SIGNATURE_FILE', 'GENERATOR_FILE', 'DEFAULT_KIND', 'DENOISER_KINDS',
-           'AUTOENCODER_FOLDER', 'MAX_WEIGHT', 'INTEGER_BUFFERS', 'CheckpointError', 'list_checkpoints',
-           'prune_checkpoints', 'checkpoint_folder', 'resolve_resume', 'rng_state', 'set_rng_state', 'safe_load',
-           'restoring', 'nonfinite_tensors', 'weight_problems', 'safetensors_dtypes', 'DivergedWeightsError',
-           'check_weights', 'read_weights', 'save_checkpoint', 'load_checkpoint', 'weights_file', 'load_weights',
-           'read_json_object', 'read_signature', 'generator_file', 'generator_kind', 'generator_defaults',
-           'recommend_defaults', 'load_denoiser']
+           'AUTOENCODER_FOLDER', 'MAX_WEIGHT', 'INTEGER_BUFFERS', 'WEIGHTS_NAME', 'CONFIG_NAME', 'CheckpointError',
+           'list_checkpoints', 'prune_checkpoints', 'checkpoint_folder', 'resolve_resume', 'rng_state', 'set_rng_state',
+           'safe_load', 'restoring', 'nonfinite_tensors', 'weight_problems', 'safetensors_dtypes',
+           'DivergedWeightsError', 'check_weights', 'read_weights', 'save_checkpoint', 'load_checkpoint',
+           'save_diffusers_folder', 'append_log', 'truncate_log', 'weights_file', 'load_weights', 'read_json_object',
+           'read_signature', 'generator_file', 'generator_kind', 'generator_defaults', 'recommend_defaults',
+           'load_denoiser']
 
 # %% ../nbs/09a_checkpoints.ipynb #6b1b4dfc
 CKPT_PREFIX = 'checkpoint-'
@@ -108,6 +109,8 @@ def safe_load(path, map_location=None):
                               f'which only a full unpickling, able to run code, would build ({first})') from None
     except (RuntimeError, EOFError) as e:
         raise CheckpointError(str(path), '<file>', f'unreadable: {type(e).__name__}: {str(e)[:200]}') from None
+    except (ValueError, IndexError, KeyError, UnicodeDecodeError) as e:   # random bytes break the unpickler in many ways
+        raise CheckpointError(str(path), '<file>', f'not a torch file (truncated or corrupt?): {type(e).__name__}: {str(e)[:200]}') from None
 
 # %% ../nbs/09a_checkpoints.ipynb #99dc7020
 MAX_WEIGHT = 1e6   # no healthy network here holds a weight this large; a run diverging with lr 1e30 saved ~3e29
@@ -256,6 +259,43 @@ def load_checkpoint(ckpt, *, accelerator, model, optimizer, lr_scheduler, ema, g
             warnings.warn(f"{ckpt}: saved with {state.get('num_processes')} process(es), resuming with {acc.num_processes}: "
                           "the run continues but will not repeat the uninterrupted one exactly")
         return state
+
+# %% ../nbs/09a_checkpoints.ipynb #5920082b
+WEIGHTS_NAME, CONFIG_NAME = 'diffusion_pytorch_model.safetensors', 'config.json'   # diffusers' file names
+
+def save_diffusers_folder(model, folder, dtype: torch.dtype | None = None) -> Path:
+    "`model.save_pretrained(folder, safe_serialization=True)` (a diffusers `ModelMixin`) written atomically (temporary folder, then rename) after `check_weights`; `dtype` e.g. torch.float16 to ship smaller weights."
+    folder = Path(folder)
+    check_weights(model, folder/WEIGHTS_NAME, 'not written', saving=True)
+    tmp = folder.with_name(f'.tmp-{folder.name}')
+    if tmp.exists(): shutil.rmtree(tmp)
+    m = model if dtype is None or dtype == next(model.parameters()).dtype else copy.deepcopy(model).to(dtype)
+    m.save_pretrained(tmp, safe_serialization=True)
+    cfg = json.loads((tmp/CONFIG_NAME).read_text())
+    cfg.pop('_name_or_path', None)                    # diffusers may record where it was loaded from: no machine paths
+    (tmp/CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + '\n')
+    if folder.exists(): shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder
+
+def append_log(path, row: dict):
+    "Append one row to the CSV log `path` (the header first if the file is new); flushed immediately."
+    path = Path(path)
+    new = not path.exists() or path.stat().st_size == 0
+    with open(path, 'a', newline='') as f:
+        w = csv.writer(f)
+        if new: w.writerow(list(row))
+        w.writerow([repr(v) if isinstance(v, float) else v for v in row.values()])
+        f.flush()
+
+def truncate_log(path, step: int):
+    "Keep only the rows of the CSV log `path` with step (its first column) <= `step`, atomically: a resumed run rewinds its log to its checkpoint."
+    path = Path(path)
+    if not path.exists(): return
+    with open(path, newline='') as f: rows = list(csv.reader(f))
+    if not rows: return
+    keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= step]
+    with atomic_write(path) as tmp, open(tmp, 'w', newline='') as f: csv.writer(f).writerows(keep)
 
 # %% ../nbs/09a_checkpoints.ipynb #b46086f8
 def weights_file(ckpt, use_ema: bool = True) -> Path:

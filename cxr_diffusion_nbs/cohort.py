@@ -10,7 +10,7 @@ Docs: https://cxr-diffusion-nbs.github.io/cxr_diffusion_nbs/cohort.html.md"""
 
 # %% ../nbs/14_cohort.ipynb #ee7119c5
 from __future__ import annotations
-import argparse, dataclasses, hashlib, hmac, json, math, os, secrets, sys, datetime
+import argparse, dataclasses, hashlib, hmac, json, math, os, secrets, sys, datetime, time
 from dataclasses import dataclass, field, asdict, fields
 from pathlib import Path
 import numpy as np, pandas as pd
@@ -19,7 +19,7 @@ from PIL import Image
 from pydicom.uid import generate_uid, MultiFrameGrayscaleByteSecondaryCaptureImageStorage
 from tqdm.auto import tqdm
 from . import __version__
-from .core import (cli_errors, CXRDataError, ConfigError, PatientLeakageError, atomic_write, write_shared_csv, canonical_finding, check_output_folder,
+from .core import (MAX_SEED, cli_errors, CXRDataError, ConfigError, PatientLeakageError, atomic_write, write_shared_csv, canonical_finding, check_output_folder,
                                     config_from_dict, find_data_root, parse_override, project_root, read_config_file,
                                     remove_stale_temporaries, resolve_path, shareable_path, stale_temporaries)
 from .image_io import to_uint8, write_png, write_dicom
@@ -35,10 +35,11 @@ from .sampling import SAMPLERS, synthetic_note
 # %% auto #0
 __all__ = ['COHORT_SAMPLING', 'MAX_COHORT_IMAGES', 'PRIVATE', 'CohortError', 'CohortConfig', 'DonorPool', 'move_masks',
            'jitter_mask', 'target_counts', 'image_seed', 'plan_cohort', 'plan_conditions', 'donor_ref', 'cohort_key',
-           'shared_plan', 'donor_table', 'write_private', 'attach_donors', 'scan_shared', 'cohort_readme', 'image_uids',
-           'write_synthetic_dicom', 'check_output_dir', 'read_records', 'load_real_manifest', 'cohort_guidance',
-           'image_guidance', 'model_sampling', 'resolve_sampling', 'generator_options', 'plan_batch', 'build_cohort',
-           'write_cohort_manifest', 'privatise_cohort', 'load_cohort', 'load_cohort_config', 'main']
+           'shared_plan', 'donor_table', 'write_private', 'attach_donors', 'scan_shared', 'options_words',
+           'cohort_readme', 'image_uids', 'write_synthetic_dicom', 'check_output_dir', 'read_records',
+           'load_real_manifest', 'cohort_guidance', 'image_guidance', 'model_sampling', 'resolve_sampling',
+           'generator_options', 'plan_batch', 'format_duration', 'format_bytes', 'peak_memory', 'cohort_estimate',
+           'build_cohort', 'write_cohort_manifest', 'privatise_cohort', 'load_cohort', 'load_cohort_config', 'main']
 
 # %% ../nbs/14_cohort.ipynb #704c355f
 class CohortError(CXRDataError):
@@ -171,7 +172,7 @@ def jitter_mask(masks: torch.Tensor, region: torch.Tensor, rng: np.random.Genera
     return (masks > .5).float(), dict(angle=0., scale=1., tx=0., ty=0., tries=0)
 
 # %% ../nbs/14_cohort.ipynb #d22b2740
-MAX_COHORT_IMAGES = 100_000   # one cohort's images; beyond it, planning alone takes minutes and the folder holds >1e5 files
+MAX_COHORT_IMAGES = 100_000   # one cohort's images: 1e5 files in a folder; planning them takes ~10 s (GAN) to ~20 CPU min (256-px masks)
 
 def target_counts(cfg: CohortConfig, pool: DonorPool, source: str = '<config>') -> dict:
     "Synthetic images per finding: `cfg.counts`, or with `balance='max'` enough to lift every finding to the most frequent."
@@ -183,45 +184,51 @@ def target_counts(cfg: CohortConfig, pool: DonorPool, source: str = '<config>') 
             raise CohortError(source, 'counts', f"the model was not trained on {f!r}; it knows {', '.join(pool.findings)}")
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
             raise CohortError(source, f'counts.{f}', f'{n!r} is not a non-negative integer')
-    if cfg.counts:
-        total = sum(int(n) for n in cfg.counts.values())
-        if total > MAX_COHORT_IMAGES:
-            raise CohortError(source, 'counts', f'{total:,} images is above the limit of {MAX_COHORT_IMAGES:,} per cohort; build it in several '
-                              'cohorts (the progress bar of a smaller one shows the time per image on this machine)')
-        return {f: int(n) for f, n in cfg.counts.items()}
-    real = pool.counts()
-    top = max(real.values())
-    out = {f: top - n for f, n in real.items()}
-    if cfg.max_per_finding is not None: out = {f: min(n, cfg.max_per_finding) for f, n in out.items()}
+    if cfg.counts: out = {f: int(n) for f, n in cfg.counts.items()}
+    else:
+        real = pool.counts()
+        top = max(real.values())
+        out = {f: top - n for f, n in real.items()}
+        if cfg.max_per_finding is not None: out = {f: min(n, cfg.max_per_finding) for f, n in out.items()}
+    total = sum(out.values())
+    if total > MAX_COHORT_IMAGES:
+        raise CohortError(source, 'counts' if cfg.counts else 'max_per_finding', f'{total:,} images is above the limit of '
+                          f'{MAX_COHORT_IMAGES:,} per cohort; build it in several cohorts (a smaller one prints its estimated time first)')
     return out
 
 def image_seed(seed: int, k: int) -> int:
     "The seed of image `k` of a cohort with base `seed` (independent of batching and restarts)."
     return int(np.random.SeedSequence((int(seed), int(k))).generate_state(1)[0] & 0x7FFFFFFF)
 
-def plan_cohort(cfg: CohortConfig, pool: DonorPool, counts: dict, masks: bool = True) -> pd.DataFrame:
+def plan_cohort(cfg: CohortConfig, pool: DonorPool, counts: dict, masks: bool = True, progress: bool = False) -> pd.DataFrame:
     """One row per synthetic image: id, target finding, donor, labels, mask transform, whether the mask is used, seed.
-    `masks=False` (a generator without mask conditioning): donors are all positives, and no image claims a mask."""
+    `masks=False` (a generator without mask conditioning): donors are all positives, and no image claims a mask.
+    `progress`: a bar (a mask's jitter costs ~1.5 ms at 64 px, ~10 ms at 256 px: 100,000 masked images take minutes)."""
     rows, k = [], 0
+    bar = tqdm(total=sum(counts.values()), desc='planning', unit='img', disable=not progress, leave=False, delay=2)   # (shown after 2 s)
+    ids, views = pool.ds.images['image_id'].tolist(), pool.ds.images['view'].tolist()    # (a pandas look-up per image: most of a GAN plan's time)
     for f, n in counts.items():
         donors, with_mask = pool.donors(f, masks)
         if n and not len(donors):
             raise CohortError(cfg.data_root or 'data', f, f"no {cfg.split!r} image is positive for {f}: no donor to take conditions from")
         fi = pool.findings.index(f)
         for j in range(n):
-            rng = np.random.default_rng(image_seed(cfg.seed, k) + 1)
+            seed = image_seed(cfg.seed, k)
+            rng = np.random.default_rng(seed + 1)
             d = int(donors[rng.integers(len(donors))])
             lab = pool.labels[d].copy() if cfg.co_occurring else np.zeros(len(pool.findings))
             lab[fi] = 1.
-            ms = pool.masks(d)
-            if not cfg.co_occurring: ms = ms * torch.tensor(np.arange(len(pool.findings)) == fi, dtype=ms.dtype)[:, None, None]
-            jit = (jitter_mask(ms, pool.regions[f], rng, cfg.shift, cfg.rotate, cfg.lesion_scale, cfg.min_inside)[1]
-                   if with_mask else dict(angle=0., scale=1., tx=0., ty=0., tries=0))
+            jit = dict(angle=0., scale=1., tx=0., ty=0., tries=0)
+            if with_mask:                                   # (the donor's masks are read only when they are used)
+                ms = pool.masks(d)
+                if not cfg.co_occurring: ms = ms * torch.tensor(np.arange(len(pool.findings)) == fi, dtype=ms.dtype)[:, None, None]
+                jit = jitter_mask(ms, pool.regions[f], rng, cfg.shift, cfg.rotate, cfg.lesion_scale, cfg.min_inside)[1]
             rows.append(dict(image_id=f'syn_{k:06d}', index=k, target_finding=f, donor_index=d,
-                             donor_image_id=pool.ds.images['image_id'].iloc[d], donor_view=pool.ds.images['view'].iloc[d],
+                             donor_image_id=ids[d], donor_view=views[d],
                              labels=json.dumps([int(v) for v in lab]), use_mask=bool(with_mask),
-                             jitter=json.dumps(jit), seed=image_seed(cfg.seed, k)))
-            k += 1
+                             jitter=json.dumps(jit), seed=seed))
+            k += 1; bar.update()
+    bar.close()
     return pd.DataFrame(rows)
 
 def plan_conditions(row, pool: DonorPool, cfg: CohortConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -312,12 +319,17 @@ def scan_shared(out, needles) -> list:
         hits += [(rel.as_posix(), n) for n in needles if n.encode() in blob]
     return hits
 
+def options_words(o: dict) -> str:
+    "How a cohort's images are drawn, in words, from its resolved options (`identity['options']`): a diffusion model's sampler, or a GAN's own options."
+    if 'sampler' in o or not o:
+        return (f"sampler {o.get('sampler')} with {o.get('steps')} steps, guidance {json.dumps(o.get('guidance'))}"
+                + (f" in {o['guidance_mode']} mode" if o.get('guidance_mode') else ''))
+    return 'drawn in one pass, no sampler' + ''.join(f", {k} {'none' if v is None else v}" for k, v in o.items())
+
 def cohort_readme(meta: dict) -> str:
     "The README a new cohort folder gets: what the images are, what each file holds, and which folder never to share."
     counts = ', '.join(f'{f} {n}' for f, n in meta['counts'].items() if n)
-    o = meta['identity'].get('options', {})
-    how = (f"sampler {o.get('sampler')} with {o.get('steps')} steps, guidance {json.dumps(o.get('guidance'))}" if 'sampler' in o or not o
-           else 'drawn in one pass, no sampler' + ''.join(f", {k} {'none' if v is None else v}" for k, v in o.items()))      # a GAN: its own options
+    how = options_words(meta['identity'].get('options', {}))
     masks = ' and lesion masks' if meta.get('masks', True) else ''
     return f"""# Synthetic chest X-ray cohort: {meta['n_images']} images
 
@@ -423,6 +435,8 @@ def _validate(cfg: CohortConfig, source: str):
               ('shift', 0 <= cfg.shift <= .5, 'must be in [0, 0.5]'), ('rotate', 0 <= cfg.rotate <= 180, 'must be in [0, 180] degrees'),
               ('lesion_scale', len(cfg.lesion_scale) == 2 and 0 < cfg.lesion_scale[0] <= cfg.lesion_scale[1], 'must be (low, high) with 0 < low <= high'),
               ('min_inside', 0 <= cfg.min_inside <= 1, 'must be in [0, 1]'),
+              ('seed', isinstance(cfg.seed, int) and not isinstance(cfg.seed, bool) and 0 <= cfg.seed <= MAX_SEED,
+               f'must be a whole number in [0, {MAX_SEED}] (NumPy seeds the plan with it)'),
               ('max_per_finding', cfg.max_per_finding is None or cfg.max_per_finding >= 0, 'must be >= 0'),
               ('test_fraction', isinstance(cfg.test_fraction, (int, float)) and 0 <= cfg.test_fraction < 1, 'must be in [0, 1)')]
     for name, ok, problem in checks:
@@ -483,10 +497,49 @@ def plan_batch(rows: pd.DataFrame, pool: DonorPool, cfg: CohortConfig) -> tuple[
     labs, masks = zip(*(plan_conditions(r, pool, cfg) for _, r in rows.iterrows()))
     return torch.stack(labs), [m if u else None for m, u in zip(masks, rows['use_mask'])]
 
+# %% ../nbs/14_cohort.ipynb #e5a1c0d2
+def format_duration(seconds: float) -> str:
+    "A duration as read at a glance: '0.4 s', '40 s', '3 min', '2.5 h', '3.2 days'."
+    s = float(seconds)
+    if s < 10: return f'{s:.1f} s'
+    if s < 90: return f'{s:.0f} s'
+    if s < 90 * 60: return f'{s / 60:.0f} min'
+    if s < 48 * 3600: return f'{s / 3600:.1f} h'
+    return f'{s / 86400:.1f} days'
+
+def format_bytes(n: float) -> str:
+    "A memory size in decimal units: '850 MB', '1.2 GB'."
+    return f'{n / 1e6:.0f} MB' if n < 1e9 else f'{n / 1e9:.1f} GB'
+
+def peak_memory(device=None) -> int | None:
+    """The peak memory so far, in bytes: on a CUDA device the most torch allocated there, else the process's peak
+    resident memory (`ru_maxrss`: everything this process held, so in a notebook also what earlier cells did). None
+    where it cannot be read (Windows)."""
+    if device is not None and torch.device(device).type == 'cuda': return int(torch.cuda.max_memory_allocated(device))
+    try: import resource
+    except ImportError: return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == 'darwin' else int(peak) * 1024       # macOS: bytes; Linux: KiB
+
+def cohort_estimate(n_images: int, measured: int, seconds: float, what: str = 'a generator', peak_bytes: int | None = None,
+                    device=None, total: int | None = None) -> dict:
+    """The time `n_images` take at the rate of a first batch of the same request (`measured` images drawn and written in
+    `seconds`): dict(seconds, per_image, peak_bytes, line), the line saying how many images (of `total`, when a resumed
+    cohort has some already), from `what` (e.g. 'a GAN (drawn in one pass)'), how long on `device`, and `peak_bytes`."""
+    if measured < 1 or not seconds >= 0: raise ValueError(f'cohort_estimate: {measured} images in {seconds} s is not a measurement')
+    per = seconds / measured
+    head = f'{n_images:,} images' if total in (None, n_images) else f'{n_images:,} of {total:,} images left'
+    mem = '' if peak_bytes is None else f', peak memory about {format_bytes(peak_bytes)}'
+    line = (f'cohort: {head} from {what}: about {format_duration(per * n_images)} on {torch.device(device or "cpu").type} '
+            f'({per:.2g} s/image measured on a first batch of {measured}){mem}')
+    return dict(seconds=per * n_images, per_image=per, peak_bytes=peak_bytes, line=line)
+
 # %% ../nbs/14_cohort.ipynb #035196d8
-def build_cohort(cfg: CohortConfig | dict, source: str = '<config>', progress: bool = True) -> Path:
+def build_cohort(cfg: CohortConfig | dict, source: str = '<config>', progress: bool = True, log=None) -> Path:
     """Generate (or resume) the synthetic cohort `cfg` describes; return its folder. Everything is validated before
-    the first file is written; each image is written atomically then recorded; the manifest is written last."""
+    the first file is written; each image is written atomically then recorded; the manifest is written last. `log`: a
+    function (e.g. `print`) given one line, once the first batch is drawn and written, with the images, the generator,
+    and the time and peak memory they take at that batch's rate (`cohort_estimate`)."""
     cfg = CohortConfig.from_dict(cfg, source) if isinstance(cfg, dict) else cfg
     _validate(cfg, source)
     out = Path(cfg.output_dir)
@@ -500,7 +553,7 @@ def build_cohort(cfg: CohortConfig | dict, source: str = '<config>', progress: b
         raise CohortError(manifest.origin or manifest.name, 'split', f"no {cfg.split!r} images; found {sorted(set(manifest.images['split']))}")
     pool = DonorPool(manifest, gen.findings, gen.image_size, cfg.split)
     counts = target_counts(cfg, pool, source)
-    plan = plan_cohort(cfg, pool, counts, masks=takes_masks)
+    plan = plan_cohort(cfg, pool, counts, masks=takes_masks, progress=progress)
     if not len(plan): raise CohortError(source, 'counts', 'the request amounts to 0 images')
     plan_csv = plan.to_csv(index=False)
     model_sha, ck = gen.model_sha256(), gen.checkpoint
@@ -525,19 +578,18 @@ def build_cohort(cfg: CohortConfig | dict, source: str = '<config>', progress: b
             with atomic_write(out/'README.md') as tmp: tmp.write_text(cohort_readme(meta))
         with atomic_write(out/'cohort.json') as tmp: tmp.write_text(json.dumps(meta, indent=1))
     meta = json.loads((out/'cohort.json').read_text())
-    done = read_records(out)
-    todo = plan[~plan['image_id'].isin(set(done))]
-    bar = None
-    if progress:
-        bar = tqdm(total=len(plan), initial=len(plan) - len(todo), desc='synthetic images', unit='img')
+    done = set(read_records(out))
+    # batches are fixed slices of the plan, so a resumed run computes exactly what an uninterrupted one did
+    batches = [plan.iloc[b:b + cfg.batch_size] for b in range(0, len(plan), cfg.batch_size)]
+    batches = [rows for rows in batches if not rows['image_id'].isin(done).all()]
+    todo = sum(int((~rows['image_id'].isin(done)).sum()) for rows in batches)
+    bar = tqdm(total=len(plan), initial=len(plan) - todo, desc='synthetic images', unit='img') if progress else None
     rec_opts = {k: v for k, v in opts.items() if k != 'mixed_precision'}
     if not diffusion: rec_opts = dict(kind=gen.kind, **rec_opts)   # (a diffusion image names its sampler instead, as it always did)
     note = synthetic_note(gen.kind)
     call = {k: v for k, v in opts.items() if not (k == 'guidance' and cohort_guidance(cfg) is None)}   # the model's own scales: per request
-    # batches are fixed slices of the plan, so a resumed run computes exactly what an uninterrupted one did
-    for b in range(0, len(plan), cfg.batch_size):
-        rows = plan.iloc[b:b + cfg.batch_size]
-        if rows['image_id'].isin(set(done)).all(): continue
+    device, start = getattr(gen, 'device', None), time.perf_counter()
+    for i, rows in enumerate(batches):
         labels, masks = plan_batch(rows, pool, cfg)
         images = gen.generate(labels=labels, masks=masks if gen.mask_mode else None, seed=[int(s) for s in rows['seed']], **call)
         for j, (_, r) in enumerate(rows.iterrows()):
@@ -561,6 +613,10 @@ def build_cohort(cfg: CohortConfig | dict, source: str = '<config>', progress: b
                                             'Provenance': json.dumps(prov)})
             _append_record(out, rec)
             if bar is not None: bar.update(1)
+        if i == 0 and log is not None:
+            what = f"a {made_by(gen.kind)} ({options_words(identity['options'])})"
+            line = cohort_estimate(todo, len(rows), time.perf_counter() - start, what, peak_memory(device), device, len(plan))['line']
+            log(line)
     if bar is not None: bar.close()
     write_cohort_manifest(out)
     return out
@@ -684,7 +740,7 @@ def main(argv=None):
                 k, v = parse_override(item)
                 over.append((f'counts.{k}', v))
         cfg, source = load_cohort_config(a.config, over)
-        out = build_cohort(cfg, source, progress=not a.no_progress)
+        out = build_cohort(cfg, source, progress=not a.no_progress, log=lambda line: tqdm.write(line, file=sys.stderr))   # (above the bar)
         m = load_cohort(out)
         print(json.dumps(dict(output_dir=str(out), images=len(m.images), annotations=len(m.annotations),
                               per_finding={f: int(m.images[f].sum()) for f in m.findings}), indent=1))

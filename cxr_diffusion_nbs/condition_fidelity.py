@@ -7,13 +7,13 @@ Docs: https://cxr-diffusion-nbs.github.io/cxr_diffusion_nbs/condition_fidelity.h
 
 # %% ../nbs/17a_condition_fidelity.ipynb #28786bbc
 from __future__ import annotations
-import math
+import json, math
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np, pandas as pd
 import torch
 import torch.nn.functional as F
-from .core import CXRDataError, RARE_FINDINGS, project_root, resolve_path
+from .core import CXRDataError, RARE_FINDINGS, atomic_write, project_root, resolve_path
 from .manifest import Manifest
 from .cohort import DonorPool, image_seed
 from .classifier import load_classifier, predict_proba, image_features, to_size, round_trip
@@ -23,9 +23,10 @@ from .metrics import compare_sets, prdc
 from .downstream import delong_ci
 
 # %% auto #0
-__all__ = ['FID_TARGET', 'FidelityError', 'Judges', 'load_judges', 'Requests', 'donor_requests', 'plan_requests', 'draw_requests',
-           'reference', 'consistency', 'adherence', 'lesion_contrast', 'contrast_table', 'coverage_by_finding',
-           'fidelity', 'FidelityResult', 'measure', 'guidance_curve', 'curve_figure', 'choose_guidance']
+__all__ = ['RESULT_TABLES', 'FID_TARGET', 'FidelityError', 'Judges', 'load_judges', 'Requests', 'donor_requests', 'plan_requests',
+           'draw_requests', 'reference', 'consistency', 'adherence', 'lesion_contrast', 'contrast_table',
+           'coverage_by_finding', 'fidelity', 'FidelityResult', 'measure', 'load_fidelity', 'guidance_curve',
+           'curve_figure', 'choose_guidance']
 
 # %% ../nbs/17a_condition_fidelity.ipynb #fc279939
 class FidelityError(CXRDataError):
@@ -74,6 +75,11 @@ class Requests:
         "The masks a generator of `mask_mode` takes ('union', 'per_finding' or None), for `donors` (indices; None: all)."
         m = {None: None, 'union': self.union, 'per_finding': self.masks}[mask_mode]
         return m if m is None or donors is None else m[donors]
+
+    def take(self, donors) -> Requests:
+        "The requests of `donors` (indices) only: a quick check on a few donors."
+        d = np.asarray(donors, dtype=int)
+        return Requests([self.image_ids[i] for i in d], self.findings, self.labels[d], self.masks[d], self.complete[d], self.films[d])
 
 def donor_requests(real: Manifest, split: str, findings, gen_size: int, judge_size: int) -> Requests:
     "`Requests` of every image of `split` of `real`, masks at `gen_size`, films at `judge_size`."
@@ -231,6 +237,17 @@ def fidelity(judges: Judges, synthetic: torch.Tensor, req: Requests, ref=None, s
     return compare_sets(image_features(judges.classifier, ref), image_features(judges.classifier, to_size(synthetic, judges.size)), seed=seed)
 
 # %% ../nbs/17a_condition_fidelity.ipynb #0ab49325
+RESULT_TABLES = ('consistency', 'adherence', 'contrast', 'coverage')
+
+def _plain(v):
+    "A JSON copy of `v`: NumPy scalars as Python numbers, NaN as None, tuples and arrays as lists."
+    if isinstance(v, dict): return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple, np.ndarray)): return [_plain(x) for x in v]
+    if isinstance(v, (bool, np.bool_)): return bool(v)
+    if isinstance(v, (int, np.integer)): return int(v)
+    if isinstance(v, (float, np.floating)): return float(v) if np.isfinite(v) else None
+    return v
+
 @dataclass
 class FidelityResult:
     consistency: pd.DataFrame
@@ -239,8 +256,9 @@ class FidelityResult:
     coverage: pd.DataFrame
     fidelity: dict
     donors: np.ndarray
-    synthetic: torch.Tensor = field(repr=False)
+    synthetic: torch.Tensor | None = field(repr=False)   # None for a result read back by `load_fidelity`
     options: dict = field(default_factory=dict)
+    about: dict = field(default_factory=dict)            # where a stored result comes from (`save`, `load_fidelity`)
 
     def summary(self) -> dict:
         "The headline numbers: consistency ratio per finding, adherence ratio, FID, coverage (all, per finding), and which rest on too few."
@@ -255,6 +273,15 @@ class FidelityResult:
         out.update({f'coverage_{f}': float(cov.loc[f].get('coverage', np.nan)) for f in cov.index})   # diversity per finding
         out['too_few'] = sorted(set(c.index[c['too_few']]) | (set(a.index[a['too_few'].astype(bool)]) if a is not None else set()))
         return out
+
+    def save(self, path, **about) -> Path:
+        """Write the tables, the fidelity numbers, the donors and the options (not the images) to the JSON file `path`
+        (atomically), with `about`: where the measurement comes from (the command, the model's checksum, the data)."""
+        d = dict(about=_plain(about), options=_plain(self.options), donors=_plain(self.donors), fidelity=_plain(self.fidelity),
+                 **{t: dict(columns=list(getattr(self, t).columns), data=_plain(getattr(self, t).to_numpy(object))) for t in RESULT_TABLES})
+        path = resolve_path(path)
+        with atomic_write(path) as tmp: tmp.write_text(json.dumps(d, indent=1) + '\n')
+        return path
 
 def measure(gen, real: Manifest, split: str = 'val', judges: Judges | None = None, findings=None, repeats: int = 1,
             n_per_finding: int = 0, seed: int = 0, batch: int = 16, min_positives: int = 20, req: Requests | None = None,
@@ -280,6 +307,22 @@ def measure(gen, real: Manifest, split: str = 'val', judges: Judges | None = Non
                           contrast_table(syn, req, donors, findings, ref, min_positives=min_positives),
                           coverage_by_finding(judges, syn, req, donors, findings, ref, min_positives=min_positives),
                           fidelity(judges, syn, req, ref, seed), donors, syn, dict(options, seed=seed, repeats=repeats))
+
+# %% ../nbs/17a_condition_fidelity.ipynb #a76ff5bc
+def load_fidelity(path) -> FidelityResult:
+    "The `FidelityResult` stored by `FidelityResult.save` in `path` (without its images: `synthetic` is None)."
+    path = resolve_path(path)
+    try: d = json.loads(path.read_text())
+    except (OSError, ValueError) as e: raise FidelityError(str(path), 'file', f'cannot read a stored measurement: {e}')
+    miss = [k for k in ('donors', 'fidelity') + RESULT_TABLES if k not in d]
+    if miss: raise FidelityError(str(path), miss[0], 'missing: not a file written by FidelityResult.save')
+    tables = {t: pd.DataFrame(d[t]['data'], columns=d[t]['columns']) for t in RESULT_TABLES}
+    for df in tables.values():                            # the DeLong intervals: JSON lists back to (lo, hi)
+        for c in [c for c in df if c.endswith('_ci')]:
+            df[c] = [tuple(np.nan if x is None else x for x in v) if isinstance(v, list) else v for v in df[c]]
+    return FidelityResult(**tables, fidelity={k: np.nan if v is None else v for k, v in d['fidelity'].items()},
+                          donors=np.array(d['donors'], dtype=int), synthetic=None, options=d.get('options', {}),
+                          about=d.get('about', {}))
 
 # %% ../nbs/17a_condition_fidelity.ipynb #1613642e
 def guidance_curve(gen, real: Manifest, settings, split: str = 'val', judges: Judges | None = None, req: Requests | None = None,

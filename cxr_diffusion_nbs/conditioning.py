@@ -20,8 +20,9 @@ from .unet import UNetConfig, build_unet, unet_preset
 
 # %% auto #0
 __all__ = ['CONDITION_NAMES', 'GUIDANCE_MODES', 'ConditioningError', 'ConditioningConfig', 'FrozenTextEncoder', 'level_injector',
-           'ConditionalDenoiser', 'check_guidance_mode', 'check_guidance', 'guided_prediction', 'model_inputs',
-           'batch_conditions', 'ellipse_mask', 'condition_tensors', 'show_conditions', 'conditioning_widget']
+           'ConditionalDenoiser', 'check_guidance_mode', 'check_guidance', 'guided_prediction', 'findings_by_image',
+           'model_inputs', 'batch_conditions', 'ellipse_mask', 'condition_tensors', 'show_conditions',
+           'conditioning_widget']
 
 # %% ../nbs/08_conditioning.ipynb #27a46469
 class ConditioningError(CXRDataError):
@@ -414,8 +415,8 @@ def _finding_names(entry, cc, where, field) -> tuple:
         raise ConditioningError(where, field, f"{f!r} is not one of the model's findings {cc.findings}" + hint)
     return tuple(names)
 
-def _findings_by_image(findings, cc, where):
-    "(names for every image, None) or (None, [names of image i]): a list is per image if an entry is a list, '' or None."
+def findings_by_image(findings, cc, where):
+    "`findings` checked against `cc.findings` (a `ConditioningConfig`, or anything with `findings`): (names for every image, None) or (None, [names of image i]); a list is per image if an entry is a list, '' or None."
     if isinstance(findings, str): return _finding_names(findings, cc, where, 'findings'), None
     _check(isinstance(findings, (list, tuple)), where, 'findings', f'a name or a list, got {type(findings).__name__}')
     entries = list(findings)
@@ -464,7 +465,7 @@ def model_inputs(cond_cfg, n: int | None = None, *, findings=None, labels=None, 
     _check(text is None or cc.use_text, where, 'text', 'given, but this model has no text conditioning (use_text=False)')
     sizes, common, each, lab, m = {}, (), None, None, None
     if findings is not None:
-        common, each = _findings_by_image(findings, cc, where)
+        common, each = findings_by_image(findings, cc, where)
         if each is not None: sizes['findings'] = len(each)
     if labels is not None:
         lab = _as_float(labels, where, 'labels')

@@ -24,7 +24,7 @@ __all__ = ['NIH_FINDINGS', 'RARE_FINDINGS', 'FINDING_SYNONYMS', 'KNOWN_FINDINGS'
            'check_optim_section', 'nonfinite_step', 'divergence_error', 'preset_copy', 'atomic_write',
            'neutralise_cell', 'write_shared_csv', 'stale_temporaries', 'remove_stale_temporaries',
            'check_output_folder', 'project_root', 'sample_data_root', 'find_data_root', 'dicom_data_root',
-           'resolve_path', 'shareable_path', 'sha256_file']
+           'resolve_path', 'shareable_path', 'shareable_config', 'sha256_file']
 
 # %% ../nbs/00_core.ipynb #195ee6e8
 NIH_FINDINGS = ('atelectasis', 'cardiomegaly', 'consolidation', 'edema', 'effusion', 'emphysema', 'fibrosis',
@@ -493,6 +493,13 @@ def shareable_path(p) -> str:
     if not p.is_absolute(): return p.as_posix()
     try: return p.resolve().relative_to(project_root().resolve()).as_posix()
     except ValueError: return p.name
+
+def shareable_config(cfg) -> dict:
+    "A trainer's config (`cfg.to_dict()`) with its paths (`output.output_dir`, `data.root`, `output.resume`) made shareable: what a run's `summary.json` records."
+    d = cfg.to_dict()
+    for sec, k in (('output', 'output_dir'), ('data', 'root'), ('output', 'resume')):
+        if d.get(sec, {}).get(k) not in (None, 'auto'): d[sec][k] = shareable_path(d[sec][k])
+    return d
 
 def sha256_file(path, chunk: int = 1 << 20) -> str:
     "Hex SHA-256 of a file, read in chunks (weights files can be large)."

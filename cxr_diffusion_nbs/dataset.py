@@ -6,22 +6,27 @@ Docs: https://cxr-diffusion-nbs.github.io/cxr_diffusion_nbs/dataset.html.md"""
 
 # %% ../nbs/05_dataset.ipynb #1811d40a
 from __future__ import annotations
-import math, textwrap
-from dataclasses import dataclass
+import sys, math, textwrap, dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
 import numpy as np, pandas as pd, torch
 from torch.utils.data import default_collate
 import torch.nn.functional as F
 from scipy import ndimage
 import matplotlib.pyplot as plt, seaborn as sns
-from .core import RARE_FINDINGS, MASK_MODES, ManifestError
+import ipywidgets as W
+from IPython.display import display
+from .core import RARE_FINDINGS, MASK_MODES, ManifestError, find_data_root, shareable_path
 from .image_io import read_image, resize_with_masks, _check_finite
 from .masks import lesion_masks, mask_centroid, overlay
 from .manifest import Manifest, load_shared_subset
+from .splits import with_held_out_test
 
 # %% auto #0
 __all__ = ['lesion_side', 'lesion_zone', 'describe_finding', 'describe', 'Augment', 'affine_pair', 'CXRDataset',
            'finding_examples', 'examples_grid', 'prevalence_figure', 'positive_matrix', 'sampling_weights',
-           'browse_figure', 'browse_widget', 'condition_rows', 'repeat_batch']
+           'browse_figure', 'browse_widget', 'condition_rows', 'repeat_batch', 'CropSampler', 'load_images',
+           'CropDataSection', 'CropOptimSection', 'crop_training_manifest']
 
 # %% ../nbs/05_dataset.ipynb #9bf95373
 _SIDED = {'pneumothorax': '{side}-sided pneumothorax', 'effusion': '{side} pleural effusion',
@@ -251,8 +256,6 @@ def browse_figure(ds: CXRDataset, index: int, show_mask: bool = True, figsize=(4
 
 def browse_widget(ds: CXRDataset):
     "ipywidgets browser: a finding filter, an image slider and a mask toggle."
-    import ipywidgets as W
-    from IPython.display import display
     finding = W.Dropdown(options=['(all)'] + ds.findings, description='finding')
     idx = W.IntSlider(min=0, max=max(0, len(ds) - 1), description='image')
     show = W.Checkbox(value=True, description='mask')
@@ -285,3 +288,102 @@ def condition_rows(ds, findings, fallback_ds=None) -> tuple:
 def repeat_batch(items: list, n: int) -> dict:
     "Collate `items`, each repeated `n` times in a row (row-major), into a batch dict."
     return default_collate([it for it in items for _ in range(n)])
+
+# %% ../nbs/05_dataset.ipynb #d4a398b9
+class CropSampler:
+    "Square crops of images held in memory (N, 1, S, S), a share `lesion_fraction` centred on a random pixel inside a lesion mask (N, S, S)."
+    def __init__(self, images: torch.Tensor, masks: torch.Tensor | None = None, crop: int = 64, lesion_fraction: float = 0.25,
+                 ids: list | None = None):
+        N, _, H, W = images.shape
+        self.ids = list(range(N)) if ids is None else list(ids)   # the films' image ids (named when a step diverges)
+        self.drawn = torch.zeros(0, dtype=torch.long)             # film indices of the last batch drawn
+        if not 0 < crop <= min(H, W): raise ValueError(f"CropSampler: crop {crop} must be in 1..{min(H, W)}")
+        self.images, self.masks, self.crop, self.lesion_fraction = images, masks, crop, lesion_fraction
+        ids, px = [], []
+        if masks is not None:
+            for i, m in enumerate(masks):
+                f = torch.nonzero(m.reshape(-1)).squeeze(1)
+                if len(f): ids.append(i); px.append(f)
+        self.lesion_ids = torch.tensor(ids, dtype=torch.long)
+        self.counts = torch.tensor([len(p) for p in px], dtype=torch.long)
+        self.offsets = torch.cumsum(self.counts, 0) - self.counts
+        self.px = torch.cat(px) if px else torch.zeros(1, dtype=torch.long)
+
+    def __len__(self): return len(self.images)
+
+    def positions(self, n: int, gen: torch.Generator) -> tuple:
+        "(image index, top, left, lesion-centred?) of `n` crops; always the same number of draws from `gen`."
+        N, _, H, W = self.images.shape
+        c = self.crop
+        lesion = (torch.rand(n, generator=gen) < self.lesion_fraction) & (len(self.lesion_ids) > 0)
+        idx = torch.randint(N, (n,), generator=gen)
+        top, left = torch.randint(H - c + 1, (n,), generator=gen), torch.randint(W - c + 1, (n,), generator=gen)
+        k = torch.randint(max(1, len(self.lesion_ids)), (n,), generator=gen)
+        u = torch.rand(n, generator=gen)
+        if len(self.lesion_ids):
+            flat = self.px[self.offsets[k] + (u * self.counts[k]).long().clamp(max=self.counts[k] - 1)]
+            ltop, lleft = (flat // W - c // 2).clamp(0, H - c), (flat % W - c // 2).clamp(0, W - c)
+            idx = torch.where(lesion, self.lesion_ids[k], idx)
+            top, left = torch.where(lesion, ltop, top), torch.where(lesion, lleft, left)
+        return idx, top, left, lesion
+
+    def draw(self, n: int, gen: torch.Generator, with_masks: bool = False):
+        "A batch of `n` crops (n, 1, c, c) float32 (and their masks (n, 1, c, c) if `with_masks`)."
+        idx, top, left, _ = self.positions(n, gen)
+        c, self.drawn = self.crop, idx
+        x = torch.stack([self.images[i, :, t:t + c, l:l + c] for i, t, l in zip(idx.tolist(), top.tolist(), left.tolist())]).float()
+        if not with_masks: return x
+        m = torch.stack([self.masks[i, t:t + c, l:l + c] for i, t, l in zip(idx.tolist(), top.tolist(), left.tolist())])[:, None].float()
+        return x, m
+
+def load_images(dataset, progress: bool = False) -> tuple:
+    "All images of `dataset` (a `CXRDataset` or a list of its items) (N, 1, S, S) float16 in [-1, 1] and their union lesion masks (N, S, S) bool, decoded once."
+    ims, ms = [], []
+    for i in range(len(dataset)):
+        it = dataset[i]
+        ims.append(it['image'].to(torch.float16))
+        ms.append((it['mask'].amax(0) > .5) if 'mask' in it else torch.zeros(it['image'].shape[-2:], dtype=torch.bool))
+        if progress and (i + 1) % 200 == 0: print(f'  loaded {i + 1}/{len(dataset)} images', file=sys.stderr, flush=True)
+    return torch.stack(ims), torch.stack(ms)
+
+@dataclass
+class CropDataSection:
+    "The `data` section of the crop trainers: which films, at what size, and the crops drawn from them."
+    root: str | None = None          # folder with manifest.csv; None = core.find_data_root()
+    split: str = 'train'             # the films trained on
+    val_split: str = 'val'           # the films evaluated on (whole frames)
+    test_fraction: float = 0.25      # held-out test patients, moved out of `split` exactly as training.training_manifest does
+    image_size: int = 256            # films are loaded at this size
+    crop_size: int = 64              # training crops (a multiple of the autoencoder's downsampling factor)
+    lesion_crop_fraction: float = 0.25  # share of crops centred on a lesion pixel
+    limit: int | None = None         # only the first N training films (tests, quick trials)
+
+@dataclass
+class CropOptimSection:
+    "The `optim` section of the crop trainers (checked by `core.check_optim_section`); the defaults are the autoencoder's."
+    batch_size: int = 16
+    lr: float = 2e-3
+    betas: list = field(default_factory=lambda: [0.9, 0.99])
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    schedule: str = 'cosine'         # after a linear warm-up: 'cosine' | 'linear' | 'constant'
+    max_steps: int | None = 5000     # length of the LR schedule and step budget
+    max_minutes: float | None = None # wall-clock cap of the training loop, summed over resumes
+    grad_clip: float | None = 1.0
+    mixed_precision: str | bool = 'auto'  # 'no' | 'bf16' | 'fp16' | 'auto' (core.resolve_mixed_precision); YAML's bare `no` (false) means 'no'
+    cpu: bool = False                # force the CPU even if a GPU is there
+    seed: int = 0
+
+def crop_training_manifest(cfg):
+    "A crop trainer's manifest (`cfg.data` a `CropDataSection`): the held-out test patients moved out of the training split (as `training.training_manifest` does), trimmed to `data.limit`."
+    d = cfg.data
+    root = Path(d.root) if d.root else find_data_root()
+    man = with_held_out_test(load_shared_subset(root), d.test_fraction)
+    splits = set(man.images['split'])
+    for k in ('split', 'val_split'):
+        if getattr(d, k) not in splits: raise cfg.err(f'data.{k}', f"{getattr(d, k)!r} not in {shareable_path(root/'manifest.csv')} (splits: {sorted(splits)})")
+    if d.limit is not None:
+        im = man.images
+        keep = (im['split'] != d.split) | (im.groupby('split').cumcount() < d.limit)
+        man = dataclasses.replace(man, images=im[keep].reset_index(drop=True))
+    return man

@@ -13,7 +13,7 @@ from importlib.metadata import version
 from pathlib import Path
 import numpy as np
 import torch
-from .core import CXRDataError, available_device, resolve_path, sha256_file, suggest
+from .core import MAX_SEED, CXRDataError, available_device, resolve_path, sha256_file, suggest
 from .checkpoints import generator_kind, generator_defaults, generator_file
 
 # %% auto #0
@@ -31,10 +31,13 @@ MIXED_PRECISION = ('no', 'bf16', 'auto')   # 'auto': bf16 where the hardware has
 PACKAGE = f"cxr_diffusion_nbs {version('cxr_diffusion_nbs')}"   # what made an image, in every provenance record
 
 def image_seeds(seed, n: int) -> list[int]:
-    "Per-image seeds: a list is used as is (length `n`), an int `s` gives `s, s+1, ..., s+n-1`."
-    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool): return [int(seed) + i for i in range(n)]
-    seeds = [int(s) for s in seed]
-    if len(seeds) != n: raise SamplingError('sample', 'seed', f'{len(seeds)} seeds for {n} images')
+    "Per-image seeds: a list is used as is (length `n`), an int `s` gives `s, s+1, ..., s+n-1`; each in [0, `MAX_SEED`]."
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool): seeds = [int(seed) + i for i in range(n)]
+    else:
+        seeds = [int(s) for s in seed]
+        if len(seeds) != n: raise SamplingError('sample', 'seed', f'{len(seeds)} seeds for {n} images')
+    bad = [s for s in seeds if not 0 <= s <= MAX_SEED]
+    if bad: raise SamplingError('sample', 'seed', f'{bad[0]} is outside [0, {MAX_SEED}] (every image seed, seed + i included)')
     return seeds
 
 # %% ../nbs/10a_generators.ipynb #g000000b

@@ -18,9 +18,9 @@ import yaml
 from .core import cli_errors, CXRDataError, atomic_write, write_shared_csv, check_output_folder, project_root, remove_stale_temporaries, shareable_path, suggest
 
 # %% auto #0
-__all__ = ['PIPELINE_NOTEBOOK', 'PARAMETER_RANGES', 'DEMO_MODELS', 'PIPELINE_SAMPLING', 'PipelineError', 'Stages', 'save_table',
-           'save_figure', 'check_parameters', 'check_parameter_values', 'run_pipeline', 'main', 'StageLog',
-           'text_progress', 'check_generator', 'sampling_parameters', 'demo_model', 'check_judges',
+__all__ = ['PIPELINE_NOTEBOOK', 'PARAMETER_RANGES', 'NULLABLE_PARAMETERS', 'DEMO_MODELS', 'PIPELINE_SAMPLING', 'PipelineError',
+           'Stages', 'save_table', 'save_figure', 'check_parameters', 'check_parameter_values', 'run_pipeline', 'main',
+           'StageLog', 'text_progress', 'check_generator', 'sampling_parameters', 'demo_model', 'check_judges',
            'rarity_study_config', 'evidence', 'rarity_sentences', 'markdown_table', 'embed_images', 'report_html',
            'rarity_primary', 'report_headline']
 
@@ -84,12 +84,13 @@ PARAMETER_RANGES = {'train_steps': (1, 10**7, int), 'train_minutes': (1e-3, 10**
                     'fidelity_repeats': (1, 1000, int), 'min_positives': (1, 10**6, int), 'realness_steps': (1, 10**6, int),
                     'rarity_k': (1, 10**6, int), 'rarity_n': (0, 10**6, int), 'turing_cases': (2, 10**4, int),
                     'seed': (0, 2**32 - 1, int), 'test_fraction': (0.0, 0.9, float), 'image_size': (8, 4096, int),
-                    'judges': (64, 4096, int)}
+                    'judges': (64, 4096, int), 'sample_steps': (1, 1000, int)}   # sample_steps: at most the training timesteps (1000)
+NULLABLE_PARAMETERS = ('image_size', 'sample_steps')   # None: the config's size, the generator's own steps
 
 def check_parameter_values(parameters: dict) -> dict:
     "`parameters`, after checking every numeric one against `PARAMETER_RANGES` (None where the notebook allows it)."
     for k, v in parameters.items():
-        if k not in PARAMETER_RANGES or (v is None and k == 'image_size'): continue
+        if k not in PARAMETER_RANGES or (v is None and k in NULLABLE_PARAMETERS): continue
         lo, hi, typ = PARAMETER_RANGES[k]
         ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (typ is float or float(v).is_integer())
         if not ok: raise PipelineError('parameters', k, f'{v!r} is not a {"whole " if typ is int else ""}number')
@@ -361,10 +362,13 @@ def report_html(markdown_text: str, folder, title: str | None = None) -> str:
             f'{embed_images(page, folder)}\n</body></html>\n')
 
 # %% ../nbs/21_pipeline.ipynb #c3d4e5a2
-def rarity_primary(table: pd.DataFrame, min_test_positives: int, eval_set: str = 'test', arm: str = 'mix') -> list:
+def rarity_primary(table: pd.DataFrame, min_test_positives: int, eval_set: str = 'test', arm: str = 'mix',
+                   endpoint: dict | None = None) -> list:
     """The rarity study's primary comparison and whether it can support a conclusion, two sentences: `arm` (the run's generator, conditioned) at the largest n
     and the smallest k against real-only, finding by finding; then whether it can support a conclusion (which findings
-    have at least `min_test_positives` test positives, and which of those show a gain or a loss after Holm)."""
+    have at least `min_test_positives` test positives, and which of those show a gain or a loss after Holm). With
+    `endpoint` (`rarity.primary_endpoint`), the declared primary endpoint, the mean change over the findings with its
+    interval, comes first and decides the answer; the findings' tests follow as secondary."""
     t = table[(table['eval_set'] == eval_set) & (table['arm'] == arm)]
     if not len(t): return [f'no {arm} arm on {eval_set}: no primary comparison.', 'No: the primary comparison was not run.']
     k, n = int(t['k'].min()), int(t[t['k'] == t['k'].min()]['n'].max())
@@ -387,10 +391,20 @@ def rarity_primary(table: pd.DataFrame, min_test_positives: int, eval_set: str =
         second = (f'Not as a gain or a loss: {len(able)} of {len(t)} findings have at least {min_test_positives} test '
                   f"positives, and none of them shows a significant difference after Holm's correction (no evidence of a "
                   'difference, which is not evidence of none: see the intervals).')
+    if endpoint is not None:
+        e = endpoint
+        first = (f"primary endpoint ({e['arm']}: {e['n']} synthetic images per finding added to k = {e['k']} real training "
+                 f"positives, against {e['against']}): mean AUROC change over the {len(e['findings'])} findings "
+                 f"{e['mean']:+.3f} [{e['lo']:+.3f}, {e['hi']:+.3f}] (paired bootstrap over {e['test_patients']} test patients, "
+                 f"{len(e['seeds'])} seeds). Per finding (secondary): {per}.")
+        verdict_ = ('Yes: a gain (the interval lies above zero)' if e['lo'] > 0 else 'Yes: a loss (the interval lies below zero)'
+                    if e['hi'] < 0 else f"No: the interval includes zero; this test set detects a true mean change of {e['mde']:.3f} "
+                    'with 80% power')
+        second = f'{verdict_}. Secondary, per finding: {second}'
     return [first, second]
 
 def report_headline(trained: str, fidelity: pd.DataFrame, conditioning: dict, rarity: pd.DataFrame, min_test_positives: int,
-                    realness: dict | None = None, memorisation: dict | None = None) -> list:
+                    realness: dict | None = None, memorisation: dict | None = None, endpoint: dict | None = None) -> list:
     """The report's first lines (Markdown): what was trained, fidelity against its real floor (and realness), conditioning
     fidelity, memorisation, and the rarity study's primary result with whether it can support a conclusion."""
     g = lambda v: 'n/a' if v is None or not np.isfinite(v) else f'{v:.3g}'
@@ -412,5 +426,5 @@ def report_headline(trained: str, fidelity: pd.DataFrame, conditioning: dict, ra
     if memorisation:
         lines.append(f"**Memorisation:** {memorisation['flagged']} of {memorisation['synthetic']} synthetic images flagged as "
                      'near-copies of a training image.')
-    primary, conclusion = rarity_primary(rarity, min_test_positives)
+    primary, conclusion = rarity_primary(rarity, min_test_positives, endpoint=endpoint)
     return lines + [f'**Rarity study**, {primary}', f'**Can it support a conclusion?** {conclusion}']

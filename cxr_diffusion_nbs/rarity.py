@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np, pandas as pd
 import torch
 import torch.nn.functional as F
+from scipy.stats import norm, rankdata
 from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
 import matplotlib.pyplot as plt
@@ -31,8 +32,9 @@ from .screening import ScreenedGenerator, load_screener
 __all__ = ['ARMS', 'RARITY_SAMPLING', 'POOL_KINDS', 'RarityError', 'RarityConfig', 'cap_positives', 'StudySet', 'real_sets',
            'capped_manifest', 'study_sampling', 'synthetic_pool', 'take_per_finding', 'classic_augment',
            'augmented_positives', 'train_arm', 'sensitivity_at_specificity', 'evaluation_sets', 'arm_training_set',
-           'run_study', 'load_predictions', 'verdict', 'study_table', 'study_figure', 'real_vs_synthetic',
-           'summary_markdown', 'main']
+           'run_study', 'load_predictions', 'verdict', 'study_table', 'cluster_resamples', 'auroc_changes',
+           'minimum_detectable_effect', 'paired_mean_change', 'primary_endpoint', 'compare_studies', 'endpoint_line',
+           'study_figure', 'worth_table', 'worth_figure', 'real_vs_synthetic', 'summary_markdown', 'main']
 
 # %% ../nbs/19a_rarity.ipynb #3c4757d7
 ARMS = ('mix', 'unconditional', 'augment', 'pretrain', 'weighted', 'negatives', 'screened')
@@ -71,6 +73,7 @@ class RarityConfig:
     sample_batch: int = 32
     mixed_precision: str = 'no'         # 'bf16' | 'auto': sample the pools 1.5-2x faster on CPUs with native bf16 (not bit-exact)
     device: str | None = None
+    primary: dict | None = None         # the primary comparison, {k, arm, n}, declared before the study runs (None: `primary_comparison`)
 
     def __post_init__(self):
         self.findings = check_findings(self.findings, 'RarityConfig')
@@ -92,11 +95,27 @@ class RarityConfig:
         if not 0 < self.synthetic_weight <= 1: raise err('synthetic_weight', f'{self.synthetic_weight} must be in (0, 1]')
         if isinstance(self.screen_candidates, bool) or not isinstance(self.screen_candidates, int) or self.screen_candidates < 2:
             raise err('screen_candidates', f'{self.screen_candidates!r} must be an integer >= 2 (1 would be the mix arm)')
+        if self.primary is not None:
+            if not isinstance(self.primary, dict) or set(self.primary) - {'k', 'arm', 'n'}:
+                raise err('primary', f'{self.primary!r}: give a mapping with k, arm and n (each optional)')
+            k, arm, n = self.primary_comparison()
+            if k not in [int(v) for v in self.ks]: raise err('primary.k', f'{k} is not one of ks {self.ks}')
+            if arm not in self.arms: raise err('primary.arm', f'{arm!r} is not one of arms {self.arms}')
+            if n not in [int(v) for v in self.n_synthetic] or n == 0 or (arm != 'mix' and n != self.n_arm):
+                raise err('primary.n', f'{n} is not a synthetic count the {arm!r} arm runs at')
         for k in ('epochs', 'batch_size', 'width', 'sample_batch'):
             if int(getattr(self, k)) < 1: raise err(k, f'{getattr(self, k)} must be >= 1')
 
     @property
     def n_arm(self) -> int: return int(self.arm_n if self.arm_n is not None else max(self.n_synthetic))
+
+    def primary_comparison(self) -> tuple:
+        "(k, arm, n) of the primary comparison: `primary`'s fields, else k = 20 if run (else the smallest k), 'mix' if run (else the first arm), n = `n_arm`."
+        p = self.primary or {}
+        ks = [int(k) for k in self.ks]
+        k = int(p.get('k', 20 if 20 in ks else min(ks)))
+        arm = p.get('arm', 'mix' if 'mix' in self.arms else (self.arms[0] if self.arms else 'mix'))
+        return k, arm, int(p.get('n', self.n_arm))
 
     def runs(self) -> list:
         "(k, arm, n, seed) of every classifier to train, real-only first: the study's plan."
@@ -317,8 +336,10 @@ def _identity(gen, cfg: RarityConfig, real: Manifest, external) -> dict:
                 external=None if external is None else external.name,
                 config={k: v for k, v in cfg.to_dict().items() if k not in _PLAN_FIELDS})
 
+# what the plan may change in a resumed folder: only the 'screened' pool depends on screen_candidates, and its file
+# name says how many; the primary comparison is kept apart (declared once, never changed)
 _PLAN_FIELDS = ('ks', 'n_synthetic', 'arms', 'arm_n', 'seeds', 'device', 'n_boot', 'min_test_positives', 'specificity',
-                'screen_candidates')   # only the 'screened' pool depends on it, and its file name says how many
+                'screen_candidates', 'primary')
 
 def _save_set(s: StudySet, path: Path):
     with atomic_write(path) as tmp:
@@ -367,15 +388,20 @@ def run_study(gen, real: Manifest, cfg: RarityConfig, out_dir, external: Manifes
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     ident = _identity(gen, cfg, real, external)
     f = out/'study.json'
+    declared = dict(zip(('k', 'arm', 'n'), cfg.primary_comparison()))
     if f.exists():
         old = json.loads(f.read_text())
+        if old.get('primary', declared) != declared:
+            raise RarityError(str(f), 'primary', f"the study declared {old['primary']} as its primary comparison when it started; "
+                              'an endpoint is not changed once results exist: use a new folder for another one')
+        old.pop('primary', None)
         if old != ident:
             diff = sorted(k for k in set(old['config']) | set(ident['config']) if old['config'].get(k) != ident['config'].get(k))
             what = diff or [k for k in ident if k != 'config' and old.get(k) != ident.get(k)]
             raise RarityError(str(f), what[0] if what else 'config', 'the folder holds another study (it differs in '
                               + ', '.join(what) + '); use a new folder')
     else:
-        with atomic_write(f) as tmp: Path(tmp).write_text(json.dumps(ident, indent=1))
+        with atomic_write(f) as tmp: Path(tmp).write_text(json.dumps(dict(ident, primary=declared), indent=1))
     remove_stale_temporaries(out)                    # what a kill mid-write left
     (out/'pools').mkdir(exist_ok=True); (out/'predictions').mkdir(exist_ok=True)
     m, train_all, test = real_sets(real, cfg)
@@ -491,6 +517,102 @@ def study_table(out_dir, cfg: RarityConfig, external: bool = True) -> pd.DataFra
                     for r in t.itertuples()]
     return t
 
+# %% ../nbs/19a_rarity.ipynb #34446ac9
+def cluster_resamples(clusters, n_boot: int, seed: int = 0) -> list:
+    "`n_boot` bootstrap resamples of row indices that draw whole clusters (e.g. patients) with replacement, seeded."
+    codes, uniq = pd.factorize(pd.Series(np.asarray(clusters)).astype(str))
+    rows = [np.flatnonzero(codes == c) for c in range(len(uniq))]
+    rng = np.random.default_rng(seed)
+    return [np.concatenate([rows[c] for c in rng.integers(0, len(rows), len(rows))]) for _ in range(n_boot)]
+
+def _rank_auroc(y: np.ndarray, s: np.ndarray) -> float:
+    "AUROC by midranks (Mann-Whitney U / (m n)), as `downstream.auroc` but fast enough for thousands of resamples."
+    m = y.sum(); n = len(y) - m
+    return float((rankdata(s)[y == 1].sum() - m * (m + 1) / 2) / (m * n))
+
+def auroc_changes(y, p, ref, idx=None) -> np.ndarray:
+    "Per finding, the AUROC of scores `p` minus that of `ref` ((N, F) each) on rows `idx` of labels `y` (N, F; NaN unknown)."
+    idx = np.arange(len(y)) if idx is None else idx
+    out = np.full(y.shape[1], np.nan)
+    for j in range(y.shape[1]):
+        yy = y[idx, j]; kn = ~np.isnan(yy)
+        if 0 < yy[kn].sum() < kn.sum(): out[j] = _rank_auroc(yy[kn], p[idx, j][kn]) - _rank_auroc(yy[kn], ref[idx, j][kn])
+    return out
+
+def minimum_detectable_effect(se: float, alpha: float = .05, power: float = .8) -> float:
+    "The smallest true change a two-sided test at `alpha` detects with probability `power` when its estimate has standard error `se`."
+    return float((norm.ppf(1 - alpha / 2) + norm.ppf(power)) * se)
+
+def paired_mean_change(y, p, ref, clusters, n_boot: int = 2000, seed: int = 0, alpha: float = .05, power: float = .8) -> dict:
+    """The mean over findings of the AUROC change of scores `p` over `ref` ((N, F), the same N test films, labels `y`),
+    with a percentile interval, a two-sided bootstrap p and the standard error from a paired bootstrap over `clusters`
+    (patients: `cluster_resamples`), the same resample for every finding and both score sets; per finding the same,
+    with the MDE at alpha / F. A finding without both classes in the test films is left out of the mean
+    (`findings_used`), and so are resamples where a used finding lacks a class (`n_boot_used`)."""
+    y, p, ref = (np.asarray(a, float) for a in (y, p, ref))
+    full = auroc_changes(y, p, ref)
+    use = np.isfinite(full)
+    if not use.any(): raise RarityError('paired_mean_change', 'y', 'no finding has both classes among the test films')
+    boots = np.array([auroc_changes(y, p, ref, i) for i in cluster_resamples(clusters, n_boot, seed)])
+    boots = boots[np.isfinite(boots[:, use]).all(1)]
+    F_ = int(use.sum())
+    if not len(boots): raise RarityError('paired_mean_change', 'y', 'no resample has both classes of every finding')
+    m = boots[:, use].mean(1)
+    lo, hi = np.quantile(m, [alpha / 2, 1 - alpha / 2])
+    se = float(m.std(ddof=1))
+    per = lambda f: np.array([f(boots[:, j]) if use[j] else np.nan for j in range(len(use))])   # unused findings: NaN
+    return dict(mean=float(np.mean(full[use])), lo=float(lo), hi=float(hi), se=se, findings_used=use,
+                p=float(min(1., 2 * min((m <= 0).mean(), (m >= 0).mean()))), mde=minimum_detectable_effect(se, alpha, power),
+                per_finding=full, per_finding_lo=per(lambda b: np.quantile(b, alpha / 2)), per_finding_hi=per(lambda b: np.quantile(b, 1 - alpha / 2)),
+                per_finding_mde=per(lambda b: minimum_detectable_effect(b.std(ddof=1), alpha / F_, power)), n_boot_used=len(boots))
+
+# %% ../nbs/19a_rarity.ipynb #e43652bf
+def _ensemble(preds: dict, k: int, arm: str, n: int, seeds) -> np.ndarray:
+    return np.mean([preds[(k, arm, n, s)] for s in seeds], 0)
+
+def _internal(facts: pd.DataFrame) -> np.ndarray:
+    return ~facts['source'].astype(str).str.startswith('real external').to_numpy()
+
+def primary_endpoint(out_dir, cfg: RarityConfig, against: str = 'real-only', n_boot: int | None = None, seed: int = 0) -> dict:
+    """The study's primary comparison (`cfg.primary_comparison()`: the arm at k and n) against `against` ('real-only',
+    or another arm at the same k and `cfg.n_arm`) on the held-out test patients: `paired_mean_change` of the seed
+    ensembles over the seeds both have, with the findings, the comparison and the per-seed spread of the mean change."""
+    preds, facts = load_predictions(out_dir)
+    k, arm, n = cfg.primary_comparison()
+    n_ref = 0 if against == 'real-only' else cfg.n_arm
+    seeds = sorted(s for (kk, a, nn, s) in preds if (kk, a, nn) == (k, arm, n) and (k, against, n_ref, s) in preds)
+    if not seeds: raise RarityError(str(out_dir), 'primary', f'no seed has both {arm} (k={k}, n={n}) and {against} (n={n_ref}) predictions')
+    keep = _internal(facts)
+    y = facts[list(cfg.findings)].replace('', np.nan).to_numpy(float)[keep]
+    p, ref = _ensemble(preds, k, arm, n, seeds)[keep], _ensemble(preds, k, against, n_ref, seeds)[keep]
+    out = paired_mean_change(y, p, ref, facts['patient_id'].to_numpy()[keep], n_boot or cfg.n_boot, seed)
+    per_seed = [np.nanmean(auroc_changes(y, preds[(k, arm, n, s)][keep], preds[(k, against, n_ref, s)][keep])) for s in seeds]
+    return dict(out, findings=list(cfg.findings), k=k, arm=arm, n=n, against=against, seeds=seeds, test_films=int(keep.sum()),
+                test_patients=int(pd.Series(facts['patient_id'][keep]).nunique()), seed_sd=float(np.std(per_seed, ddof=1)) if len(seeds) > 1 else np.nan)
+
+def compare_studies(dir_a, dir_b, cfg: RarityConfig, n_boot: int | None = None, seed: int = 0) -> dict:
+    """Study `dir_a`'s primary arm against study `dir_b`'s (another generator, the same data, caps and seeds): the mean
+    AUROC change of a over b on the same test patients (`paired_mean_change`), over the seeds both have."""
+    (pa, fa), (pb, fb) = load_predictions(dir_a), load_predictions(dir_b)
+    if list(fa['image_id']) != list(fb['image_id']):
+        raise RarityError(str(dir_b), 'test.csv', f'its test films are not those of {dir_a}: run both studies on the same data and test_fraction')
+    k, arm, n = cfg.primary_comparison()
+    seeds = sorted(s for (kk, a, nn, s) in pa if (kk, a, nn) == (k, arm, n) and (k, arm, n, s) in pb)
+    if not seeds: raise RarityError(str(dir_b), 'primary', f'no seed has {arm} (k={k}, n={n}) predictions in both studies')
+    keep = _internal(fa)
+    y = fa[list(cfg.findings)].replace('', np.nan).to_numpy(float)[keep]
+    out = paired_mean_change(y, _ensemble(pa, k, arm, n, seeds)[keep], _ensemble(pb, k, arm, n, seeds)[keep],
+                             fa['patient_id'].to_numpy()[keep], n_boot or cfg.n_boot, seed)
+    return dict(out, findings=list(cfg.findings), k=k, arm=arm, n=n, seeds=seeds)
+
+def endpoint_line(r: dict, name: str = '') -> str:
+    "One line of a `primary_endpoint` or `compare_studies` result: the mean change, its interval, p and MDE, per finding."
+    what = name or f"{r['arm']} (k={r['k']}, n={r['n']}) - {r.get('against', 'other study')}"
+    per = ', '.join(f'{f} {v:+.3f}' for f, v in zip(r['findings'], r['per_finding']))
+    sd = f", seed SD {r['seed_sd']:.3f}" if np.isfinite(r.get('seed_sd', np.nan)) else ''
+    return (f"{what}: mean AUROC change {r['mean']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}] (p {r['p']:.3f}; "
+            f"MDE at 80% power {r['mde']:.3f}{sd}; {len(r['seeds'])} seeds) | {per}")
+
 # %% ../nbs/19a_rarity.ipynb #b2b86537
 def study_figure(table: pd.DataFrame, eval_set: str = 'test', figsize=None):
     "AUROC (seed ensemble, bootstrap 95% CI) against synthetic images per finding, one panel per finding."
@@ -517,6 +639,35 @@ def study_figure(table: pd.DataFrame, eval_set: str = 'test', figsize=None):
     axs[0, 0].set_ylabel(f'AUROC on {eval_set} (ensemble)')
     h, l = axs[0, 0].get_legend_handles_labels()
     fig.legend(h, l, loc='outside lower center', ncol=ncol, fontsize=7)
+    return fig
+
+# %% ../nbs/19a_rarity.ipynb #1a91c89e
+def worth_table(table: pd.DataFrame, eval_set: str = 'test') -> pd.DataFrame:
+    """Per (k, arm, n) of a `study_table`: the mean over findings of the seed-ensemble AUROC on `eval_set`, and for the
+    synthetic arms the real-only k with the same mean AUROC (linear in log k between the ks run; NaN outside them or
+    where the real-only curve does not rise) and the real positives the synthetic ones are worth (that k minus k)."""
+    t = table[table['eval_set'] == eval_set]
+    w = t.groupby(['k', 'arm', 'n'], as_index=False)['auroc'].mean().rename(columns={'auroc': 'mean_auroc'})
+    ref = w[w['arm'] == 'real-only'].sort_values('k')
+    logk, au = np.log(ref['k'].to_numpy(float)), ref['mean_auroc'].to_numpy()
+    def equivalent(a):
+        if len(au) < 2 or not (np.diff(au) > 0).all() or not au[0] <= a <= au[-1]: return np.nan
+        return float(np.exp(np.interp(a, au, logk)))
+    w['real_equivalent_k'] = [np.nan if r.arm == 'real-only' else equivalent(r.mean_auroc) for r in w.itertuples()]
+    w['worth_real_positives'] = w['real_equivalent_k'] - w['k']
+    return w
+
+def worth_figure(worth: pd.DataFrame, arm: str = 'mix', figsize=(5, 3.4)):
+    "Mean AUROC over the rare findings against real positives per finding (log scale): real-only, and `arm` at each n."
+    fig, ax = plt.subplots(figsize=figsize, layout='constrained')
+    ref = worth[worth['arm'] == 'real-only'].sort_values('k')
+    ax.plot(ref['k'], ref['mean_auroc'], 'ko-', label='real only')
+    for i, (n, g) in enumerate(worth[worth['arm'] == arm].groupby('n')):
+        g = g.sort_values('k')
+        ax.plot(g['k'], g['mean_auroc'], 's--', color=f'C{i}', mfc='none', label=f'{arm}, +{n} synthetic per finding')
+    ax.set(xscale='log', xlabel='real training positives per rare finding (k)', ylabel='mean AUROC over rare findings')
+    ax.set_xticks(sorted(ref['k'].unique())); ax.set_xticklabels([str(int(k)) for k in sorted(ref['k'].unique())])
+    ax.legend(fontsize=7, loc='upper left')
     return fig
 
 # %% ../nbs/19a_rarity.ipynb #ffdbcb47
@@ -582,5 +733,6 @@ def main(argv=None):
         fig = study_figure(table)
         with atomic_write(out/'figure.png') as tmp: fig.savefig(tmp, format='png', dpi=80, bbox_inches='tight')
         md = '\n\n'.join(f'## {s}\n\n' + summary_markdown(table, cfg, s) for s in dict.fromkeys(table['eval_set']))
-        with atomic_write(out/'summary.md') as tmp: Path(tmp).write_text(md + '\n')
-        print(summary_markdown(table, cfg))
+        primary = endpoint_line(primary_endpoint(out, cfg), 'primary endpoint') + '\n\n' if cfg.arms else ''
+        with atomic_write(out/'summary.md') as tmp: Path(tmp).write_text(f'{primary}{md}\n')
+        print(summary_markdown(table, cfg)); print(primary.strip())

@@ -30,10 +30,10 @@ from .latents import pool_mask
 # %% auto #0
 __all__ = ['SAMPLERS', 'SAMPLER_LABELS', 'DEFAULT_STEPS', 'STEP_SEED_OFFSET', 'GUIDE_MUST_MATCH', 'GUIDE_FOLDER',
            'SYNTHETIC_NOTE', 'SAMPLE_OUTPUTS', 'check_sampler', 'make_sampler', 'initial_noise', 'loop_device',
-           'check_request', 'model_prediction', 'check_autoguidance', 'LoopSetup', 'loop_setup', 'SampleResult',
-           'sample', 'trajectory_frame', 'trajectory_figure', 'trajectory_widget', 'denoiser_inputs', 'check_kind',
-           'load_guide', 'guide_provenance', 'PixelDiffusionGenerator', 'LatentDiffusionGenerator', 'synthetic_note',
-           'write_samples', 'main']
+           'check_request', 'model_prediction', 'check_autoguidance', 'LoopSetup', 'loop_setup',
+           'check_guidance_interval', 'interval_scales', 'SampleResult', 'sample', 'trajectory_frame',
+           'trajectory_figure', 'trajectory_widget', 'denoiser_inputs', 'check_kind', 'load_guide', 'guide_provenance',
+           'PixelDiffusionGenerator', 'LatentDiffusionGenerator', 'synthetic_note', 'write_samples', 'main']
 
 # %% ../nbs/11_sampling.ipynb #48140347
 SAMPLERS = ('ddpm', 'ddim', 'dpmpp', 'dpmpp-sigma-min')
@@ -151,6 +151,30 @@ def loop_setup(model, seeds: list, timesteps, init_noise_sigma: float = 1.0, siz
         model.train(was_training)
         if progress: ts.close()
 
+# %% ../nbs/11_sampling.ipynb #91d162ec
+def check_guidance_interval(interval, conditions, scales: dict, num_train_timesteps: int, where: str = 'sample',
+                            error=SamplingError) -> dict:
+    """`interval` ({condition: [t_low, t_high]}, timesteps of the training schedule; None or {}: guidance at every step)
+    checked: names among the model's `conditions`, 0 <= t_low <= t_high <= `num_train_timesteps`. Returns
+    {name: (t_low, t_high)} for the conditions `scales` guides (a condition this request leaves out needs none)."""
+    if interval is None: return {}
+    if not isinstance(interval, dict):
+        raise error(where, 'guidance_interval', f'{interval!r} is not a mapping of condition -> [t_low, t_high]')
+    out = {}
+    for name, span in interval.items():
+        if name not in conditions:
+            raise error(where, 'guidance_interval', f'{name!r} is not a condition of this model {tuple(conditions)}')
+        ok = isinstance(span, (list, tuple)) and len(span) == 2 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in span)
+        if not ok or not 0 <= span[0] <= span[1] <= num_train_timesteps:
+            raise error(where, f'guidance_interval.{name}', f'{span!r} is not [t_low, t_high] with 0 <= t_low <= t_high <= {num_train_timesteps}')
+        if name in scales: out[name] = (float(span[0]), float(span[1]))
+    return out
+
+def interval_scales(scales: dict, interval: dict, t: int) -> dict:
+    "The guidance scales at timestep `t`: a condition with an interval keeps its scale inside it and has scale 1 outside (0 stays 0)."
+    return {k: s if k not in interval or s == 0 or interval[k][0] <= t <= interval[k][1] else 1.0 for k, s in scales.items()}
+
 # %% ../nbs/11_sampling.ipynb #ee9cff57
 @dataclass
 class SampleResult:
@@ -178,14 +202,15 @@ def sample(model, noise_scheduler, conds: dict | None = None, n: int | None = No
            steps: int | None = None, eta: float = 0.0, guidance: dict | None = None,
            guidance_mode: str = 'compositional', seed=0, size: int | None = None, keep_trajectory: bool = False,
            step_hook=None, mixed_precision: str = 'no', progress: bool = False, device=None, guide=None,
-           autoguidance: float = 0.0) -> SampleResult:
+           autoguidance: float = 0.0, guidance_interval: dict | None = None) -> SampleResult:
     """Generate `n` images with `model` (a `ConditionalDenoiser`) and `sampler` ('ddpm' | 'ddim' | 'dpmpp').
     `conds`: forward kwargs (`labels`, `mask`, `text_emb`, `text_mask`, as `conditioning.model_inputs` builds them,
     and `drop`: per-image bool tensors that switch a condition off for single images) with batch `n`; `guidance`:
     per-condition classifier-free guidance scales, e.g. `{'labels': 3, 'mask': 1}` (empty: the plain conditional);
     `eta`: DDIM stochasticity; `seed`: int or one seed per image; `step_hook(i, t, t_prev, x) -> x | None` may edit x
     (now at timestep `t_prev`, -1 = clean) after step i; `mixed_precision`: 'no' | 'bf16'; `autoguidance` w > 0 pushes
-    every prediction away from that of `guide`, a weaker version of `model` (`model_prediction`).
+    every prediction away from that of `guide`, a weaker version of `model` (`model_prediction`); `guidance_interval`
+    ({condition: [t_low, t_high]}) guides a condition only at those timesteps, with scale 1 elsewhere (`interval_scales`).
     Everything is checked here, once, before any compute; the steps trust it."""
     conds = {k: v for k, v in (conds or {}).items() if v is not None}
     drop = conds.pop('drop', None) or {}
@@ -197,6 +222,7 @@ def sample(model, noise_scheduler, conds: dict | None = None, n: int | None = No
     _check_eta(eta, sampler)
     scales = check_request(model, conds, guidance, guidance_mode, mixed_precision)
     autoguidance = check_autoguidance(model, guide, autoguidance)
+    interval = check_guidance_interval(guidance_interval, model.cond_cfg.conditions, scales, noise_scheduler.config.num_train_timesteps)
     seeds = image_seeds(seed, n)
     size = size or model.unet_cfg.image_size
     device = loop_device(model, device)
@@ -213,7 +239,8 @@ def sample(model, noise_scheduler, conds: dict | None = None, n: int | None = No
         x = s.x
         for i, t in enumerate(s.timesteps):
             tt = torch.full((n,), int(t), device=device, dtype=torch.long)
-            with s.autocast(): pred = model_prediction(model, sched.scale_model_input(x, t), tt, conds, scales, guidance_mode, guide, autoguidance)
+            at_t = interval_scales(scales, interval, int(t)) if interval else scales
+            with s.autocast(): pred = model_prediction(model, sched.scale_model_input(x, t), tt, conds, at_t, guidance_mode, guide, autoguidance)
             if keep_trajectory:
                 res.timesteps.append(int(t)); res.x_t.append(x.float().cpu())
                 res.x0.append(bound(predicted_x0(pred, x, tt, noise_scheduler)).cpu())
@@ -306,7 +333,7 @@ class PixelDiffusionGenerator(Generator):
     "A trained pixel-space conditional diffusion model (`ConditionalDenoiser` + noise scheduler) as a generator."
     kind, noun = 'pixel-diffusion', 'diffusion model'
     takes_sampler = can_guide = can_inpaint = True    # a denoising loop: a sampler, guidance, RePaint
-    own_options = (*DIFFUSION_OPTIONS, 'autoguidance')    # autoguidance: 0 unless set (a generator.json default or a call's)
+    own_options = (*DIFFUSION_OPTIONS, 'autoguidance', 'guidance_interval')   # both off unless set (a generator.json default or a call's)
 
     def __init__(self, model, noise_scheduler, checkpoint=None, weights=None, guide=None):
         super().__init__(checkpoint, weights, DIFFUSION_OPTIONS)
@@ -328,11 +355,13 @@ class PixelDiffusionGenerator(Generator):
     device = property(lambda self: loop_device(self.model), doc='Where its weights are.')
 
     def check_values(self, o: dict, where: str = 'generate') -> dict:
-        "Merged options `o` checked against the model (sampler, steps, eta, autoguidance, guidance, precision), naming the field."
+        "Merged options `o` checked against the model (sampler, steps, eta, autoguidance, guidance and its interval, precision), naming the field."
         o['steps'] = check_sampler(o['sampler'], self.noise_scheduler, o['steps'], where)
         _check_eta(o['eta'], o['sampler'], where)
         if 'autoguidance' in o: o['autoguidance'] = check_autoguidance(self.model, self.guide, o['autoguidance'], where)
         o['guidance'] = check_request(self.model, None, o['guidance'], o['guidance_mode'], o['mixed_precision'], where)
+        if 'guidance_interval' in o:
+            check_guidance_interval(o['guidance_interval'], self.conditions, o['guidance'], self.noise_scheduler.config.num_train_timesteps, where)
         return o
     def inputs(self, labels=None, masks=None, *, findings=None, text=None, n: int | None = None, where: str = 'generate') -> dict:
         "Forward kwargs for these conditions (`denoiser_inputs`, the masks brought to the network by `model_masks`)."

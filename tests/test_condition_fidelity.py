@@ -3,7 +3,7 @@ import numpy as np, pandas as pd, pytest, torch
 from cxr_diffusion_nbs.core import project_root, sample_data_root
 from cxr_diffusion_nbs.manifest import load_shared_subset
 from cxr_diffusion_nbs.condition_fidelity import (Judges, FidelityError, load_judges, donor_requests, plan_requests, reference,
-                                                  lesion_contrast, measure, guidance_curve)
+                                                  lesion_contrast, measure, guidance_curve, load_fidelity, RESULT_TABLES)
 from cxr_diffusion_nbs.sampling import load_generator
 
 def test_lesion_contrast_sign_and_empty():
@@ -31,12 +31,16 @@ def test_reference_is_the_generator_resolution(monkeypatch):
     r = reference(req, 32, 64)
     assert r.shape == req.films.shape and not torch.equal(r, req.films)
     assert reference(req, 64, 64) is req.films
+    few = req.take([2, 0])
+    assert few.image_ids == [req.image_ids[2], req.image_ids[0]] and few.findings == req.findings
+    assert torch.equal(few.masks, req.masks[[2, 0]]) and torch.equal(few.films, req.films[[2, 0]])
+    assert (few.labels == req.labels[[2, 0]]).all() and (few.complete == req.complete[[2, 0]]).all()
 
-def test_measure_end_to_end(monkeypatch):
+def test_measure_end_to_end(monkeypatch, tmp_path):
     monkeypatch.setenv('CXR_NO_SHARED', '1')
     real = load_shared_subset(sample_data_root())
     gen = load_generator(project_root()/'data'/'models'/'cpu64_demo')
-    res = measure(gen, real, 'val', load_judges(64), sampler='ddim', steps=3, batch=32)
+    res = measure(gen, real, 'val', load_judges(64), sampler='ddim', steps=3, batch=32, guidance={})   # unguided: one pass a step
     c = res.consistency
     assert list(c.finding) == list(gen.findings) and c.too_few.all()     # 30 validation images: nothing to conclude
     assert (c.synthetic_images == len(res.donors)).all() and np.isfinite(res.fidelity['fid'])
@@ -44,3 +48,11 @@ def test_measure_end_to_end(monkeypatch):
     s = res.summary()
     assert set(s) >= {'consistency_min', 'adherence', 'fid', 'too_few'} and s['too_few']
     with pytest.raises(Exception, match='stepz'): measure(gen, real, 'val', load_judges(64), stepz=3)
+    back = load_fidelity(res.save(tmp_path/'res.json', data=real.name, command='test'))   # stored and read back: the same result
+    for t in RESULT_TABLES: pd.testing.assert_frame_equal(getattr(back, t), getattr(res, t), check_dtype=False, check_exact=True)
+    assert back.fidelity == res.fidelity and back.about == dict(data=real.name, command='test') and back.synthetic is None
+    assert (back.donors == res.donors).all() and back.options == res.options
+    assert str(back.summary()) == str(s)                                              # NaN included
+    (tmp_path/'other.json').write_text('{"about": {}}')
+    with pytest.raises(FidelityError, match="'donors'"): load_fidelity(tmp_path/'other.json')
+    with pytest.raises(FidelityError, match="'file'"): load_fidelity(tmp_path/'missing.json')

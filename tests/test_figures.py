@@ -109,6 +109,10 @@ def test_rarity_study_figure():
     stored = pd.read_csv(project_root()/'nbs'/'images'/'rarity_table.csv', keep_default_na=False)
     check(study_figure(stored))                                                         # nbs/images/rarity_study.png
 
+def test_rarity_worth_figure():
+    from cxr_diffusion_nbs.rarity import worth_figure, worth_table
+    check(worth_figure(worth_table(rarity_table(ks=(5, 10, 20, 50, 200)))))
+
 def test_gan_sample_grid():
     from cxr_diffusion_nbs.sampling import load_generator
     from cxr_diffusion_nbs.gan import sample_grid

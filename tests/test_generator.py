@@ -20,7 +20,8 @@ def test_top_level_and_registry(gen):
     assert (gen.kind, gen.image_size, gen.mask_mode) == ('pixel-diffusion', 64, 'union')
     assert gen.findings == ('pneumothorax', 'nodule', 'mass', 'effusion', 'cardiomegaly')
     assert gen.conditions == ('labels', 'mask')
-    assert set(gen.options) == {'sampler', 'steps', 'eta', 'guidance', 'guidance_mode', 'mixed_precision', 'progress', 'autoguidance'}
+    assert set(gen.options) == {'sampler', 'steps', 'eta', 'guidance', 'guidance_mode', 'mixed_precision', 'progress', 'autoguidance',
+                               'guidance_interval'}
     with pytest.raises(AttributeError): cxr_diffusion_nbs.no_such_thing
 
 def test_generate_shape_range_and_equals_sample(gen):
@@ -72,6 +73,25 @@ def test_autoguidance_guide_folder(tmp_path):
     (d/'generator.json').write_text(json.dumps(spec))
     with pytest.raises(SamplingError, match="defaults.autoguidance.*weaker model"): load_generator(d, device='cpu')
     with pytest.raises(SamplingError, match="'autoguidance'"): load_generator(DEMO, device='cpu').generate(findings='nodule', steps=2, autoguidance=-1)
+
+def test_guidance_interval_as_a_recommended_default(tmp_path):
+    "A generator.json may recommend guiding a condition over part of the schedule; generate uses it unless told, and a bad one is refused on load."
+    import shutil
+    d = tmp_path/'m'
+    shutil.copytree(DEMO, d)
+    spec = json.loads((d/'generator.json').read_text())
+    spec['defaults']['guidance_interval'] = {'mask': [250, 1000]}
+    (d/'generator.json').write_text(json.dumps(spec))
+    g, box = load_generator(d, device='cpu'), box_to_mask((20, 14, 34, 28), (64, 64))
+    kw = dict(findings='nodule', masks=box, seed=[3, 4], steps=4)
+    demo = load_generator(DEMO, device='cpu')
+    torch.testing.assert_close(g.generate(**kw), demo.generate(**kw, guidance_interval={'mask': [250, 1000]}), atol=0, rtol=0)
+    assert (g.generate(**kw) - demo.generate(**kw)).abs().max() > 1e-3        # it changes the films
+    torch.testing.assert_close(g.generate(findings='nodule', seed=[3], steps=4), demo.generate(findings='nodule', seed=[3], steps=4))  # no mask: nothing to limit
+    spec['defaults']['guidance_interval'] = {'mask': [800, 200]}
+    (d/'generator.json').write_text(json.dumps(spec))
+    with pytest.raises(SamplingError, match=r"defaults.guidance_interval.mask"): load_generator(d, device='cpu')
+    with pytest.raises(SamplingError, match="'text'"): demo.generate(**kw, guidance_interval={'text': [0, 500]})
 
 def test_a_mask_for_a_model_without_masks():
     torch.manual_seed(0)

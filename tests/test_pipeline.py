@@ -52,7 +52,10 @@ def test_pipeline_small_run(tmp_path):
     summary = json.loads((out/'summary.json').read_text())
     assert report.index(summary['headline'][0]) < report.index('## ') and len(summary['headline']) == 6
     few = (pd.read_csv(out/'tables'/'rarity_table.csv').query("eval_set == 'test'").test_pos < 20).all()
-    assert summary['headline'][-1].startswith('**Can it support a conclusion?** ' + ('No: no finding has 20 test positives' if few else ''))
+    head, endpoint = summary['headline'][-1], summary['rarity']['primary_endpoint']     # the declared primary endpoint decides
+    assert head.startswith('**Can it support a conclusion?** ' + ('Yes: a gain' if endpoint['lo'] > 0 else 'Yes: a loss' if endpoint['hi'] < 0 else 'No: the interval includes zero'))
+    assert f"{endpoint['mean']:+.3f} [{endpoint['lo']:+.3f}, {endpoint['hi']:+.3f}]" in summary['headline'][-2]
+    assert ('Secondary, per finding: No: no finding has 20 test positives' in head) == few
     page = (out/'report.html').read_text()
     assert page.count('data:image/png;base64,') == report.count('](figures/') == 4 and 'src="figures/' not in page
     assert page.count('<details>') == report.count('\n## ') and page.index('Can it support a conclusion?') < page.index('<details>')

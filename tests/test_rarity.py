@@ -1,12 +1,12 @@
 """The rarity study: capping, training sets of every arm, scores, verdicts, and a small resumable run (bundled sample)."""
-import dataclasses
+import dataclasses, json
 import numpy as np, pandas as pd, pytest, torch
 from cxr_diffusion_nbs.core import ConfigError, project_root, sample_data_root
 from cxr_diffusion_nbs.manifest import load_shared_subset
 from cxr_diffusion_nbs.rarity import (RarityConfig, RarityError, StudySet, cap_positives, sensitivity_at_specificity, _holm,
                                       verdict, arm_training_set, augmented_positives, take_per_finding, train_arm,
                                       real_sets, run_study, study_table, load_predictions, summary_markdown, main,
-                                      _pools_needed)
+                                      _pools_needed, paired_mean_change, primary_endpoint, worth_table, endpoint_line)
 from cxr_diffusion_nbs.sampling import load_generator
 
 F5 = ('pneumothorax', 'nodule', 'mass', 'effusion', 'cardiomegaly')
@@ -107,6 +107,35 @@ def test_small_study_runs_resumes_and_refuses(tmp_path, monkeypatch):
     assert {'test', 'test AP', 'test PA'} <= set(t.eval_set) and set(t.arm) == {'real-only', 'mix', 'unconditional', 'negatives'}
     assert t[t.arm != 'real-only'].verdict.str.startswith('too few').all()   # the bundled sample cannot conclude
     assert '| k | arm |' in summary_markdown(t, more)
+    r = primary_endpoint(out, more, n_boot=50)                    # the declared comparison: mix at k = 5, n = 2, both seeds
+    assert (r['k'], r['arm'], r['n'], r['seeds']) == (5, 'mix', 2, [0, 1]) and r['lo'] <= r['hi']
+    assert 'primary' in json.loads((out/'study.json').read_text())
+    with pytest.raises(RarityError, match="'primary'"):         # declared when the study started: not changed afterwards
+        run_study(gen, real, dataclasses.replace(more, primary={'arm': 'negatives'}), out, progress=False)
+
+def test_paired_mean_change_keeps_patients_and_findings_together():
+    rng = np.random.default_rng(1)
+    y = (rng.random((200, 2)) < .3).astype(float)
+    ref = y + rng.normal(0, 1.5, y.shape)
+    better = y + rng.normal(0, .4, y.shape)
+    patients = np.repeat(np.arange(100), 2)
+    r = paired_mean_change(y, better, ref, patients, n_boot=200)
+    assert 0 < r['lo'] < r['mean'] < r['hi'] and r['p'] < .05 and r['mde'] > 0 and r['n_boot_used'] == 200
+    flat = paired_mean_change(y, ref, ref, patients, n_boot=50)
+    assert flat['mean'] == flat['lo'] == flat['hi'] == 0 and flat['p'] == 1
+    y2 = y.copy(); y2[:, 1] = 0                                   # a finding with no test positive is left out of the mean
+    r2 = paired_mean_change(y2, better, ref, patients, n_boot=50)
+    assert list(r2['findings_used']) == [True, False] and np.isnan(r2['per_finding'][1])
+    with pytest.raises(RarityError, match='both classes'): paired_mean_change(np.zeros((10, 1)), np.zeros((10, 1)), np.zeros((10, 1)), np.arange(10))
+
+def test_worth_reads_only_inside_the_curve():
+    t = pd.DataFrame(dict(eval_set='test', k=[5, 20, 80, 20, 20], arm=['real-only'] * 3 + ['mix', 'augment'], n=[0, 0, 0, 100, 100],
+                          finding='a', auroc=[.6, .7, .8, .75, .65]))
+    w = worth_table(t).set_index('arm')
+    assert abs(w.loc['mix', 'real_equivalent_k'] - 40) < 1e-9 and abs(w.loc['mix', 'worth_real_positives'] - 20) < 1e-9
+    assert abs(w.loc['augment', 'worth_real_positives'] - (10 - 20)) < 1e-9     # below its own k: worth negative
+    assert np.isnan(worth_table(t.assign(auroc=[.6, .7, .8, .9, .65])).set_index('arm').loc['mix', 'real_equivalent_k'])
+    assert np.isnan(worth_table(t.assign(auroc=[.6, .8, .7, .75, .65])).set_index('arm').loc['mix', 'real_equivalent_k'])  # no rising curve
 
 def test_cli_refuses_bad_config(tmp_path, capsys):
     with pytest.raises(SystemExit) as e: main(['--output', str(tmp_path/'x'), '--set', 'arms=[mixx]', '--no-progress'])

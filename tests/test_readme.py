@@ -42,3 +42,4 @@ def test_readme_cohort_command_runs(tmp_path):
     import json
     out = json.loads(r.stdout)
     assert out['images'] >= 3 and (tmp_path/'c'/'images.csv').exists()
+    assert f"cohort: {out['images']} images from a GAN" in r.stderr and 'measured on a first batch' in r.stderr   # the estimate line

@@ -12,11 +12,11 @@ from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 from skimage.metrics import structural_similarity
 
-from cxr_diffusion_nbs.checkpoints import CheckpointError
+from cxr_diffusion_nbs.checkpoints import CheckpointError, WEIGHTS_NAME
 from cxr_diffusion_nbs.core import ConfigError, sample_data_root
-from cxr_diffusion_nbs.dataset import CXRDataset
+from cxr_diffusion_nbs.dataset import CXRDataset, CropSampler
 from cxr_diffusion_nbs.manifest import load_shared_subset
-from cxr_diffusion_nbs.vae import (WEIGHTS_NAME, CropSampler, build_autoencoder, decode, downsampling_factor, encode,
+from cxr_diffusion_nbs.vae import (build_autoencoder, decode, downsampling_factor, encode,
                                    latent_shape, latent_statistics, load_autoencoder, load_vae_config, main,
                                    reconstruction_metrics, save_autoencoder, ssim_map, train_autoencoder)
 

@@ -19,8 +19,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from cxr_diffusion_nbs.vae import (ae_train_step, ae_training_manifest, build_ae_run, evaluate_autoencoder,
-                                   load_autoencoder, load_vae_config, metrics_summary, train_autoencoder, validation_dataset)
+from cxr_diffusion_nbs.dataset import crop_training_manifest
+from cxr_diffusion_nbs.vae import (ae_train_step, build_ae_run, evaluate_autoencoder, load_autoencoder, load_vae_config,
+                                   metrics_summary, train_autoencoder, validation_dataset)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT/'configs'/'vae256.yaml'
@@ -67,7 +68,7 @@ def record(row: dict):
 def throughput(name: str, steps: int) -> float:
     "Crops/s of the trainer's step for trial `name` (32 training films in memory; the step does not depend on how many)."
     cfg = load_vae_config(CONFIG, TRIALS[name][1] + ['data.limit=32', 'output.progress=false', 'output.output_dir=/tmp/vae-throughput'])
-    run = build_ae_run(cfg, None, ae_training_manifest(cfg))
+    run = build_ae_run(cfg, None, crop_training_manifest(cfg))
     if run.disc is not None: cfg.loss.disc_start = 0        # time the step with the discriminator on
     for _ in range(2): ae_train_step(run)
     t0 = time.perf_counter()
