@@ -478,7 +478,7 @@ def study_table(out_dir, cfg: RarityConfig, external: bool = True) -> pd.DataFra
     preds, facts = load_predictions(out_dir)
     test = StudySet(torch.zeros(len(facts), 1, 1, 1), facts[list(cfg.findings)].replace('', np.nan).to_numpy(float),
                     np.ones(len(facts)), facts.assign(group=facts['group'].astype(str)))
-    is_ext = facts['source'].astype(str).str.startswith('real external').to_numpy()
+    is_ext = ~_internal(facts)                     # another site's films (`--external`) are reported apart
     sets = evaluation_sets(test.take(np.flatnonzero(~is_ext)), test.take(np.flatnonzero(is_ext)) if is_ext.any() else None)
     groups = {}
     for (k, arm, n, seed), p in preds.items(): groups.setdefault((k, arm, n), {})[seed] = p
@@ -571,7 +571,13 @@ def _ensemble(preds: dict, k: int, arm: str, n: int, seeds) -> np.ndarray:
     return np.mean([preds[(k, arm, n, s)] for s in seeds], 0)
 
 def _internal(facts: pd.DataFrame) -> np.ndarray:
+    "Which evaluation films are the study's own test films (not another site's, `--external`)."
     return ~facts['source'].astype(str).str.startswith('real external').to_numpy()
+
+def _test_labels(facts: pd.DataFrame, cfg: RarityConfig) -> tuple:
+    "(rows of the study's own test films, their labels (N, F) with NaN = unknown, their patients)."
+    keep = _internal(facts)
+    return keep, facts[list(cfg.findings)].replace('', np.nan).to_numpy(float)[keep], facts['patient_id'].to_numpy()[keep]
 
 def primary_endpoint(out_dir, cfg: RarityConfig, against: str = 'real-only', n_boot: int | None = None, seed: int = 0) -> dict:
     """The study's primary comparison (`cfg.primary_comparison()`: the arm at k and n) against `against` ('real-only',
@@ -582,13 +588,12 @@ def primary_endpoint(out_dir, cfg: RarityConfig, against: str = 'real-only', n_b
     n_ref = 0 if against == 'real-only' else cfg.n_arm
     seeds = sorted(s for (kk, a, nn, s) in preds if (kk, a, nn) == (k, arm, n) and (k, against, n_ref, s) in preds)
     if not seeds: raise RarityError(str(out_dir), 'primary', f'no seed has both {arm} (k={k}, n={n}) and {against} (n={n_ref}) predictions')
-    keep = _internal(facts)
-    y = facts[list(cfg.findings)].replace('', np.nan).to_numpy(float)[keep]
+    keep, y, patients = _test_labels(facts, cfg)
     p, ref = _ensemble(preds, k, arm, n, seeds)[keep], _ensemble(preds, k, against, n_ref, seeds)[keep]
-    out = paired_mean_change(y, p, ref, facts['patient_id'].to_numpy()[keep], n_boot or cfg.n_boot, seed)
+    out = paired_mean_change(y, p, ref, patients, n_boot or cfg.n_boot, seed)
     per_seed = [np.nanmean(auroc_changes(y, preds[(k, arm, n, s)][keep], preds[(k, against, n_ref, s)][keep])) for s in seeds]
     return dict(out, findings=list(cfg.findings), k=k, arm=arm, n=n, against=against, seeds=seeds, test_films=int(keep.sum()),
-                test_patients=int(pd.Series(facts['patient_id'][keep]).nunique()), seed_sd=float(np.std(per_seed, ddof=1)) if len(seeds) > 1 else np.nan)
+                test_patients=int(pd.Series(patients).nunique()), seed_sd=float(np.std(per_seed, ddof=1)) if len(seeds) > 1 else np.nan)
 
 def compare_studies(dir_a, dir_b, cfg: RarityConfig, n_boot: int | None = None, seed: int = 0) -> dict:
     """Study `dir_a`'s primary arm against study `dir_b`'s (another generator, the same data, caps and seeds): the mean
@@ -599,10 +604,9 @@ def compare_studies(dir_a, dir_b, cfg: RarityConfig, n_boot: int | None = None, 
     k, arm, n = cfg.primary_comparison()
     seeds = sorted(s for (kk, a, nn, s) in pa if (kk, a, nn) == (k, arm, n) and (k, arm, n, s) in pb)
     if not seeds: raise RarityError(str(dir_b), 'primary', f'no seed has {arm} (k={k}, n={n}) predictions in both studies')
-    keep = _internal(fa)
-    y = fa[list(cfg.findings)].replace('', np.nan).to_numpy(float)[keep]
+    keep, y, patients = _test_labels(fa, cfg)
     out = paired_mean_change(y, _ensemble(pa, k, arm, n, seeds)[keep], _ensemble(pb, k, arm, n, seeds)[keep],
-                             fa['patient_id'].to_numpy()[keep], n_boot or cfg.n_boot, seed)
+                             patients, n_boot or cfg.n_boot, seed)
     return dict(out, findings=list(cfg.findings), k=k, arm=arm, n=n, seeds=seeds)
 
 def endpoint_line(r: dict, name: str = '') -> str:
