@@ -57,7 +57,7 @@ def test_converts_to_html_with_figures(proc_dir, nb, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     html = (tmp_path/(nb.stem + '.html')).read_text()
     assert '<html' in html
-    if makes_figures(nb): assert 'data:image/png;base64' in html, f"{nb.name}: no stored figure in the HTML (run it with nbdev-test --save)"
+    if makes_figures(nb): assert re.search('data:image/(png|jpeg);base64', html), f"{nb.name}: no stored figure in the HTML (run it with nbdev-test --save)"
 
 @pytest.mark.parametrize('nb', LESSONS, ids=[p.stem for p in LESSONS])
 def test_static_figure_before_widget(nb):
@@ -66,13 +66,17 @@ def test_static_figure_before_widget(nb):
     for c in cells:
         for o in c.get('outputs', []):
             data = o.get('data', {})
-            if 'image/png' in data: seen_png = True
+            if 'image/png' in data or 'image/jpeg' in data: seen_png = True
             if 'application/vnd.jupyter.widget-view+json' in data:
                 assert seen_png, f"{nb.name}: a widget comes before any static figure"
 
 @pytest.mark.parametrize('nb', NBS, ids=[p.stem for p in NBS])
 def test_outputs_stay_small(nb):
-    assert nb.stat().st_size < 1_500_000, f"{nb.name} is {nb.stat().st_size/1e6:.1f} MB: shrink its figures"
+    assert nb.stat().st_size < 1_500_000, f"{nb.name} is {nb.stat().st_size/1e6:.1f} MB: shrink its figures (tools/shrink_outputs.py)"
+
+def test_notebooks_stay_small_in_all():
+    total = sum(nb.stat().st_size for nb in NBS)
+    assert total < 6_000_000, f"the notebooks take {total/1e6:.1f} MB: shrink their figures (tools/shrink_outputs.py) or clear bulky outputs"
 
 MACHINE_PATH = re.compile(r'(?<![\w.])/(?:tmp|var/folders|private/var|home|Users|root)/[^\s\'"]+')
 

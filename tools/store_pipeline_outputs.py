@@ -13,6 +13,7 @@ machine (the repository's absolute path or the user's home) is refused, naming t
 """
 import argparse, json, sys
 from pathlib import Path
+from shrink_outputs import shrink_notebook   # this folder is on the path when the tool runs as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +48,8 @@ def main():
             outs.append(o)
         c['outputs'], n = outs, n + 1
     nb_path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + '\n')
-    print(f'stored the outputs of {n} cells in {nb_path}')
+    saved = shrink_notebook(nb_path)
+    print(f'stored the outputs of {n} cells in {nb_path} ({saved / 1e6:.2f} MB saved by tools/shrink_outputs.py)')
 
 if __name__ == '__main__':
     main()
