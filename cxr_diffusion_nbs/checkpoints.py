@@ -172,6 +172,7 @@ def check_weights(tensors, path, problem: str = 'refused', saving: bool = False)
         str(path), bad[0][0], f"{bad[0][1]} ({len(bad)} tensor(s) fail; weights of a diverged or damaged training): {problem}"
         + ('; the run stops here, its earlier checkpoints are intact (usual cause: a too high optim.lr)' if saving else ''))
 
+# %% ../nbs/09a_checkpoints.ipynb #4baf4418
 def read_weights(path, device=None) -> dict:
     "The tensors of safetensors file `path`; a missing, truncated or corrupt file is a `CheckpointError` naming it (not a raw traceback)."
     path = Path(path)
@@ -237,6 +238,7 @@ def _load_ema(ckpt: Path, m, ema, device):
     st = json.loads((ckpt/'ema_state.json').read_text())
     ema.load_state_dict(dict(st, shadow_params=[sh[n] for n in names]))
 
+# %% ../nbs/09a_checkpoints.ipynb #dcccf207
 def load_checkpoint(ckpt, *, accelerator, model, optimizer, lr_scheduler, ema, gen) -> dict:
     "Restore everything `save_checkpoint` wrote into the given objects; returns the train state (step, epoch, ...)."
     ckpt, acc = checkpoint_folder(ckpt), accelerator
@@ -352,6 +354,7 @@ def generator_file(ckpt) -> Path:
         p = cks[-1] if cks else p
     return p/GENERATOR_FILE
 
+# %% ../nbs/09a_checkpoints.ipynb #d8216968
 def generator_kind(ckpt) -> str:
     "What kind of generator a checkpoint (or model/run folder) is: `generator.json`'s `kind`, else 'pixel-diffusion'."
     f = generator_file(ckpt)

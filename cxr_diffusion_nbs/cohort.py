@@ -155,6 +155,7 @@ def move_masks(masks: torch.Tensor, angle: float = 0., scale: float = 1., tx: fl
     _, out = affine_pair(torch.zeros(1, S, S), masks, angle=ang, scale=scale, tx=t_x, ty=t_y)
     return (out > .5).float()
 
+# %% ../nbs/14_cohort.ipynb #00e80a7a
 def jitter_mask(masks: torch.Tensor, region: torch.Tensor, rng: np.random.Generator, shift: float, rotate: float,
                 lesion_scale: tuple, min_inside: float, tries: int = 30) -> tuple[torch.Tensor, dict]:
     """Draw a random `move_masks` transform that keeps `min_inside` of the moved lesion area inside `region` and the
@@ -231,6 +232,7 @@ def plan_cohort(cfg: CohortConfig, pool: DonorPool, counts: dict, masks: bool = 
     bar.close()
     return pd.DataFrame(rows)
 
+# %% ../nbs/14_cohort.ipynb #dce4c395
 def plan_conditions(row, pool: DonorPool, cfg: CohortConfig) -> tuple[torch.Tensor, torch.Tensor]:
     "Labels (F,) and per-finding masks (F, S, S) of one planned image (recomputed from the plan, deterministically)."
     fi = pool.findings.index(row['target_finding'])
@@ -295,6 +297,7 @@ def write_private(out, donor_ids, patient_of: dict, key: bytes):
     with atomic_write(d/'README.md', mode=0o600) as tmp: tmp.write_text(_PRIVATE_README)
     d.chmod(0o700)
 
+# %% ../nbs/14_cohort.ipynb #83ca34d3
 def attach_donors(m: Manifest, out) -> Manifest:
     "A cohort's manifest with each image's real `donor_image_id` put back from `private/donors.csv`, when the folder has it."
     p = Path(out)/PRIVATE/'donors.csv'
@@ -475,6 +478,7 @@ def resolve_sampling(cfg, gen, source: str = '<config>', defaults: dict = COHORT
     except SamplingError as e: raise error(source, e.field, e.problem) from None
     return dataclasses.replace(cfg, **dict.fromkeys(defaults))
 
+# %% ../nbs/14_cohort.ipynb #cce4a492
 def generator_options(cfg: CohortConfig, gen, source: str = '<config>') -> dict:
     """The options a cohort passes to `gen.generate`, resolved over the model's recommended defaults and checked by the
     generator once (what the images' provenance records): those of its kind (`gen.defaults`: a diffusion model's sampler,
@@ -657,6 +661,7 @@ def write_cohort_manifest(out) -> Manifest:
     with atomic_write(out/'manifest.json') as tmp: tmp.write_text(json.dumps(mj, indent=1))
     return Manifest.from_csv(out, check_files=True)
 
+# %% ../nbs/14_cohort.ipynb #815e031b
 def privatise_cohort(out, data_root=None) -> Path:
     """Make a cohort written by an older version (donors named by their real image id) shareable, in place: the ids
     in `plan.csv`, `images.csv` and the PNG / DICOM provenance become `donor_ref`s, machine paths become shareable ones,

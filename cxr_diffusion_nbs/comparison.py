@@ -84,6 +84,7 @@ def downstream_columns(res: pd.DataFrame) -> dict:
 
 REALNESS_COLUMNS = ('detector_auroc', 'detector_auroc_low', 'detector_auroc_high', 'sharpness_ratio', 'spectrum_distance')
 
+# %% ../nbs/24a_generator_comparison.ipynb #1fd02b66
 def compare_generators(gens: dict, n: int = 256, seed: int = 0, root=None, max_pairs: int = 300, options: dict | None = None,
                        downstream_seeds=(0, 1, 2), downstream_cfg=None, min_test_positives: int | None = None, test_fraction: float = 0.25,
                        keep_images: dict | None = None, realness_kw: dict | None = None) -> pd.DataFrame:

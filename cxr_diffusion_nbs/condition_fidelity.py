@@ -283,6 +283,7 @@ class FidelityResult:
         with atomic_write(path) as tmp: tmp.write_text(json.dumps(d, indent=1) + '\n')
         return path
 
+# %% ../nbs/17a_condition_fidelity.ipynb #2446635d
 def measure(gen, real: Manifest, split: str = 'val', judges: Judges | None = None, findings=None, repeats: int = 1,
             n_per_finding: int = 0, seed: int = 0, batch: int = 16, min_positives: int = 20, req: Requests | None = None,
             progress=None, **options) -> FidelityResult:

@@ -30,6 +30,7 @@ class ConditioningError(CXRDataError):
 
 CONDITION_NAMES = ('labels', 'mask', 'text')
 
+# %% ../nbs/08_conditioning.ipynb #3da0354f
 @dataclass
 class ConditioningConfig:
     "Which conditions a `ConditionalDenoiser` takes, and how often each is dropped during training."
@@ -117,6 +118,7 @@ def _load_text_model(device='cpu'):
             _TEXT_MODEL[key] = m
         return _TEXT_MODEL[key]
 
+# %% ../nbs/08_conditioning.ipynb #d6cb1eef
 class FrozenTextEncoder:
     "Frozen all-MiniLM-L6-v2 token embeddings for prompts: `enc(texts) -> (emb (B, L, 384), attn_mask (B, L))`."
     dim = 384
@@ -187,6 +189,7 @@ def level_injector(mask_channels: int, channels: int, hidden: int = 32) -> nn.Se
     nn.init.zeros_(out.weight); nn.init.zeros_(out.bias)
     return nn.Sequential(nn.Conv2d(mask_channels, hidden, 3, padding=1), nn.SiLU(), out)
 
+# %% ../nbs/08_conditioning.ipynb #7d30337a
 class ConditionalDenoiser(nn.Module):
     "A diffusers U-Net conditioned on finding labels, lesion masks and/or text, each optional and droppable."
     def __init__(self, unet_cfg: UNetConfig, cond_cfg: ConditioningConfig | None = None):
@@ -450,6 +453,7 @@ def _batch_size(n, sizes: dict, where) -> int:
     _check(not odd, where, odd[0] if odd else 'n', f'batch sizes disagree: {sizes}')
     return next(iter(sizes.values()), 1)
 
+# %% ../nbs/08_conditioning.ipynb #2f58d3e1
 def model_inputs(cond_cfg, n: int | None = None, *, findings=None, labels=None, masks=None, text=None, text_encoder=None,
                  device=None, where: str = 'model_inputs') -> dict:
     """THE builder from (findings or labels, masks, text) to `ConditionalDenoiser` forward kwargs (`labels`, `mask`,
@@ -586,6 +590,7 @@ def show_conditions(cond: dict, figsize=(10, 3)):
     fig.tight_layout()
     return fig
 
+# %% ../nbs/08_conditioning.ipynb #7bbe3cd0
 def conditioning_widget(cond_cfg: ConditioningConfig, size: int = 64, text_encoder=None):
     "ipywidgets UI: finding checkboxes, ellipse sliders and a prompt box, redrawing `show_conditions`."
     import ipywidgets as W, matplotlib.pyplot as plt

@@ -354,6 +354,7 @@ def check_optim_section(cfg):
     if o.mixed_precision is False: o.mixed_precision = 'no'      # YAML 1.1 reads a bare `no` as false
     if o.mixed_precision not in MIXED_PRECISION: raise choice_error(cfg, 'optim.mixed_precision', o.mixed_precision, MIXED_PRECISION)
 
+# %% ../nbs/00_core.ipynb #d5b8cd79
 def nonfinite_step(loss, grad_norm=None) -> str | None:
     "What is NaN or infinite in a training step: 'loss', else 'gradient norm' (`grad_norm` None: not measured), else None."
     num = lambda v: float(v.detach()) if torch.is_tensor(v) else float(v)

@@ -346,6 +346,7 @@ def load_images(dataset, progress: bool = False) -> tuple:
         if progress and (i + 1) % 200 == 0: print(f'  loaded {i + 1}/{len(dataset)} images', file=sys.stderr, flush=True)
     return torch.stack(ims), torch.stack(ms)
 
+# %% ../nbs/05_dataset.ipynb #88db9e62
 @dataclass
 class CropDataSection:
     "The `data` section of the crop trainers: which films, at what size, and the crops drawn from them."

@@ -137,6 +137,7 @@ def _stratified_bootstrap(y, scores, statistic, n_boot: int, seed: int, alpha: f
                            paired=False, axis=-1, confidence_level=1 - alpha, method='percentile',
                            rng=np.random.default_rng(seed))
 
+# %% ../nbs/19_downstream.ipynb #64e959a8
 def bootstrap_ci(y, p, metric='auroc', n_boot: int = 1000, seed: int = 0, alpha: float = .05,
                  threshold: float | None = None) -> dict:
     """Stratified percentile bootstrap over test images (`scipy.stats.bootstrap`): `estimate` (on all images), (`lo`,
@@ -205,6 +206,7 @@ def delong_ci(y, p, alpha: float = .05) -> dict:
     h = stats.norm.ppf(1 - alpha / 2) * math.sqrt(S[0, 0])
     return dict(estimate=float(aucs[0]), lo=max(0., float(aucs[0] - h)), hi=min(1., float(aucs[0] + h)))
 
+# %% ../nbs/19_downstream.ipynb #0f5de0ac
 def paired_bootstrap_auroc_diff(y, p1, p2, n_boot: int = 1000, seed: int = 0, alpha: float = .05) -> dict:
     """AUROC(p1) - AUROC(p2) with a stratified paired bootstrap (`scipy.stats.bootstrap` on indices): both models are
     scored on the *same* resampled images. Returns diff, the percentile interval (lo, hi) and a two-sided bootstrap
@@ -329,6 +331,7 @@ def _conditions(real_train: Manifest, pool, ratios, counts, train_split: str, se
         out.append((f'n={c}', c / n_real, int(c), mix))
     return out
 
+# %% ../nbs/19_downstream.ipynb #279b5c0c
 def downstream_experiment(real: Manifest, synthetic: Manifest | None = None, ratios=(), counts=(),
                           cfg: ClassifierConfig | None = None, seeds=(0,), rarity=None, train_split: str = 'train',
                           test_split: str = 'val', synthetic_finding: str | None = None, n_boot: int = 1000,

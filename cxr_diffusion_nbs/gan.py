@@ -109,6 +109,7 @@ class ConditionalGenerator(ModelMixin, ConfigMixin):
         for b in self.blocks: h = b(h, e)
         return torch.tanh(self.to_image(h))
 
+# %% ../nbs/24_gan.ipynb #d175972f
 class ProjectionDiscriminator(ModelMixin, ConfigMixin):
     """Images (n, 1, S, S) and labels (n, F) -> one score per image: stride-2 4 x 4 convolutions with spectral norm and
     LeakyReLU down to 4 x 4, features h summed over space, then `w . h + (V y) . h` (the projection term, Miyato &
@@ -230,6 +231,7 @@ class GANOutputSection:
 _GAN_SECTIONS = {'model': GANModelSection, 'loss': GANLossSection, 'data': GANDataSection, 'optim': GANOptimSection,
                  'output': GANOutputSection}
 
+# %% ../nbs/24_gan.ipynb #8a7e6c75
 @dataclass
 class GANTrainConfig:
     "Everything a GAN run needs. Build it with `load_gan_config`, which validates it."
@@ -313,6 +315,7 @@ def load_films(ds: CXRDataset, progress: bool = False) -> tuple:
         if progress and (i + 1) % 200 == 0: print(f'  loaded {i + 1}/{len(ds)} films', file=sys.stderr, flush=True)
     return torch.stack(ims), torch.stack(labs)
 
+# %% ../nbs/24_gan.ipynb #c3f993fa
 @dataclass
 class GANRun:
     "Everything a running GAN training holds, and its position."
@@ -358,6 +361,7 @@ class GANRun:
 def _gan_signature(cfg: GANTrainConfig) -> dict:
     return dict(generator=json.loads(json.dumps(cfg.generator_kwargs(), default=list)), discriminator=cfg.discriminator_kwargs())
 
+# %% ../nbs/24_gan.ipynb #6edf22e9
 def gan_start_checks(cfg: GANTrainConfig) -> Path | None:
     "The checkpoint to resume from (or None), after refusing to overwrite a run and checking the networks match."
     out = Path(cfg.output.output_dir)
@@ -448,6 +452,7 @@ def gan_train_step(run: GANRun) -> dict:
     run.count += 1
     return parts
 
+# %% ../nbs/24_gan.ipynb #b5ba7cef
 def gan_log_window(run: GANRun, images_per_s: float) -> dict:
     "Close the log window: its means as a `log.csv` row (and a progress line on stderr)."
     r1n = run.sums.pop('r1_n', 0); r1 = run.sums.pop('r1', float('nan'))
@@ -564,6 +569,7 @@ def finish_gan_run(run: GANRun, start_step: int, wall0: float, last_ckpt: Path |
     (out/'summary.json').write_text(json.dumps(summary, indent=1))
     return summary
 
+# %% ../nbs/24_gan.ipynb #e3b18405
 def train_gan(cfg, overrides=(), stop_after: int | None = None) -> dict:
     """Run (or resume) the GAN training described by `cfg` (a `GANTrainConfig`, a YAML path or a dict). Returns the
     summary. `stop_after=k` stops right after step k's periodic work, as a kill would (no final checkpoint)."""
@@ -800,6 +806,7 @@ def _classifier(classifier):
     m, c = classifier if classifier is not None else shipped_classifier('cpu')
     return m.eval(), tuple(c.findings), int(c.image_size)
 
+# %% ../nbs/24_gan.ipynb #f7534ea3
 def optimise_latents(gen, finding: str, n: int = 8, steps: int = 100, lr: float = 0.05, prior_weight: float = 1.0,
                      classifier=None, seed: int = 0, labels: str = 'finding') -> LatentSearch:
     """Optimise the latents of `n` draws of GAN `gen` (seeds `seed`...) with Adam so the classifier gives `finding` a

@@ -94,6 +94,7 @@ def complement_weight(*weights) -> torch.Tensor:
     "What the other references leave: 1 - sum(weights), clipped to [0, 1] (e.g. the anatomy's weight around patches)."
     return (1 - sum(torch.as_tensor(w, dtype=torch.float32) for w in weights)).clamp(0, 1)
 
+# %% ../nbs/13_ilvr.ipynb #4ec4fca7
 def check_references(references, num_train_timesteps: int, size: int | None = None, channels: int | None = None,
                      n: int | None = None, where: str = 'ilvr') -> list:
     "Validate ILVR references (against the model's `size`, `channels` and the batch `n` when given); return them as a list."
@@ -162,6 +163,7 @@ def latent_references(gen, references) -> list:
         out.append(ILVRReference(gen.to_latents(r.image).cpu(), r.factor // gen.factor, r.stop_t, w, name=r.name))
     return out
 
+# %% ../nbs/13_ilvr.ipynb #f6e386dc
 def ilvr_sample(model, noise_scheduler, references, conds: dict | None = None, n: int | None = None,
                 sampler: str = 'ddim', steps: int | None = 50, guidance: dict | None = None, seed=0,
                 record: list | None = None, **kwargs) -> SampleResult:

@@ -81,6 +81,7 @@ def _open_dicom(path, stop_before_pixels=False) -> pydicom.Dataset:
         raise ImageReadError(path, 'file', f'cannot parse the DICOM header ({type(e).__name__}: {e}); '
                                            'truncated or corrupt?') from e
 
+# %% ../nbs/01_image_io.ipynb #9f3681d5
 def _decode_dicom(path, ds, frame) -> np.ndarray:
     "Decoded stored values of one frame, (H, W) or (H, W, 3); errors name the field."
     _check_is_image(path, ds)
@@ -132,6 +133,7 @@ def _voi_range(ds, index: int, use_lut: bool) -> tuple[float, float]:
         lo, hi = apply_windowing(np.array([-1e300, 1e300]), ds, index=index)
     return float(lo), float(hi)
 
+# %% ../nbs/01_image_io.ipynb #741cb0f9
 def read_dicom(path, window: tuple[float, float] | None = None, apply_voi: bool = True,
                frame: int | None = None, voi_index: int = 0) -> np.ndarray:
     """Read a DICOM image as float32 (H, W) in [0, 1], 1 = white = most attenuating (MONOCHROME2 display).
@@ -283,6 +285,7 @@ def _looks_like_dicom(path) -> bool:
         with open(path, 'rb') as f: return f.read(132)[128:132] == b'DICM'
     except OSError: return False
 
+# %% ../nbs/01_image_io.ipynb #d7bf7fbd
 def read_image(path, window: tuple[float, float] | None = None, frame: int | None = None) -> np.ndarray:
     """Read any supported chest X-ray file (DICOM .dcm/.dicom or extension-less with a DICM preamble; PNG; JPEG;
     TIFF) as float32 (H, W) in [0, 1], **1 = white = most attenuating** (MONOCHROME2 display convention).
@@ -349,6 +352,7 @@ def _place(a: np.ndarray, out_hw, off_y: int, off_x: int, fill: float) -> np.nda
     if y1 > y0 and x1 > x0: out[y0:y1, x0:x1] = a[y0 - off_y:y1 - off_y, x0 - off_x:x1 - off_x]
     return out
 
+# %% ../nbs/01_image_io.ipynb #6f8f38ed
 def resize_with_masks(image, masks=None, size=256, mode: str = 'pad', *, interpolation: str = 'bilinear',
                       pad_value: float = 0.0, mask_threshold: float = 0.5, keep_small: bool = True,
                       source=None) -> tuple[np.ndarray, np.ndarray | None, ResizeTransform]:

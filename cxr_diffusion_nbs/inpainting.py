@@ -104,6 +104,7 @@ class InpaintResult:
     model_calls: int
     seconds: float = 0.0
 
+# %% ../nbs/12_inpainting.ipynb #f3eae02b
 def _check_image_and_mask(model, image, mask, where: str, size: int | None = None, channels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     "The images (B, C, H, W) and binary union masks (B, 1, H, W) of a request, checked against the model (or `size`, `channels`)."
     img = _as_images(image, 'image', where)
@@ -133,6 +134,7 @@ def _lesion_inputs(model, findings, msk: torch.Tensor, where: str) -> dict:
                              masks=msk if cc.mask_mode else None, where=where)
     except ConditioningError as e: raise InpaintingError(e.path, e.field, e.problem) from None
 
+# %% ../nbs/12_inpainting.ipynb #60999844
 @torch.no_grad()
 def insert_lesion(model, noise_scheduler, image, mask, findings, steps: int = 50, jump_length: int = 10,
                   jump_n_sample: int = 3, eta: float = 1.0, guidance: dict | None = None,

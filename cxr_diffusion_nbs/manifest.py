@@ -67,6 +67,7 @@ def _check_extents(src, an, im):
             warnings.warn(f"{src}: field '{col}': {where(bad)} spill over the image's edge; their masks are clipped to it", stacklevel=3)
             return
 
+# %% ../nbs/03_manifest.ipynb #f8994487
 def validate_manifest(m: 'Manifest', check_files: bool = True) -> 'Manifest':
     "Check `m` against the schema; raise `ManifestError` (naming file and field) on the first problem, else return `m`."
     src = m.origin or m.name
@@ -242,6 +243,7 @@ def _index_files(image_dir, names) -> dict:
                 if f in todo and f not in found: found[f] = str((Path(dirpath)/f).resolve())
     return found
 
+# %% ../nbs/03_manifest.ipynb #9549eb14
 def _finish(images, annotations, findings, root, name, origin, missing='error', extra_order=()) -> Manifest:
     "Order columns, apply the `missing` policy for image files, validate."
     if missing not in ('error', 'drop'): raise ValueError(f"missing must be 'error' or 'drop', got {missing!r}")
@@ -288,6 +290,7 @@ def inside_root(root: Path, rel: str, mpath, field: str) -> str:
     if not full.is_relative_to(root): raise ManifestError(mpath, field, f"{rel!r} resolves outside the data folder (a symbolic link out of it)")
     return str(root/p)
 
+# %% ../nbs/03_manifest.ipynb #07dbc759
 def load_shared_subset(root=None, missing: str = 'error') -> Manifest:
     """The bundled sample / shared NIH ChestX-ray14 subset (`root=None`: `core.find_data_root()`). Every path it
     names must lie inside `root` (`inside_root`) and every split be one of `SPLITS`."""

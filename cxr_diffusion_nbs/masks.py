@@ -196,6 +196,7 @@ def frame_checks(x0, y0, x1, y1, fw, fh) -> tuple[list, list]:
     return ([(x1 <= 0, 2), (y1 <= 0, 3), (x0 >= fw, 0), (y0 >= fh, 1)],
             [(x0 < 0, 0), (y0 < 0, 1), (x1 > fw, 2), (y1 > fh, 3)])
 
+# %% ../nbs/02_masks.ipynb #ea65bcdf
 def _check_extent(extent, fw, fh, fields, src, what):
     "Refuse an outline wholly outside its `fw x fh` frame (an empty mask under a positive label); warn if it spills over."
     x0, y0, x1, y1 = extent

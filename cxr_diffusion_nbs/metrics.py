@@ -146,6 +146,7 @@ class FeatureExtractor(nn.Module):
         dev = next(self.model.parameters(), torch.zeros(0)).device
         return self._features(x.float().to(dev)).cpu()
 
+# %% ../nbs/16_fidelity.ipynb #09dcc7cc
 def feature_extractor(spec=None, image_size: int | None = None, device='cpu') -> FeatureExtractor:
     """The feature extractor for the metrics. `spec`: None = the shipped CXR classifier (`data/models/classifier64`);
     a folder written by `save_classifier`; a TorchScript file (`torch.jit.save` of a module mapping (B, 1, S, S) in

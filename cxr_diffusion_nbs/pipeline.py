@@ -132,6 +132,7 @@ def run_pipeline(output_dir, parameters: dict | None = None, notebook=None, prog
     with atomic_write(dst) as tmp: nbformat.write(done, str(tmp))
     return dst
 
+# %% ../nbs/21_pipeline.ipynb #afdfaee8
 def main(argv=None):
     "The `cxr-pipeline` command line: papermill on the pipeline notebook, with `-p name value` parameters."
     p = argparse.ArgumentParser(prog='cxr-pipeline', description='Run the whole study (train, sample, cohort, evaluate, report) into a run folder.')
@@ -257,6 +258,7 @@ def check_judges(judges, image_size: int, models=None) -> int:
                             'give judges of at least image_size (or 128 px for larger images)')
     return int(judges)
 
+# %% ../nbs/21_pipeline.ipynb #6eca0963
 def rarity_study_config(rarity_config, test_fraction: float, **small):
     """The run's rarity study (`rarity.RarityConfig`). `rarity_config` None: the small study, whose fields are `small`;
     a mapping: its fields over `small`; a path: a YAML file of fields (e.g. `configs/rarity.yaml`, the full study).
@@ -403,6 +405,7 @@ def rarity_primary(table: pd.DataFrame, min_test_positives: int, eval_set: str =
         second = f'{verdict_}. Secondary, per finding: {second}'
     return [first, second]
 
+# %% ../nbs/21_pipeline.ipynb #99186527
 def report_headline(trained: str, fidelity: pd.DataFrame, conditioning: dict, rarity: pd.DataFrame, min_test_positives: int,
                     realness: dict | None = None, memorisation: dict | None = None, endpoint: dict | None = None) -> list:
     """The report's first lines (Markdown): what was trained, fidelity against its real floor (and realness), conditioning

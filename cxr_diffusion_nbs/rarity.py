@@ -44,6 +44,7 @@ class RarityError(CXRDataError):
 
 RARITY_SAMPLING = dict(sampler='dpmpp', steps=20, guidance_mode='compositional')   # unset fields, for a diffusion generator
 
+# %% ../nbs/19a_rarity.ipynb #ee0b9c57
 @dataclass
 class RarityConfig:
     "What rarity study to run. Validated on creation; `from_dict` builds one from a mapping (a YAML section, papermill parameters)."
@@ -218,6 +219,7 @@ def study_sampling(cfg: RarityConfig, gen, kind: str | None = None) -> RarityCon
                           f"a {gen.kind} generator cannot do; leave that arm out")
     return resolve_sampling(cfg, gen, 'RarityConfig', RARITY_SAMPLING, RarityError)
 
+# %% ../nbs/19a_rarity.ipynb #a1693845
 def synthetic_pool(gen, m: Manifest, cfg: RarityConfig, n: int, kind: str = 'conditional', seed: int = 0, progress=None) -> StudySet:
     """`n` synthetic images per modelled finding of `cfg.findings` (`kind` 'negative': `n` images in all) from `gen`, with
     conditions from the training images of `m` (`capped_manifest`), at the classifier's size. Labels: as asked for the
@@ -378,6 +380,7 @@ def arm_training_set(arm: str, n: int, train: StudySet, pools: dict, cfg: Rarity
     if arm == 'negatives': syn = StudySet.concat([syn, pools['negative'].take(np.arange(n * len(cfg.findings)))])
     return StudySet.concat([train, syn]), None
 
+# %% ../nbs/19a_rarity.ipynb #5bc8c61c
 def run_study(gen, real: Manifest, cfg: RarityConfig, out_dir, external: Manifest | None = None, progress: bool = True) -> Path:
     """Run (or resume) the rarity study `cfg` with generator `gen` (`load_generator`) on `real` (a test split is held
     out if it has none), writing to `out_dir`: `study.json`, `pools/`, `predictions/`, `test.csv`, `runs.csv` and `realness.json`
@@ -473,6 +476,7 @@ def verdict(diff: float, p: float, n_pos: int, min_pos: int, alpha: float = .05)
     if p < alpha: return 'gain' if diff > 0 else 'loss'
     return 'no significant difference'
 
+# %% ../nbs/19a_rarity.ipynb #7ba50975
 def study_table(out_dir, cfg: RarityConfig, external: bool = True) -> pd.DataFrame:
     "One row per (evaluation set, k, arm, n, finding), as described above."
     preds, facts = load_predictions(out_dir)

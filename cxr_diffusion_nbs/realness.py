@@ -118,6 +118,7 @@ def fit_detector(x: torch.Tensor, y: torch.Tensor, steps: int = 300, batch_size:
 def _scores(model, x, batch_size=256):
     return torch.cat([model(x[b:b + batch_size]) for b in range(0, len(x), batch_size)]).numpy()
 
+# %% ../nbs/16a_realness.ipynb #604bf504
 def detector_scores(a, b, folds: int = 2, seed: int = 0, **fit_kw) -> tuple[np.ndarray, np.ndarray]:
     """Out-of-fold scores of a detector telling set `b` (target 1) from set `a` (target 0): both sets are cut to the
     smaller one's size (balanced classes), split into `folds` parts; each part is scored by a detector trained on

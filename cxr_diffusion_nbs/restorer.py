@@ -201,6 +201,7 @@ class RestorerConfig:
         except ConfigError as e:
             raise self.err(f'model.overrides.{e.field}' if e.field in (m.overrides or {}) else 'data.crop_size', e.problem) from None
 
+# %% ../nbs/23b_restorer.ipynb #3ab79bf1
 def validate_restorer_config(cfg: RestorerConfig) -> RestorerConfig:
     "Raise a `ConfigError` naming the file and the field for anything that cannot train; returns `cfg`."
     m, g, d, out = cfg.model, cfg.degradation, cfg.data, cfg.output
@@ -287,6 +288,7 @@ def restorer_start_checks(cfg: RestorerConfig) -> Path | None:
             raise cfg.err('model', f'cannot resume from {shareable_path(ckpt)}: it holds another network ({saved.get("objective")} there)')
     return ckpt
 
+# %% ../nbs/23b_restorer.ipynb #8a8d0246
 def build_restorer_run(cfg: RestorerConfig, ckpt: Path | None = None) -> RestorerRun:
     "A `RestorerRun` ready to train: training films in memory, model, EMA, optimiser, LR schedule, generators (restored from `ckpt`)."
     d, o = cfg.data, cfg.optim
@@ -376,6 +378,7 @@ def save_restorer_checkpoint(run: RestorerRun) -> Path:
     prune_checkpoints(out, run.cfg.output.keep_last)
     return final
 
+# %% ../nbs/23b_restorer.ipynb #7c07e812
 def load_restorer_checkpoint(run: RestorerRun, ckpt) -> dict:
     "Restore what `save_restorer_checkpoint` wrote into `run`."
     ckpt = Path(ckpt)
@@ -466,6 +469,7 @@ def load_restorer_scheduler(folder) -> DDPMScheduler:
     try: return DDPMScheduler.from_pretrained(Path(folder))
     except Exception as e: raise RestorerError(str(cf), '<config>', f'not a scheduler diffusers can build: {str(e).splitlines()[0][:200]}') from None
 
+# %% ../nbs/23b_restorer.ipynb #84e9a1bf
 class Restorer:
     "A trained restorer (diffusion or regression) ready to restore films."
     def __init__(self, model: nn.Module, info: dict, noise_scheduler=None, folder=None):
@@ -546,6 +550,7 @@ class Restorer:
     def __repr__(self):
         return f"Restorer({self.objective}, trained on {self.info.get('kinds')}, {self.info.get('trained_steps')} steps)"
 
+# %% ../nbs/23b_restorer.ipynb #275aab26
 def load_restorer(path, device=None) -> Restorer:
     "Open a restorer folder, checkpoint or run folder (`Restorer.load`)."
     return Restorer.load(path, device)
@@ -580,6 +585,7 @@ def restore_file(restorer: Restorer, src, dst, seed: int = 0, work_size: int | N
                                          weights_sha256=sha256_file(restorer.folder/'unet'/'diffusion_pytorch_model.safetensors'), **options)))
     return write_png(dst, to_uint8(y[0, 0]), text)
 
+# %% ../nbs/23b_restorer.ipynb #cf34a863
 def main(argv=None):
     p = argparse.ArgumentParser(prog='cxr-restore', description='Restore degraded radiographs (PNG, JPEG, TIFF or DICOM) with a trained restorer; writes PNGs of the same size.')
     p.add_argument('--checkpoint', required=True, help='a restorer folder (e.g. data/models/restorer64_diffusion), checkpoint or run folder')

@@ -116,6 +116,7 @@ def check_autoguidance(model, guide, autoguidance, where: str = 'sample', error=
         if a != b: raise error(where, 'guide', f"it takes {b}, the model {a}: a guide must take the same conditions")
     return float(autoguidance)
 
+# %% ../nbs/11_sampling.ipynb #d5bc2982
 @dataclass
 class LoopSetup:
     "The start of a denoising loop (`loop_setup`): noise, per-image step generators, device, precision, the steps to run."
@@ -197,6 +198,7 @@ def _check_eta(eta, sampler: str, where: str = 'sample'):
         raise SamplingError(where, 'eta', f'{eta!r} is not a number in [0, 1]')
     if eta and sampler != 'ddim': raise SamplingError(where, 'eta', f'eta={eta} only applies to DDIM, not {sampler!r}')
 
+# %% ../nbs/11_sampling.ipynb #2bed9b42
 @torch.no_grad()
 def sample(model, noise_scheduler, conds: dict | None = None, n: int | None = None, sampler: str = 'ddim',
            steps: int | None = None, eta: float = 0.0, guidance: dict | None = None,
@@ -389,8 +391,8 @@ class PixelDiffusionGenerator(Generator):
     def decoded(self, x: torch.Tensor) -> torch.Tensor: return x    # what the loop draws is the image (a latent model decodes it)
     def provenance_extra(self) -> dict: return guide_provenance(self)   # a guide's checksum, if it has one
 
+# %% ../nbs/11_sampling.ipynb #50118e88
 register_generator('pixel-diffusion', PixelDiffusionGenerator.load, 'diffusion model')
-
 
 # %% ../nbs/11_sampling.ipynb #a3bed676
 class LatentDiffusionGenerator(PixelDiffusionGenerator):
@@ -478,6 +480,7 @@ def write_samples(out, images: torch.Tensor, seeds: list, provenance: dict) -> l
     with atomic_write(out/'samples.json') as tmp: tmp.write_text(json.dumps(dict(provenance, seeds=seeds, files=files), indent=1))
     return files
 
+# %% ../nbs/11_sampling.ipynb #accc5c75
 def main(argv=None):
     "The `cxr-sample` command line."
     p = argparse.ArgumentParser(prog='cxr-sample', description='Draw synthetic CXRs from a trained checkpoint.')

@@ -113,6 +113,7 @@ class OutputSection:
     resume: str | None = None         # None (refuse if checkpoints exist) | 'auto' (latest) | a checkpoint path
     progress: bool = True             # tqdm bar on the main process
 
+# %% ../nbs/10_training.ipynb #607c7073
 _SECTIONS = {'model': ModelSection, 'data': DataSection, 'optim': OptimSection, 'output': OutputSection}
 
 @dataclass
@@ -180,6 +181,7 @@ def unet_config(cfg: TrainConfig) -> UNetConfig:
     except ConfigError as e:
         raise cfg.err(_unet_field(cfg, e.field, ov), f"{e.problem} (preset {m.preset!r} with image_size={cfg.data.image_size})") from None
 
+# %% ../nbs/10_training.ipynb #b0c84e85
 def conditioning_config(cfg: TrainConfig) -> ConditioningConfig:
     "The `ConditioningConfig`: the `conditioning` section with `findings`/`mask_mode` taken from `data`."
     c = dict(cfg.conditioning or {})
@@ -226,6 +228,7 @@ def _check_optim(cfg: TrainConfig):
     if isinstance(o.noise_offset, bool) or not isinstance(o.noise_offset, (int, float)) or not 0 <= o.noise_offset < 1:
         raise cfg.err('optim.noise_offset', f"{o.noise_offset!r} must be a number in [0, 1) (0 = off)")
 
+# %% ../nbs/10_training.ipynb #a371a0b8
 def _check_output(cfg: TrainConfig, cc: ConditioningConfig):
     out = cfg.output
     for k in ('log_every', 'sample_every', 'checkpoint_every', 'sample_steps', 'samples_per_row', 'keep_last'):
@@ -279,6 +282,7 @@ def _preset_image_size(raw: dict, source: str):
     if isinstance(d, dict) and d.get('modality') is not None and 'image_size' not in d:
         d['image_size'] = modality_preset(d['modality'], source, 'data.modality').image_size
 
+# %% ../nbs/10_training.ipynb #976bd2c7
 def load_config(path_or_dict, overrides=(), check_inputs: bool = True) -> TrainConfig:
     """A validated `TrainConfig` from a YAML file (or a dict, or a `TrainConfig`) plus `key.sub=value` overrides
     (`check_inputs`: see `validate_config`)."""
@@ -580,6 +584,7 @@ def train_step(run: TrainRun, batch: dict):
     run.sums, run.count = (vec if run.sums is None else run.sums + vec), run.count + 1
     return loss
 
+# %% ../nbs/10_training.ipynb #aa2f722e
 def log_window(run: TrainRun, images_per_s: float) -> dict:
     "Close the current log window: its mean over steps and processes as one CSV row (written by the main process)."
     mean = run.acc.reduce(run.sums / run.count, 'mean').tolist()

@@ -85,6 +85,7 @@ def _strata(m: Manifest, findings) -> pd.Series:
     fs = [f for f in (findings or m.findings) if f in im]
     return pd.Series([next((f for f in fs if r[f] == 1), '') for _, r in im[fs].iterrows()], index=im.index, dtype=object)
 
+# %% ../nbs/20_turing.ipynb #d06ce57e
 def draw_cases(real: Manifest, synthetic: Manifest, n_real: int, n_synthetic: int, seed: int = 0, findings=None,
                stratify_by_finding: bool = True) -> pd.DataFrame:
     """The cases of a reader study, shuffled: one row per case with `truth`, `image_id`, `path`, `finding` (the stratum),
@@ -250,6 +251,7 @@ kbd{background:#333;border:1px solid #666;border-radius:3px;padding:0 .3em;font-
 .warn{color:#fc6}.hidden{display:none}
 """
 
+# %% ../nbs/20_turing.ipynb #0db8b69e
 _PAGE_SCRIPT = r"""
 'use strict';
 const S = JSON.parse(document.getElementById('study').textContent);
@@ -417,6 +419,7 @@ addEventListener('keydown', e => {
 show('start'); $('reader').focus();
 """
 
+# %% ../nbs/20_turing.ipynb #65711362
 _PAGE_BODY = """<main>
 <h1>__TITLE__</h1>
 <section id="start">
@@ -457,6 +460,7 @@ __FINDING_BUTTONS__
 </section>
 </main>"""
 
+# %% ../nbs/20_turing.ipynb #c6af2221
 def reader_page_html(cases: pd.DataFrame, images: list, instructions: list, show_finding: bool, kit_id: str,
                      title: str = 'Reader study: chest radiographs') -> str:
     """One self-contained HTML page on which a reader takes the study: one case at a time with window/level and zoom,
@@ -503,6 +507,7 @@ def check_kit_dir(out: Path, overwrite: bool) -> bool:
 
 def _sha(b: bytes) -> str: return hashlib.sha256(b).hexdigest()
 
+# %% ../nbs/20_turing.ipynb #6d9635df
 def export_turing_kit(real: Manifest, synthetic: Manifest, out_dir, n_real: int, n_synthetic: int, seed: int = 0,
                       findings=None, size: int | None = None, stratify_by_finding: bool = True, pdf: bool = True,
                       tell_prevalence: bool = False, show_finding: bool = True, overwrite: bool = False,
@@ -615,6 +620,7 @@ def _read_form(path: Path, cases) -> pd.DataFrame:
     return pd.DataFrame(dict(reader=reader, case_id=df['case_id'], answer=ans, confidence=conf, finding_visible=fv,
                              comments=df.get('comments', ''), file=src)).reset_index(drop=True)
 
+# %% ../nbs/20_turing.ipynb #0de39e5e
 def read_reader_forms(forms, kit=None) -> pd.DataFrame:
     """Returned reader forms (a folder of CSVs, one path, or a list of paths) as one long table (reader, case_id,
     answer, confidence, finding_visible, comments, file), each form validated against the cases of `kit` (a kit

@@ -19,6 +19,7 @@ __all__ = ['PRESETS', 'UNetConfig', 'unet_preset', 'build_unet', 'count_params',
 # %% ../nbs/07_unet.ipynb #6c8f30cd
 from .core import PREDICTION_TYPES, MAX_IMAGE_SIZE, ConfigError, config_from_dict, suggest, preset_copy
 
+# %% ../nbs/07_unet.ipynb #ddc6810a
 @dataclass
 class UNetConfig:
     "What U-Net to build. Validated on creation; `attention_resolutions` are feature-map sizes in px."

@@ -686,6 +686,7 @@ def finish_ae_run(run: AERun, start_step: int, wall0: float, last_ckpt: Path | N
     (out/'summary.json').write_text(json.dumps(summary, indent=1))
     return summary
 
+# %% ../nbs/09b_vae.ipynb #446a8052
 def train_autoencoder(cfg, overrides=(), stop_after: int | None = None) -> dict:
     """Run (or resume) the autoencoder training described by `cfg` (an `AETrainConfig`, a YAML path or a dict). Returns the
     summary. `stop_after=k` stops right after step k's periodic work, as a kill would (no final checkpoint, statistics or

@@ -74,6 +74,7 @@ def reconstruction_figure(ae, item: dict, figsize=(10, 3.3), err_max: float = 0.
     fig.tight_layout()
     return fig
 
+# %% ../nbs/09b_vae_measured.ipynb #9e134394
 def reconstruction_grid(ae, items: list, figsize=(10, 4), err_max: float = 0.1):
     "Figure: for each item a column of original (lesions outlined), reconstruction and |error| map."
     n = len(items)
