@@ -33,9 +33,9 @@ from .generators import DIFFUSION_OPTIONS, SamplingError, load_generator, made_b
 from .sampling import SAMPLERS, synthetic_note
 
 # %% auto #0
-__all__ = ['COHORT_SAMPLING', 'MAX_COHORT_IMAGES', 'PRIVATE', 'CohortError', 'CohortConfig', 'DonorPool', 'move_masks',
-           'jitter_mask', 'target_counts', 'image_seed', 'plan_cohort', 'plan_conditions', 'donor_ref', 'cohort_key',
-           'shared_plan', 'donor_table', 'write_private', 'attach_donors', 'scan_shared', 'options_words',
+__all__ = ['COHORT_SAMPLING', 'MAX_COHORT_IMAGES', 'PRIVATE', 'CohortError', 'CohortConfig', 'DonorPool', 'move_with_masks',
+           'move_masks', 'jitter_mask', 'target_counts', 'image_seed', 'plan_cohort', 'plan_conditions', 'donor_ref',
+           'cohort_key', 'shared_plan', 'donor_table', 'write_private', 'attach_donors', 'scan_shared', 'options_words',
            'cohort_readme', 'image_uids', 'write_synthetic_dicom', 'check_output_dir', 'read_records',
            'load_real_manifest', 'cohort_guidance', 'image_guidance', 'model_sampling', 'resolve_sampling',
            'generator_options', 'plan_batch', 'format_duration', 'format_bytes', 'peak_memory', 'cohort_estimate',
@@ -140,11 +140,14 @@ class DonorPool:
         "Real positives per finding in the donor split."
         return {f: int(self.labels[:, k].sum()) for k, f in enumerate(self.findings)}
 
-def move_masks(masks: torch.Tensor, angle: float = 0., scale: float = 1., tx: float = 0., ty: float = 0.) -> torch.Tensor:
-    """Rotate (`angle` degrees) and scale `masks` (M, S, S) together about the lesions' centre, then shift them by
-    (`tx`, `ty`) fractions of the image size; nearest-neighbour, binary output."""
+# %% ../nbs/14_cohort.ipynb #12fd7580
+def move_with_masks(image: torch.Tensor, masks: torch.Tensor, angle: float = 0., scale: float = 1., tx: float = 0.,
+                    ty: float = 0.) -> tuple[torch.Tensor, torch.Tensor]:
+    """`image` (C, S, S) and its `masks` (M, S, S) moved together: rotated (`angle` degrees) and scaled about the
+    lesions' centre, then shifted by (`tx`, `ty`) fractions of the image size (`dataset.affine_pair`: the image
+    bilinear, the masks nearest-neighbour and binary). With no lesion or no move, both come back as they were."""
     u = masks.amax(0)
-    if not bool(u.any()) or (angle == 0 and scale == 1 and tx == 0 and ty == 0): return (masks > .5).float()
+    if not bool(u.any()) or (angle == 0 and scale == 1 and tx == 0 and ty == 0): return image.float(), (masks > .5).float()
     S = u.shape[-1]
     yy, xx = torch.nonzero(u, as_tuple=True)
     cx, cy = float((xx.float().mean() + .5) / S * 2 - 1), float((yy.float().mean() + .5) / S * 2 - 1)  # grid coords
@@ -152,8 +155,13 @@ def move_masks(masks: torch.Tensor, angle: float = 0., scale: float = 1., tx: fl
     # grid_sample maps output -> input (x_in = A x_out + t); keeping the centre c at c + d needs t = c - A (c + d)
     c, s = math.cos(ang) / scale, math.sin(ang) / scale
     t_x = cx - (c * (cx + dx) - s * (cy + dy)); t_y = cy - (s * (cx + dx) + c * (cy + dy))
-    _, out = affine_pair(torch.zeros(1, S, S), masks, angle=ang, scale=scale, tx=t_x, ty=t_y)
-    return (out > .5).float()
+    img, out = affine_pair(image, masks, angle=ang, scale=scale, tx=t_x, ty=t_y)
+    return img, (out > .5).float()
+
+def move_masks(masks: torch.Tensor, angle: float = 0., scale: float = 1., tx: float = 0., ty: float = 0.) -> torch.Tensor:
+    """Rotate (`angle` degrees) and scale `masks` (M, S, S) together about the lesions' centre, then shift them by
+    (`tx`, `ty`) fractions of the image size; nearest-neighbour, binary output (`move_with_masks` without an image)."""
+    return move_with_masks(torch.zeros(1, *masks.shape[-2:]), masks, angle, scale, tx, ty)[1]
 
 # %% ../nbs/14_cohort.ipynb #00e80a7a
 def jitter_mask(masks: torch.Tensor, region: torch.Tensor, rng: np.random.Generator, shift: float, rotate: float,

@@ -22,9 +22,9 @@ from .sampling import check_request, model_prediction, loop_device, loop_setup
 from .latents import pool_mask
 
 # %% auto #0
-__all__ = ['InpaintingError', 'make_repaint_scheduler', 'model_calls', 'lesion_region', 'finding_labels', 'InpaintResult',
-           'insert_lesion', 'psnr_outside', 'change_inside', 'seam_gradient', 'before_after_figure',
-           'inpainting_metrics']
+__all__ = ['InpaintingError', 'make_repaint_scheduler', 'model_calls', 'lesion_region', 'blend_alpha', 'blend_into',
+           'finding_labels', 'InpaintResult', 'insert_lesion', 'psnr_outside', 'change_inside', 'seam_gradient',
+           'before_after_figure', 'inpainting_metrics']
 
 # %% ../nbs/12_inpainting.ipynb #416d3072
 class InpaintingError(SamplingError):
@@ -62,6 +62,33 @@ def lesion_region(mask: torch.Tensor, dilate: int = 2) -> torch.Tensor:
     shape = m.shape
     m4 = m.reshape(-1, 1, *shape[-2:])
     return F.max_pool2d(m4, 2 * dilate + 1, stride=1, padding=dilate).reshape(shape)
+
+# %% ../nbs/12_inpainting.ipynb #a11fbba9
+def blend_alpha(region: torch.Tensor, feather: int = 2) -> torch.Tensor:
+    """The weight of an edit in `blend_into`, same shape as binary `region` (..., H, W): 0 outside it, then
+    smoothstep(d / (feather + 1)) with d the Chebyshev distance (pixels) from the nearest pixel outside the region
+    (so 1 from `feather` + 1 pixels in); `feather=0`: the region itself. Monotone in d; the image edge is no border."""
+    if isinstance(feather, bool) or not isinstance(feather, (int, np.integer)) or feather < 0:
+        raise InpaintingError('blend_alpha', 'feather', f'{feather!r} must be a non-negative integer (pixels)')
+    r = (torch.as_tensor(region).float() > .5).float()
+    if feather == 0: return r
+    inside = r.reshape(-1, 1, *r.shape[-2:])
+    d = inside.clone()
+    for _ in range(int(feather)):                   # d counts the 3x3 erosions a pixel survives (+1), up to feather + 1
+        inside = 1 - F.max_pool2d(1 - inside, 3, stride=1, padding=1)
+        d = d + inside
+    t = d / (feather + 1)
+    return (t * t * (3 - 2 * t)).reshape(r.shape)
+
+def blend_into(film, edit, region, feather: int = 2) -> torch.Tensor:
+    """`edit` blended into `film` (same shape, (..., H, W), [-1, 1]) with weight `blend_alpha(region, feather)`: the
+    edit deep inside `region`, a smooth ramp over its last `feather` pixels, and the film's own pixels (bit for bit)
+    outside. The one blend of `insert_lesion` and of copy-paste (`19a_rarity`); `feather=0`: a hard paste."""
+    film, edit = torch.as_tensor(film).float(), torch.as_tensor(edit).float().to(torch.as_tensor(film).device)
+    if film.shape != edit.shape:
+        raise InpaintingError('blend_into', 'edit', f'shape {tuple(edit.shape)} is not the film shape {tuple(film.shape)}')
+    a = blend_alpha(region, feather).to(film.device)
+    return torch.where(a > 0, a * edit + (1 - a) * film, film)
 
 # %% ../nbs/12_inpainting.ipynb #93ff6047
 def _findings_each(findings, n: int, where: str):
@@ -103,6 +130,7 @@ class InpaintResult:
     jump_n_sample: int
     model_calls: int
     seconds: float = 0.0
+    feather: int = 0              # the ramp of `blend_into` at the region's border, in pixels
 
 # %% ../nbs/12_inpainting.ipynb #f3eae02b
 def _check_image_and_mask(model, image, mask, where: str, size: int | None = None, channels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,6 +153,17 @@ def _check_image_and_mask(model, image, mask, where: str, size: int | None = Non
     if empty: raise InpaintingError(where, 'mask', f'is empty for image(s) {empty}: nothing to inpaint')
     return img, msk
 
+def _check_region(dilate, feather, mask_condition, where: str) -> int:
+    "`feather` checked against `dilate` (None: `dilate`, the ring between the mask and the region's border is the ramp)."
+    if not isinstance(mask_condition, bool): raise InpaintingError(where, 'mask_condition', f'{mask_condition!r} must be True or False')
+    if isinstance(dilate, bool) or not isinstance(dilate, (int, np.integer)) or dilate < 0:
+        raise InpaintingError(where, 'dilate', f'{dilate!r} must be a non-negative integer (pixels)')
+    feather = dilate if feather is None else feather
+    if isinstance(feather, bool) or not isinstance(feather, (int, np.integer)) or not 0 <= feather <= dilate:
+        raise InpaintingError(where, 'feather', f'{feather!r} must be an integer in [0, dilate={dilate}] (pixels), '
+                              'so that the whole lesion mask is the edit\'s')
+    return int(feather)
+
 def _lesion_inputs(model, findings, msk: torch.Tensor, where: str) -> dict:
     "Forward kwargs for `findings` in the masks `msk` (`model_inputs`), for the conditions the model has."
     cc = model.cond_cfg
@@ -138,17 +177,19 @@ def _lesion_inputs(model, findings, msk: torch.Tensor, where: str) -> dict:
 @torch.no_grad()
 def insert_lesion(model, noise_scheduler, image, mask, findings, steps: int = 50, jump_length: int = 10,
                   jump_n_sample: int = 3, eta: float = 1.0, guidance: dict | None = None,
-                  guidance_mode: str = 'compositional', seed=0, dilate: int = 2, mixed_precision: str = 'no',
-                  progress: bool = False, device=None) -> InpaintResult:
+                  guidance_mode: str = 'compositional', seed=0, dilate: int = 2, feather: int | None = None,
+                  mask_condition: bool = True, mixed_precision: str = 'no', progress: bool = False, device=None) -> InpaintResult:
     """Generate `findings` inside `mask` of real `image`(s) with RePaint (Lugmayr et al., CVPR 2022) and the
     conditional `model`; outside `lesion_region(mask, dilate)` the result equals `image`. `model`: a
     `ConditionalDenoiser` with its `noise_scheduler`, or a diffusion generator from `load_generator` with
-    `noise_scheduler=None` (a latent generator inpaints its latents and restores the pixels outside the region).
+    `noise_scheduler=None` (a latent generator inpaints its latents). The result is put into the film with
+    `blend_into(image, edit, region, feather)` (`feather` None: `dilate`; 0: a hard paste).
     `image`: [-1, 1], (1, H, W) or (B, 1, H, W) at the model's size; `mask`: 1 = lesion, (H, W), (1, H, W) or
     (B, 1, H, W) (one mask for all images, or one each); `findings`: a finding name for all images or one entry per
     image (see `finding_labels`); `guidance`: per-condition classifier-free guidance scales (`conditioning.check_guidance`);
     `seed`: int or one per image; `steps`, `jump_length`, `jump_n_sample`, `eta`: the RePaint schedule
-    (`make_repaint_scheduler`); `mixed_precision`: 'no' | 'bf16' | 'auto' (bf16 where the hardware has it)."""
+    (`make_repaint_scheduler`); `mask_condition=False`: the model is given an empty mask (no lesion) while the region
+    is still regenerated, the healthy twin of an insertion (with `findings=''`); `mixed_precision`: 'no' | 'bf16' | 'auto'."""
     W = 'insert_lesion'
     # ---- checks, all here and before any compute; the loop trusts them ----
     gen = model if isinstance(model, Generator) else None             # a generator: its denoiser and scheduler
@@ -159,10 +200,9 @@ def insert_lesion(model, noise_scheduler, image, mask, findings, steps: int = 50
     latent = gen is not None and gen.has_latents
     img, msk = _check_image_and_mask(model, image, mask, W, *((gen.image_size, 1) if latent else ()))
     B, C, H, Wd = img.shape
-    if isinstance(dilate, bool) or not isinstance(dilate, (int, np.integer)) or dilate < 0:
-        raise InpaintingError(W, 'dilate', f'{dilate!r} must be a non-negative integer (pixels)')
-    region = lesion_region(msk, dilate)
-    conds = _lesion_inputs(model, findings, pool_mask(msk, gen.factor) if latent else msk, W)
+    feather = _check_region(dilate, feather, mask_condition, W)
+    region, cmask = lesion_region(msk, dilate), msk if mask_condition else torch.zeros_like(msk)
+    conds = _lesion_inputs(model, findings, pool_mask(cmask, gen.factor) if latent else cmask, W)
     scales = check_request(model, conds, guidance, guidance_mode, mixed_precision, W, InpaintingError)
     try: seeds = image_seeds(seed, B)
     except SamplingError as e: raise InpaintingError(W, e.field, e.problem) from None
@@ -188,11 +228,11 @@ def insert_lesion(model, noise_scheduler, image, mask, findings, steps: int = 50
             else:              # up: re-noise from t_last to t (resampling), no model call
                 x = rs.undo_step(x, t_last, generator=s.generators)
             t_last = t
-    if latent: out = region * gen.to_images(x) + (1 - region) * img   # decoded inside the region, the film's pixels outside
-    else: out = x.clamp(-1, 1).float().cpu()
+    edit = gen.to_images(x) if latent else x.clamp(-1, 1).float().cpu()   # a latent model's decoded, a pixel model's own
+    out = blend_into(img, edit, region, feather)                          # the film's own pixels outside the region
     labels = conds.get('labels')
     return InpaintResult(out, img, msk, region, labels.cpu() if labels is not None else torch.zeros(B, 0), seeds,
-                         int(steps), int(jump_length), int(jump_n_sample), model_calls(rs), time.time() - t0)
+                         int(steps), int(jump_length), int(jump_n_sample), model_calls(rs), time.time() - t0, feather)
 
 # %% ../nbs/12_inpainting.ipynb #52b1ead8
 def _per_image(a) -> tuple[np.ndarray, bool]:

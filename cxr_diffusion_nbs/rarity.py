@@ -23,26 +23,40 @@ from .core import (cli_errors, CXRDataError, ConfigError, RARE_FINDINGS, atomic_
 from .manifest import Manifest
 from .splits import with_held_out_test, check_no_leakage
 from .dataset import affine_pair, Augment
-from .cohort import CohortConfig, DonorPool, plan_cohort, plan_conditions, resolve_sampling
+from .cohort import CohortConfig, DonorPool, plan_cohort, plan_conditions, resolve_sampling, jitter_mask, move_with_masks
+from .inpainting import insert_lesion, lesion_region, blend_into
 from .classifier import CXRClassifier, fit, load_images, predict_proba, to_size, label_weights
 from .downstream import auroc, average_precision, bootstrap_ci, delong_test
 from .screening import ScreenedGenerator, load_screener
 
 # %% auto #0
-__all__ = ['ARMS', 'RARITY_SAMPLING', 'POOL_KINDS', 'RarityError', 'RarityConfig', 'cap_positives', 'StudySet', 'real_sets',
-           'capped_manifest', 'study_sampling', 'synthetic_pool', 'take_per_finding', 'classic_augment',
-           'augmented_positives', 'train_arm', 'sensitivity_at_specificity', 'evaluation_sets', 'arm_training_set',
-           'run_study', 'load_predictions', 'verdict', 'study_table', 'cluster_resamples', 'auroc_changes',
-           'minimum_detectable_effect', 'paired_mean_change', 'primary_endpoint', 'compare_studies', 'endpoint_line',
-           'study_figure', 'worth_table', 'worth_figure', 'real_vs_synthetic', 'summary_markdown', 'main']
+__all__ = ['ARMS', 'EDIT_ARMS', 'RARITY_SAMPLING', 'EDIT_KINDS', 'POOL_KINDS', 'INSERT_JITTER', 'EDIT_SOURCES', 'BOX_COLUMNS',
+           'RarityError', 'RarityConfig', 'cap_positives', 'StudySet', 'real_sets', 'capped_manifest', 'study_sampling',
+           'synthetic_pool', 'take_per_finding', 'classic_augment', 'augmented_positives', 'insertion_plan',
+           'slot_move', 'edited_pool', 'edit_boxes', 'train_arm', 'sensitivity_at_specificity', 'evaluation_sets',
+           'arm_training_set', 'run_study', 'load_predictions', 'verdict', 'study_table', 'cluster_resamples',
+           'auroc_changes', 'minimum_detectable_effect', 'paired_mean_change', 'primary_endpoint', 'compare_studies',
+           'endpoint_line', 'study_figure', 'worth_table', 'worth_figure', 'real_vs_synthetic', 'region_crops',
+           'blank_boxes', 'edit_realness', 'summary_markdown', 'main']
 
 # %% ../nbs/19a_rarity.ipynb #3c4757d7
-ARMS = ('mix', 'unconditional', 'augment', 'pretrain', 'weighted', 'negatives', 'screened')
+ARMS = ('mix', 'unconditional', 'augment', 'pretrain', 'weighted', 'negatives', 'screened', 'insert', 'copy-paste', 'healthy')
+EDIT_ARMS = ('insert', 'copy-paste', 'healthy')   # lesion insertion into real films and its two controls (issue 24)
 
 class RarityError(CXRDataError):
     "A rarity-study request that cannot run; the message names where and which field."
 
 RARITY_SAMPLING = dict(sampler='dpmpp', steps=20, guidance_mode='compositional')   # unset fields, for a diffusion generator
+
+def _check_insert_fields(cfg, err):
+    "The insertion settings of a `RarityConfig`: integers, a RePaint schedule that resamples, the feather inside the dilation."
+    for k, lo in (('insert_steps', 1), ('insert_jump', 1), ('insert_resample', 1), ('insert_dilate', 0), ('insert_feather', 0)):
+        v = getattr(cfg, k)
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo: raise err(k, f'{v!r} must be an integer >= {lo}')
+    if cfg.insert_resample > 1 and cfg.insert_jump >= cfg.insert_steps:
+        raise err('insert_jump', f'{cfg.insert_jump} must be smaller than insert_steps={cfg.insert_steps} for resampling to happen')
+    if cfg.insert_feather > cfg.insert_dilate:
+        raise err('insert_feather', f'{cfg.insert_feather} must be at most insert_dilate={cfg.insert_dilate} (the lesion mask stays whole)')
 
 # %% ../nbs/19a_rarity.ipynb #ee0b9c57
 @dataclass
@@ -62,6 +76,11 @@ class RarityConfig:
     lr: float = 3e-3
     synthetic_weight: float = 0.5       # the 'weighted' arm's loss weight of synthetic images
     screen_candidates: int = 4          # the 'screened' arm: each image the best of this many by the shipped screener (17b_screening)
+    insert_steps: int = 20              # the edit pools (arms insert, copy-paste, healthy): RePaint steps, jump length and
+    insert_jump: int = 5                # resamplings (`inpainting.make_repaint_scheduler`; 35 model calls an image), the
+    insert_resample: int = 2            # dilation of the moved donor mask into the edited region and the seam's feather
+    insert_dilate: int = 2              # (`inpainting.blend_into`), in pixels at the generator's size
+    insert_feather: int = 2
     specificity: float = 0.8            # sensitivity is reported at this specificity
     n_boot: int = 1000
     min_test_positives: int = 20        # fewer: "too few to conclude"
@@ -106,6 +125,7 @@ class RarityConfig:
                 raise err('primary.n', f'{n} is not a synthetic count the {arm!r} arm runs at')
         for k in ('epochs', 'batch_size', 'width', 'sample_batch'):
             if int(getattr(self, k)) < 1: raise err(k, f'{getattr(self, k)} must be >= 1')
+        _check_insert_fields(self, err)
 
     @property
     def n_arm(self) -> int: return int(self.arm_n if self.arm_n is not None else max(self.n_synthetic))
@@ -194,7 +214,8 @@ def real_sets(real: Manifest, cfg: RarityConfig) -> tuple[Manifest, StudySet, St
     return m, _real_set(m, 'train', cfg), _real_set(m, 'test', cfg)
 
 # %% ../nbs/19a_rarity.ipynb #94067a4b
-POOL_KINDS = ('conditional', 'unconditional', 'negative', 'screened')
+EDIT_KINDS = ('inserted', 'healthy', 'pasted')          # the edit pools of lesion insertion, twins of one plan
+POOL_KINDS = ('conditional', 'unconditional', 'negative', 'screened', *EDIT_KINDS)
 
 def capped_manifest(m: Manifest, keep_ids) -> Manifest:
     "`m` with only the training images in `keep_ids` (other splits untouched), their annotations with them."
@@ -212,11 +233,16 @@ def _pool_plan(gen, pool: DonorPool, cfg: RarityConfig, n: int, kind: str, seed:
 
 def study_sampling(cfg: RarityConfig, gen, kind: str | None = None) -> RarityConfig:
     """`cfg` with the sampling fields the generator's own (`cohort.resolve_sampling` with `RARITY_SAMPLING`), checked
-    before any work: a GAN refuses a set diffusion option, and the `unconditional` pool (conditions switched off by
-    guidance 0), which only a diffusion model can draw, naming `arms`."""
+    before any work: a GAN refuses a set diffusion option, the `unconditional` pool (conditions switched off by
+    guidance 0) and the edits of real films (RePaint: arms insert, copy-paste, healthy), which only a diffusion model
+    can make, naming `arms`."""
     if not gen.can_guide and (kind == 'unconditional' or (kind is None and 'unconditional' in cfg.arms)):
         raise RarityError('RarityConfig', 'arms', f"'unconditional' draws with the conditions switched off (guidance 0), which "
                           f"a {gen.kind} generator cannot do; leave that arm out")
+    edits = [a for a in EDIT_ARMS if a in cfg.arms] if kind is None else [kind] if kind in ('inserted', 'healthy') else []
+    if not gen.can_inpaint and edits:
+        raise RarityError('RarityConfig', 'arms', f"{edits[0]!r} edits real films inside a region (RePaint; copy-paste's "
+                          f"negatives are such edits too), which a {gen.kind} generator cannot do; leave that arm out")
     return resolve_sampling(cfg, gen, 'RarityConfig', RARITY_SAMPLING, RarityError)
 
 # %% ../nbs/19a_rarity.ipynb #a1693845
@@ -225,6 +251,7 @@ def synthetic_pool(gen, m: Manifest, cfg: RarityConfig, n: int, kind: str = 'con
     conditions from the training images of `m` (`capped_manifest`), at the classifier's size. Labels: as asked for the
     findings the generator models, NaN for the others."""
     if kind not in POOL_KINDS: raise RarityError('synthetic_pool', 'kind', f'{kind!r} is not one of {POOL_KINDS}')
+    if kind in EDIT_KINDS: return edited_pool(gen, m, cfg, n, kind, seed, progress=progress)
     cfg = study_sampling(cfg, gen, kind)
     if kind == 'screened': gen = ScreenedGenerator(gen, load_screener(), cfg.screen_candidates)   # plan and seeds as 'conditional'
     pool = DonorPool(m, gen.findings, gen.image_size, split='train')
@@ -289,6 +316,106 @@ def augmented_positives(train: StudySet, findings, n: int, seed: int = 0) -> Stu
         parts.append(s)
     return StudySet.concat(parts) if parts else train.take([])
 
+# %% ../nbs/19a_rarity.ipynb #c2cb337d
+INSERT_JITTER = dict(shift=.05, rotate=0., lesion_scale=(.9, 1.1), min_inside=.9)   # a donor mask's move (`cohort.jitter_mask`)
+EDIT_SOURCES = dict(inserted='synthetic inserted', healthy='synthetic healthy', pasted='pasted real')
+BOX_COLUMNS = ('box_y0', 'box_x0', 'box_y1', 'box_x1')   # the edited region's box, fractions of the film's side
+_PLAN_COLUMNS = ('slot', 'target', 'recipient_index', 'recipient', 'recipient_patient', 'donor_index', 'donor', 'jitter', 'seed')
+
+def insertion_plan(pool: DonorPool, findings, n: int, seed: int = 0) -> pd.DataFrame:
+    """One row per edit slot, `n` per finding of `findings` (those of `pool`'s films with a masked positive): a
+    recipient (a film of `pool` known negative for the finding and without its mask), a donor (a positive with a
+    non-empty mask of it), the donor mask's move (`INSERT_JITTER`, kept inside the finding's region and the film) and
+    the edit's seed. Slot j of a finding does not depend on n or on the other findings; the three edit pools share the plan."""
+    ims, rows = pool.ds.images, []
+    for f in findings:
+        k = pool.findings.index(f)
+        donors, masked = pool.donors(f)
+        donors = [int(d) for d in donors if masked and bool(pool.masks(int(d))[k].any())]
+        recipients = np.flatnonzero((ims[f].to_numpy(float) == 0) & ~pool.has_mask[:, k])
+        if not donors or not len(recipients): continue          # no lesion to move, or no film to put it in
+        for j in range(n):
+            s = int(np.random.SeedSequence((int(seed), 24, k, j)).generate_state(1)[0] & 0x7FFFFFFF)
+            rng = np.random.default_rng(s)
+            r, d = int(recipients[rng.integers(len(recipients))]), donors[rng.integers(len(donors))]
+            jit = jitter_mask(pool.masks(d)[k:k + 1], pool.regions[f], rng, **INSERT_JITTER)[1]
+            rows.append(dict(slot=f'{f}_{j:05d}', target=f, recipient_index=r, recipient=ims['image_id'].iat[r],
+                             recipient_patient=ims['patient_id'].iat[r], donor_index=d, donor=ims['image_id'].iat[d],
+                             jitter=json.dumps(jit), seed=s))
+    if n and not rows:
+        raise RarityError('insertion_plan', 'findings', f'none of {list(findings)} has a training positive with a lesion mask '
+                          'and a known-negative film to put it in: nothing to insert')
+    return pd.DataFrame(rows, columns=list(_PLAN_COLUMNS))
+
+def slot_move(pool: DonorPool, row) -> tuple[torch.Tensor, torch.Tensor]:
+    "The donor film (1, S, S) in [-1, 1] and its mask of the slot's finding (1, S, S) of plan `row`, moved as planned."
+    k, d = pool.findings.index(row['target']), int(row['donor_index'])
+    jit = {key: v for key, v in json.loads(row['jitter']).items() if key != 'tries'}
+    return move_with_masks(torch.from_numpy(pool.ds.load(d)[0])[None] * 2 - 1, pool.masks(d)[k:k + 1], **jit)
+
+def _region_boxes(region: torch.Tensor) -> np.ndarray:
+    "Bounding boxes (B, 4: y0, x0, y1, x1, fractions of the side) of binary regions (B, 1, S, S)."
+    S, out = region.shape[-1], []
+    for r in region[:, 0]:
+        ys, xs = torch.nonzero(r > .5, as_tuple=True)
+        out.append([ys.min().item() / S, xs.min().item() / S, (ys.max().item() + 1) / S, (xs.max().item() + 1) / S])
+    return np.array(out, float).reshape(-1, 4)
+
+# %% ../nbs/19a_rarity.ipynb #abed4458
+def edited_pool(gen, m: Manifest, cfg: RarityConfig, n: int, kind: str = 'inserted', seed: int = 0, plan=None,
+                pool: DonorPool | None = None, progress=None) -> StudySet:
+    """The `kind` edit pool (`EDIT_KINDS`) of `n` slots per finding of `insertion_plan` over the training films of `m`
+    (or `plan`; `pool`: its `DonorPool` at the generator's size, else built): 'inserted' and 'healthy' by
+    `insert_lesion` (asked for the finding / for none with an empty mask), 'pasted' by `blend_into` of the moved
+    donor. Edited at `gen.image_size`, brought to `cfg.image_size`. Labels: the recipient's own, the finding 1 but
+    for 'healthy'; facts: source, target, donor, recipient, slot, seed, jitter and the region's box (`BOX_COLUMNS`)."""
+    if kind not in EDIT_KINDS: raise RarityError('edited_pool', 'kind', f'{kind!r} is not one of {EDIT_KINDS}')
+    cfg = study_sampling(cfg, gen, kind)
+    pool = pool or DonorPool(m, gen.findings, gen.image_size, split='train')
+    plan = insertion_plan(pool, [f for f in cfg.findings if f in gen.findings], n, seed) if plan is None else plan
+    g = (cfg.guidance if cfg.guidance is not None else gen.defaults.get('guidance')) or {}
+    opts = dict(steps=cfg.insert_steps, jump_length=cfg.insert_jump, jump_n_sample=cfg.insert_resample,
+                guidance={c: v for c, v in g.items() if c in gen.conditions}, guidance_mode=cfg.guidance_mode or 'compositional',
+                dilate=cfg.insert_dilate, feather=cfg.insert_feather, mixed_precision=cfg.mixed_precision)
+    images, boxes = [], []
+    for b in range(0, len(plan), cfg.sample_batch):
+        rows = plan.iloc[b:b + cfg.sample_batch]
+        films = torch.stack([torch.from_numpy(pool.ds.load(int(i))[0])[None] * 2 - 1 for i in rows['recipient_index']])
+        moved = [slot_move(pool, r) for _, r in rows.iterrows()]
+        masks = torch.stack([mk for _, mk in moved])
+        region = lesion_region(masks, cfg.insert_dilate)
+        if kind == 'pasted': x = blend_into(films, torch.stack([im for im, _ in moved]), region, cfg.insert_feather)
+        else:
+            x = insert_lesion(gen, None, films, masks, list(rows['target']) if kind == 'inserted' else '', seed=[int(s) for s in rows['seed']],
+                              mask_condition=kind == 'inserted', **opts).images
+        images.append(to_size(x.float(), cfg.image_size)); boxes.append(_region_boxes(region))
+        if progress: progress(b + len(rows), len(plan))
+    labels = np.array(m.images.set_index('image_id').loc[plan['recipient'], list(cfg.findings)], dtype=float, order='C')   # the recipient's own (a copy)
+    if kind != 'healthy': labels[np.arange(len(plan)), [list(cfg.findings).index(f) for f in plan['target']]] = 1.
+    facts = pd.DataFrame(dict(image_id=[f'{kind}_{s}' for s in plan['slot']], patient_id=plan['recipient_patient'].to_numpy(),
+                              group='', synthetic=1, source=EDIT_SOURCES[kind], target=plan['target'].to_numpy(),
+                              donor=plan['donor'].to_numpy(), recipient=plan['recipient'].to_numpy(), slot=plan['slot'].to_numpy(),
+                              seed=plan['seed'].to_numpy(), jitter=plan['jitter'].to_numpy()))
+    facts[list(BOX_COLUMNS)] = np.concatenate(boxes) if boxes else np.zeros((0, 4))
+    S = cfg.image_size
+    return StudySet(torch.cat(images) if images else torch.zeros(0, 1, S, S), labels, np.ones(len(plan)), facts)
+
+def edit_boxes(s: StudySet) -> np.ndarray:
+    "The edited region's box of every film of an edit pool: (N, 4) y0, x0, y1, x1 as fractions of the side."
+    return s.facts[list(BOX_COLUMNS)].to_numpy(float)
+
+def _edit_arm(arm: str, n: int, train: StudySet, pools: dict, cfg: RarityConfig) -> StudySet:
+    "The training set of an insertion arm (`EDIT_ARMS`) at `n` slots per finding, as described above."
+    healthy = take_per_finding(pools['healthy'], n)
+    if arm == 'healthy':                                 # control (b): the edit's traces, labelled positive
+        lab = healthy.labels.copy()
+        lab[np.arange(len(lab)), [list(cfg.findings).index(f) for f in healthy.facts['target']]] = 1.
+        return StudySet.concat([train, dataclasses.replace(healthy, labels=lab)])
+    edits = take_per_finding(pools['inserted' if arm == 'insert' else 'pasted'], n)
+    if list(edits.facts['slot']) != list(healthy.facts['slot']):
+        raise RarityError('arm_training_set', arm, 'its edits and the healthy films are not twins (pools of different plans)')
+    return StudySet.concat([train, edits, healthy])
+
 # %% ../nbs/19a_rarity.ipynb #d84e63e3
 class _Items(torch.utils.data.Dataset):
     "A `StudySet` as dataset items (dicts) for `classifier.fit`."
@@ -336,7 +463,10 @@ def evaluation_sets(test: StudySet, external: StudySet | None = None) -> dict:
 def _identity(gen, cfg: RarityConfig, real: Manifest, external) -> dict:
     return dict(generator=gen.model_sha256(), data=real.name,
                 external=None if external is None else external.name,
-                config={k: v for k, v in cfg.to_dict().items() if k not in _PLAN_FIELDS})
+                config={k: v for k, v in cfg.to_dict().items() if k not in _PLAN_FIELDS and not (k in _INSERT_DEFAULTS and _INSERT_DEFAULTS[k] == v)})
+
+# the insertion settings count only when set away from their defaults: a folder written before they existed resumes
+_INSERT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RarityConfig) if f.name.startswith('insert_')}
 
 # what the plan may change in a resumed folder: only the 'screened' pool depends on screen_candidates, and its file
 # name says how many; the primary comparison is kept apart (declared once, never changed)
@@ -367,12 +497,15 @@ def _pools_needed(cfg: RarityConfig) -> dict:
     if 'unconditional' in cfg.arms: out['unconditional'] = n_arm
     if 'negatives' in cfg.arms: out['negative'] = n_arm * len(cfg.findings)
     if 'screened' in cfg.arms: out['screened'] = n_arm
+    for kind, arms in (('inserted', {'insert'}), ('healthy', set(EDIT_ARMS)), ('pasted', {'copy-paste'})):
+        if arms & set(cfg.arms): out[kind] = n_arm
     return out
 
 def arm_training_set(arm: str, n: int, train: StudySet, pools: dict, cfg: RarityConfig, seed: int) -> tuple[StudySet, StudySet | None]:
     "(training set, pretraining set or None) of one arm at `n` synthetic images per finding."
     if arm == 'real-only' or n == 0: return train, None
     if arm == 'augment': return StudySet.concat([train, augmented_positives(train, cfg.findings, n, seed)]), None
+    if arm in EDIT_ARMS: return _edit_arm(arm, n, train, pools, cfg), None
     syn = take_per_finding(pools[arm if arm in ('unconditional', 'screened') else 'conditional'], n)
     if arm == 'pretrain': return train, syn
     if arm == 'weighted':
@@ -383,8 +516,9 @@ def arm_training_set(arm: str, n: int, train: StudySet, pools: dict, cfg: Rarity
 # %% ../nbs/19a_rarity.ipynb #5bc8c61c
 def run_study(gen, real: Manifest, cfg: RarityConfig, out_dir, external: Manifest | None = None, progress: bool = True) -> Path:
     """Run (or resume) the rarity study `cfg` with generator `gen` (`load_generator`) on `real` (a test split is held
-    out if it has none), writing to `out_dir`: `study.json`, `pools/`, `predictions/`, `test.csv`, `runs.csv` and `realness.json`
-    (`real_vs_synthetic` of the real training films against the conditional pool).
+    out if it has none), writing to `out_dir`: `study.json`, `pools/`, `predictions/`, `test.csv`, `runs.csv`, `realness.json`
+    (`real_vs_synthetic` of the real training films against the conditional pool) and, with edit pools,
+    `edit_realness.json` (`edit_realness` of each).
     Runs are stored one by one, keyed by (k, arm, n, seed): a folder can be resumed, or extended with more k, n,
     arms or seeds, as long as the generator, the data and the training settings are the same. Returns `out_dir`."""
     cfg = study_sampling(cfg, gen)                   # before the identity: a default study records what it always did
@@ -426,6 +560,7 @@ def run_study(gen, real: Manifest, cfg: RarityConfig, out_dir, external: Manifes
     if 'conditional' in pools and not rf.exists():   # can a classifier tell the real training films from the synthetic pool?
         r = real_vs_synthetic(train_all, pools['conditional'], cfg, seed=0)
         with atomic_write(rf) as tmp: Path(tmp).write_text(json.dumps(r))
+    _write_edit_realness(out/'edit_realness.json', train_all, pools, cfg)   # can it tell the edited films from real ones?
     runs, t0 = cfg.runs(), time.perf_counter()
     bar = tqdm(total=len(runs), desc='rarity study', disable=not progress)
     for (k, arm, n, seed) in runs:
@@ -631,7 +766,7 @@ def study_figure(table: pd.DataFrame, eval_set: str = 'test', figsize=None):
     # constrained layout with the legend outside, below the x labels (a figure legend placed by hand covered them)
     fig, axs = plt.subplots(1, len(findings), figsize=figsize or (2.6 * len(findings), 3 + .2 * -(-entries // ncol)),
                             sharey=True, squeeze=False, layout='constrained')
-    marks = dict(zip(arms, 'sD^vP*'))
+    marks = dict(zip(arms, 'sD^vP*Xhd<>p8'))
     for ax, f in zip(axs[0], findings):
         g = t[t['finding'] == f]
         for i, (k, gk) in enumerate(g.groupby('k')):
@@ -679,12 +814,19 @@ def worth_figure(worth: pd.DataFrame, arm: str = 'mix', figsize=(5, 3.4)):
     return fig
 
 # %% ../nbs/19a_rarity.ipynb #ffdbcb47
-def real_vs_synthetic(real: StudySet, synthetic: StudySet, cfg: RarityConfig, seed: int = 0) -> dict:
-    "AUROC of a classifier separating `real` from `synthetic` images, on held-out halves of both."
+def real_vs_synthetic(real: StudySet, synthetic: StudySet, cfg: RarityConfig, seed: int = 0, groups=None) -> dict:
+    """AUROC of a classifier separating `real` from `synthetic` images, on held-out halves of both; `groups` (one per
+    synthetic image, e.g. the real film it was edited from): all of a group's images in one half."""
     rng = np.random.default_rng(seed)
     n = min(len(real), len(synthetic))
     ri, si = rng.permutation(len(real))[:n], rng.permutation(len(synthetic))[:n]
     h = n // 2
+    if groups is not None:            # whole groups in a random order, the halves split where a group ends
+        codes = pd.factorize(pd.Series(np.asarray(groups)).astype(str))[0]
+        rank = np.empty(codes.max() + 1, int); rank[rng.permutation(len(rank))] = np.arange(len(rank))
+        si = np.argsort(rank[codes], kind='stable')[:n]
+        while 0 < h < n and codes[si[h]] == codes[si[h - 1]]: h += 1
+    if not 0 < h < n: raise RarityError('real_vs_synthetic', 'synthetic', f'{n} images per class (groups kept whole) cannot be split in two halves')
     def part(a, b):
         x = torch.cat([real.images[torch.as_tensor(a)], synthetic.images[torch.as_tensor(b)]])
         y = np.r_[np.zeros(len(a)), np.ones(len(b))][:, None]
@@ -694,6 +836,47 @@ def real_vs_synthetic(real: StudySet, synthetic: StudySet, cfg: RarityConfig, se
     te = part(ri[h:], si[h:])
     p = predict_proba(model, te.images)[:, 0]
     return dict(images_per_class=n - h, auroc=auroc(te.labels[:, 0], p))
+
+# %% ../nbs/19a_rarity.ipynb #22423e0c
+def region_crops(images: torch.Tensor, boxes, size: int = 32) -> torch.Tensor:
+    "A square window around each box (1.5 x its longer side, at least a quarter of the film, inside it) of `images` (N, 1, S, S), at `size`."
+    S, out = images.shape[-1], []
+    for x, (y0, x0, y1, x1) in zip(images, np.asarray(boxes, float) * S):
+        side = int(min(S, max(S // 4, math.ceil(1.5 * max(y1 - y0, x1 - x0)))))
+        top, left = (int(min(max(round((a + b) / 2 - side / 2), 0), S - side)) for a, b in ((y0, y1), (x0, x1)))
+        out.append(to_size(x[None, :, top:top + side, left:left + side], size))
+    return torch.cat(out) if out else torch.zeros(0, 1, size, size)
+
+def blank_boxes(images: torch.Tensor, boxes, value: float = 0.) -> torch.Tensor:
+    "`images` (N, 1, S, S) with each box (fractions of the side, taken out to whole pixels) set to `value`."
+    S, out = images.shape[-1], images.clone()
+    for x, (y0, x0, y1, x1) in zip(out, np.asarray(boxes, float) * S):
+        x[:, int(math.floor(y0)):int(math.ceil(y1)), int(math.floor(x0)):int(math.ceil(x1))] = value
+    return out
+
+def edit_realness(real: StudySet, edited: StudySet, cfg: RarityConfig, boxes=None, seed: int = 0, crop: int = 32) -> dict:
+    """`real_vs_synthetic` of `real` against `edited` films (an edit pool; `boxes` (N, 4): its regions, default
+    `edit_boxes`) on the whole film, on `crop`-px crops around the region, and with the region blanked in both; real
+    films take the boxes of random edited ones; an edited film's twins of one recipient stay in one half."""
+    if not len(edited) or not len(real): raise RarityError('edit_realness', 'edited' if not len(edited) else 'real', 'no films')
+    boxes = edit_boxes(edited) if boxes is None else np.asarray(boxes, float)
+    real_boxes = boxes[np.random.default_rng(seed).integers(len(boxes), size=len(real))]
+    groups = edited.facts['recipient'].to_numpy() if 'recipient' in edited.facts else None
+    views = dict(whole=lambda x, b: x, inside=lambda x, b: region_crops(x, b, crop), outside=blank_boxes)
+    return {name: real_vs_synthetic(dataclasses.replace(real, images=v(real.images, real_boxes)),
+                                    dataclasses.replace(edited, images=v(edited.images, boxes)), cfg, seed, groups)
+            for name, v in views.items()}
+
+def _write_edit_realness(path: Path, train_all: StudySet, pools: dict, cfg: RarityConfig):
+    "`edit_realness` of each edit pool of a study not yet in `path` (a JSON object: kind -> view -> result), recipients left out of the real films."
+    kinds, done = [k for k in EDIT_KINDS if k in pools], json.loads(path.read_text()) if path.exists() else {}
+    if all(k in done for k in kinds): return
+    recipients = set().union(*(set(pools[k].facts['recipient'].astype(str)) for k in kinds))
+    real = train_all.take(np.flatnonzero(~train_all.facts['image_id'].astype(str).isin(recipients)))
+    for k in (k for k in kinds if k not in done):
+        try: done[k] = edit_realness(real, pools[k], cfg, seed=0)
+        except RarityError as e: done[k] = dict(error=str(e))     # e.g. too few films to split: the study goes on
+    with atomic_write(path) as tmp: Path(tmp).write_text(json.dumps(done, indent=1))
 
 # %% ../nbs/19a_rarity.ipynb #901e413d
 def summary_markdown(table: pd.DataFrame, cfg: RarityConfig, eval_set: str = 'test') -> str:

@@ -10,7 +10,7 @@ from cxr_diffusion_nbs.unet import unet_preset, make_noise_scheduler
 from cxr_diffusion_nbs.sampling import sample
 from cxr_diffusion_nbs.inpainting import (InpaintingError, insert_lesion, make_repaint_scheduler, model_calls,
                                           lesion_region, finding_labels, psnr_outside, change_inside, seam_gradient,
-                                          inpainting_metrics, before_after_figure)
+                                          inpainting_metrics, before_after_figure, blend_alpha, blend_into)
 
 QUICK = dict(steps=8, jump_length=2, jump_n_sample=2)
 
@@ -109,6 +109,9 @@ def test_conditions_and_guidance(tiny, data):
     (dict(jump_length=20, steps=10), 'jump_length'),
     (dict(steps=0), 'steps'),
     (dict(dilate=-1), 'dilate'),
+    (dict(dilate=1, feather=2), 'feather'),                            # a ramp wider than the ring would eat into the lesion
+    (dict(feather=-1), 'feather'),
+    (dict(mask_condition='no'), 'mask_condition'),
     (dict(seed=[1, 2]), 'seed'),
     (dict(mixed_precision='fp8'), 'mixed_precision'),
 ])
@@ -121,6 +124,49 @@ def test_bad_requests_fail_before_compute(tiny, data, kw, field, monkeypatch):
     with pytest.raises(InpaintingError) as e: insert_lesion(model, ns, **args, **QUICK if 'steps' not in kw else {})
     assert e.value.field == field and f"'{field}'" in str(e.value) and isinstance(e.value, CXRDataError)
     assert not calls
+
+def test_blend_keeps_the_outside_bit_for_bit_and_ramps_monotonically():
+    g = torch.Generator().manual_seed(0)
+    film, edit = torch.rand(2, 1, 24, 24, generator=g) * 2 - 1, torch.rand(2, 1, 24, 24, generator=g) * 2 - 1
+    mask = torch.zeros(2, 1, 24, 24); mask[0, :, 8:14, 9:15] = 1; mask[1, :, 0:5, 0:6] = 1   # the second at the film's corner
+    region = lesion_region(mask, 3)
+    for feather in (0, 1, 2, 3):
+        out, a = blend_into(film, edit, region, feather), blend_alpha(region, feather)
+        assert torch.equal(out[region < .5], film[region < .5])                # outside: the film itself
+        assert torch.equal(out[mask > .5], edit[mask > .5])                    # the lesion mask: the edit itself (feather <= dilate)
+        assert ((a >= 0) & (a <= 1)).all() and torch.equal(a[region < .5], torch.zeros(int((region < .5).sum())))
+        lo, hi = torch.minimum(film, edit), torch.maximum(film, edit)
+        assert ((out >= lo - 1e-6) & (out <= hi + 1e-6)).all()               # a convex mix, nowhere an overshoot
+        row = a[0, 0, 11, :12]                                                 # from outside (x < 6) into the mask (x >= 9)
+        assert (row.diff() >= 0).all() and row[5] == 0 and row[9] == 1
+        assert a[1, 0, 0, 0] == 1                                              # the film's edge is not a border
+    assert torch.equal(blend_into(film, edit, region, 0), torch.where(region > .5, edit, film))   # feather 0: the hard paste
+    r1 = blend_alpha(region, 3)[0, 0, 11]
+    assert 0 < r1[6] < r1[7] < r1[8] < 1                                       # three ring pixels, strictly rising
+    nan = torch.full_like(edit, float('nan'))
+    assert torch.equal(blend_into(film, nan, region, 2)[region < .5], film[region < .5])
+    with pytest.raises(InpaintingError, match="'edit'"): blend_into(film, edit[:, :, :20], region)
+    with pytest.raises(InpaintingError, match="'feather'"): blend_alpha(region, -1)
+
+def test_feather_blends_the_ring_only_and_healthy_twin_gets_an_empty_mask(tiny, data):
+    model, ns = tiny
+    img, mask = data
+    hard = insert_lesion(model, ns, img[:2], mask, 'nodule', seed=[1, 2], dilate=2, feather=0, **QUICK)
+    soft = insert_lesion(model, ns, img[:2], mask, 'nodule', seed=[1, 2], dilate=2, **QUICK)   # feather = dilate
+    assert soft.feather == 2 and hard.feather == 0
+    inside, ring = soft.mask > .5, (soft.region > .5) & (soft.mask < .5)
+    assert torch.equal(soft.images[inside], hard.images[inside])             # the same edit on the lesion
+    a = blend_alpha(soft.region, 2)
+    assert torch.allclose(soft.images[ring], (a * hard.images + (1 - a) * img[:2])[ring], atol=1e-6)
+    assert torch.equal(soft.images[soft.region < .5], img[:2][soft.region < .5])
+    seen, forward = [], model.forward
+    def spy(*a, **k):
+        seen.append(k.get('mask')); return forward(*a, **k)
+    model.forward = spy
+    try: healthy = insert_lesion(model, ns, img[:1], mask, '', seed=1, mask_condition=False, **QUICK)
+    finally: del model.forward
+    assert seen and all(m is not None and m.abs().sum() == 0 for m in seen)   # told: no lesion anywhere
+    assert healthy.labels.sum() == 0 and torch.equal(healthy.region, lesion_region(healthy.mask, 2))   # the same region regenerated
 
 def test_error_names_the_synonym(tiny, data):
     model, ns = tiny

@@ -174,3 +174,170 @@ def test_default_study_keeps_its_identity_and_a_gan_study_claims_no_sampler():
     m, train, _ = real_sets(real, cfg)
     pool = synthetic_pool(gan, capped_manifest(m, train.facts.image_id), cfg, 2, 'conditional')      # one pass per image: a second
     assert pool.images.shape == (10, 1, 64, 64) and (np.nan_to_num(pool.labels).sum(0) >= 2).all()
+
+
+# ---- lesion insertion (issue 24, item 1): the plan, the three edit pools, their arms, the edit detector ----
+from cxr_diffusion_nbs.rarity import (EDIT_KINDS, EDIT_ARMS, BOX_COLUMNS, insertion_plan, edited_pool, edit_boxes, slot_move,
+                                      edit_realness, region_crops, blank_boxes, real_vs_synthetic, capped_manifest, study_sampling,
+                                      synthetic_pool, _identity)
+from cxr_diffusion_nbs.cohort import DonorPool
+from cxr_diffusion_nbs.inpainting import lesion_region, blend_alpha
+
+TINY_INSERT = dict(insert_steps=2, insert_jump=1, insert_resample=1, guidance={})   # a 2-step RePaint, one pass a step
+
+def test_insert_settings_are_checked_naming_the_field():
+    for kw, field in [(dict(insert_feather=3), 'insert_feather'), (dict(insert_dilate=1, insert_feather=2), 'insert_feather'),
+                      (dict(insert_steps=0), 'insert_steps'), (dict(insert_jump=20), 'insert_jump'),
+                      (dict(insert_resample=True), 'insert_resample'), (dict(insert_dilate=-1), 'insert_dilate')]:
+        with pytest.raises(ConfigError, match=f"'{field}'"): RarityConfig(**kw)
+    c = RarityConfig.from_dict({'insert_steps': '30', 'insert_jump': 10, 'insert_resample': 1, 'arms': ['insert', 'copy-paste', 'healthy']})
+    assert c.insert_steps == 30 and RarityConfig(insert_jump=20, insert_resample=1).insert_jump == 20   # no resampling: any jump
+    import yaml
+    shipped = RarityConfig.from_dict(yaml.safe_load((project_root()/'configs'/'rarity_insert.yaml').read_text()), 'rarity_insert.yaml')
+    assert shipped.primary_comparison() == (20, 'insert', 100) and set(EDIT_ARMS) <= set(shipped.arms)
+    need = lambda *arms: _pools_needed(RarityConfig(arms=arms, n_synthetic=(0, 3)))
+    assert need('insert') == {'inserted': 3, 'healthy': 3} and need('copy-paste') == {'pasted': 3, 'healthy': 3}
+    assert need('healthy') == {'healthy': 3} and need('mix', 'insert')['conditional'] == 3
+
+def _edit_set(kind, slots, targets, labels):
+    facts = pd.DataFrame(dict(image_id=[f'{kind}_{s}' for s in slots], patient_id='p', group='', synthetic=1, source=kind,
+                              target=targets, slot=slots, recipient=[f'r{s}' for s in slots]))
+    return StudySet(torch.rand(len(slots), 1, 16, 16), np.asarray(labels, float), np.ones(len(slots)), facts)
+
+def test_edit_arms_have_the_stated_composition():
+    cfg = RarityConfig(findings=F5, n_synthetic=(0, 2), arms=EDIT_ARMS)
+    train = _set(10, np.eye(5)[np.arange(10) % 5])
+    slots = [f'{f}_{j:05d}' for f in F5 for j in range(3)]
+    tg = [s.split('_')[0] for s in slots]
+    pos, neg = np.eye(5)[np.repeat(np.arange(5), 3)], np.zeros((15, 5))
+    neg[0, 3] = 1                                                  # a recipient with another finding keeps it
+    pools = dict(inserted=_edit_set('inserted', slots, tg, pos + neg), healthy=_edit_set('healthy', slots, tg, neg),
+                 pasted=_edit_set('pasted', slots, tg, pos + neg))
+    ins, pre = arm_training_set('insert', 2, train, pools, cfg, 0)
+    assert pre is None and len(ins) == 10 + 2 * 5 + 2 * 5
+    src = ins.facts.source.tolist()
+    assert src[10:20] == ['inserted'] * 10 and src[20:] == ['healthy'] * 10
+    assert list(ins.facts.slot[10:20]) == list(ins.facts.slot[20:])                  # every positive has its healthy twin
+    assert (ins.labels[10:20].sum(1) >= 1).all() and ins.labels[20:, :3].sum() == 0 and ins.labels[20, 3] == 1
+    cp, _ = arm_training_set('copy-paste', 2, train, pools, cfg, 0)
+    assert cp.facts.source.tolist()[10:] == ['pasted'] * 10 + ['healthy'] * 10
+    h, _ = arm_training_set('healthy', 2, train, pools, cfg, 0)
+    assert len(h) == 20 and (h.facts.source[10:] == 'healthy').all()
+    assert [h.labels[10 + i, F5.index(t)] for i, t in enumerate(h.facts.target[10:])] == [1.] * 10   # labelled positive
+    assert pools['healthy'].labels[:, :3].sum() == 0                                   # (the pool itself untouched)
+    pools['pasted'] = _edit_set('pasted', slots[::-1], tg[::-1], pos)                   # not twins: refused
+    with pytest.raises(RarityError, match="'copy-paste'.*not twins"): arm_training_set('copy-paste', 2, train, pools, cfg, 0)
+
+def test_a_generator_that_cannot_inpaint_refuses_the_edit_arms_before_any_work(tmp_path):
+    gan = load_generator(project_root()/'data'/'models'/'gan64')
+    assert not gan.can_inpaint
+    for arm in EDIT_ARMS:
+        with pytest.raises(RarityError, match=f"field 'arms'.*'{arm}'"): study_sampling(RarityConfig(arms=('mix', arm)), gan)
+    with pytest.raises(RarityError, match="'arms'.*'healthy'"): synthetic_pool(gan, None, RarityConfig(), 2, 'healthy')
+    with pytest.raises(RarityError, match="'arms'"): run_study(gan, None, RarityConfig(arms=('insert',)), tmp_path/'s', progress=False)
+    assert not (tmp_path/'s').exists()                              # refused before the folder was made
+
+@pytest.fixture(scope='module')
+def insertion():
+    "The 64-px demo, the bundled sample capped at k = 5, its donor pool and a plan of 2 slots for nodule and effusion."
+    torch.set_num_threads(1)
+    gen = load_generator(project_root()/'data'/'models'/'cpu64_demo')
+    cfg = RarityConfig(findings=('nodule', 'effusion'), device='cpu', **TINY_INSERT)
+    m, train, _ = real_sets(load_shared_subset(sample_data_root()), cfg)
+    mk = capped_manifest(m, train.facts.image_id[cap_positives(train.labels, 5, 0)])
+    pool = DonorPool(mk, gen.findings, gen.image_size)
+    return gen, cfg, mk, pool, insertion_plan(pool, cfg.findings, 2, seed=7)
+
+def test_edit_pools_are_counterfactual_twins(insertion):
+    gen, cfg, mk, pool, plan = insertion
+    assert len(plan) == 4 and list(plan.target) == ['nodule'] * 2 + ['effusion'] * 2
+    assert insertion_plan(pool, ('effusion',), 1, seed=7).slot.tolist() == ['effusion_00000']          # slot j: not a function of n
+    assert insertion_plan(pool, ('effusion',), 1, seed=7).recipient[0] == plan.recipient[2]
+    im = pool.ds.images.set_index('image_id')
+    k = pool.findings.index('nodule')
+    assert (im.loc[plan.recipient[:2], 'nodule'] == 0).all() and not pool.has_mask[plan.recipient_index[:2], k].any()
+    assert pool.has_mask[plan.donor_index[:2], k].all() and (pool.labels[plan.donor_index[:2], k] == 1).all()   # outlined positives
+    pools = {k: edited_pool(gen, mk, cfg, 2, k, plan=plan, pool=pool) for k in EDIT_KINDS}
+    for k, p in pools.items():
+        assert p.images.shape == (4, 1, 64, 64) and p.labels.shape == (4, 2) and (p.facts.source == {'inserted': 'synthetic inserted',
+               'healthy': 'synthetic healthy', 'pasted': 'pasted real'}[k]).all()
+        for col in ('slot', 'recipient', 'donor', 'seed', 'jitter', *BOX_COLUMNS):      # twins: one plan, one region
+            assert list(p.facts[col]) == list(pools['inserted'].facts[col]), (k, col)
+    own = mk.images.set_index('image_id').loc[plan.recipient, ['nodule', 'effusion']].to_numpy(float)
+    assert np.array_equal(pools['healthy'].labels, own)                                # the recipient's own labels
+    hot = own.copy(); hot[[0, 1, 2, 3], [0, 0, 1, 1]] = 1
+    assert np.array_equal(pools['inserted'].labels, hot) and np.array_equal(pools['pasted'].labels, hot)
+    for i, (_, row) in enumerate(plan.iterrows()):
+        film = torch.from_numpy(pool.ds.load(int(row.recipient_index))[0])[None] * 2 - 1
+        donor, mask = slot_move(pool, row)
+        region = lesion_region(mask, cfg.insert_dilate)[0] > .5
+        for k, p in pools.items(): assert torch.equal(p.images[i, 0][~region], film[0][~region]), k   # outside: the recipient
+        ys, xs = torch.nonzero(mask[0] > .5, as_tuple=True)
+        cy, cx = divmod(int(blend_alpha(mask[0], 8).argmax()), 64)                       # the mask's deepest pixel: its centre
+        assert mask[0, cy, cx] == 1 and pools['pasted'].images[i, 0, cy, cx] == donor[0, cy, cx]    # the donor's pixel there
+        assert not torch.equal(pools['pasted'].images[i, 0][mask[0] > .5], film[0][mask[0] > .5])   # (not the recipient's)
+        y0, x0, y1, x1 = edit_boxes(pools['pasted'])[i] * 64
+        assert (ys.min() >= y0 and xs.min() >= x0 and ys.max() < y1 and xs.max() < x1)              # the box holds the lesion
+    assert (pools['inserted'].images - pools['healthy'].images).abs().sum() > 0     # the finding asked or not: they differ
+    still = plan.assign(jitter=json.dumps(dict(angle=0., scale=1., tx=0., ty=0.)))[:1]                 # unmoved: the donor's own pixels
+    pasted = edited_pool(gen, mk, cfg, 1, 'pasted', plan=still, pool=pool)
+    row = still.iloc[0]
+    dfilm = torch.from_numpy(pool.ds.load(int(row.donor_index))[0]) * 2 - 1
+    dmask = pool.masks(int(row.donor_index))[pool.findings.index('nodule')] > .5
+    assert dmask.any() and torch.equal(pasted.images[0, 0][dmask], dfilm[dmask])
+
+def test_real_vs_synthetic_keeps_groups_in_one_half(monkeypatch):
+    import cxr_diffusion_nbs.rarity as R
+    seen = {}
+    def fake_train(data, cfg, seed):                              # records which synthetic films it was trained on
+        seen['train'] = data.images[data.labels[:, 0] == 1, 0, 0, 0]
+        return None
+    def fake_predict(model, x):
+        seen['test'] = x[:, 0, 0, 0]
+        return np.linspace(0, 1, len(x))[:, None]
+    monkeypatch.setattr(R, 'train_arm', fake_train); monkeypatch.setattr(R, 'predict_proba', fake_predict)
+    groups = np.repeat(np.arange(12), 3)                          # 12 recipient films, 3 edits each
+    syn = StudySet(torch.as_tensor(groups, dtype=torch.float32)[:, None, None, None].expand(36, 1, 4, 4).clone(), np.zeros((36, 1)),
+                   np.ones(36), pd.DataFrame(dict(image_id=range(36))))
+    real = StudySet(torch.full((40, 1, 4, 4), -1.), np.zeros((40, 1)), np.ones(40), pd.DataFrame(dict(image_id=range(40))))
+    r = real_vs_synthetic(real, syn, RarityConfig(), seed=3, groups=groups)
+    train_groups, test_groups = set(seen['train'].tolist()), set(seen['test'].tolist()) - {-1.}
+    assert train_groups and test_groups and not train_groups & test_groups and r['images_per_class'] == 36 - 3 * len(train_groups)
+    with pytest.raises(RarityError, match='split'): real_vs_synthetic(real, syn.take(range(3)), RarityConfig(), groups=[0, 0, 0])
+
+def test_edit_detector_sees_the_edit_inside_and_not_outside():
+    g = torch.Generator().manual_seed(0)
+    real = StudySet(torch.rand(120, 1, 32, 32, generator=g) * .4 - .2, np.zeros((120, 1)), np.ones(120), pd.DataFrame(dict(image_id=range(120))))
+    ed = torch.rand(120, 1, 32, 32, generator=g) * .4 - .2
+    boxes = np.tile([[.25, .25, .5, .5]], (120, 1)) + np.random.default_rng(0).integers(0, 4, (120, 1)) / 16
+    for x, (a, b, _, _) in zip(ed, (boxes * 32).astype(int)): x[:, a:a + 8, b:b + 8] += .6
+    edited = StudySet(ed, np.zeros((120, 1)), np.ones(120), pd.DataFrame(dict(image_id=range(120), recipient=np.arange(120) // 2)))
+    blank = blank_boxes(ed, boxes, 0.)
+    a, b = (boxes[5] * 32).astype(int)[:2]
+    assert (blank[5, 0, a:a + 8, b:b + 8] == 0).all() and torch.equal(blank[5, 0, :a], ed[5, 0, :a])
+    assert region_crops(ed, boxes, 16).shape == (120, 1, 16, 16)
+    r = edit_realness(real, edited, RarityConfig(findings=('nodule',), width=4, epochs=8, batch_size=32, device='cpu'), boxes, crop=16)
+    assert set(r) == {'whole', 'inside', 'outside'}
+    assert r['whole']['auroc'] > .8 and r['inside']['auroc'] > .8 and r['outside']['auroc'] < .75, r
+
+def test_insert_study_runs_writes_edit_realness_and_refuses_a_changed_insert_setting(tmp_path, monkeypatch):
+    monkeypatch.setenv('CXR_NO_SHARED', '1')
+    torch.set_num_threads(1)
+    real = load_shared_subset(sample_data_root())
+    gen = load_generator(project_root()/'data'/'models'/'cpu64_demo')
+    cfg = RarityConfig(findings=('nodule', 'effusion'), ks=(5,), n_synthetic=(0, 2), arms=EDIT_ARMS, seeds=(0,), epochs=1,
+                       width=4, n_boot=20, device='cpu', **TINY_INSERT)
+    assert 'insert_steps' in _identity(gen, cfg, real, None)['config']            # set away from its default: part of the identity
+    out = run_study(gen, real, cfg, tmp_path/'s', progress=False)
+    assert sorted(p.name for p in (out/'pools').glob('*.safetensors')) == [f'donors_k5_seed0_{k}_n2.safetensors' for k in ('healthy', 'inserted', 'pasted')]
+    preds, facts = load_predictions(out)
+    assert sorted(preds) == sorted(cfg.runs())
+    runs = pd.read_csv(out/'runs.csv').set_index('arm')
+    assert runs.loc['insert', 'train_total'] == runs.loc['insert', 'train_real'] + 2 * 2 * 2      # + inserted + their healthy twins
+    assert runs.loc['healthy', 'train_total'] == runs.loc['healthy', 'train_real'] + 2 * 2
+    er = json.loads((out/'edit_realness.json').read_text())
+    assert set(er) == set(EDIT_KINDS) and all(set(v) == {'whole', 'inside', 'outside'} for v in er.values())
+    with pytest.raises(RarityError, match="'insert_steps'"):
+        run_study(gen, real, dataclasses.replace(cfg, insert_steps=3), out, progress=False)
+    with pytest.raises(RarityError, match="'insert_feather'"):
+        run_study(gen, real, dataclasses.replace(cfg, insert_feather=1), out, progress=False)
