@@ -1,7 +1,7 @@
 """The main job end to end: `cxr-pipeline` (papermill on nbs/21_pipeline.ipynb) with small parameters writes a run
 folder whose report shows every part of the study; stage bookkeeping resumes and refuses changed parameters; the
 parameters that could fail late are refused before anything is trained; the report's words follow the counts."""
-import json, subprocess, sys
+import json, re, subprocess, sys
 from pathlib import Path
 import numpy as np, pandas as pd, pytest, yaml
 from cxr_diffusion_nbs.pipeline import (Stages, PipelineError, markdown_table, check_judges, rarity_study_config, evidence,
@@ -38,7 +38,8 @@ def test_pipeline_small_run(tmp_path):
                               'memorisation', 'rarity', 'turing', 'report'], 1):
         assert f'stage {i}/12 {name}: done in ' in r.stderr, (name, r.stderr[-3000:])
     assert '] finished in ' in r.stderr and 'Executing' not in r.stderr
-    for bar in ('train', 'synthetic images', 'classifier epochs', 'conditioning requests', 'rarity study'):
+    assert re.search(r'\[train\] step (\d+)/\1 \|', r.stderr), r.stderr[-3000:]   # the trainers' progress line (runs.progress_line), at the last step
+    for bar in ('synthetic images', 'classifier epochs', 'conditioning requests', 'rarity study'):
         assert f'{bar}: 100%' in r.stderr, (bar, r.stderr[-3000:])
     for f in ('pipeline.ipynb', 'report.md', 'report.html', 'summary.json', 'stages.json', 'figures/samples.png', 'figures/embedding.png',
               'figures/closest_pairs.png', 'figures/rarity.png', 'tables/fidelity.csv', 'tables/memorisation.csv',
