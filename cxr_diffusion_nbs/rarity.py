@@ -27,6 +27,7 @@ from .core import (cli_errors, CXRDataError, ConfigError, RARE_FINDINGS, atomic_
 from .manifest import Manifest
 from .splits import with_held_out_test, check_no_leakage
 from .dataset import affine_pair, Augment
+from .masks import mask_bbox
 from .cohort import CohortConfig, DonorPool, plan_cohort, plan_conditions, resolve_sampling, jitter_mask, move_with_masks
 from .inpainting import insert_lesion, lesion_region, blend_into
 from .classifier import CXRClassifier, fit, load_images, predict_proba, to_size, label_weights
@@ -358,12 +359,10 @@ def slot_move(pool: DonorPool, row) -> tuple[torch.Tensor, torch.Tensor]:
     return move_with_masks(torch.from_numpy(pool.ds.load(d)[0])[None] * 2 - 1, pool.masks(d)[k:k + 1], **jit)
 
 def _region_boxes(region: torch.Tensor) -> np.ndarray:
-    "Bounding boxes (B, 4: y0, x0, y1, x1, fractions of the side) of binary regions (B, 1, S, S)."
-    S, out = region.shape[-1], []
-    for r in region[:, 0]:
-        ys, xs = torch.nonzero(r > .5, as_tuple=True)
-        out.append([ys.min().item() / S, xs.min().item() / S, (ys.max().item() + 1) / S, (xs.max().item() + 1) / S])
-    return np.array(out, float).reshape(-1, 4)
+    "Bounding boxes (B, 4: y0, x0, y1, x1, fractions of the side) of binary regions (B, 1, S, S) (`masks.mask_bbox`)."
+    S = region.shape[-1]
+    boxes = (mask_bbox(r[0].numpy() > .5) for r in region.cpu())
+    return np.array([[y0 / S, x0 / S, y1 / S, x1 / S] for x0, y0, x1, y1 in boxes], float).reshape(-1, 4)
 
 # %% ../nbs/19a_rarity.ipynb #abed4458
 def edited_pool(gen, m: Manifest, cfg: RarityConfig, n: int, kind: str = 'inserted', seed: int = 0, plan=None,
