@@ -12,7 +12,7 @@ Docs: https://cxr-diffusion-nbs.github.io/cxr_diffusion_nbs/rarity.html.md"""
 # the figures, `cxr-rarity`), one lesson; the statistics (bootstrap over patients, DeLong, the endpoint) are the next
 # piece to move into a module of their own (issue 25).
 from __future__ import annotations
-import json, math, time, dataclasses
+import json, math, time, shutil, dataclasses
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np, pandas as pd
@@ -37,12 +37,12 @@ from .screening import ScreenedGenerator, load_screener
 # %% auto #0
 __all__ = ['ARMS', 'EDIT_ARMS', 'RARITY_SAMPLING', 'EDIT_KINDS', 'POOL_KINDS', 'INSERT_JITTER', 'EDIT_SOURCES', 'BOX_COLUMNS',
            'RarityError', 'RarityConfig', 'cap_positives', 'StudySet', 'real_sets', 'capped_manifest', 'study_sampling',
-           'synthetic_pool', 'take_per_finding', 'classic_augment', 'augmented_positives', 'insertion_plan',
-           'slot_move', 'edited_pool', 'edit_boxes', 'train_arm', 'sensitivity_at_specificity', 'evaluation_sets',
-           'arm_training_set', 'run_study', 'load_predictions', 'verdict', 'study_table', 'cluster_resamples',
-           'auroc_changes', 'minimum_detectable_effect', 'paired_mean_change', 'primary_endpoint', 'compare_studies',
-           'endpoint_line', 'study_figure', 'worth_table', 'worth_figure', 'real_vs_synthetic', 'region_crops',
-           'blank_boxes', 'edit_realness', 'summary_markdown', 'main']
+           'draw_in_parts', 'synthetic_pool', 'take_per_finding', 'classic_augment', 'augmented_positives',
+           'insertion_plan', 'slot_move', 'edited_pool', 'edit_boxes', 'train_arm', 'sensitivity_at_specificity',
+           'evaluation_sets', 'arm_training_set', 'run_study', 'load_predictions', 'verdict', 'study_table',
+           'cluster_resamples', 'auroc_changes', 'minimum_detectable_effect', 'paired_mean_change', 'primary_endpoint',
+           'compare_studies', 'endpoint_line', 'study_figure', 'worth_table', 'worth_figure', 'real_vs_synthetic',
+           'region_crops', 'blank_boxes', 'edit_realness', 'summary_markdown', 'main']
 
 # %% ../nbs/19a_rarity.ipynb #3c4757d7
 ARMS = ('mix', 'unconditional', 'augment', 'pretrain', 'weighted', 'negatives', 'screened', 'insert', 'copy-paste', 'healthy')
@@ -251,12 +251,31 @@ def study_sampling(cfg: RarityConfig, gen, kind: str | None = None) -> RarityCon
     return resolve_sampling(cfg, gen, 'RarityConfig', RARITY_SAMPLING, RarityError)
 
 # %% ../nbs/19a_rarity.ipynb #a1693845
-def synthetic_pool(gen, m: Manifest, cfg: RarityConfig, n: int, kind: str = 'conditional', seed: int = 0, progress=None) -> StudySet:
+def draw_in_parts(plan: pd.DataFrame, batch: int, draw, parts=None, progress=None) -> dict:
+    """`draw(rows)` (a dict of tensors) over the rows of `plan` in batches of `batch`, concatenated. With `parts` (a
+    folder), each batch is stored there as it is done and read back instead of drawn again: a killed pool resumes at
+    the batch it was drawing (every row carries its own seed, so a batch is the same whenever it is drawn).
+    `progress(done, total)` after each batch."""
+    out = []
+    for b in range(0, len(plan), batch):
+        rows = plan.iloc[b:b + batch]
+        f = Path(parts)/f'rows_{b:06d}_{b + len(rows):06d}.safetensors' if parts is not None else None
+        if f is not None and f.exists(): t = load_file(str(f))
+        else:
+            t = {k: v.contiguous() for k, v in draw(rows).items()}
+            if f is not None:
+                with atomic_write(f) as tmp: save_file(t, str(tmp))
+        out.append(t)
+        if progress: progress(b + len(rows), len(plan))
+    return {k: torch.cat([t[k] for t in out]) for k in out[0]} if out else {}
+
+def synthetic_pool(gen, m: Manifest, cfg: RarityConfig, n: int, kind: str = 'conditional', seed: int = 0, progress=None,
+                   parts=None) -> StudySet:
     """`n` synthetic images per modelled finding of `cfg.findings` (`kind` 'negative': `n` images in all) from `gen`, with
     conditions from the training images of `m` (`capped_manifest`), at the classifier's size. Labels: as asked for the
-    findings the generator models, NaN for the others."""
+    findings the generator models, NaN for the others. `parts`: a folder that keeps the drawn batches (`draw_in_parts`)."""
     if kind not in POOL_KINDS: raise RarityError('synthetic_pool', 'kind', f'{kind!r} is not one of {POOL_KINDS}')
-    if kind in EDIT_KINDS: return edited_pool(gen, m, cfg, n, kind, seed, progress=progress)
+    if kind in EDIT_KINDS: return edited_pool(gen, m, cfg, n, kind, seed, progress=progress, parts=parts)
     cfg = study_sampling(cfg, gen, kind)
     if kind == 'screened': gen = ScreenedGenerator(gen, load_screener(), cfg.screen_candidates)   # plan and seeds as 'conditional'
     pool = DonorPool(m, gen.findings, gen.image_size, split='train')
@@ -265,9 +284,7 @@ def synthetic_pool(gen, m: Manifest, cfg: RarityConfig, n: int, kind: str = 'con
     opts = dict(sampler=cfg.sampler, steps=cfg.steps, guidance_mode=cfg.guidance_mode, mixed_precision=cfg.mixed_precision)
     if cfg.guidance is not None: opts['guidance'] = dict(cfg.guidance)   # None: the generator's recommended scales
     if kind == 'unconditional': opts.update(guidance={c: 0. for c in gen.conditions}, guidance_mode='compositional')
-    images, asked = [], []
-    for b in range(0, len(plan), cfg.sample_batch):
-        rows = plan.iloc[b:b + cfg.sample_batch]
+    def draw(rows):
         if kind == 'negative':
             lab, masks = torch.zeros(len(rows), F_), None
         else:
@@ -276,17 +293,16 @@ def synthetic_pool(gen, m: Manifest, cfg: RarityConfig, n: int, kind: str = 'con
             per = torch.stack([c[1] for c in conds])
             masks = {None: None, 'union': per.amax(1, keepdim=True), 'per_finding': per}[gen.mask_mode]
         x = gen.generate(labels=lab, masks=masks, seed=[int(s) for s in rows['seed']], **opts)
-        images.append(to_size(x.float(), cfg.image_size)); asked.append(lab.numpy())
-        if progress: progress(b + len(rows), len(plan))
-    asked = np.concatenate(asked) if asked else np.zeros((0, F_))
+        return dict(images=to_size(x.float(), cfg.image_size), asked=lab.float())
+    t = draw_in_parts(plan, cfg.sample_batch, draw, parts, progress)
+    asked = t['asked'].numpy() if t else np.zeros((0, F_))
     labels = np.full((len(plan), len(cfg.findings)), np.nan)
     for j, f in enumerate(cfg.findings):
         if f in gen.findings: labels[:, j] = asked[:, list(gen.findings).index(f)]
     facts = pd.DataFrame(dict(image_id=plan['image_id'].to_numpy(), patient_id=plan['image_id'].to_numpy(), group='',
                               synthetic=1, source=f'synthetic {kind}', target=plan['target_finding'].to_numpy(),
                               donor=plan['donor_image_id'].to_numpy() if 'donor_image_id' in plan else ''))
-    return StudySet(torch.cat(images) if images else torch.zeros(0, 1, cfg.image_size, cfg.image_size), labels,
-                    np.ones(len(plan)), facts)
+    return StudySet(t['images'] if t else torch.zeros(0, 1, cfg.image_size, cfg.image_size), labels, np.ones(len(plan)), facts)
 
 def take_per_finding(pool: StudySet, n: int) -> StudySet:
     "The first `n` images of each target finding of `pool` (a pool drawn for a larger n contains the smaller ones)."
@@ -366,12 +382,13 @@ def _region_boxes(region: torch.Tensor) -> np.ndarray:
 
 # %% ../nbs/19a_rarity.ipynb #abed4458
 def edited_pool(gen, m: Manifest, cfg: RarityConfig, n: int, kind: str = 'inserted', seed: int = 0, plan=None,
-                pool: DonorPool | None = None, progress=None) -> StudySet:
+                pool: DonorPool | None = None, progress=None, parts=None) -> StudySet:
     """The `kind` edit pool (`EDIT_KINDS`) of `n` slots per finding of `insertion_plan` over the training films of `m`
     (or `plan`; `pool`: its `DonorPool` at the generator's size, else built): 'inserted' and 'healthy' by
     `insert_lesion` (asked for the finding / for none with an empty mask), 'pasted' by `blend_into` of the moved
     donor. Edited at `gen.image_size`, brought to `cfg.image_size`. Labels: the recipient's own, the finding 1 but
-    for 'healthy'; facts: source, target, donor, recipient, slot, seed, jitter and the region's box (`BOX_COLUMNS`)."""
+    for 'healthy'; facts: source, target, donor, recipient, slot, seed, jitter and the region's box (`BOX_COLUMNS`).
+    `parts`: a folder that keeps the edited batches (`draw_in_parts`)."""
     if kind not in EDIT_KINDS: raise RarityError('edited_pool', 'kind', f'{kind!r} is not one of {EDIT_KINDS}')
     cfg = study_sampling(cfg, gen, kind)
     pool = pool or DonorPool(m, gen.findings, gen.image_size, split='train')
@@ -380,9 +397,7 @@ def edited_pool(gen, m: Manifest, cfg: RarityConfig, n: int, kind: str = 'insert
     opts = dict(steps=cfg.insert_steps, jump_length=cfg.insert_jump, jump_n_sample=cfg.insert_resample,
                 guidance={c: v for c, v in g.items() if c in gen.conditions}, guidance_mode=cfg.guidance_mode or 'compositional',
                 dilate=cfg.insert_dilate, feather=cfg.insert_feather, mixed_precision=cfg.mixed_precision)
-    images, boxes = [], []
-    for b in range(0, len(plan), cfg.sample_batch):
-        rows = plan.iloc[b:b + cfg.sample_batch]
+    def draw(rows):
         films = torch.stack([torch.from_numpy(pool.ds.load(int(i))[0])[None] * 2 - 1 for i in rows['recipient_index']])
         moved = [slot_move(pool, r) for _, r in rows.iterrows()]
         masks = torch.stack([mk for _, mk in moved])
@@ -391,17 +406,17 @@ def edited_pool(gen, m: Manifest, cfg: RarityConfig, n: int, kind: str = 'insert
         else:
             x = insert_lesion(gen, None, films, masks, list(rows['target']) if kind == 'inserted' else '', seed=[int(s) for s in rows['seed']],
                               mask_condition=kind == 'inserted', **opts).images
-        images.append(to_size(x.float(), cfg.image_size)); boxes.append(_region_boxes(region))
-        if progress: progress(b + len(rows), len(plan))
+        return dict(images=to_size(x.float(), cfg.image_size), boxes=torch.from_numpy(_region_boxes(region)))
+    t = draw_in_parts(plan, cfg.sample_batch, draw, parts, progress)
     labels = np.array(m.images.set_index('image_id').loc[plan['recipient'], list(cfg.findings)], dtype=float, order='C')   # the recipient's own (a copy)
     if kind != 'healthy': labels[np.arange(len(plan)), [list(cfg.findings).index(f) for f in plan['target']]] = 1.
     facts = pd.DataFrame(dict(image_id=[f'{kind}_{s}' for s in plan['slot']], patient_id=plan['recipient_patient'].to_numpy(),
                               group='', synthetic=1, source=EDIT_SOURCES[kind], target=plan['target'].to_numpy(),
                               donor=plan['donor'].to_numpy(), recipient=plan['recipient'].to_numpy(), slot=plan['slot'].to_numpy(),
                               seed=plan['seed'].to_numpy(), jitter=plan['jitter'].to_numpy()))
-    facts[list(BOX_COLUMNS)] = np.concatenate(boxes) if boxes else np.zeros((0, 4))
+    facts[list(BOX_COLUMNS)] = t['boxes'].double().numpy() if t else np.zeros((0, 4))
     S = cfg.image_size
-    return StudySet(torch.cat(images) if images else torch.zeros(0, 1, S, S), labels, np.ones(len(plan)), facts)
+    return StudySet(t['images'] if t else torch.zeros(0, 1, S, S), labels, np.ones(len(plan)), facts)
 
 def edit_boxes(s: StudySet) -> np.ndarray:
     "The edited region's box of every film of an edit pool: (N, 4) y0, x0, y1, x1 as fractions of the side."
@@ -487,9 +502,17 @@ def _load_set(path: Path) -> StudySet:
     return StudySet(t['images'].float(), t['labels'].double().numpy(), t['weights'].double().numpy(),
                     pd.read_csv(path.with_suffix('.csv'), keep_default_na=False))
 
-def _stored_set(path: Path, make) -> StudySet:
+def _stored_set(path: Path, make, progress: bool = False) -> StudySet:
+    """The set stored at `path`, else `make(parts, progress)` stored there: `parts` (`path` with suffix '.parts') keeps
+    its batches until the set is whole, so a killed draw resumes; a bar shows the draw when `progress`."""
     if path.exists() and path.with_suffix('.csv').exists(): return _load_set(path)
-    s = make(); _save_set(s, path); return s
+    parts = path.with_suffix('.parts')
+    with tqdm(total=0, desc=path.stem, disable=not progress, mininterval=5) as bar:
+        def tick(done, total): bar.total = total; bar.n = done; bar.refresh()
+        s = make(parts, tick)
+    _save_set(s, path)
+    shutil.rmtree(parts, ignore_errors=True)
+    return s
 
 def _pools_needed(cfg: RarityConfig) -> dict:
     "Pool kind -> the largest n it is needed for."
@@ -557,8 +580,9 @@ def run_study(gen, real: Manifest, cfg: RarityConfig, out_dir, external: Manifes
     mk, pools = capped_manifest(m, donors.facts['image_id']), {}
     for kind, n in _pools_needed(cfg).items():
         name = f'{kind}{cfg.screen_candidates}' if kind == 'screened' else kind
-        pools[kind] = _stored_set(out/'pools'/f'donors_k{k0}_seed{s0}_{name}_n{n}.safetensors',
-                                  lambda kind=kind, n=n: synthetic_pool(gen, mk, cfg, n, kind, seed=1000 + k0))
+        pools[kind] = _stored_set(out/'pools'/f'donors_k{k0}_seed{s0}_{name}_n{n}.safetensors', progress=progress,
+                                  make=lambda parts, tick, kind=kind, n=n: synthetic_pool(gen, mk, cfg, n, kind, seed=1000 + k0,
+                                                                                          progress=tick, parts=parts))
     rf = out/'realness.json'
     if 'conditional' in pools and not rf.exists():   # can a classifier tell the real training films from the synthetic pool?
         r = real_vs_synthetic(train_all, pools['conditional'], cfg, seed=0)

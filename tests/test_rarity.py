@@ -341,3 +341,22 @@ def test_insert_study_runs_writes_edit_realness_and_refuses_a_changed_insert_set
         run_study(gen, real, dataclasses.replace(cfg, insert_steps=3), out, progress=False)
     with pytest.raises(RarityError, match="'insert_feather'"):
         run_study(gen, real, dataclasses.replace(cfg, insert_feather=1), out, progress=False)
+
+def test_a_killed_pool_draw_resumes_at_its_batch(tmp_path):
+    from cxr_diffusion_nbs.rarity import draw_in_parts
+    plan = pd.DataFrame(dict(seed=range(7)))
+    calls = []
+    def draw(rows, fail_at=None):
+        calls.append(int(rows['seed'].iloc[0]))
+        if fail_at is not None and calls[-1] == fail_at: raise KeyboardInterrupt   # a kill mid-pool
+        return dict(x=torch.tensor(rows['seed'].to_numpy(), dtype=torch.float32)[:, None] * 2)
+    whole = draw_in_parts(plan, 3, draw)
+    assert whole['x'].flatten().tolist() == [2. * s for s in range(7)] and calls == [0, 3, 6]
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt): draw_in_parts(plan, 3, lambda r: draw(r, fail_at=3), tmp_path/'parts')
+    assert len(list((tmp_path/'parts').glob('rows_*.safetensors'))) == 1      # the first batch kept, nothing half-written
+    calls.clear(); seen = []
+    again = draw_in_parts(plan, 3, draw, tmp_path/'parts', progress=lambda d, t: seen.append((d, t)))
+    assert calls == [3, 6] and seen == [(3, 7), (6, 7), (7, 7)]               # only the batches not yet stored
+    assert torch.equal(again['x'], whole['x'])
+    assert draw_in_parts(plan.iloc[:0], 3, draw) == {}
