@@ -549,6 +549,42 @@ def cohort_estimate(n_images: int, measured: int, seconds: float, what: str = 'a
             f'({per:.2g} s/image measured on a first batch of {measured}){mem}')
     return dict(seconds=per * n_images, per_image=per, peak_bytes=peak_bytes, line=line)
 
+# %% ../nbs/14_cohort.ipynb #3fe44765
+def _start_cohort(out: Path, cfg: CohortConfig, gen, identity: dict, plan: pd.DataFrame, pool: DonorPool, manifest: Manifest,
+                  counts: dict, key: bytes):
+    """The first files of a new cohort folder: the private donor table (`write_private`), the shareable plan, the
+    README and `cohort.json` (what was asked, by which model, from which data, with machine paths made shareable)."""
+    write_private(out, plan['donor_image_id'], dict(zip(pool.ds.images['image_id'], pool.ds.images['patient_id'])), key)
+    request = dict(cfg.to_dict(), checkpoint=shareable_path(cfg.checkpoint), output_dir=shareable_path(out),
+                   data_root=None if cfg.data_root is None else shareable_path(cfg.data_root))
+    meta = dict(identity=identity, request=request, checkpoint=shareable_path(gen.checkpoint), weights=gen.weights.name,
+                findings=list(pool.findings), counts=counts, real_counts=pool.counts(),
+                data=shareable_path(manifest.origin or manifest.name), n_images=len(plan),
+                generator_kind=gen.kind, masks=gen.mask_mode is not None,
+                study_uid=generate_uid(), series_uid=generate_uid(), package=f'cxr_diffusion_nbs {__version__}',
+                created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'))
+    write_shared_csv(shared_plan(plan, key), out/'plan.csv')
+    if not (out/'README.md').exists():
+        with atomic_write(out/'README.md') as tmp: tmp.write_text(cohort_readme(meta))
+    with atomic_write(out/'cohort.json') as tmp: tmp.write_text(json.dumps(meta, indent=1))
+
+def _write_image(out: Path, r, image: torch.Tensor, masks, findings, prov: dict, meta: dict, note: str, kind: str, dicom: bool):
+    """One drawn image of plan row `r`: its PNG (provenance in the text chunk), the masks it was conditioned on, its
+    DICOM if asked, each written atomically, and then its record (so a recorded image is always whole)."""
+    iid = r['image_id']
+    px = to_uint8(image)
+    rec = dict(image_id=iid, index=int(r['index']), path=f'images/{iid}.png', masks={}, dicom_path='')
+    for k, f in enumerate(findings):
+        if masks is not None and masks[k].any():
+            mp = f'masks/{iid}_{f}.png'
+            write_png(out/mp, (masks[k].numpy() * 255).astype(np.uint8), {'Description': 'lesion mask a synthetic image was conditioned on'})
+            rec['masks'][f] = mp
+    if dicom:
+        rec['dicom_path'] = f'dicom/{iid}.dcm'
+        write_synthetic_dicom(out/rec['dicom_path'], px, iid, *image_uids(meta, iid), 1, prov, kind)
+    write_png(out/rec['path'], px, {'Description': note, 'Software': f'cxr_diffusion_nbs {__version__}', 'Provenance': json.dumps(prov)})
+    _append_record(out, rec)
+
 # %% ../nbs/14_cohort.ipynb #035196d8
 def build_cohort(cfg: CohortConfig | dict, source: str = '<config>', progress: bool = True, log=None) -> Path:
     """Generate (or resume) the synthetic cohort `cfg` describes; return its folder. Everything is validated before
@@ -579,29 +615,16 @@ def build_cohort(cfg: CohortConfig | dict, source: str = '<config>', progress: b
     remove_stale_temporaries(out)                    # what a kill mid-write left
     key = cohort_key(out, create=not resuming)
     refs = dict(zip(plan['image_id'], shared_plan(plan, key)['donor_ref']))
-    if not resuming:
-        write_private(out, plan['donor_image_id'], dict(zip(pool.ds.images['image_id'], pool.ds.images['patient_id'])), key)
-        request = dict(cfg.to_dict(), checkpoint=shareable_path(cfg.checkpoint), output_dir=shareable_path(out),
-                       data_root=None if cfg.data_root is None else shareable_path(cfg.data_root))
-        meta = dict(identity=identity, request=request, checkpoint=shareable_path(ck), weights=gen.weights.name, findings=list(pool.findings),
-                    counts=counts, real_counts=pool.counts(), data=shareable_path(manifest.origin or manifest.name), n_images=len(plan),
-                    generator_kind=gen.kind, masks=takes_masks,
-                    study_uid=generate_uid(), series_uid=generate_uid(), package=f'cxr_diffusion_nbs {__version__}',
-                    created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'))
-        write_shared_csv(shared_plan(plan, key), out/'plan.csv')
-        if not (out/'README.md').exists():
-            with atomic_write(out/'README.md') as tmp: tmp.write_text(cohort_readme(meta))
-        with atomic_write(out/'cohort.json') as tmp: tmp.write_text(json.dumps(meta, indent=1))
+    if not resuming: _start_cohort(out, cfg, gen, identity, plan, pool, manifest, counts, key)
     meta = json.loads((out/'cohort.json').read_text())
     done = set(read_records(out))
     # batches are fixed slices of the plan, so a resumed run computes exactly what an uninterrupted one did
     batches = [plan.iloc[b:b + cfg.batch_size] for b in range(0, len(plan), cfg.batch_size)]
     batches = [rows for rows in batches if not rows['image_id'].isin(done).all()]
     todo = sum(int((~rows['image_id'].isin(done)).sum()) for rows in batches)
-    bar = tqdm(total=len(plan), initial=len(plan) - todo, desc='synthetic images', unit='img') if progress else None
+    bar = tqdm(total=len(plan), initial=len(plan) - todo, desc='synthetic images', unit='img', disable=not progress)
     rec_opts = {k: v for k, v in opts.items() if k != 'mixed_precision'}
     if not diffusion: rec_opts = dict(kind=gen.kind, **rec_opts)   # (a diffusion image names its sampler instead, as it always did)
-    note = synthetic_note(gen.kind)
     call = {k: v for k, v in opts.items() if not (k == 'guidance' and cohort_guidance(cfg) is None)}   # the model's own scales: per request
     device, start = getattr(gen, 'device', None), time.perf_counter()
     for i, rows in enumerate(batches):
@@ -614,25 +637,12 @@ def build_cohort(cfg: CohortConfig | dict, source: str = '<config>', progress: b
                         **({**rec_opts, 'guidance': image_guidance(rec_opts['guidance'], bool(r['use_mask']))} if 'guidance' in rec_opts else rec_opts),
                         target_finding=r['target_finding'], donor_ref=refs[iid], labels=json.loads(r['labels']),
                         mask_used=bool(r['use_mask']), mask_jitter=json.loads(r['jitter']), package=f'cxr_diffusion_nbs {__version__}')
-            px = to_uint8(images[j, 0])
-            rec = dict(image_id=iid, index=int(r['index']), path=f'images/{iid}.png', masks={}, dicom_path='')
-            for k, f in enumerate(pool.findings):
-                if masks[j] is not None and masks[j][k].any():
-                    mp = f'masks/{iid}_{f}.png'
-                    write_png(out/mp, (masks[j][k].numpy() * 255).astype(np.uint8), {'Description': 'lesion mask a synthetic image was conditioned on'})
-                    rec['masks'][f] = mp
-            if cfg.dicom:
-                rec['dicom_path'] = f'dicom/{iid}.dcm'
-                write_synthetic_dicom(out/rec['dicom_path'], px, iid, *image_uids(meta, iid), 1, prov, gen.kind)
-            write_png(out/rec['path'], px, {'Description': note, 'Software': f'cxr_diffusion_nbs {__version__}',
-                                            'Provenance': json.dumps(prov)})
-            _append_record(out, rec)
-            if bar is not None: bar.update(1)
+            _write_image(out, r, images[j, 0], masks[j], pool.findings, prov, meta, synthetic_note(gen.kind), gen.kind, cfg.dicom)
+            bar.update(1)
         if i == 0 and log is not None:
             what = f"a {made_by(gen.kind)} ({options_words(identity['options'])})"
-            line = cohort_estimate(todo, len(rows), time.perf_counter() - start, what, peak_memory(device), device, len(plan))['line']
-            log(line)
-    if bar is not None: bar.close()
+            log(cohort_estimate(todo, len(rows), time.perf_counter() - start, what, peak_memory(device), device, len(plan))['line'])
+    bar.close()
     write_cohort_manifest(out)
     return out
 

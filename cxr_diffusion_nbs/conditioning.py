@@ -16,6 +16,7 @@ from dataclasses import dataclass, asdict, replace
 import numpy as np
 import torch
 from torch import nn
+from fastcore.basics import patch
 from .core import (RARE_FINDINGS, MASK_MODES, canonical_finding, CXRDataError, ConfigError,
                                     config_from_dict, check_findings, suggest)
 from .unet import UNetConfig, build_unet, unet_preset
@@ -191,7 +192,7 @@ def level_injector(mask_channels: int, channels: int, hidden: int = 32) -> nn.Se
     nn.init.zeros_(out.weight); nn.init.zeros_(out.bias)
     return nn.Sequential(nn.Conv2d(mask_channels, hidden, 3, padding=1), nn.SiLU(), out)
 
-# %% ../nbs/08_conditioning.ipynb #7d30337a
+# %% ../nbs/08_conditioning.ipynb #e0e7723b
 class ConditionalDenoiser(nn.Module):
     "A diffusers U-Net conditioned on finding labels, lesion masks and/or text, each optional and droppable."
     def __init__(self, unet_cfg: UNetConfig, cond_cfg: ConditioningConfig | None = None):
@@ -235,120 +236,134 @@ class ConditionalDenoiser(nn.Module):
             raise ConditioningError('config_dict', 'model', f"{d.get('model')!r} is not 'ConditionalDenoiser'")
         return cls(UNetConfig.from_dict(d['unet']), ConditioningConfig.from_dict(d['conditioning']))
 
-    def check_inputs(self, x_t, t, labels=None, mask=None, text_emb=None, text_mask=None, drop=None):
-        "Validate shapes and which conditions this model accepts; raise `ConditioningError` naming the field."
-        W, cc, uc = 'ConditionalDenoiser.forward', self.cond_cfg, self.unet_cfg
-        _check(torch.is_tensor(x_t) and x_t.ndim == 4, W, 'x_t', f'must be a (B, C, H, W) tensor, got {getattr(x_t, "shape", type(x_t))}')
-        B, C, H, Wd = x_t.shape
-        _check(C == uc.in_channels, W, 'x_t', f'has {C} channels, UNetConfig.in_channels is {uc.in_channels}')
-        f = 2**(uc.levels - 1)
-        _check(H % f == 0 and Wd % f == 0, W, 'x_t', f'size {H}x{Wd} is not divisible by {f} (the U-Net has {uc.levels} levels)')
-        tt = torch.as_tensor(t)
-        _check(tt.ndim == 0 or tuple(tt.shape) == (B,), W, 't', f'must be a scalar or shape ({B},), got {tuple(tt.shape)}')
-        if labels is not None:
-            _check(cc.use_labels, W, 'labels', 'given, but this model has no label conditioning (ConditioningConfig.use_labels=False)')
-            _check(torch.is_tensor(labels) and tuple(labels.shape) == (B, len(cc.findings)), W, 'labels',
-                   f'shape {tuple(getattr(labels, "shape", ()))} does not match (batch, findings) = ({B}, {len(cc.findings)}) for findings {cc.findings}')
-        if mask is not None:
-            _check(cc.mask_mode is not None, W, 'mask', 'given, but this model has no mask conditioning (ConditioningConfig.mask_mode=None)')
-            _check(torch.is_tensor(mask) and mask.ndim == 4, W, 'mask', 'must be a (B, M, H, W) tensor')
-            _check(mask.shape[1] == cc.mask_channels, W, 'mask',
-                   f"has {mask.shape[1]} channels, mask_mode={cc.mask_mode!r} with {len(cc.findings)} findings expects {cc.mask_channels}")
-            _check(tuple(mask.shape) == (B, cc.mask_channels, H, Wd), W, 'mask', f'shape {tuple(mask.shape)} does not match x_t {tuple(x_t.shape)}')
-        if text_emb is not None:
-            _check(cc.use_text, W, 'text_emb', 'given, but this model has no text conditioning (ConditioningConfig.use_text=False)')
-            _check(torch.is_tensor(text_emb) and text_emb.ndim == 3 and text_emb.shape[0] == B and text_emb.shape[2] == cc.text_dim,
-                   W, 'text_emb', f'shape {tuple(getattr(text_emb, "shape", ()))} must be ({B}, L, {cc.text_dim})')
-            if text_mask is not None:
-                _check(tuple(text_mask.shape) == tuple(text_emb.shape[:2]), W, 'text_mask', f'shape {tuple(text_mask.shape)} must be {tuple(text_emb.shape[:2])}')
-        elif text_mask is not None: raise ConditioningError(W, 'text_mask', 'given without text_emb')
-        for k, v in (drop or {}).items():
-            _check(k in CONDITION_NAMES, W, 'drop', f'unknown condition {k!r}; use {CONDITION_NAMES}')
-            _check(torch.is_tensor(v) and tuple(v.shape) == (B,), W, 'drop', f'drop[{k!r}] must be a bool tensor of shape ({B},)')
+# %% ../nbs/08_conditioning.ipynb #503b956f
+@patch
+def check_inputs(self: ConditionalDenoiser, x_t, t, labels=None, mask=None, text_emb=None, text_mask=None, drop=None):
+    "Validate shapes and which conditions this model accepts; raise `ConditioningError` naming the field."
+    W, cc, uc = 'ConditionalDenoiser.forward', self.cond_cfg, self.unet_cfg
+    _check(torch.is_tensor(x_t) and x_t.ndim == 4, W, 'x_t', f'must be a (B, C, H, W) tensor, got {getattr(x_t, "shape", type(x_t))}')
+    B, C, H, Wd = x_t.shape
+    _check(C == uc.in_channels, W, 'x_t', f'has {C} channels, UNetConfig.in_channels is {uc.in_channels}')
+    f = 2**(uc.levels - 1)
+    _check(H % f == 0 and Wd % f == 0, W, 'x_t', f'size {H}x{Wd} is not divisible by {f} (the U-Net has {uc.levels} levels)')
+    tt = torch.as_tensor(t)
+    _check(tt.ndim == 0 or tuple(tt.shape) == (B,), W, 't', f'must be a scalar or shape ({B},), got {tuple(tt.shape)}')
+    if labels is not None:
+        _check(cc.use_labels, W, 'labels', 'given, but this model has no label conditioning (ConditioningConfig.use_labels=False)')
+        _check(torch.is_tensor(labels) and tuple(labels.shape) == (B, len(cc.findings)), W, 'labels',
+               f'shape {tuple(getattr(labels, "shape", ()))} does not match (batch, findings) = ({B}, {len(cc.findings)}) for findings {cc.findings}')
+    if mask is not None:
+        _check(cc.mask_mode is not None, W, 'mask', 'given, but this model has no mask conditioning (ConditioningConfig.mask_mode=None)')
+        _check(torch.is_tensor(mask) and mask.ndim == 4, W, 'mask', 'must be a (B, M, H, W) tensor')
+        _check(mask.shape[1] == cc.mask_channels, W, 'mask',
+               f"has {mask.shape[1]} channels, mask_mode={cc.mask_mode!r} with {len(cc.findings)} findings expects {cc.mask_channels}")
+        _check(tuple(mask.shape) == (B, cc.mask_channels, H, Wd), W, 'mask', f'shape {tuple(mask.shape)} does not match x_t {tuple(x_t.shape)}')
+    if text_emb is not None:
+        _check(cc.use_text, W, 'text_emb', 'given, but this model has no text conditioning (ConditioningConfig.use_text=False)')
+        _check(torch.is_tensor(text_emb) and text_emb.ndim == 3 and text_emb.shape[0] == B and text_emb.shape[2] == cc.text_dim,
+               W, 'text_emb', f'shape {tuple(getattr(text_emb, "shape", ()))} must be ({B}, L, {cc.text_dim})')
+        if text_mask is not None:
+            _check(tuple(text_mask.shape) == tuple(text_emb.shape[:2]), W, 'text_mask', f'shape {tuple(text_mask.shape)} must be {tuple(text_emb.shape[:2])}')
+    elif text_mask is not None: raise ConditioningError(W, 'text_mask', 'given without text_emb')
+    for k, v in (drop or {}).items():
+        _check(k in CONDITION_NAMES, W, 'drop', f'unknown condition {k!r}; use {CONDITION_NAMES}')
+        _check(torch.is_tensor(v) and tuple(v.shape) == (B,), W, 'drop', f'drop[{k!r}] must be a bool tensor of shape ({B},)')
 
-    def _keep(self, drop, name, B, device):
-        d = (drop or {}).get(name)
-        return torch.ones(B, dtype=torch.bool, device=device) if d is None else ~d.to(device=device, dtype=torch.bool)
+# %% ../nbs/08_conditioning.ipynb #305fe86d
+@patch
+def _keep(self: ConditionalDenoiser, drop, name, B, device):
+    d = (drop or {}).get(name)
+    return torch.ones(B, dtype=torch.bool, device=device) if d is None else ~d.to(device=device, dtype=torch.bool)
 
-    def label_embedding(self, labels, drop, B, device, dtype) -> torch.Tensor:
-        "Step 2: the label MLP's output, with the learned null where labels are absent or dropped: (B, time_embed_dim)."
-        emb = self.null_label.to(dtype).expand(B, -1)
-        if labels is None: return emb
-        return torch.where(self._keep(drop, 'labels', B, device)[:, None], self.label_embed(labels.to(dtype)), emb)
+@patch
+def label_embedding(self: ConditionalDenoiser, labels, drop, B, device, dtype) -> torch.Tensor:
+    "Step 2: the label MLP's output, with the learned null where labels are absent or dropped: (B, time_embed_dim)."
+    emb = self.null_label.to(dtype).expand(B, -1)
+    if labels is None: return emb
+    return torch.where(self._keep(drop, 'labels', B, device)[:, None], self.label_embed(labels.to(dtype)), emb)
 
-    def mask_input(self, x_t, mask, drop) -> torch.Tensor:
-        "Step 1: the extra input channels, mask (zeroed where dropped) and 'mask present' indicator: (B, M + 1, H, W)."
-        B, _, H, W = x_t.shape
-        if mask is None: return x_t.new_zeros(B, self.cond_cfg.mask_channels + 1, H, W)
-        keep = self._keep(drop, 'mask', B, x_t.device).to(x_t.dtype)[:, None, None, None]
-        return torch.cat([mask.to(x_t.dtype) * keep, keep.expand(B, 1, H, W)], 1)
+@patch
+def mask_input(self: ConditionalDenoiser, x_t, mask, drop) -> torch.Tensor:
+    "Step 1: the extra input channels, mask (zeroed where dropped) and 'mask present' indicator: (B, M + 1, H, W)."
+    B, _, H, W = x_t.shape
+    if mask is None: return x_t.new_zeros(B, self.cond_cfg.mask_channels + 1, H, W)
+    keep = self._keep(drop, 'mask', B, x_t.device).to(x_t.dtype)[:, None, None, None]
+    return torch.cat([mask.to(x_t.dtype) * keep, keep.expand(B, 1, H, W)], 1)
 
-    def _injection(self, level: int, h: torch.Tensor) -> torch.Tensor:
-        "Step 4: the mask input area-pooled to `h`'s grid, through level `level`'s injector (zero at initialisation)."
-        m = nn.functional.adaptive_avg_pool2d(self._level_input, h.shape[-2:]).to(h.dtype)
-        return self.mask_levels[level](m).to(h.dtype)
+@patch
+def text_states(self: ConditionalDenoiser, text_emb, text_mask, drop, B, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    "Step 3: token sequence for cross-attention (projected) and its attention mask; the learned null where absent or dropped."
+    cc, null = self.cond_cfg, self.null_text.to(dtype)
+    Ln = null.shape[0]
+    if text_emb is None:
+        seq, am = null.expand(B, -1, -1), torch.ones(B, Ln, device=device, dtype=torch.long)
+    else:
+        L, Lt = max(text_emb.shape[1], Ln), text_emb.shape[1]
+        tm = torch.ones(B, Lt, device=device, dtype=torch.long) if text_mask is None else text_mask.to(device).long()
+        seq = torch.zeros(B, L, cc.text_dim, device=device, dtype=dtype); seq[:, :Lt] = text_emb.to(dtype)
+        am = torch.zeros(B, L, device=device, dtype=torch.long); am[:, :Lt] = tm
+        nseq = torch.zeros(L, cc.text_dim, device=device, dtype=dtype); nseq[:Ln] = null
+        nam = torch.zeros(L, device=device, dtype=torch.long); nam[:Ln] = 1
+        keep = self._keep(drop, 'text', B, device)
+        seq = torch.where(keep[:, None, None], seq, nseq.expand(B, -1, -1))
+        am = torch.where(keep[:, None], am, nam.expand(B, -1))
+    return self.text_in(seq), am
 
-    def _inject_down(self, block, args, out):
-        "Forward hook: add the mask's injection to a down block's output and to every skip connection it leaves."
-        if self._level_input is None: return out
-        h, skips = out
-        new = tuple(s + self._injection(block.cxr_level, s) for s in skips)
-        return (new[-1] if h is skips[-1] else h + self._injection(block.cxr_level, h)), new
+# %% ../nbs/08_conditioning.ipynb #120c8cb4
+@patch
+def _injection(self: ConditionalDenoiser, level: int, h: torch.Tensor) -> torch.Tensor:
+    "Step 4: the mask input area-pooled to `h`'s grid, through level `level`'s injector (zero at initialisation)."
+    m = nn.functional.adaptive_avg_pool2d(self._level_input, h.shape[-2:]).to(h.dtype)
+    return self.mask_levels[level](m).to(h.dtype)
 
-    def _inject_mid(self, module, args, out):
-        return out if self._level_input is None else out + self._injection(len(self.mask_levels) - 1, out)
+@patch
+def _inject_down(self: ConditionalDenoiser, block, args, out):
+    "Forward hook: add the mask's injection to a down block's output and to every skip connection it leaves."
+    if self._level_input is None: return out
+    h, skips = out
+    new = tuple(s + self._injection(block.cxr_level, s) for s in skips)
+    return (new[-1] if h is skips[-1] else h + self._injection(block.cxr_level, h)), new
 
-    def text_states(self, text_emb, text_mask, drop, B, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        "Step 3: token sequence for cross-attention (projected) and its attention mask; the learned null where absent or dropped."
-        cc, null = self.cond_cfg, self.null_text.to(dtype)
-        Ln = null.shape[0]
-        if text_emb is None:
-            seq, am = null.expand(B, -1, -1), torch.ones(B, Ln, device=device, dtype=torch.long)
-        else:
-            L, Lt = max(text_emb.shape[1], Ln), text_emb.shape[1]
-            tm = torch.ones(B, Lt, device=device, dtype=torch.long) if text_mask is None else text_mask.to(device).long()
-            seq = torch.zeros(B, L, cc.text_dim, device=device, dtype=dtype); seq[:, :Lt] = text_emb.to(dtype)
-            am = torch.zeros(B, L, device=device, dtype=torch.long); am[:, :Lt] = tm
-            nseq = torch.zeros(L, cc.text_dim, device=device, dtype=dtype); nseq[:Ln] = null
-            nam = torch.zeros(L, device=device, dtype=torch.long); nam[:Ln] = 1
-            keep = self._keep(drop, 'text', B, device)
-            seq = torch.where(keep[:, None, None], seq, nseq.expand(B, -1, -1))
-            am = torch.where(keep[:, None], am, nam.expand(B, -1))
-        return self.text_in(seq), am
+@patch
+def _inject_mid(self: ConditionalDenoiser, module, args, out):
+    return out if self._level_input is None else out + self._injection(len(self.mask_levels) - 1, out)
 
-    def forward(self, x_t, t, labels=None, mask=None, text_emb=None, text_mask=None, drop=None,
-                validate: bool = True) -> torch.Tensor:
-        """Predict (noise, velocity or x0 per `unet_cfg.prediction_type`) from `x_t` at timestep `t`; same shape as `x_t`.
-        `validate=False` skips `check_inputs` (for callers that checked the same inputs once, at the edge)."""
-        if validate: self.check_inputs(x_t, t, labels, mask, text_emb, text_mask, drop)
-        B, dev, dt = x_t.shape[0], x_t.device, x_t.dtype
-        t = torch.as_tensor(t, device=dev)
-        if t.ndim == 0: t = t.expand(B)
-        cc, kw, x = self.cond_cfg, {}, x_t
-        if cc.use_labels: kw['class_labels'] = self.label_embedding(labels, drop, B, dev, dt)
-        if cc.mask_mode is not None: x = torch.cat([x_t, self.mask_input(x_t, mask, drop)], 1)
-        if cc.use_text: kw['encoder_hidden_states'], kw['encoder_attention_mask'] = self.text_states(text_emb, text_mask, drop, B, dev, dt)
-        if not cc.mask_every_level: return self.unet(x, t, **kw).sample
-        self._level_input = x[:, x_t.shape[1]:]                             # mask channels + 'present', as at the input
-        try: return self.unet(x, t, **kw).sample
-        finally: self._level_input = None
+# %% ../nbs/08_conditioning.ipynb #4e6c2d7f
+@patch
+def forward(self: ConditionalDenoiser, x_t, t, labels=None, mask=None, text_emb=None, text_mask=None, drop=None,
+            validate: bool = True) -> torch.Tensor:
+    """Predict (noise, velocity or x0 per `unet_cfg.prediction_type`) from `x_t` at timestep `t`; same shape as `x_t`.
+    `validate=False` skips `check_inputs` (for callers that checked the same inputs once, at the edge)."""
+    if validate: self.check_inputs(x_t, t, labels, mask, text_emb, text_mask, drop)
+    B, dev, dt = x_t.shape[0], x_t.device, x_t.dtype
+    t = torch.as_tensor(t, device=dev)
+    if t.ndim == 0: t = t.expand(B)
+    cc, kw, x = self.cond_cfg, {}, x_t
+    if cc.use_labels: kw['class_labels'] = self.label_embedding(labels, drop, B, dev, dt)
+    if cc.mask_mode is not None: x = torch.cat([x_t, self.mask_input(x_t, mask, drop)], 1)
+    if cc.use_text: kw['encoder_hidden_states'], kw['encoder_attention_mask'] = self.text_states(text_emb, text_mask, drop, B, dev, dt)
+    if not cc.mask_every_level: return self.unet(x, t, **kw).sample
+    self._level_input = x[:, x_t.shape[1]:]                             # mask channels + 'present', as at the input
+    try: return self.unet(x, t, **kw).sample
+    finally: self._level_input = None
 
-    def drop_conditions(self, conds: dict, generator: torch.Generator | None = None) -> dict:
-        """Training-time condition dropout: each present condition is dropped per sample with its own probability,
-        independently of the others. Returns `conds` plus `drop` (dict of bool `(B,)`), the tensors untouched."""
-        out = dict(conds)
-        keys = {'labels': 'labels', 'mask': 'mask', 'text': 'text_emb'}
-        present = [n for n in CONDITION_NAMES if conds.get(keys[n]) is not None]
-        if not present: return out
-        ref = conds[keys[present[0]]]
-        B, dev = ref.shape[0], ref.device
-        drop = dict(conds.get('drop') or {})
-        gdev = generator.device if generator is not None else torch.device('cpu')
-        for n in present:
-            d = (torch.rand(B, generator=generator, device=gdev) < self.cond_cfg.p_drop(n)).to(dev)
-            drop[n] = d | drop[n].to(dev) if n in drop else d
-        out['drop'] = drop
-        return out
+@patch
+def drop_conditions(self: ConditionalDenoiser, conds: dict, generator: torch.Generator | None = None) -> dict:
+    """Training-time condition dropout: each present condition is dropped per sample with its own probability,
+    independently of the others. Returns `conds` plus `drop` (dict of bool `(B,)`), the tensors untouched."""
+    out = dict(conds)
+    keys = {'labels': 'labels', 'mask': 'mask', 'text': 'text_emb'}
+    present = [n for n in CONDITION_NAMES if conds.get(keys[n]) is not None]
+    if not present: return out
+    ref = conds[keys[present[0]]]
+    B, dev = ref.shape[0], ref.device
+    drop = dict(conds.get('drop') or {})
+    gdev = generator.device if generator is not None else torch.device('cpu')
+    for n in present:
+        d = (torch.rand(B, generator=generator, device=gdev) < self.cond_cfg.p_drop(n)).to(dev)
+        drop[n] = d | drop[n].to(dev) if n in drop else d
+    out['drop'] = drop
+    return out
 
 # %% ../nbs/08_conditioning.ipynb #2d01a343
 _COND_KEYS = {'labels': ('labels',), 'mask': ('mask',), 'text': ('text_emb', 'text_mask')}

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np, pandas as pd, torch
 from torch.utils.data import default_collate
 import torch.nn.functional as F
+from fastcore.basics import patch
 from scipy import ndimage
 import matplotlib.pyplot as plt, seaborn as sns
 import ipywidgets as W
@@ -104,7 +105,7 @@ def affine_pair(image: torch.Tensor, masks: torch.Tensor, angle=0., scale=1., tx
     msk = F.grid_sample(masks[None].float(), grid, mode='nearest', padding_mode='zeros', align_corners=False)[0]
     return img, msk
 
-# %% ../nbs/05_dataset.ipynb #9c77afc0
+# %% ../nbs/05_dataset.ipynb #4826f803
 class CXRDataset(torch.utils.data.Dataset):
     "Real CXR images with multi-hot labels, lesion masks and text, resized to `size` and optionally augmented."
     def __init__(self, manifest: Manifest, findings=RARE_FINDINGS, size: int = 64, split: str | None = 'train',
@@ -132,44 +133,48 @@ class CXRDataset(torch.utils.data.Dataset):
 
     def __len__(self): return len(self.images)
 
-    def set_epoch(self, epoch: int):
-        "Make augmentation a function of (seed, epoch, index): reproducible and resumable."
-        self.epoch = epoch
+# %% ../nbs/05_dataset.ipynb #89488148
+@patch
+def set_epoch(self: CXRDataset, epoch: int):
+    "Make augmentation a function of (seed, epoch, index): reproducible and resumable."
+    self.epoch = epoch
 
-    def load(self, i: int):
-        "Resized image (S,S) float32 in [0,1] and per-finding masks (F,S,S) in {0,1}, before augmentation."
-        if self._cache is not None and i in self._cache:
-            im, ms = self._cache[i]
-            return im.astype(np.float32), ms.astype(np.float32)
-        im = self.reader(self._paths[i])
-        ann = self._ann.get(self._ids[i])
-        ms = (lesion_masks(ann, self.findings, im.shape, source=self.manifest.origin or self.manifest.name) if ann is not None
-              else np.zeros((len(self.findings), *im.shape), np.float32))
-        im, ms, _ = resize_with_masks(im, ms, self.size, mode=self.resize_mode)
-        im, ms = im.astype(np.float16), (ms > .5).astype(np.uint8)   # the cached form, used cached or not
-        if self._cache is not None: self._cache[i] = (im, ms)
+@patch
+def load(self: CXRDataset, i: int):
+    "Resized image (S,S) float32 in [0,1] and per-finding masks (F,S,S) in {0,1}, before augmentation."
+    if self._cache is not None and i in self._cache:
+        im, ms = self._cache[i]
         return im.astype(np.float32), ms.astype(np.float32)
+    im = self.reader(self._paths[i])
+    ann = self._ann.get(self._ids[i])
+    ms = (lesion_masks(ann, self.findings, im.shape, source=self.manifest.origin or self.manifest.name) if ann is not None
+          else np.zeros((len(self.findings), *im.shape), np.float32))
+    im, ms, _ = resize_with_masks(im, ms, self.size, mode=self.resize_mode)
+    im, ms = im.astype(np.float16), (ms > .5).astype(np.uint8)   # the cached form, used cached or not
+    if self._cache is not None: self._cache[i] = (im, ms)
+    return im.astype(np.float32), ms.astype(np.float32)
 
-    def __getitem__(self, i: int) -> dict:
-        im, ms = self.load(i)
-        _check_finite(self._paths[i], im, 'image', 'pixel values reaching the model')   # whatever reader `load` used
-        image, masks = torch.from_numpy(im)[None], torch.from_numpy(ms)
-        if self.augment is not None:
-            rng = np.random.default_rng([self.seed, self.epoch, i])
-            image, masks = affine_pair(image, masks, **self.augment.params(rng))
-            masks = (masks > .5).float()
-        raw = self._raw_labels[i]
-        if self.trust_annotations:   # a radiologist's box or outline outranks an NLP-mined negative label
-            raw = np.where(ms.reshape(len(self.findings), -1).any(1), 1., raw)
-        known = ~np.isnan(raw)
-        labels = np.where(known, raw, 0.).astype(np.float32)
-        text = describe({f: int(v) for f, v in zip(self.findings, labels)},
-                        {f: masks[k].numpy() for k, f in enumerate(self.findings) if masks[k].any()})
-        item = dict(image=image.clamp(0, 1) * 2 - 1, labels=torch.from_numpy(labels),
-                    label_known=torch.from_numpy(known), text=text, image_id=self._ids[i])
-        if self.mask_mode == 'union': item['mask'] = masks.amax(0, keepdim=True) if len(self.findings) else masks[:1]
-        elif self.mask_mode == 'per_finding': item['mask'] = masks
-        return item
+@patch
+def __getitem__(self: CXRDataset, i: int) -> dict:
+    im, ms = self.load(i)
+    _check_finite(self._paths[i], im, 'image', 'pixel values reaching the model')   # whatever reader `load` used
+    image, masks = torch.from_numpy(im)[None], torch.from_numpy(ms)
+    if self.augment is not None:
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        image, masks = affine_pair(image, masks, **self.augment.params(rng))
+        masks = (masks > .5).float()
+    raw = self._raw_labels[i]
+    if self.trust_annotations:   # a radiologist's box or outline outranks an NLP-mined negative label
+        raw = np.where(ms.reshape(len(self.findings), -1).any(1), 1., raw)
+    known = ~np.isnan(raw)
+    labels = np.where(known, raw, 0.).astype(np.float32)
+    text = describe({f: int(v) for f, v in zip(self.findings, labels)},
+                    {f: masks[k].numpy() for k, f in enumerate(self.findings) if masks[k].any()})
+    item = dict(image=image.clamp(0, 1) * 2 - 1, labels=torch.from_numpy(labels),
+                label_known=torch.from_numpy(known), text=text, image_id=self._ids[i])
+    if self.mask_mode == 'union': item['mask'] = masks.amax(0, keepdim=True) if len(self.findings) else masks[:1]
+    elif self.mask_mode == 'per_finding': item['mask'] = masks
+    return item
 
 # %% ../nbs/05_dataset.ipynb #c09b04b1
 def _short_title(text: str, finding: str, width: int = 22) -> str:

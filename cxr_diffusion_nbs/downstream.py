@@ -331,6 +331,48 @@ def _conditions(real_train: Manifest, pool, ratios, counts, train_split: str, se
         out.append((f'n={c}', c / n_real, int(c), mix))
     return out
 
+# %% ../nbs/19_downstream.ipynb #d9935260
+def _score_run(te: dict, tr: dict, man: Manifest, findings, row0: dict, hist: pd.DataFrame, dropped: set,
+               n_boot: int, alpha: float) -> list:
+    """One row per finding of one trained classifier (`row0`: its condition, seed, ...): the training positives, real
+    and synthetic (and how many synthetic ones came from donors the rarity cap dropped), and every metric of `METRICS`
+    on the test images with its bootstrap interval, at the Youden threshold of the real training images."""
+    syn = man.images[man.images['synthetic'].eq(1)] if 'synthetic' in man.images else man.images.iloc[:0]
+    rows = []
+    for k, f in enumerate(findings):
+        kt, kr = ~np.isnan(te['labels'][:, k]), ~np.isnan(tr['labels'][:, k])
+        y, p = te['labels'][kt, k], te['probs'][kt, k]
+        thr = youden_threshold(tr['labels'][kr, k], tr['probs'][kr, k])
+        row = dict(condition=row0['condition'], seed=row0['seed'], finding=f,       # the columns' order as they were always stored
+                   **{key: v for key, v in row0.items() if key not in ('condition', 'seed')},
+                   train_pos_real=int(np.nansum(tr['labels'][:, k] == 1)),
+                   train_pos_synthetic=int((syn[f] == 1).sum()) if len(syn) else 0,
+                   synthetic_from_dropped_donors=int(syn['donor_image_id'].isin(dropped).sum()) if len(syn) and 'donor_image_id' in syn else 0,
+                   test_pos=int(y.sum()), test_neg=int(len(y) - y.sum()), threshold=thr,
+                   final_loss=float(hist['loss'].iloc[-1]))
+        both = 0 < y.sum() < len(y)
+        for mname in METRICS:
+            if both and (mname in ('auroc', 'auprc') or np.isfinite(thr)):
+                ci = bootstrap_ci(y, p, mname, n_boot=n_boot, seed=int(row0['seed']), alpha=alpha, threshold=thr)
+            else: ci = dict(estimate=np.nan, lo=np.nan, hi=np.nan)
+            row.update({mname: ci['estimate'], f'{mname}_lo': ci['lo'], f'{mname}_hi': ci['hi']})
+        rows.append(row)
+    return rows
+
+def _delong_against_real_only(res: pd.DataFrame, preds: dict, findings, alpha: float):
+    "Fill `auroc_diff` and `delong_p` of every run of `res` against the real-only run of its seed (same test images)."
+    res['auroc_diff'], res['delong_p'] = np.nan, np.nan
+    for (name, seed), pr in preds.items():
+        if name == 'real-only': continue
+        ref = preds[('real-only', seed)]
+        for k, f in enumerate(findings):
+            kt = ~np.isnan(pr['labels'][:, k])
+            y = pr['labels'][kt, k]
+            if y.sum() < 2 or len(y) - y.sum() < 2: continue
+            d = delong_test(y, pr['probs'][kt, k], ref['probs'][kt, k], alpha)
+            sel = (res['condition'] == name) & (res['seed'] == seed) & (res['finding'] == f)
+            res.loc[sel, 'auroc_diff'], res.loc[sel, 'delong_p'] = d.diff, d.p_value
+
 # %% ../nbs/19_downstream.ipynb #279b5c0c
 def downstream_experiment(real: Manifest, synthetic: Manifest | None = None, ratios=(), counts=(),
                           cfg: ClassifierConfig | None = None, seeds=(0,), rarity=None, train_split: str = 'train',
@@ -374,37 +416,11 @@ def downstream_experiment(real: Manifest, synthetic: Manifest | None = None, rat
         model, hist = train_classifier(man, c, split=train_split)
         te['probs'], tr['probs'] = predict_proba(model, te['images']), predict_proba(model, tr['images'])
         preds[(name, seed)] = dict(probs=te['probs'], labels=te['labels'], image_ids=te['image_ids'])
-        syn = man.images[man.images['synthetic'].eq(1)] if 'synthetic' in man.images else man.images.iloc[:0]
-        for k, f in enumerate(findings):
-            kt, kr = ~np.isnan(te['labels'][:, k]), ~np.isnan(tr['labels'][:, k])
-            y, p = te['labels'][kt, k], te['probs'][kt, k]
-            thr = youden_threshold(tr['labels'][kr, k], tr['probs'][kr, k])
-            row = dict(condition=name, seed=int(seed), finding=f, ratio=ratio, n_synthetic=n_syn,
-                       rarity=f'{rar_f}<={rar_k}' if rar_f else '',
-                       train_pos_real=int(np.nansum(tr['labels'][:, k] == 1)),
-                       train_pos_synthetic=int((syn[f] == 1).sum()) if len(syn) else 0,
-                       synthetic_from_dropped_donors=int(syn['donor_image_id'].isin(dropped).sum()) if len(syn) and 'donor_image_id' in syn else 0,
-                       test_pos=int(y.sum()), test_neg=int(len(y) - y.sum()), threshold=thr,
-                       final_loss=float(hist['loss'].iloc[-1]))
-            both = 0 < y.sum() < len(y)
-            for mname in METRICS:
-                if both and (mname in ('auroc', 'auprc') or np.isfinite(thr)):
-                    ci = bootstrap_ci(y, p, mname, n_boot=n_boot, seed=int(seed), alpha=alpha, threshold=thr)
-                else: ci = dict(estimate=np.nan, lo=np.nan, hi=np.nan)
-                row.update({mname: ci['estimate'], f'{mname}_lo': ci['lo'], f'{mname}_hi': ci['hi']})
-            rows.append(row)
+        rows += _score_run(te, tr, man, findings, dict(condition=name, seed=int(seed), ratio=ratio, n_synthetic=n_syn,
+                                                      rarity=f'{rar_f}<={rar_k}' if rar_f else ''),
+                           hist, dropped, n_boot, alpha)
     res = pd.DataFrame(rows)
-    res['auroc_diff'], res['delong_p'] = np.nan, np.nan
-    for (name, seed), pr in preds.items():
-        if name == 'real-only': continue
-        ref = preds[('real-only', seed)]
-        for k, f in enumerate(findings):
-            kt = ~np.isnan(pr['labels'][:, k])
-            y = pr['labels'][kt, k]
-            if y.sum() < 2 or len(y) - y.sum() < 2: continue
-            d = delong_test(y, pr['probs'][kt, k], ref['probs'][kt, k], alpha)
-            sel = (res['condition'] == name) & (res['seed'] == seed) & (res['finding'] == f)
-            res.loc[sel, 'auroc_diff'], res.loc[sel, 'delong_p'] = d.diff, d.p_value
+    _delong_against_real_only(res, preds, findings, alpha)
     if keep_predictions is not None: keep_predictions.update(preds)
     return res
 

@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fastcore.basics import patch
 import matplotlib.pyplot as plt
 from types import SimpleNamespace
 from torch.nn.utils.parametrizations import spectral_norm
@@ -526,7 +527,7 @@ def multi_hot(names: tuple, labels=None, findings=None, n: int | None = None, wh
     return torch.tensor([[float(f in r) for f in names] for r in rows])
 
 
-# %% ../nbs/24_gan.ipynb #b53299ca
+# %% ../nbs/24_gan.ipynb #8f9dfac2
 class GANGenerator(Generator):
     "A trained conditional GAN (its EMA generator) as a generator: labels in, images in [-1, 1] out."
     kind, noun, own_options = GAN_KIND, 'GAN', tuple(GAN_OPTIONS)   # one pass: no sampler, guidance, inpainting or latents
@@ -547,46 +548,52 @@ class GANGenerator(Generator):
     z_dim = property(lambda self: int(self.net.config.z_dim), doc='Size of its latent z.')
     device = property(lambda self: next(self.net.parameters()).device, doc='Where its weights are.')
 
-    def check_values(self, o: dict, where: str = 'generate') -> dict:
-        "`truncation` of merged options `o` checked (None or a number > 0), naming the field; the base checks the rest."
-        t = o['truncation']
-        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0):
-            raise SamplingError(where, 'truncation', f'{t!r} must be a number > 0 (or None: no truncation)')
-        return o
+# %% ../nbs/24_gan.ipynb #44c648d5
+@patch
+def check_values(self: GANGenerator, o: dict, where: str = 'generate') -> dict:
+    "`truncation` of merged options `o` checked (None or a number > 0), naming the field; the base checks the rest."
+    t = o['truncation']
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0):
+        raise SamplingError(where, 'truncation', f'{t!r} must be a number > 0 (or None: no truncation)')
+    return o
 
-    def latents(self, seeds: list, truncation: float | None = None) -> torch.Tensor:   # z (n, z_dim) on the CPU
-        return seeded_latents(seeds, self.z_dim, truncation)
-    def labels(self, labels=None, findings=None, n: int | None = None, where: str = 'generate') -> torch.Tensor:   # (n, F)
-        return multi_hot(self.findings, labels, findings, n, where)
+@patch
+def latents(self: GANGenerator, seeds: list, truncation: float | None = None) -> torch.Tensor:   # z (n, z_dim) on the CPU
+    return seeded_latents(seeds, self.z_dim, truncation)
+@patch
+def labels(self: GANGenerator, labels=None, findings=None, n: int | None = None, where: str = 'generate') -> torch.Tensor:   # (n, F)
+    return multi_hot(self.findings, labels, findings, n, where)
 
-    @torch.no_grad()
-    def generate(self, labels=None, masks=None, seed=0, *, findings=None, text=None, n: int | None = None, **options) -> torch.Tensor:
-        """Images (n, 1, S, S) in [-1, 1] for `findings` (names for all images, or one entry per image) or multi-hot `labels`
-        (n, F); `seed` an int (image i gets seed + i) or one per image. `masks` and `text` are refused: labels only."""
-        o = self.check_options('generate', **options)
-        if n is None and not isinstance(seed, (int, np.integer)): n = len(seed)
-        y = self.inputs(labels, masks, findings=findings, text=text, n=n)['labels']
-        seeds = image_seeds(seed, len(y))
-        return check_generated(self.images(self.latents(seeds, o['truncation']), y, o['mixed_precision']), self.checkpoint)
+@patch
+@torch.no_grad()
+def generate(self: GANGenerator, labels=None, masks=None, seed=0, *, findings=None, text=None, n: int | None = None, **options) -> torch.Tensor:
+    """Images (n, 1, S, S) in [-1, 1] for `findings` (names for all images, or one entry per image) or multi-hot `labels`
+    (n, F); `seed` an int (image i gets seed + i) or one per image. `masks` and `text` are refused: labels only."""
+    o = self.check_options('generate', **options)
+    if n is None and not isinstance(seed, (int, np.integer)): n = len(seed)
+    y = self.inputs(labels, masks, findings=findings, text=text, n=n)['labels']
+    seeds = image_seeds(seed, len(y))
+    return check_generated(self.images(self.latents(seeds, o['truncation']), y, o['mixed_precision']), self.checkpoint)
 
-    def inputs(self, labels=None, masks=None, *, findings=None, text=None, n: int | None = None, where: str = 'generate') -> dict:
-        "The conditions as the network takes them, `{'labels': (n, F)}` (what `screening` scores against); masks, text refused."
-        if masks is not None and not (isinstance(masks, (list, tuple)) and all(m is None for m in masks)):
-            raise SamplingError(where, 'masks', 'given, but a GAN takes finding labels only (no mask conditioning)')
-        if text is not None: raise SamplingError(where, 'text', 'given, but a GAN takes finding labels only (no text conditioning)')
-        if n is None and labels is not None and np.ndim(labels) == 2: n = len(labels)
-        return {'labels': self.labels(labels, findings, n, where)}
+@patch
+def inputs(self: GANGenerator, labels=None, masks=None, *, findings=None, text=None, n: int | None = None, where: str = 'generate') -> dict:
+    "The conditions as the network takes them, `{'labels': (n, F)}` (what `screening` scores against); masks, text refused."
+    if masks is not None and not (isinstance(masks, (list, tuple)) and all(m is None for m in masks)):
+        raise SamplingError(where, 'masks', 'given, but a GAN takes finding labels only (no mask conditioning)')
+    if text is not None: raise SamplingError(where, 'text', 'given, but a GAN takes finding labels only (no text conditioning)')
+    if n is None and labels is not None and np.ndim(labels) == 2: n = len(labels)
+    return {'labels': self.labels(labels, findings, n, where)}
 
-    @torch.no_grad()
-    def images(self, z: torch.Tensor, labels: torch.Tensor, mixed_precision: str = 'no') -> torch.Tensor:
-        "Images (n, 1, S, S) in [-1, 1] (CPU) of latents z (n, z_dim) and labels (n, F), one image per network call."
-        dev, out = self.device, []
-        bf16 = sampling_precision(mixed_precision, dev.type) == 'bf16'
-        for i in range(len(z)):     # one image per call: bit for bit the same image whatever else the request holds
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):   # (a batched
-                out.append(self.net(z[i:i + 1].to(dev), labels[i:i + 1].to(dev)).float().clamp(-1, 1).cpu())   # conv may sum in another order)
-        return torch.cat(out) if out else torch.zeros(0, 1, self.image_size, self.image_size)
-
+@patch
+@torch.no_grad()
+def images(self: GANGenerator, z: torch.Tensor, labels: torch.Tensor, mixed_precision: str = 'no') -> torch.Tensor:
+    "Images (n, 1, S, S) in [-1, 1] (CPU) of latents z (n, z_dim) and labels (n, F), one image per network call."
+    dev, out = self.device, []
+    bf16 = sampling_precision(mixed_precision, dev.type) == 'bf16'
+    for i in range(len(z)):     # one image per call: bit for bit the same image whatever else the request holds
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):   # (a batched
+            out.append(self.net(z[i:i + 1].to(dev), labels[i:i + 1].to(dev)).float().clamp(-1, 1).cpu())   # conv may sum in another order)
+    return torch.cat(out) if out else torch.zeros(0, 1, self.image_size, self.image_size)
 
 # %% ../nbs/24_gan.ipynb #c961840a
 register_generator(GAN_KIND, GANGenerator.load, 'GAN')   # load_generator opens folders whose generator.json says 'gan'

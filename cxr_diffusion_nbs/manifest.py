@@ -14,6 +14,7 @@ import os, json, math, re, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np, pandas as pd
+from fastcore.basics import patch
 from .core import (NIH_FINDINGS, RARE_FINDINGS, canonical_finding, ManifestError, PatientLeakageError,
                                     atomic_write, find_data_root, suggest)
 from .masks import frame_checks
@@ -109,7 +110,7 @@ def validate_manifest(m: 'Manifest', check_files: bool = True) -> 'Manifest':
             if not os.path.isfile(p): raise ManifestError(p, 'mask_path', 'mask file does not exist')
     return m
 
-# %% ../nbs/03_manifest.ipynb #0b510ed5
+# %% ../nbs/03_manifest.ipynb #73ff432a
 @dataclass
 class Manifest:
     "An images table, an annotations table and the finding vocabulary of one dataset (see the schema above)."
@@ -162,50 +163,54 @@ class Manifest:
         "See `validate_manifest`."
         return validate_manifest(self, check_files)
 
-    def prevalence(self, by: str = 'split') -> pd.DataFrame:
-        "Long table: per finding (and `by` group) the number of positive images, of labelled images and their ratio."
-        rows = []
-        groups = self.images.groupby(by) if by else [('all', self.images)]
-        for g, df in groups:
-            for f in self.findings:
-                v = df[f]
-                rows.append(dict(finding=f, group=g, positives=int((v == 1).sum()), labelled=int(v.notna().sum())))
-        out = pd.DataFrame(rows)
-        out['prevalence'] = out.positives / out.labelled.where(out.labelled > 0)
-        return out
+# %% ../nbs/03_manifest.ipynb #480ac175
+@patch
+def prevalence(self: Manifest, by: str = 'split') -> pd.DataFrame:
+    "Long table: per finding (and `by` group) the number of positive images, of labelled images and their ratio."
+    rows = []
+    groups = self.images.groupby(by) if by else [('all', self.images)]
+    for g, df in groups:
+        for f in self.findings:
+            v = df[f]
+            rows.append(dict(finding=f, group=g, positives=int((v == 1).sum()), labelled=int(v.notna().sum())))
+    out = pd.DataFrame(rows)
+    out['prevalence'] = out.positives / out.labelled.where(out.labelled > 0)
+    return out
 
-    def to_csv(self, dir) -> Path:
-        "Write `images.csv`, `annotations.csv` and `manifest.json` (name, findings, root) to `dir`, each atomically."
-        d = Path(dir)
-        d.mkdir(parents=True, exist_ok=True)
-        with atomic_write(d/'images.csv') as tmp: self.images.to_csv(tmp, index=False)
-        with atomic_write(d/'annotations.csv') as tmp: self.annotations.to_csv(tmp, index=False)
-        meta = dict(name=self.name, findings=self.findings, root=str(self.root), origin=self.origin, schema=1)
-        with atomic_write(d/'manifest.json') as tmp: tmp.write_text(json.dumps(meta, indent=1))
-        return d
+# %% ../nbs/03_manifest.ipynb #e995768e
+@patch
+def to_csv(self: Manifest, dir) -> Path:
+    "Write `images.csv`, `annotations.csv` and `manifest.json` (name, findings, root) to `dir`, each atomically."
+    d = Path(dir)
+    d.mkdir(parents=True, exist_ok=True)
+    with atomic_write(d/'images.csv') as tmp: self.images.to_csv(tmp, index=False)
+    with atomic_write(d/'annotations.csv') as tmp: self.annotations.to_csv(tmp, index=False)
+    meta = dict(name=self.name, findings=self.findings, root=str(self.root), origin=self.origin, schema=1)
+    with atomic_write(d/'manifest.json') as tmp: tmp.write_text(json.dumps(meta, indent=1))
+    return d
 
-    @classmethod
-    def from_csv(cls, dir, check_files: bool = False) -> 'Manifest':
-        "Read a manifest written by `to_csv` (relative `path`/`mask_path` resolved against `dir`) and validate it."
-        d = Path(dir)
-        for f in ('manifest.json', 'images.csv', 'annotations.csv'):
-            if not (d/f).exists(): raise ManifestError(d/f, 'file', 'missing; expected a folder written by Manifest.to_csv')
-        try: meta = json.loads((d/'manifest.json').read_text())
-        except json.JSONDecodeError as e: raise ManifestError(d/'manifest.json', 'json', str(e)) from None
-        for k in ('name', 'findings', 'root'):
-            if k not in meta: raise ManifestError(d/'manifest.json', k, 'key is missing')
-        im = _read_table(d/'images.csv', IMAGE_COLUMNS, strings=False, str_cols=_IMG_STR)
-        for c in im.columns:
-            if not pd.api.types.is_numeric_dtype(im[c]): im[c] = _as_str(im[c])
-        an = _read_table(d/'annotations.csv', ANNOTATION_COLUMNS[:-1], strings=False, str_cols=_ANN_STR)
-        for c in _ANN_STR:
-            if c in an.columns: an[c] = _as_str(an[c])
-        for c in _ANN_NUM: an[c] = an[c].astype(float)
-        # relative paths (e.g. a synthetic cohort, written so its folder can move) are relative to this folder
-        im['path'] = [p if not p or os.path.isabs(p) else str((d/p).resolve()) for p in im['path']]
-        an['mask_path'] = [p if not p or os.path.isabs(p) else str((d/p).resolve()) for p in an['mask_path']]
-        m = cls(im, an, meta['findings'], meta['root'], meta['name'], str(d/'images.csv'))
-        return m.validate(check_files)
+@patch(cls_method=True)
+def from_csv(cls: Manifest, dir, check_files: bool = False) -> 'Manifest':
+    "Read a manifest written by `to_csv` (relative `path`/`mask_path` resolved against `dir`) and validate it."
+    d = Path(dir)
+    for f in ('manifest.json', 'images.csv', 'annotations.csv'):
+        if not (d/f).exists(): raise ManifestError(d/f, 'file', 'missing; expected a folder written by Manifest.to_csv')
+    try: meta = json.loads((d/'manifest.json').read_text())
+    except json.JSONDecodeError as e: raise ManifestError(d/'manifest.json', 'json', str(e)) from None
+    for k in ('name', 'findings', 'root'):
+        if k not in meta: raise ManifestError(d/'manifest.json', k, 'key is missing')
+    im = _read_table(d/'images.csv', IMAGE_COLUMNS, strings=False, str_cols=_IMG_STR)
+    for c in im.columns:
+        if not pd.api.types.is_numeric_dtype(im[c]): im[c] = _as_str(im[c])
+    an = _read_table(d/'annotations.csv', ANNOTATION_COLUMNS[:-1], strings=False, str_cols=_ANN_STR)
+    for c in _ANN_STR:
+        if c in an.columns: an[c] = _as_str(an[c])
+    for c in _ANN_NUM: an[c] = an[c].astype(float)
+    # relative paths (e.g. a synthetic cohort, written so its folder can move) are relative to this folder
+    im['path'] = [p if not p or os.path.isabs(p) else str((d/p).resolve()) for p in im['path']]
+    an['mask_path'] = [p if not p or os.path.isabs(p) else str((d/p).resolve()) for p in an['mask_path']]
+    m = cls(im, an, meta['findings'], meta['root'], meta['name'], str(d/'images.csv'))
+    return m.validate(check_files)
 
 # %% ../nbs/03_manifest.ipynb #7a450606
 def _read_table(path, required=(), strings: bool = True, str_cols=()) -> pd.DataFrame:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from scipy.stats import norm, rankdata
 from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
+from fastcore.basics import patch
 import matplotlib.pyplot as plt
 from .core import (cli_errors, CXRDataError, ConfigError, RARE_FINDINGS, atomic_write, write_shared_csv, check_findings, config_from_dict,
                                     default_device, remove_stale_temporaries)
@@ -63,7 +64,7 @@ def _check_insert_fields(cfg, err):
     if cfg.insert_feather > cfg.insert_dilate:
         raise err('insert_feather', f'{cfg.insert_feather} must be at most insert_dilate={cfg.insert_dilate} (the lesion mask stays whole)')
 
-# %% ../nbs/19a_rarity.ipynb #ee0b9c57
+# %% ../nbs/19a_rarity.ipynb #80909e00
 @dataclass
 class RarityConfig:
     "What rarity study to run. Validated on creation; `from_dict` builds one from a mapping (a YAML section, papermill parameters)."
@@ -105,61 +106,67 @@ class RarityConfig:
         for k in ('ks', 'n_synthetic', 'arms', 'seeds'): setattr(self, k, tuple(getattr(self, k)))
         self.validate()
 
-    def validate(self):
-        "Raise a `ConfigError` naming the field of any setting that cannot work."
-        err = lambda k, p: ConfigError('RarityConfig', k, p)
-        if not self.ks or any(int(k) < 1 for k in self.ks): raise err('ks', f'{self.ks}: give real positives per finding >= 1')
-        if 0 not in self.n_synthetic: raise err('n_synthetic', f'{self.n_synthetic} must include 0 (the real-only reference)')
-        if any(int(n) < 0 for n in self.n_synthetic): raise err('n_synthetic', f'{self.n_synthetic}: counts must be >= 0')
-        bad = [a for a in self.arms if a not in ARMS]
-        if bad: raise err('arms', f'{bad[0]!r} is not one of {ARMS}')
-        if not self.seeds: raise err('seeds', 'at least one seed')
-        if self.arm_n is not None and self.arm_n not in self.n_synthetic: raise err('arm_n', f'{self.arm_n} is not one of n_synthetic {self.n_synthetic}')
-        if max(self.n_synthetic) == 0 and self.arms: raise err('n_synthetic', 'only 0: no synthetic image to add (give a count > 0)')
-        if not 0 < self.specificity < 1: raise err('specificity', f'{self.specificity} must be in (0, 1)')
-        if not 0 < self.synthetic_weight <= 1: raise err('synthetic_weight', f'{self.synthetic_weight} must be in (0, 1]')
-        if isinstance(self.screen_candidates, bool) or not isinstance(self.screen_candidates, int) or self.screen_candidates < 2:
-            raise err('screen_candidates', f'{self.screen_candidates!r} must be an integer >= 2 (1 would be the mix arm)')
-        if self.primary is not None:
-            if not isinstance(self.primary, dict) or set(self.primary) - {'k', 'arm', 'n'}:
-                raise err('primary', f'{self.primary!r}: give a mapping with k, arm and n (each optional)')
-            k, arm, n = self.primary_comparison()
-            if k not in [int(v) for v in self.ks]: raise err('primary.k', f'{k} is not one of ks {self.ks}')
-            if arm not in self.arms: raise err('primary.arm', f'{arm!r} is not one of arms {self.arms}')
-            if n not in [int(v) for v in self.n_synthetic] or n == 0 or (arm != 'mix' and n != self.n_arm):
-                raise err('primary.n', f'{n} is not a synthetic count the {arm!r} arm runs at')
-        for k in ('epochs', 'batch_size', 'width', 'sample_batch'):
-            if int(getattr(self, k)) < 1: raise err(k, f'{getattr(self, k)} must be >= 1')
-        _check_insert_fields(self, err)
+# %% ../nbs/19a_rarity.ipynb #87e9785a
+@patch
+def validate(self: RarityConfig):
+    "Raise a `ConfigError` naming the field of any setting that cannot work."
+    err = lambda k, p: ConfigError('RarityConfig', k, p)
+    if not self.ks or any(int(k) < 1 for k in self.ks): raise err('ks', f'{self.ks}: give real positives per finding >= 1')
+    if 0 not in self.n_synthetic: raise err('n_synthetic', f'{self.n_synthetic} must include 0 (the real-only reference)')
+    if any(int(n) < 0 for n in self.n_synthetic): raise err('n_synthetic', f'{self.n_synthetic}: counts must be >= 0')
+    bad = [a for a in self.arms if a not in ARMS]
+    if bad: raise err('arms', f'{bad[0]!r} is not one of {ARMS}')
+    if not self.seeds: raise err('seeds', 'at least one seed')
+    if self.arm_n is not None and self.arm_n not in self.n_synthetic: raise err('arm_n', f'{self.arm_n} is not one of n_synthetic {self.n_synthetic}')
+    if max(self.n_synthetic) == 0 and self.arms: raise err('n_synthetic', 'only 0: no synthetic image to add (give a count > 0)')
+    if not 0 < self.specificity < 1: raise err('specificity', f'{self.specificity} must be in (0, 1)')
+    if not 0 < self.synthetic_weight <= 1: raise err('synthetic_weight', f'{self.synthetic_weight} must be in (0, 1]')
+    if isinstance(self.screen_candidates, bool) or not isinstance(self.screen_candidates, int) or self.screen_candidates < 2:
+        raise err('screen_candidates', f'{self.screen_candidates!r} must be an integer >= 2 (1 would be the mix arm)')
+    if self.primary is not None:
+        if not isinstance(self.primary, dict) or set(self.primary) - {'k', 'arm', 'n'}:
+            raise err('primary', f'{self.primary!r}: give a mapping with k, arm and n (each optional)')
+        k, arm, n = self.primary_comparison()
+        if k not in [int(v) for v in self.ks]: raise err('primary.k', f'{k} is not one of ks {self.ks}')
+        if arm not in self.arms: raise err('primary.arm', f'{arm!r} is not one of arms {self.arms}')
+        if n not in [int(v) for v in self.n_synthetic] or n == 0 or (arm != 'mix' and n != self.n_arm):
+            raise err('primary.n', f'{n} is not a synthetic count the {arm!r} arm runs at')
+    for k in ('epochs', 'batch_size', 'width', 'sample_batch'):
+        if int(getattr(self, k)) < 1: raise err(k, f'{getattr(self, k)} must be >= 1')
+    _check_insert_fields(self, err)
 
-    @property
-    def n_arm(self) -> int: return int(self.arm_n if self.arm_n is not None else max(self.n_synthetic))
+# %% ../nbs/19a_rarity.ipynb #a5a955d2
+@patch(as_prop=True)
+def n_arm(self: RarityConfig) -> int: return int(self.arm_n if self.arm_n is not None else max(self.n_synthetic))
 
-    def primary_comparison(self) -> tuple:
-        "(k, arm, n) of the primary comparison: `primary`'s fields, else k = 20 if run (else the smallest k), 'mix' if run (else the first arm), n = `n_arm`."
-        p = self.primary or {}
-        ks = [int(k) for k in self.ks]
-        k = int(p.get('k', 20 if 20 in ks else min(ks)))
-        arm = p.get('arm', 'mix' if 'mix' in self.arms else (self.arms[0] if self.arms else 'mix'))
-        return k, arm, int(p.get('n', self.n_arm))
+@patch
+def primary_comparison(self: RarityConfig) -> tuple:
+    "(k, arm, n) of the primary comparison: `primary`'s fields, else k = 20 if run (else the smallest k), 'mix' if run (else the first arm), n = `n_arm`."
+    p = self.primary or {}
+    ks = [int(k) for k in self.ks]
+    k = int(p.get('k', 20 if 20 in ks else min(ks)))
+    arm = p.get('arm', 'mix' if 'mix' in self.arms else (self.arms[0] if self.arms else 'mix'))
+    return k, arm, int(p.get('n', self.n_arm))
 
-    def runs(self) -> list:
-        "(k, arm, n, seed) of every classifier to train, real-only first: the study's plan."
-        out = []
-        for k in self.ks:
-            for seed in self.seeds:
-                out.append((int(k), 'real-only', 0, int(seed)))
-                for n in sorted(set(self.n_synthetic) - {0}):
-                    for arm in self.arms:
-                        if arm == 'mix' or n == self.n_arm: out.append((int(k), arm, int(n), int(seed)))
-        return out
+@patch
+def runs(self: RarityConfig) -> list:
+    "(k, arm, n, seed) of every classifier to train, real-only first: the study's plan."
+    out = []
+    for k in self.ks:
+        for seed in self.seeds:
+            out.append((int(k), 'real-only', 0, int(seed)))
+            for n in sorted(set(self.n_synthetic) - {0}):
+                for arm in self.arms:
+                    if arm == 'mix' or n == self.n_arm: out.append((int(k), arm, int(n), int(seed)))
+    return out
 
-    def to_dict(self) -> dict: return json.loads(json.dumps(asdict(self), default=list))
+@patch
+def to_dict(self: RarityConfig) -> dict: return json.loads(json.dumps(asdict(self), default=list))
 
-    @classmethod
-    def from_dict(cls, d: dict, source: str = '<dict>', section: str | None = None) -> 'RarityConfig':
-        "A validated config from a mapping (`core.config_from_dict`: unknown keys, types, errors naming `source` and the field)."
-        return config_from_dict(cls, d, source, section)
+@patch(cls_method=True)
+def from_dict(cls: RarityConfig, d: dict, source: str = '<dict>', section: str | None = None) -> 'RarityConfig':
+    "A validated config from a mapping (`core.config_from_dict`: unknown keys, types, errors naming `source` and the field)."
+    return config_from_dict(cls, d, source, section)
 
 # %% ../nbs/19a_rarity.ipynb #adf19b8b
 def cap_positives(labels: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
@@ -539,6 +546,25 @@ def arm_training_set(arm: str, n: int, train: StudySet, pools: dict, cfg: Rarity
     if arm == 'negatives': syn = StudySet.concat([syn, pools['negative'].take(np.arange(n * len(cfg.findings)))])
     return StudySet.concat([train, syn]), None
 
+# %% ../nbs/19a_rarity.ipynb #7d980140
+def _open_study(f: Path, ident: dict, declared: dict):
+    """Start the study described by `ident` in `f` (its folder's `study.json`), or check that `f` holds the same
+    study: the same generator, data and settings, and the same primary comparison `declared` (never changed once
+    results exist). Refusals name the file and the field that differs."""
+    if not f.exists():
+        with atomic_write(f) as tmp: Path(tmp).write_text(json.dumps(dict(ident, primary=declared), indent=1))
+        return
+    old = json.loads(f.read_text())
+    if old.get('primary', declared) != declared:
+        raise RarityError(str(f), 'primary', f"the study declared {old['primary']} as its primary comparison when it started; "
+                          'an endpoint is not changed once results exist: use a new folder for another one')
+    old.pop('primary', None)
+    if old != ident:
+        diff = sorted(k for k in set(old['config']) | set(ident['config']) if old['config'].get(k) != ident['config'].get(k))
+        what = diff or [k for k in ident if k != 'config' and old.get(k) != ident.get(k)]
+        raise RarityError(str(f), what[0] if what else 'config', 'the folder holds another study (it differs in '
+                          + ', '.join(what) + '); use a new folder')
+
 # %% ../nbs/19a_rarity.ipynb #5bc8c61c
 def run_study(gen, real: Manifest, cfg: RarityConfig, out_dir, external: Manifest | None = None, progress: bool = True) -> Path:
     """Run (or resume) the rarity study `cfg` with generator `gen` (`load_generator`) on `real` (a test split is held
@@ -549,28 +575,12 @@ def run_study(gen, real: Manifest, cfg: RarityConfig, out_dir, external: Manifes
     arms or seeds, as long as the generator, the data and the training settings are the same. Returns `out_dir`."""
     cfg = study_sampling(cfg, gen)                   # before the identity: a default study records what it always did
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
-    ident = _identity(gen, cfg, real, external)
-    f = out/'study.json'
-    declared = dict(zip(('k', 'arm', 'n'), cfg.primary_comparison()))
-    if f.exists():
-        old = json.loads(f.read_text())
-        if old.get('primary', declared) != declared:
-            raise RarityError(str(f), 'primary', f"the study declared {old['primary']} as its primary comparison when it started; "
-                              'an endpoint is not changed once results exist: use a new folder for another one')
-        old.pop('primary', None)
-        if old != ident:
-            diff = sorted(k for k in set(old['config']) | set(ident['config']) if old['config'].get(k) != ident['config'].get(k))
-            what = diff or [k for k in ident if k != 'config' and old.get(k) != ident.get(k)]
-            raise RarityError(str(f), what[0] if what else 'config', 'the folder holds another study (it differs in '
-                              + ', '.join(what) + '); use a new folder')
-    else:
-        with atomic_write(f) as tmp: Path(tmp).write_text(json.dumps(dict(ident, primary=declared), indent=1))
+    _open_study(out/'study.json', _identity(gen, cfg, real, external), dict(zip(('k', 'arm', 'n'), cfg.primary_comparison())))
     remove_stale_temporaries(out)                    # what a kill mid-write left
     (out/'pools').mkdir(exist_ok=True); (out/'predictions').mkdir(exist_ok=True)
     m, train_all, test = real_sets(real, cfg)
-    ext = None
-    if external is not None:
-        ext = _real_set(dataclasses.replace(external, images=external.images.assign(split='external')), 'external', cfg)
+    ext = None if external is None else _real_set(dataclasses.replace(external, images=external.images.assign(split='external')),
+                                                  'external', cfg)
     evals = StudySet.concat([test, ext])
     with atomic_write(out/'test.csv') as tmp:
         evals.facts.assign(**{f: evals.labels[:, j] for j, f in enumerate(cfg.findings)}).to_csv(tmp, index=False)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from fastcore.basics import patch
 from diffusers import UNet2DModel, DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -359,7 +360,7 @@ def load_restorer_scheduler(folder) -> DDPMScheduler:
     try: return DDPMScheduler.from_pretrained(Path(folder))
     except Exception as e: raise RestorerError(str(cf), '<config>', f'not a scheduler diffusers can build: {str(e).splitlines()[0][:200]}') from None
 
-# %% ../nbs/23b_restorer.ipynb #84e9a1bf
+# %% ../nbs/23b_restorer.ipynb #3d253c0c
 class Restorer:
     "A trained restorer (diffusion or regression) ready to restore films."
     def __init__(self, model: nn.Module, info: dict, noise_scheduler=None, folder=None):
@@ -396,49 +397,54 @@ class Restorer:
         "What it is, for tables: 'regression', 'diffusion' (it draws the film) or 'residual diffusion' (it draws the residual)."
         return 'residual diffusion' if getattr(self.model, 'residual_scale', None) is not None else self.objective
 
-    def check_options(self, sampler=None, steps=None, samples: int = 1, where: str = 'restore') -> dict:
-        "The sampling options merged over the defaults and checked, naming the field."
-        o = dict(self.defaults, **{k: v for k, v in dict(sampler=sampler, steps=steps).items() if v is not None})
-        if self.objective == 'diffusion':
-            try: o['steps'] = check_sampler(o['sampler'], self.noise_scheduler, o['steps'], where)
-            except CXRDataError as e: raise RestorerError(where, e.field, e.problem) from None
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1: raise RestorerError(where, 'samples', f'{samples!r} must be a whole number >= 1')
-        return dict(o, samples=samples)
+# %% ../nbs/23b_restorer.ipynb #da958518
+@patch
+def check_options(self: Restorer, sampler=None, steps=None, samples: int = 1, where: str = 'restore') -> dict:
+    "The sampling options merged over the defaults and checked, naming the field."
+    o = dict(self.defaults, **{k: v for k, v in dict(sampler=sampler, steps=steps).items() if v is not None})
+    if self.objective == 'diffusion':
+        try: o['steps'] = check_sampler(o['sampler'], self.noise_scheduler, o['steps'], where)
+        except CXRDataError as e: raise RestorerError(where, e.field, e.problem) from None
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1: raise RestorerError(where, 'samples', f'{samples!r} must be a whole number >= 1')
+    return dict(o, samples=samples)
 
-    @torch.no_grad()
-    def restore(self, degraded: torch.Tensor, seed: int = 0, sampler: str | None = None, steps: int | None = None,
-                samples: int = 1, batch_size: int = 16, mixed_precision: str = 'no', progress: bool = False) -> torch.Tensor:
-        "Restored films (N, 1, H, W) in [-1, 1] of degraded films (N, 1, H, W) in [-1, 1]; image i of draw k is seeded seed + k * N + i."
-        if not torch.is_tensor(degraded) or degraded.ndim != 4 or degraded.shape[1] != 1:
-            raise RestorerError('restore', 'degraded', f'expected (N, 1, H, W) films, got {tuple(getattr(degraded, "shape", ()))}')
-        if not torch.isfinite(degraded).all(): raise RestorerError('restore', 'degraded', 'contains NaN or inf')
-        o = self.check_options(sampler, steps, samples)
-        N, _, H, W = degraded.shape
-        S = -(-max(H, W) // self.multiple) * self.multiple
-        y = F.pad(degraded.float().clamp(-1, 1), (0, S - W, 0, S - H), mode='replicate')
-        dev = next(self.model.parameters()).device
-        out = torch.zeros(N, 1, S, S)
-        for b in range(0, N, batch_size):
-            yb = y[b:b + batch_size].to(dev)
-            if self.objective == 'regression':
-                out[b:b + len(yb)] = self.model(yb).float().clamp(-1, 1).cpu(); continue
-            draws = [sample(self.model, self.noise_scheduler, {'image': yb}, n=len(yb), sampler=o['sampler'], steps=o['steps'],
-                            seed=[seed + k * N + b + i for i in range(len(yb))], size=S, mixed_precision=mixed_precision,
-                            progress=progress).images for k in range(o['samples'])]
-            x = torch.stack(draws).mean(0)
-            s = self.model.residual_scale
-            out[b:b + len(yb)] = x if s is None else (yb.float().cpu() + s * x).clamp(-1, 1)
-        return out[:, :, :H, :W]
+@patch
+@torch.no_grad()
+def restore(self: Restorer, degraded: torch.Tensor, seed: int = 0, sampler: str | None = None, steps: int | None = None,
+            samples: int = 1, batch_size: int = 16, mixed_precision: str = 'no', progress: bool = False) -> torch.Tensor:
+    "Restored films (N, 1, H, W) in [-1, 1] of degraded films (N, 1, H, W) in [-1, 1]; image i of draw k is seeded seed + k * N + i."
+    if not torch.is_tensor(degraded) or degraded.ndim != 4 or degraded.shape[1] != 1:
+        raise RestorerError('restore', 'degraded', f'expected (N, 1, H, W) films, got {tuple(getattr(degraded, "shape", ()))}')
+    if not torch.isfinite(degraded).all(): raise RestorerError('restore', 'degraded', 'contains NaN or inf')
+    o = self.check_options(sampler, steps, samples)
+    N, _, H, W = degraded.shape
+    S = -(-max(H, W) // self.multiple) * self.multiple
+    y = F.pad(degraded.float().clamp(-1, 1), (0, S - W, 0, S - H), mode='replicate')
+    dev = next(self.model.parameters()).device
+    out = torch.zeros(N, 1, S, S)
+    for b in range(0, N, batch_size):
+        yb = y[b:b + batch_size].to(dev)
+        if self.objective == 'regression':
+            out[b:b + len(yb)] = self.model(yb).float().clamp(-1, 1).cpu(); continue
+        draws = [sample(self.model, self.noise_scheduler, {'image': yb}, n=len(yb), sampler=o['sampler'], steps=o['steps'],
+                        seed=[seed + k * N + b + i for i in range(len(yb))], size=S, mixed_precision=mixed_precision,
+                        progress=progress).images for k in range(o['samples'])]
+        x = torch.stack(draws).mean(0)
+        s = self.model.residual_scale
+        out[b:b + len(yb)] = x if s is None else (yb.float().cpu() + s * x).clamp(-1, 1)
+    return out[:, :, :H, :W]
 
-    def restorer_fn(self, **options):
-        "This restorer as a `restoration_table` restorer (batched: (N, 1, H, W) in [-1, 1])."
-        @batched_restorer
-        def restore(x, **info): return self.restore(x, **options)
-        restore.__name__ = f'{self.objective}_restorer'
-        return restore
+@patch
+def restorer_fn(self: Restorer, **options):
+    "This restorer as a `restoration_table` restorer (batched: (N, 1, H, W) in [-1, 1])."
+    @batched_restorer
+    def restore(x, **info): return self.restore(x, **options)
+    restore.__name__ = f'{self.objective}_restorer'
+    return restore
 
-    def __repr__(self):
-        return f"Restorer({self.objective}, trained on {self.info.get('kinds')}, {self.info.get('trained_steps')} steps)"
+@patch
+def __repr__(self: Restorer):
+    return f"Restorer({self.objective}, trained on {self.info.get('kinds')}, {self.info.get('trained_steps')} steps)"
 
 # %% ../nbs/23b_restorer.ipynb #275aab26
 def load_restorer(path, device=None) -> Restorer:

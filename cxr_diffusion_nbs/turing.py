@@ -254,8 +254,8 @@ kbd{background:#333;border:1px solid #666;border-radius:3px;padding:0 .3em;font-
 .warn{color:#fc6}.hidden{display:none}
 """
 
-# %% ../nbs/20_turing.ipynb #0db8b69e
-_PAGE_SCRIPT = r"""
+# %% ../nbs/20_turing.ipynb #f550d7ff
+_SCRIPT_STATE = r"""
 'use strict';
 const S = JSON.parse(document.getElementById('study').textContent);
 const KEY = 'cxr-reader-study:' + S.kit, N = S.cases.length;
@@ -279,7 +279,10 @@ function show(name) {
   for (const s of ['start', 'case', 'done']) $(s).classList.toggle('hidden', s !== name);
 }
 
-// the start: who reads
+"""
+
+# %% ../nbs/20_turing.ipynb #1a492fa0
+_SCRIPT_START = r"""// the start: who reads
 $('reader').value = st.reader;
 $('start-form').addEventListener('submit', e => {
   e.preventDefault();
@@ -293,7 +296,10 @@ $('start-form').addEventListener('submit', e => {
   st.reader = r; save(); go(Math.min(st.pos || 0, N - 1));
 });
 
-// one case
+"""
+
+# %% ../nbs/20_turing.ipynb #952b2cb9
+_SCRIPT_CASE = r"""// one case
 function go(i) {
   if (i >= N) return finish();
   st.pos = Math.max(0, i); save(); show('case'); render();
@@ -330,7 +336,10 @@ $('comments').addEventListener('input', () => { ans(S.cases[st.pos].id).comments
 $('prev').addEventListener('click', () => go(st.pos - 1));
 $('next').addEventListener('click', () => go(st.pos + 1));
 
-// window / level and zoom: grey values in [level - width / 2, level + width / 2] spread over black to white
+"""
+
+# %% ../nbs/20_turing.ipynb #17f7bd3b
+_SCRIPT_VIEW = r"""// window / level and zoom: grey values in [level - width / 2, level + width / 2] spread over black to white
 function draw() {
   if (!raw) return;
   const cv = $('film'), lut = new Uint8ClampedArray(256), lo = view.level - view.width / 2;
@@ -358,7 +367,10 @@ addEventListener('mousemove', e => { if (drag) setView(drag.level - (e.clientY -
 $('stage').addEventListener('wheel', e => { e.preventDefault(); setView(view.level, view.width, view.zoom * (e.deltaY < 0 ? 1.25 : 0.8)); }, {passive: false});
 addEventListener('resize', draw);
 
-// the end: every case answered, then the form
+"""
+
+# %% ../nbs/20_turing.ipynb #f1e6fa52
+_SCRIPT_END = r"""// the end: every case answered, then the form
 function finish() {
   st.pos = N - 1; save(); show('done');
   const m = missing();
@@ -394,7 +406,10 @@ $('download').addEventListener('click', () => {
   $('saved').textContent = 'Downloaded ' + a.download + '. Your answers stay in this browser until you clear its data.';
 });
 
-// the keyboard
+"""
+
+# %% ../nbs/20_turing.ipynb #ecef3229
+_SCRIPT_KEYS = r"""// the keyboard
 addEventListener('keydown', e => {
   if (e.ctrlKey || e.metaKey || e.altKey) return;
   const t = e.target.tagName;
@@ -421,6 +436,9 @@ addEventListener('keydown', e => {
 });
 show('start'); $('reader').focus();
 """
+
+# %% ../nbs/20_turing.ipynb #376ba2aa
+_PAGE_SCRIPT = ''.join((_SCRIPT_STATE, _SCRIPT_START, _SCRIPT_CASE, _SCRIPT_VIEW, _SCRIPT_END, _SCRIPT_KEYS))
 
 # %% ../nbs/20_turing.ipynb #65711362
 _PAGE_BODY = """<main>

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, asdict, fields, replace
 import pandas as pd
 import torch
 from torch import nn
+from fastcore.basics import patch
 from diffusers import UNet2DModel, UNet2DConditionModel, DDPMScheduler
 
 # %% auto #0
@@ -19,7 +20,7 @@ __all__ = ['PRESETS', 'UNetConfig', 'unet_preset', 'build_unet', 'count_params',
 # %% ../nbs/07_unet.ipynb #6c8f30cd
 from .core import PREDICTION_TYPES, MAX_IMAGE_SIZE, ConfigError, config_from_dict, suggest, preset_copy
 
-# %% ../nbs/07_unet.ipynb #ddc6810a
+# %% ../nbs/07_unet.ipynb #2752d8d7
 @dataclass
 class UNetConfig:
     "What U-Net to build. Validated on creation; `attention_resolutions` are feature-map sizes in px."
@@ -56,55 +57,60 @@ class UNetConfig:
         "Width of the time embedding (diffusers: 4 x the first level's channels); label embeddings must match it."
         return self.block_out_channels[0] * 4
 
-    def _err(self, name, problem) -> ConfigError:
-        "The error for field `name`: a `ConfigError` (a `ValueError`) whose `.field` a caller can re-address (`model.overrides.<name>`)."
-        return ConfigError('UNetConfig', name, problem)
+# %% ../nbs/07_unet.ipynb #4cded750
+@patch
+def _err(self: UNetConfig, name, problem) -> ConfigError:
+    "The error for field `name`: a `ConfigError` (a `ValueError`) whose `.field` a caller can re-address (`model.overrides.<name>`)."
+    return ConfigError('UNetConfig', name, problem)
 
-    def validate(self):
-        "Raise a `ConfigError` naming the field for any configuration diffusers would reject (or silently misbuild)."
-        if not self.block_out_channels: raise self._err('block_out_channels', 'needs at least one level')
-        if any(c <= 0 for c in self.block_out_channels): raise self._err('block_out_channels', f'{self.block_out_channels} must be positive')
-        if not isinstance(self.image_size, int) or self.image_size <= 0:
-            raise self._err('image_size', f'{self.image_size!r} must be a positive int')
-        if self.image_size > MAX_IMAGE_SIZE:
-            raise self._err('image_size', f'{self.image_size} px is above the limit of {MAX_IMAGE_SIZE} px (one film alone would '
-                            f'take {4 * self.image_size ** 2 / 2**30:.1f} GiB per channel and layer in float32)')
-        f = 2**(self.levels - 1)
-        if self.image_size % f:
-            raise self._err('image_size', f'{self.image_size} px is not divisible by 2**(levels-1) = {f} '
-                            f'({self.levels} levels in block_out_channels={self.block_out_channels}); '
-                            f'use a multiple of {f} or fewer levels')
-        if self.prediction_type not in PREDICTION_TYPES:
-            raise self._err('prediction_type', f'{self.prediction_type!r} is unknown; use one of {PREDICTION_TYPES}')
-        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
-        if self.norm_num_groups <= 0 or bad:
-            raise self._err('norm_num_groups', f'{self.norm_num_groups} does not divide the channels {bad} of '
-                            f'block_out_channels={self.block_out_channels}')
-        if self.layers_per_block < 1: raise self._err('layers_per_block', f'{self.layers_per_block} must be >= 1')
-        if self.in_channels < 1: raise self._err('in_channels', f'{self.in_channels} must be >= 1')
-        if self.out_channels < 1: raise self._err('out_channels', f'{self.out_channels} must be >= 1')
-        unknown = [r for r in self.attention_resolutions if r not in self.resolutions]
-        if unknown:
-            raise self._err('attention_resolutions', f'{unknown} px is not a feature-map size of this U-Net; '
-                            f'its sizes are {self.resolutions}')
-        for c, a in zip(self.block_out_channels, self.attention_levels):
-            if a and c % self.attention_head_dim:
-                raise self._err('attention_head_dim', f'{self.attention_head_dim} does not divide {c} channels of an attention level')
-        if self.cross_attention_dim is not None:
-            if self.cross_attention_dim <= 0: raise self._err('cross_attention_dim', 'must be positive or None')
-            if not self.attention_resolutions:
-                raise self._err('cross_attention_dim', 'text cross-attention needs at least one attention resolution')
-        if not 0 <= self.dropout < 1: raise self._err('dropout', f'{self.dropout} must be in [0, 1)')
-        if not isinstance(self.clip_sample, bool): raise self._err('clip_sample', f'{self.clip_sample!r} is not true or false')
+@patch
+def validate(self: UNetConfig):
+    "Raise a `ConfigError` naming the field for any configuration diffusers would reject (or silently misbuild)."
+    if not self.block_out_channels: raise self._err('block_out_channels', 'needs at least one level')
+    if any(c <= 0 for c in self.block_out_channels): raise self._err('block_out_channels', f'{self.block_out_channels} must be positive')
+    if not isinstance(self.image_size, int) or self.image_size <= 0:
+        raise self._err('image_size', f'{self.image_size!r} must be a positive int')
+    if self.image_size > MAX_IMAGE_SIZE:
+        raise self._err('image_size', f'{self.image_size} px is above the limit of {MAX_IMAGE_SIZE} px (one film alone would '
+                        f'take {4 * self.image_size ** 2 / 2**30:.1f} GiB per channel and layer in float32)')
+    f = 2**(self.levels - 1)
+    if self.image_size % f:
+        raise self._err('image_size', f'{self.image_size} px is not divisible by 2**(levels-1) = {f} '
+                        f'({self.levels} levels in block_out_channels={self.block_out_channels}); '
+                        f'use a multiple of {f} or fewer levels')
+    if self.prediction_type not in PREDICTION_TYPES:
+        raise self._err('prediction_type', f'{self.prediction_type!r} is unknown; use one of {PREDICTION_TYPES}')
+    bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
+    if self.norm_num_groups <= 0 or bad:
+        raise self._err('norm_num_groups', f'{self.norm_num_groups} does not divide the channels {bad} of '
+                        f'block_out_channels={self.block_out_channels}')
+    if self.layers_per_block < 1: raise self._err('layers_per_block', f'{self.layers_per_block} must be >= 1')
+    if self.in_channels < 1: raise self._err('in_channels', f'{self.in_channels} must be >= 1')
+    if self.out_channels < 1: raise self._err('out_channels', f'{self.out_channels} must be >= 1')
+    unknown = [r for r in self.attention_resolutions if r not in self.resolutions]
+    if unknown:
+        raise self._err('attention_resolutions', f'{unknown} px is not a feature-map size of this U-Net; '
+                        f'its sizes are {self.resolutions}')
+    for c, a in zip(self.block_out_channels, self.attention_levels):
+        if a and c % self.attention_head_dim:
+            raise self._err('attention_head_dim', f'{self.attention_head_dim} does not divide {c} channels of an attention level')
+    if self.cross_attention_dim is not None:
+        if self.cross_attention_dim <= 0: raise self._err('cross_attention_dim', 'must be positive or None')
+        if not self.attention_resolutions:
+            raise self._err('cross_attention_dim', 'text cross-attention needs at least one attention resolution')
+    if not 0 <= self.dropout < 1: raise self._err('dropout', f'{self.dropout} must be in [0, 1)')
+    if not isinstance(self.clip_sample, bool): raise self._err('clip_sample', f'{self.clip_sample!r} is not true or false')
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+# %% ../nbs/07_unet.ipynb #8677c1fc
+@patch
+def to_dict(self: UNetConfig) -> dict:
+    d = asdict(self)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
-    @classmethod
-    def from_dict(cls, d: dict, source: str = '<dict>', section: str | None = None) -> 'UNetConfig':
-        "A validated config from a mapping (a YAML section, `model_config.json`): `core.config_from_dict`."
-        return config_from_dict(cls, d, source, section)
+@patch(cls_method=True)
+def from_dict(cls: UNetConfig, d: dict, source: str = '<dict>', section: str | None = None) -> 'UNetConfig':
+    "A validated config from a mapping (a YAML section, `model_config.json`): `core.config_from_dict`."
+    return config_from_dict(cls, d, source, section)
 
 # %% ../nbs/07_unet.ipynb #90fb41cc
 PRESETS: dict[str, UNetConfig] = {
