@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import torch
-from diffusers import DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, HeunDiscreteScheduler
 from tqdm.auto import tqdm
 from .generators import (SamplingError, MIXED_PRECISION, DIFFUSION_OPTIONS, Generator, image_seeds,
                                           check_generated, made_by, register_generator, load_generator)
@@ -28,17 +28,20 @@ from .vae import load_autoencoder, downsampling_factor, latent_shape, encode, de
 from .latents import pool_mask
 
 # %% auto #0
-__all__ = ['SAMPLERS', 'SAMPLER_LABELS', 'DEFAULT_STEPS', 'STEP_SEED_OFFSET', 'GUIDE_MUST_MATCH', 'GUIDE_FOLDER',
-           'SYNTHETIC_NOTE', 'SAMPLE_OUTPUTS', 'check_sampler', 'make_sampler', 'initial_noise', 'loop_device',
-           'check_request', 'model_prediction', 'check_autoguidance', 'LoopSetup', 'loop_setup',
-           'check_guidance_interval', 'interval_scales', 'SampleResult', 'sample', 'trajectory_frame',
-           'trajectory_figure', 'trajectory_widget', 'denoiser_inputs', 'check_kind', 'load_guide', 'guide_provenance',
-           'PixelDiffusionGenerator', 'LatentDiffusionGenerator', 'synthetic_note', 'write_samples', 'main']
+__all__ = ['SAMPLERS', 'SAMPLER_LABELS', 'DEFAULT_STEPS', 'SIGMA_SPACE', 'EDM_SIGMA_MAX', 'EDM_RHO', 'STEP_SEED_OFFSET',
+           'GUIDE_MUST_MATCH', 'GUIDE_FOLDER', 'SYNTHETIC_NOTE', 'SAMPLE_OUTPUTS', 'check_sampler', 'make_sampler',
+           'edm_timesteps', 'initial_noise', 'loop_device', 'check_request', 'model_prediction', 'check_autoguidance',
+           'LoopSetup', 'loop_setup', 'check_guidance_interval', 'interval_scales', 'SampleResult', 'sample',
+           'trajectory_frame', 'trajectory_figure', 'trajectory_widget', 'denoiser_inputs', 'check_kind', 'load_guide',
+           'guide_provenance', 'PixelDiffusionGenerator', 'LatentDiffusionGenerator', 'synthetic_note', 'write_samples',
+           'main']
 
 # %% ../nbs/11_sampling.ipynb #48140347
-SAMPLERS = ('ddpm', 'ddim', 'dpmpp', 'dpmpp-sigma-min')
-SAMPLER_LABELS = {'ddpm': 'DDPM', 'ddim': 'DDIM', 'dpmpp': 'DPM-Solver++', 'dpmpp-sigma-min': 'DPM-Solver++ to sigma_min'}
-DEFAULT_STEPS = {'ddpm': 1000, 'ddim': 50, 'dpmpp': 20, 'dpmpp-sigma-min': 20}
+SAMPLERS = ('ddpm', 'ddim', 'dpmpp', 'dpmpp-sigma-min', 'heun')
+SAMPLER_LABELS = {'ddpm': 'DDPM', 'ddim': 'DDIM', 'dpmpp': 'DPM-Solver++', 'dpmpp-sigma-min': 'DPM-Solver++ to sigma_min',
+                  'heun': 'Heun (EDM, 2nd order)'}
+DEFAULT_STEPS = {'ddpm': 1000, 'ddim': 50, 'dpmpp': 20, 'dpmpp-sigma-min': 20, 'heun': 10}   # Heun: 2 model calls a step but the last
+SIGMA_SPACE = ('heun',)   # samplers whose x is the film plus sigma-scaled noise (Karras et al. 2022), not the DDPM mix
 
 def check_sampler(name: str, noise_scheduler, steps: int | None = None, where: str = 'sampler') -> int:
     "The number of steps sampler `name` would take (`steps`, default `DEFAULT_STEPS[name]`), after checking both; builds nothing."
@@ -52,18 +55,39 @@ def check_sampler(name: str, noise_scheduler, steps: int | None = None, where: s
 def make_sampler(name: str, noise_scheduler, steps: int | None = None):
     """A diffusers scheduler for sampler `name` ('ddpm' | 'ddim' | 'dpmpp' | 'dpmpp-sigma-min') built from the training
     `noise_scheduler`'s config, with `steps` inference steps set (default `DEFAULT_STEPS[name]`). 'dpmpp-sigma-min' is
-    DPM-Solver++ that stops at the schedule's smallest noise level instead of 0, so its last step is second order too."""
+    DPM-Solver++ that stops at the schedule's smallest noise level instead of 0, so its last step is second order too;
+    'heun' is EDM's deterministic second-order sampler (Karras et al. 2022, Algorithm 1) at EDM's noise levels
+    (`edm_timesteps`: `steps` steps, 2 model calls each but the last)."""
     steps = check_sampler(name, noise_scheduler, steps)
     # overrides go in as keyword arguments: a value changed inside a copied config dict is silently replaced by
     # the class default when the training scheduler had used the default (diffusers' `_use_default_values`)
     cfg, kw = noise_scheduler.config, dict(timestep_spacing='trailing')
     if name == 'ddpm': s = DDPMScheduler.from_config(cfg, **kw)
     elif name == 'ddim': s = DDIMScheduler.from_config(cfg, set_alpha_to_one=False, **kw)
+    elif name == 'heun':
+        s = HeunDiscreteScheduler.from_config(cfg, **kw)
+        s.set_timesteps(timesteps=edm_timesteps(noise_scheduler, steps))
+        return s
     else:
         final = 'sigma_min' if name == 'dpmpp-sigma-min' else 'zero'
         s = DPMSolverMultistepScheduler.from_config(cfg, algorithm_type='dpmsolver++', solver_order=2, final_sigmas_type=final, **kw)
     s.set_timesteps(steps)
     return s
+
+EDM_SIGMA_MAX, EDM_RHO = 80., 7.   # Karras et al. 2022: where sampling starts, and how the steps crowd toward low noise
+
+def edm_timesteps(noise_scheduler, steps: int, sigma_max: float = EDM_SIGMA_MAX, rho: float = EDM_RHO) -> list:
+    """Training timesteps (descending, distinct) at EDM's noise levels: `steps` sigmas from min(`sigma_max`, the
+    schedule's largest) down to its smallest, spaced as Karras et al. (2022, eq. 5), each mapped to the nearest
+    timestep of `noise_scheduler` (sigma_t = sqrt((1 - abar_t) / abar_t)). Why not the schedule's own largest sigma: a
+    cosine schedule ends at sigma about 2e4, where a second-order step multiplies the difference of two noise estimates
+    by 1e4 and the film explodes; at sigma 80 the film is already pure noise to a 1e-4 part, as EDM assumes."""
+    ab = noise_scheduler.alphas_cumprod.double().numpy()
+    sig = np.sqrt((1 - ab) / ab)                                   # increasing in t
+    hi, lo = min(sigma_max, sig[-1]), sig[0]
+    want = (hi ** (1 / rho) + np.linspace(0, 1, steps) * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+    t = np.interp(np.log(want), np.log(sig), np.arange(len(sig)))
+    return sorted({int(round(v)) for v in t}, reverse=True)
 
 # %% ../nbs/11_sampling.ipynb #a032febc
 STEP_SEED_OFFSET = 1_000_003   # image i's step noise comes from seeds[i] + this: separate from its starting noise
@@ -232,9 +256,12 @@ def sample(model, noise_scheduler, conds: dict | None = None, n: int | None = No
     if drop: conds['drop'] = {k: torch.as_tensor(v).to(device=device, dtype=torch.bool) for k, v in drop.items()}
     model.check_inputs(torch.zeros(n, model.unet_cfg.in_channels, size, size, device=device), 0, **conds)
     # ---- checked: from here on no call validates again ----
+    if step_hook is not None and sampler in SIGMA_SPACE:
+        raise SamplingError('sample', 'sampler', f'{sampler!r} works on sigma-scaled films, which a step hook (ILVR) does not expect; use ddpm, ddim or dpmpp')
     sched = make_sampler(sampler, noise_scheduler, steps)
     res = SampleResult(None, seeds, sampler, len(sched.timesteps))
     kw = dict(eta=eta) if sampler == 'ddim' else {}
+    if sampler not in SIGMA_SPACE: kw['generator'] = None     # (set to the images' step generators in the loop)
     bound = (lambda v: v.clamp(-1, 1)) if noise_scheduler.config.clip_sample else (lambda v: v)   # pixels; latents are unbounded
     with loop_setup(model, seeds, sched.timesteps, sched.init_noise_sigma, size, device, mixed_precision, progress,
                     f'{SAMPLER_LABELS[sampler]} {steps} steps') as s:
@@ -242,11 +269,12 @@ def sample(model, noise_scheduler, conds: dict | None = None, n: int | None = No
         for i, t in enumerate(s.timesteps):
             tt = torch.full((n,), int(t), device=device, dtype=torch.long)
             at_t = interval_scales(scales, interval, int(t)) if interval else scales
-            with s.autocast(): pred = model_prediction(model, sched.scale_model_input(x, t), tt, conds, at_t, guidance_mode, guide, autoguidance)
+            x_in = sched.scale_model_input(x, t)          # the DDPM mix the model was trained on (x itself but for Heun)
+            with s.autocast(): pred = model_prediction(model, x_in, tt, conds, at_t, guidance_mode, guide, autoguidance)
             if keep_trajectory:
-                res.timesteps.append(int(t)); res.x_t.append(x.float().cpu())
-                res.x0.append(bound(predicted_x0(pred, x, tt, noise_scheduler)).cpu())
-            x = sched.step(pred, t, x, generator=s.generators, **kw).prev_sample
+                res.timesteps.append(int(t)); res.x_t.append(x_in.float().cpu())
+                res.x0.append(bound(predicted_x0(pred, x_in, tt, noise_scheduler)).cpu())
+            x = sched.step(pred, t, x, **(dict(kw, generator=s.generators) if 'generator' in kw else kw)).prev_sample
             if step_hook is not None:
                 t_prev = int(sched.timesteps[i + 1]) if i + 1 < len(sched.timesteps) else -1
                 new = step_hook(i, int(t), t_prev, x)

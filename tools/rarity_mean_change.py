@@ -9,13 +9,16 @@ on the same test patients and resamples (`rarity.compare_studies`; the studies m
 
 Prints one line per study and per comparison (`rarity.endpoint_line`): the mean change, its 95% interval, the
 bootstrap p, the minimum detectable effect at 80% power, the spread of the mean change over seeds, and the change
-per finding. `--csv` also writes them as a table (one row per line printed, with the AUROC of the study's classifier
+per finding. `--arms` also gives, within each study, every arm at k and n against real-only and the primary arm
+against every other arm (e.g. lesion insertion against copy-paste and the healthy inpainting:
+`configs/rarity_insert.yaml`). `--csv` also writes them as a table (one row per line printed, with the AUROC of the study's classifier
 that tells its synthetic pool from real training films, `realness.json`; stored in nbs/images/ for 19a_rarity).
 """
 import argparse, json
 from pathlib import Path
 import numpy as np, pandas as pd
 from cxr_diffusion_nbs.core import write_shared_csv
+import dataclasses
 from cxr_diffusion_nbs.rarity import RarityConfig, primary_endpoint, compare_studies, endpoint_line
 
 
@@ -35,10 +38,35 @@ def pool_realness(folder) -> float:
     return json.loads(f.read_text())['auroc'] if f and f.exists() else float('nan')
 
 
+def study_arms(folder) -> list:
+    "The arms a study folder has predictions for (its `predictions/k<k>_<arm>_n<n>_seed<s>.npy` files), real-only left out."
+    names = (p.stem.split('_') for p in (Path(folder)/'predictions').glob('k*_n*_seed*.npy'))
+    return sorted({'_'.join(n[1:-2]) for n in names} - {'real-only'})
+
+
+def arm_comparisons(folder, cfg: RarityConfig, n_boot: int) -> dict:
+    """Within one study: every arm (at the primary k and n) against real-only, then the primary arm against each
+    other arm, on the same test patients and resamples (`primary_endpoint` with that arm declared, or `against` it)."""
+    k, primary, n = cfg.primary_comparison()
+    arms, out, name = study_arms(folder), {}, Path(folder).name
+    for arm in arms:
+        if arm == primary: continue
+        c = dataclasses.replace(cfg, arms=tuple(sorted(set(cfg.arms) | {arm})), primary=dict(k=k, arm=arm, n=n))
+        r = primary_endpoint(folder, c, n_boot=n_boot); out[f'{name}: {arm}'] = r
+        print(endpoint_line(r, f'{name}: {arm} - real-only'))
+    for arm in arms:
+        if arm == primary: continue
+        c = dataclasses.replace(cfg, arms=tuple(sorted(set(cfg.arms) | {arm})))
+        r = primary_endpoint(folder, c, against=arm, n_boot=n_boot); out[f'{name}: {primary} - {arm}'] = r
+        print(endpoint_line(r, f'{name}: {primary} - {arm}'))
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('studies', nargs='+', help='rarity study folders (each pair is compared)')
     ap.add_argument('--n-boot', type=int, default=2000)
+    ap.add_argument('--arms', action='store_true', help="within each study: every arm against real-only, the primary arm against the others")
     ap.add_argument('--csv', help='also write the results to this CSV file')
     a = ap.parse_args(argv)
     out = {}
@@ -46,6 +74,9 @@ def main(argv=None):
     for f, cfg in zip(a.studies, cfgs):
         r = primary_endpoint(f, cfg, n_boot=a.n_boot); out[Path(f).name] = r
         print(endpoint_line(r, Path(f).name))
+    if a.arms:
+        for f, cfg in zip(a.studies, cfgs):
+            out.update(arm_comparisons(f, cfg, a.n_boot))
     for i, f in enumerate(a.studies):
         for g in a.studies[i + 1:]:
             name = f'{Path(f).name} - {Path(g).name}'
