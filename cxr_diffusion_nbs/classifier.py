@@ -34,10 +34,11 @@ __all__ = ['to_size', 'round_trip', 'check_low_res', 'low_res_augment', 'Classif
 
 # %% ../nbs/15_classifier.ipynb #8f470ffa
 def to_size(images: torch.Tensor, size: int) -> torch.Tensor:
-    "Images (N, C, S, S) at `size`: area-averaged down, bilinear up, unchanged when already that size."
+    """Images (N, C, S, S) at `size` as the dataset would have read them at that size: bilinear with antialiasing
+    down (PIL's bilinear filter, which `image_io.resize_with_masks` uses), bilinear up, unchanged at that size."""
     if images.shape[-1] == size: return images
-    if images.shape[-1] > size: return F.interpolate(images, size=(size, size), mode='area')
-    return F.interpolate(images, size=(size, size), mode='bilinear', align_corners=False).clamp(-1, 1)
+    antialias = images.shape[-1] > size
+    return F.interpolate(images, size=(size, size), mode='bilinear', antialias=antialias, align_corners=False).clamp(-1, 1)
 
 def round_trip(images: torch.Tensor, size: int) -> torch.Tensor:
     "Images brought to `size` and back to their own: what a `size`-px generator's detail looks like at theirs."

@@ -296,7 +296,7 @@ def measure(gen, real: Manifest, split: str = 'val', judges: Judges | None = Non
     miss = [f for f in findings if f not in judges.classifier_cfg.findings]
     if miss: raise FidelityError(judges.name, 'findings', f'the judge classifier has no output for {miss[0]!r}')
     # a generator larger than the judges (a 256-px latent model, 128-px judges) is judged at the judges' size: its images
-    # area-averaged down (`to_size`), beside the real films read at that size; a smaller one is judged beside real films
+    # brought down as the dataset reads films (`to_size`), beside the real films read at that size; a smaller one is judged beside real films
     # round-tripped through its size (`reference`)
     gen.check_options('measure', **options)
     req = req or donor_requests(real, split, list(gen.findings), gen.image_size, judges.size)

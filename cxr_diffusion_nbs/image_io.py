@@ -392,7 +392,7 @@ def resize_with_masks(image, masks=None, size=256, mode: str = 'pad', *, interpo
         b = cov >= mask_threshold
         if keep_small and not b.any() and (c != 0).any() and cov.max() > 0: b = cov >= cov.max() - 1e-6
         chans.append(b)
-    mo = np.stack(chans).astype(m.dtype)
+    mo = (np.stack(chans) if chans else np.zeros((0, oh, ow), bool)).astype(m.dtype)   # no mask channel (no findings): none
     return out, (mo[0] if m.ndim == 2 else mo), tf
 
 # %% ../nbs/01_image_io.ipynb #f17e6fd6

@@ -253,7 +253,7 @@ def check_judges(judges, image_size: int, models=None) -> int:
     if miss:
         raise PipelineError('parameters', 'judges', f'no {judges}-px judges: ' + ' and '.join(f'data/models/{m}' for m in miss)
                             + ' missing (tools/train_classifier.py and tools/train_segmenter.py train them)')
-    if judges < min(image_size, 128):   # larger images are judged at 128 px (area-averaged), where lesions are visible
+    if judges < min(image_size, 128):   # larger images are judged at 128 px (`to_size`), where lesions are visible
         raise PipelineError('parameters', 'judges', f'{judges}-px judges cannot see the detail of {image_size}-px images; '
                             'give judges of at least image_size (or 128 px for larger images)')
     return int(judges)
