@@ -9,8 +9,8 @@ on the same test patients and resamples (`rarity.compare_studies`; the studies m
 
 Prints one line per study and per comparison (`rarity.endpoint_line`): the mean change, its 95% interval, the
 bootstrap p, the minimum detectable effect at 80% power, the spread of the mean change over seeds, and the change
-per finding. `--arms` also gives, within each study, every arm at k and n against real-only and the primary arm
-against every other arm (e.g. lesion insertion against copy-paste and the healthy inpainting:
+per finding. `--arms` also gives, within each study, every arm at k and n against real-only and every two arms against
+each other (the primary arm first) (e.g. lesion insertion against copy-paste and the healthy inpainting:
 `configs/rarity_insert.yaml`). `--csv` also writes them as a table (one row per line printed, with the AUROC of the study's classifier
 that tells its synthetic pool from real training films, `realness.json`; stored in nbs/images/ for 19a_rarity).
 """
@@ -45,8 +45,8 @@ def study_arms(folder) -> list:
 
 
 def arm_comparisons(folder, cfg: RarityConfig, n_boot: int) -> dict:
-    """Within one study: every arm (at the primary k and n) against real-only, then the primary arm against each
-    other arm, on the same test patients and resamples (`primary_endpoint` with that arm declared, or `against` it)."""
+    """Within one study: every arm (at the primary k and n) against real-only, then every two arms against each other
+    (the primary arm first), on the same test patients and resamples (`primary_endpoint` with the first declared)."""
     k, primary, n = cfg.primary_comparison()
     arms, out, name = study_arms(folder), {}, Path(folder).name
     for arm in arms:
@@ -54,11 +54,12 @@ def arm_comparisons(folder, cfg: RarityConfig, n_boot: int) -> dict:
         c = dataclasses.replace(cfg, arms=tuple(sorted(set(cfg.arms) | {arm})), primary=dict(k=k, arm=arm, n=n))
         r = primary_endpoint(folder, c, n_boot=n_boot); out[f'{name}: {arm}'] = r
         print(endpoint_line(r, f'{name}: {arm} - real-only'))
-    for arm in arms:
-        if arm == primary: continue
-        c = dataclasses.replace(cfg, arms=tuple(sorted(set(cfg.arms) | {arm})))
-        r = primary_endpoint(folder, c, against=arm, n_boot=n_boot); out[f'{name}: {primary} - {arm}'] = r
-        print(endpoint_line(r, f'{name}: {primary} - {arm}'))
+    order = [primary] + [a for a in arms if a != primary]
+    for i, a in enumerate(order):
+        for b in order[i + 1:]:
+            c = dataclasses.replace(cfg, arms=tuple(sorted(set(cfg.arms) | {a, b})), primary=dict(k=k, arm=a, n=n))
+            r = primary_endpoint(folder, c, against=b, n_boot=n_boot); out[f'{name}: {a} - {b}'] = r
+            print(endpoint_line(r, f'{name}: {a} - {b}'))
     return out
 
 
