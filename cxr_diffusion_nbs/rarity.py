@@ -498,29 +498,6 @@ _INSERT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RarityConfig) 
 _PLAN_FIELDS = ('ks', 'n_synthetic', 'arms', 'arm_n', 'seeds', 'device', 'n_boot', 'min_test_positives', 'specificity',
                 'screen_candidates', 'primary')
 
-def _save_set(s: StudySet, path: Path):
-    with atomic_write(path) as tmp:
-        save_file({'images': s.images.half().contiguous(), 'labels': torch.from_numpy(s.labels).float(),
-                   'weights': torch.from_numpy(s.weights).float()}, str(tmp))
-    with atomic_write(path.with_suffix('.csv')) as tmp: s.facts.to_csv(tmp, index=False)
-
-def _load_set(path: Path) -> StudySet:
-    t = load_file(str(path))
-    return StudySet(t['images'].float(), t['labels'].double().numpy(), t['weights'].double().numpy(),
-                    pd.read_csv(path.with_suffix('.csv'), keep_default_na=False))
-
-def _stored_set(path: Path, make, progress: bool = False) -> StudySet:
-    """The set stored at `path`, else `make(parts, progress)` stored there: `parts` (`path` with suffix '.parts') keeps
-    its batches until the set is whole, so a killed draw resumes; a bar shows the draw when `progress`."""
-    if path.exists() and path.with_suffix('.csv').exists(): return _load_set(path)
-    parts = path.with_suffix('.parts')
-    with tqdm(total=0, desc=path.stem, disable=not progress, mininterval=5) as bar:
-        def tick(done, total): bar.total = total; bar.n = done; bar.refresh()
-        s = make(parts, tick)
-    _save_set(s, path)
-    shutil.rmtree(parts, ignore_errors=True)
-    return s
-
 def _pools_needed(cfg: RarityConfig) -> dict:
     "Pool kind -> the largest n it is needed for."
     n_max, n_arm = max(cfg.n_synthetic), cfg.n_arm
@@ -545,6 +522,30 @@ def arm_training_set(arm: str, n: int, train: StudySet, pools: dict, cfg: Rarity
         syn = dataclasses.replace(syn, weights=np.full(len(syn), cfg.synthetic_weight))
     if arm == 'negatives': syn = StudySet.concat([syn, pools['negative'].take(np.arange(n * len(cfg.findings)))])
     return StudySet.concat([train, syn]), None
+
+# %% ../nbs/19a_rarity.ipynb #e64d688d
+def _save_set(s: StudySet, path: Path):
+    with atomic_write(path) as tmp:
+        save_file({'images': s.images.half().contiguous(), 'labels': torch.from_numpy(s.labels).float(),
+                   'weights': torch.from_numpy(s.weights).float()}, str(tmp))
+    with atomic_write(path.with_suffix('.csv')) as tmp: s.facts.to_csv(tmp, index=False)
+
+def _load_set(path: Path) -> StudySet:
+    t = load_file(str(path))
+    return StudySet(t['images'].float(), t['labels'].double().numpy(), t['weights'].double().numpy(),
+                    pd.read_csv(path.with_suffix('.csv'), keep_default_na=False))
+
+def _stored_set(path: Path, make, progress: bool = False) -> StudySet:
+    """The set stored at `path`, else `make(parts, progress)` stored there: `parts` (`path` with suffix '.parts') keeps
+    its batches until the set is whole, so a killed draw resumes; a bar shows the draw when `progress`."""
+    if path.exists() and path.with_suffix('.csv').exists(): return _load_set(path)
+    parts = path.with_suffix('.parts')
+    with tqdm(total=0, desc=path.stem, disable=not progress, mininterval=5) as bar:
+        def tick(done, total): bar.total = total; bar.n = done; bar.refresh()
+        s = make(parts, tick)
+    _save_set(s, path)
+    shutil.rmtree(parts, ignore_errors=True)
+    return s
 
 # %% ../nbs/19a_rarity.ipynb #7d980140
 def _open_study(f: Path, ident: dict, declared: dict):

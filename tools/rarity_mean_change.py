@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np, pandas as pd
 from cxr_diffusion_nbs.core import write_shared_csv
 import dataclasses
-from cxr_diffusion_nbs.rarity import RarityConfig, primary_endpoint, compare_studies, endpoint_line
+from cxr_diffusion_nbs.rarity import RarityConfig, primary_endpoint, compare_studies, endpoint_line, load_predictions
 
 
 def study_config(folder) -> RarityConfig:
@@ -39,9 +39,8 @@ def pool_realness(folder) -> float:
 
 
 def study_arms(folder) -> list:
-    "The arms a study folder has predictions for (its `predictions/k<k>_<arm>_n<n>_seed<s>.npy` files), real-only left out."
-    names = (p.stem.split('_') for p in (Path(folder)/'predictions').glob('k*_n*_seed*.npy'))
-    return sorted({'_'.join(n[1:-2]) for n in names} - {'real-only'})
+    "The arms a study folder has predictions for (`rarity.load_predictions`), real-only left out."
+    return sorted({arm for (_, arm, _, _) in load_predictions(folder)[0]} - {'real-only'})
 
 
 def arm_comparisons(folder, cfg: RarityConfig, n_boot: int) -> dict:
