@@ -261,7 +261,6 @@ def sample(model, noise_scheduler, conds: dict | None = None, n: int | None = No
     sched = make_sampler(sampler, noise_scheduler, steps)
     res = SampleResult(None, seeds, sampler, len(sched.timesteps))
     kw = dict(eta=eta) if sampler == 'ddim' else {}
-    if sampler not in SIGMA_SPACE: kw['generator'] = None     # (set to the images' step generators in the loop)
     bound = (lambda v: v.clamp(-1, 1)) if noise_scheduler.config.clip_sample else (lambda v: v)   # pixels; latents are unbounded
     with loop_setup(model, seeds, sched.timesteps, sched.init_noise_sigma, size, device, mixed_precision, progress,
                     f'{SAMPLER_LABELS[sampler]} {steps} steps') as s:
@@ -274,7 +273,7 @@ def sample(model, noise_scheduler, conds: dict | None = None, n: int | None = No
             if keep_trajectory:
                 res.timesteps.append(int(t)); res.x_t.append(x_in.float().cpu())
                 res.x0.append(bound(predicted_x0(pred, x_in, tt, noise_scheduler)).cpu())
-            x = sched.step(pred, t, x, **(dict(kw, generator=s.generators) if 'generator' in kw else kw)).prev_sample
+            x = sched.step(pred, t, x, **kw, **({} if sampler in SIGMA_SPACE else dict(generator=s.generators))).prev_sample   # Heun takes none
             if step_hook is not None:
                 t_prev = int(sched.timesteps[i + 1]) if i + 1 < len(sched.timesteps) else -1
                 new = step_hook(i, int(t), t_prev, x)
