@@ -372,3 +372,103 @@ def test_default_cohort_takes_the_models_recommended_sampler(tmp_path, monkeypat
     assert set(pd.read_csv(out/'images.csv').sampler) == {'ddim'}
     out = build_cohort(dict(kw, output_dir=str(tmp_path/'d'), sampler='ddpm', steps=10), progress=False)
     assert json.loads((out/'cohort.json').read_text())['identity']['options']['sampler'] == 'ddpm'
+
+# -- issue 24, item 1: mode 'insert', a lesion inserted into real training films, each kept beside its edited twin -----
+
+TINY_INSERT = dict(mode='insert', insert_steps=2, insert_jump=1, insert_resample=1, guidance={})   # a 2-step RePaint, one pass a step
+
+def insert_request(tmp, **kw):
+    return base(tmp, **{'counts': {'nodule': 2, 'effusion': 1}, 'steps': None, 'batch_size': 2, 'dicom': True, **TINY_INSERT, **kw})
+
+@pytest.fixture(scope='module')
+def insert_cohort(tmp_path_factory):
+    torch.set_num_threads(2)
+    return build_cohort(insert_request(tmp_path_factory.mktemp('insert')), progress=False)
+
+def _png(p): return np.asarray(Image.open(p))
+
+def test_insert_mode_writes_counterfactual_pairs(insert_cohort, real):
+    from cxr_diffusion_nbs.inpainting import lesion_region
+    out = insert_cohort
+    m = load_cohort(out)
+    im = m.images.set_index('image_id')
+    edited, originals = im[im.synthetic == 1], im[im.synthetic == 0]
+    assert list(edited.index) == ['ins_000000', 'ins_000001', 'ins_000002'] and len(originals) == 3
+    assert list(edited.target_finding) == ['nodule', 'nodule', 'effusion'] and (edited.source == 'synthetic inserted').all()
+    masks = m.annotations.set_index('image_id')
+    assert list(masks.index) == list(edited.index) and list(masks.finding) == list(edited.target_finding)
+    train = real.images[real.images.split == 'train'].set_index('image_id')
+    for iid, r in edited.iterrows():
+        o = im.loc[r.twin_of]
+        assert Path(o.path).parent.name == 'originals' and o.twin_of == iid and o.pair_id == r.pair_id
+        assert o.patient_id == r.patient_id and o.patient_id.startswith('patient_') and o.source == 'real original'
+        assert (r[r.target_finding], o[r.target_finding]) == (1., 0.)             # the edit positive, its original negative
+        assert o.recipient_image_id == r.recipient_image_id and o.recipient_image_id in train.index   # (private/, read back)
+        assert train.loc[o.recipient_image_id, r.target_finding] == 0 and r.donor_image_id in train.index
+        e, orig = _png(r.path), _png(o.path)
+        region = lesion_region(torch.from_numpy(_png(masks.loc[iid, 'mask_path']) / 255.), 2).numpy() > .5
+        assert np.array_equal(e[~region], orig[~region]) and not np.array_equal(e[region], orig[region])
+        prov = json.loads(Image.open(r.path).text['Provenance'])
+        assert prov['mode'] == 'insert' and prov['target_finding'] == r.target_finding and prov['seed'] == r.seed
+        assert {k: prov[k] for k in ('insert_steps', 'insert_jump', 'insert_resample', 'insert_dilate', 'insert_feather')} == \
+               dict(insert_steps=2, insert_jump=1, insert_resample=1, insert_dilate=2, insert_feather=2)
+        assert prov['mask_jitter'] == json.loads(r.mask_jitter) and prov['twin_of'] == r.twin_of and prov['recipient_ref'] == r.recipient_ref
+        assert 'EDITED' in Image.open(r.path).text['Description'] and 'REAL' in Image.open(o.path).text['Description']
+        d = pydicom.dcmread(out/r.dicom_path)
+        assert d.ConversionType == 'SYN' and 'EDITED' in d.SeriesDescription and list(d.ImageType)[:2] == ['DERIVED', 'SECONDARY']
+        np.testing.assert_array_equal(d.pixel_array[0] if d.pixel_array.ndim == 3 else d.pixel_array, e)
+    assert originals.dicom_path.fillna('').eq('').all() and originals.model_sha256.fillna('').eq('').all()
+    # no recipient's or donor's real id, no patient id, no machine path in any shared file
+    needles = {*real.images.image_id, *real.images.patient_id, *(Path(p).stem for p in real.images.path),
+               str(out.parent), str(project_root()), str(sample_data_root()), str(Path.home())}
+    assert scan_shared(out, needles) == []
+    key = cohort_key(out)
+    private = pd.read_csv(out/'private'/'recipients.csv', dtype=str)
+    assert set(private.recipient_ref) == set(edited.recipient_ref)
+    assert all(donor_ref(key, i, 'recipient') == r for i, r in zip(private.recipient_image_id, private.recipient_ref))
+    assert 'recipients.csv' in (out/'private'/'README.md').read_text() and 'originals/' in (out/'README.md').read_text()
+    meta = json.loads((out/'cohort.json').read_text())
+    assert meta['identity']['mode'] == 'insert' and meta['identity']['options'] == {'guidance': {}, 'guidance_mode': 'nested'}
+    assert {meta['identity'][k] for k in ('sampler', 'steps', 'eta')} == {None}      # RePaint: no sampler claimed
+
+def test_insert_mode_resumes_after_a_kill_as_the_uninterrupted_run(insert_cohort, tmp_path):
+    "The uninterrupted cohort, copied as a kill in the last pair's record leaves it: that pair half rewritten, its record torn."
+    killed = tmp_path/'killed'; shutil.copytree(insert_cohort, killed)
+    for f in ('images.csv', 'annotations.csv', 'manifest.json'): (killed/f).unlink()     # (a finished build's last files)
+    lines = (killed/'records.jsonl').read_text().splitlines()
+    (killed/'records.jsonl').write_text('\n'.join(lines[:2]) + '\n' + lines[2][:25])       # a torn last line
+    (killed/'originals'/'orig_000002.png').write_bytes(b'not what the resumed run writes')
+    (killed/'images'/'ins_000002.png').unlink(); (killed/'dicom'/'ins_000002.dcm').unlink()
+    (killed/'images'/'.ins_000002.png.k1lled_x.png').write_bytes(b'half a PNG')
+    req = insert_request(tmp_path, output_dir=str(killed))
+    with pytest.raises(CohortError, match='different cohort'): build_cohort(dict(req, insert_steps=3), progress=False)
+    build_cohort(req, progress=False)
+    a, b = load_cohort(insert_cohort), load_cohort(killed)
+    assert list(a.images.image_id) == list(b.images.image_id) and len((killed/'records.jsonl').read_text().splitlines()) == 4
+    for pa, pb in zip(a.images.path, b.images.path): np.testing.assert_array_equal(_png(pa), _png(pb))
+    cols = ['image_id', 'pair_id', 'twin_of', 'target_finding', 'seed', 'mask_jitter', 'recipient_image_id', 'donor_image_id']
+    pd.testing.assert_frame_equal(a.images[cols], b.images[cols])
+    assert not [q for q in killed.rglob('.*') if q.is_file()]
+
+@pytest.mark.parametrize('kw, field', [(dict(insert_feather=3), "'insert_feather'"), (dict(insert_steps=0), "'insert_steps'"),
+                                       (dict(insert_resample=2, insert_jump=2), "'insert_jump'"), (dict(steps=10), "'steps'"),
+                                       (dict(sampler='ddim'), "'sampler'"), (dict(co_occurring=False), "'co_occurring'"),
+                                       (dict(mode='paste'), "'mode'"), (dict(mode='generate', insert_steps=5), "'insert_steps'.*mode 'insert'"),
+                                       (dict(counts={'hernia': 1}), 'not trained on')])
+def test_insert_mode_refusals_name_the_field_and_write_nothing(tmp_path, kw, field):
+    with pytest.raises(CohortError, match=field): build_cohort(insert_request(tmp_path, **kw), progress=False)
+    assert not (tmp_path/'cohort').exists()
+
+def test_insert_mode_refuses_a_gan_before_writing(tmp_path):
+    with pytest.raises(CohortError, match="field 'mode': 'insert' edits real films.*gan generator cannot"):
+        build_cohort(insert_request(tmp_path, checkpoint=str(GAN)), progress=False)
+    assert not (tmp_path/'cohort').exists()
+
+def test_insert_config_is_the_rarity_studys_insertion():
+    from cxr_diffusion_nbs.rarity import RarityConfig
+    from cxr_diffusion_nbs.cohort import INSERT_FIELDS, INSERT_JITTER
+    cfg, _ = load_cohort_config(project_root()/'configs'/'cohort_insert.yaml')
+    assert cfg.mode == 'insert' and cfg.checkpoint == 'data/models/cpu256_latent_demo' and set(cfg.counts.values()) == {5}
+    assert {k: getattr(cfg, k) for k in INSERT_FIELDS} == {k: getattr(RarityConfig(), k) for k in INSERT_FIELDS}
+    assert dict(shift=cfg.shift, rotate=cfg.rotate, lesion_scale=cfg.lesion_scale, min_inside=cfg.min_inside) == INSERT_JITTER
+    assert 'mode' not in CohortConfig().to_dict() and CohortConfig(mode='insert').to_dict()['insert_steps'] == 20
