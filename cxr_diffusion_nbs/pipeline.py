@@ -18,11 +18,11 @@ import yaml
 from .core import cli_errors, CXRDataError, atomic_write, write_shared_csv, check_output_folder, project_root, remove_stale_temporaries, shareable_path, suggest
 
 # %% auto #0
-__all__ = ['PIPELINE_NOTEBOOK', 'PARAMETER_RANGES', 'NULLABLE_PARAMETERS', 'DEMO_MODELS', 'PIPELINE_SAMPLING', 'PipelineError',
-           'Stages', 'save_table', 'save_figure', 'check_parameters', 'check_parameter_values', 'run_pipeline', 'main',
-           'StageLog', 'text_progress', 'check_generator', 'sampling_parameters', 'demo_model', 'check_judges',
-           'rarity_study_config', 'evidence', 'rarity_sentences', 'markdown_table', 'embed_images', 'report_html',
-           'rarity_primary', 'report_headline']
+__all__ = ['PIPELINE_NOTEBOOK', 'PARAMETER_RANGES', 'NULLABLE_PARAMETERS', 'EMBEDDINGS', 'DEMO_MODELS', 'PIPELINE_SAMPLING',
+           'PipelineError', 'Stages', 'save_table', 'save_figure', 'check_parameters', 'check_parameter_values',
+           'run_pipeline', 'main', 'StageLog', 'text_progress', 'check_generator', 'sampling_parameters', 'demo_model',
+           'check_judges', 'rarity_study_config', 'evidence', 'rarity_sentences', 'markdown_table', 'embed_images',
+           'report_html', 'rarity_primary', 'report_headline']
 
 # %% ../nbs/21_pipeline.ipynb #1fca0255
 class PipelineError(CXRDataError):
@@ -86,6 +86,7 @@ PARAMETER_RANGES = {'train_steps': (1, 10**7, int), 'train_minutes': (1e-3, 10**
                     'seed': (0, 2**32 - 1, int), 'test_fraction': (0.0, 0.9, float), 'image_size': (8, 4096, int),
                     'judges': (64, 4096, int), 'sample_steps': (1, 1000, int)}   # sample_steps: at most the training timesteps (1000)
 NULLABLE_PARAMETERS = ('image_size', 'sample_steps')   # None: the config's size, the generator's own steps
+EMBEDDINGS = ('auto', 'umap', 'pca')                  # the fidelity stage's 2-D map (`metrics.embed_2d`)
 
 def check_parameter_values(parameters: dict) -> dict:
     "`parameters`, after checking every numeric one against `PARAMETER_RANGES` (None where the notebook allows it)."
@@ -95,6 +96,8 @@ def check_parameter_values(parameters: dict) -> dict:
         ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (typ is float or float(v).is_integer())
         if not ok: raise PipelineError('parameters', k, f'{v!r} is not a {"whole " if typ is int else ""}number')
         if not lo <= v <= hi: raise PipelineError('parameters', k, f'{v!r} is outside [{lo}, {hi}]')
+    if parameters.get('embedding', 'auto') not in EMBEDDINGS:
+        raise PipelineError('parameters', 'embedding', f"{parameters['embedding']!r}: use one of {list(EMBEDDINGS)}")
     seeds = parameters.get('downstream_seeds')
     if seeds is not None and (not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**32 for s in seeds)):
         raise PipelineError('parameters', 'downstream_seeds', f'{seeds!r} must be a non-empty list of whole numbers in [0, 2**32)')
@@ -222,14 +225,13 @@ def check_generator(generator):
 
 def sampling_parameters(gen, sampler, sample_steps, guidance) -> tuple:
     """The run's `sampler` and `sample_steps` (None: the generator's own). A diffusion model (`gen` None: the one the
-    run trains) draws with `PIPELINE_SAMPLING` unless told, or with the sampler its `generator.json` recommends
+    run trains) draws with `PIPELINE_SAMPLING` unless told, or with the sampler and steps its `generator.json` recommends
     (`cohort.model_sampling`); a GAN draws in one pass and refuses them, and guidance, naming the parameter."""
     from cxr_diffusion_nbs.cohort import model_sampling
     if gen is None or gen.takes_sampler:
-        own = dict(sampler=PIPELINE_SAMPLING['sampler'])
-        if gen is not None: own = model_sampling(gen, own)       # a sampler the model's generator.json recommends
-        return (own['sampler'] if sampler is None else sampler,
-                PIPELINE_SAMPLING['sample_steps'] if sample_steps is None else sample_steps)
+        own = dict(sampler=PIPELINE_SAMPLING['sampler'], steps=PIPELINE_SAMPLING['sample_steps'])
+        if gen is not None: own = model_sampling(gen, own)       # the sampler and steps the model's generator.json recommends
+        return (own['sampler'] if sampler is None else sampler, own['steps'] if sample_steps is None else sample_steps)
     for name, v in (('sampler', sampler), ('sample_steps', sample_steps), ('guidance', guidance or None)):
         if v is not None:
             raise PipelineError('parameters', name, f'{v!r}: a diffusion option; the {gen.kind} generator draws in one pass (leave it null)')

@@ -2,7 +2,7 @@
 uninterrupted one exactly, a diverged step named, the trained GAN opened by `load_generator` as kind 'gan' (same seed,
 same image; masks, text and diffusion options refused by name), drawn from by `cxr-sample`, the command line, and the
 shipped model."""
-import json, subprocess, sys
+import json
 from pathlib import Path
 
 import pytest
@@ -13,9 +13,9 @@ from cxr_diffusion_nbs.core import ConfigError, TrainingDivergedError, sample_da
 from cxr_diffusion_nbs.generators import GENERATOR_KINDS, SamplingError, load_generator
 from cxr_diffusion_nbs.gan import (GANGenerator, ConditionalGenerator, build_gan_run, gan_train_step, load_gan_config,
                                    train_gan, main)
+from cli_in_process import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 SHIPPED = ROOT/'data'/'models'/'gan64'
 TINY = [f'data.root={sample_data_root()}', 'data.image_size=32', 'data.limit=12', 'optim.batch_size=4', 'optim.max_steps=4',
         'model.g_channels=4', 'model.d_channels=4', 'model.z_dim=16', 'model.embed_dim=8', 'output.log_every=2',
@@ -122,14 +122,12 @@ def test_diffusion_defaults_are_accepted_as_not_set(tiny_run):
 
 def test_cxr_sample_draws_from_the_gan(tiny_run, tmp_path):
     from PIL import Image
-    r = subprocess.run([str(BIN/'cxr-sample'), '--checkpoint', str(tiny_run), '--finding', 'nodule', '--n', '2', '--seed', '5',
-                        '--output', str(tmp_path/'out')], capture_output=True, text=True, timeout=300)
+    r = run_cli('cxr-sample', '--checkpoint', tiny_run, '--finding', 'nodule', '--n', '2', '--seed', '5', '--output', tmp_path/'out')
     assert r.returncode == 0, r.stderr[-2000:]
     meta = json.loads((tmp_path/'out'/'samples.json').read_text())
     assert meta['kind'] == 'gan' and meta['seeds'] == [5, 6] and meta['findings'] == ['nodule']
     assert Image.open(tmp_path/'out'/'sample_000005.png').size == (32, 32)
-    r = subprocess.run([str(BIN/'cxr-sample'), '--checkpoint', str(tiny_run), '--steps', '4', '--output', str(tmp_path/'o2')],
-                       capture_output=True, text=True, timeout=300)
+    r = run_cli('cxr-sample', '--checkpoint', tiny_run, '--steps', '4', '--output', tmp_path/'o2')
     assert r.returncode == 2 and "'steps'" in r.stderr and not (tmp_path/'o2').exists()
 
 

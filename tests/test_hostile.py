@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from cxr_diffusion_nbs.core import project_root, sample_data_root, EXIT_CODES
 from cxr_diffusion_nbs.checkpoints import CheckpointError, safe_load, load_denoiser
 from cxr_diffusion_nbs.sampling import load_generator
+from cli_in_process import run_cli
 
 MODELS = project_root()/'data'/'models'
 
@@ -25,25 +26,9 @@ def _rewrite(f, fn):
     save_file({k: fn(v).contiguous() for k, v in load_file(str(f)).items()}, str(f))
 
 
-class _Result:
-    def __init__(self, code, err): self.returncode, self.stderr = code, err
-
-COMMANDS = {'cxr-sample': 'sampling:main', 'cxr-train': 'training:main', 'cxr-restore': 'restorer:main',
-            'cxr-cohort': 'cohort:main', 'cxr-pipeline': 'pipeline:main'}
-
 def _cli(tool, *args):
-    "Run command `tool` in this process (its console-script entry point) from the project root: (exit status, stderr)."
-    import importlib, contextlib, io
-    mod, fn = COMMANDS[tool].split(':')
-    main = getattr(importlib.import_module(f'cxr_diffusion_nbs.{mod}'), fn)
-    err, here = io.StringIO(), os.getcwd()
-    os.chdir(project_root())
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            try: main([str(a) for a in args]); code = 0
-            except SystemExit as e: code = e.code
-    finally: os.chdir(here)
-    return _Result(code, err.getvalue())
+    "Run command `tool` in this process from the project root (`cli_in_process.run_cli`)."
+    return run_cli(tool, *args)
 
 
 # ---- 1. garbage out with exit 0 --------------------------------------------------------------------------------
@@ -240,6 +225,8 @@ def test_training_on_a_hostile_root_writes_nothing(tmp_path, edit, message):
 def test_pipeline_parameters_are_checked_before_anything_runs(tmp_path):
     r = _cli('cxr-pipeline', '--output', tmp_path/'p', '-p', 'train_steps', '-5', '--no-progress')
     assert r.returncode == 2 and "field 'train_steps': -5 is outside" in r.stderr, r.stderr
+    r = _cli('cxr-pipeline', '--output', tmp_path/'p', '-p', 'embedding', 'tsne', '--no-progress')   # refused before training, not at the map
+    assert r.returncode == 2 and "field 'embedding': 'tsne'" in r.stderr, r.stderr
     assert not (tmp_path/'p').exists()
 
 

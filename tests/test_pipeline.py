@@ -14,7 +14,7 @@ SAMPLE = ROOT/'data'/'cxr14_sample'
 # one whose outputs nbs/21_pipeline.ipynb stores
 SMALL = dict(data_root=str(SAMPLE), train_steps=2, train_minutes=1, cohort_per_finding=3, sample_steps=3, classifier_epochs=1,
              classifier_width=8, turing_cases=6, rarity_k=3, rarity_n=4, rarity_config={'n_boot': 100}, mixed_precision='no',
-             realness_steps=40)
+             realness_steps=10, embedding='pca')   # smoke tests: the detectors' figures are 16a_realness's, UMAP's 16_fidelity's
 
 def pipeline(out, params: dict, progress: bool = False):
     args = [str(BIN/'cxr-pipeline'), '--output', str(out)] + ([] if progress else ['--no-progress'])
@@ -205,6 +205,8 @@ def test_generator_parameter():
     assert (gan.kind, demo.kind) == ('gan', 'pixel-diffusion')
     assert sampling_parameters(gan, None, None, {}) == (None, None) and sampling_parameters(demo, 'ddim', 8, {}) == ('ddim', 8)
     assert sampling_parameters(demo, None, None, {}) == ('dpmpp-sigma-min', 20)         # the sampler the demo recommends
+    latent = check_generator(ROOT/'data'/'models'/'cpu256_latent_demo')
+    assert sampling_parameters(latent, None, None, {}) == ('heun', 10) and sampling_parameters(latent, None, 6, {}) == ('heun', 6)   # its steps too
     for kw, name in ((dict(sampler='dpmpp'), 'sampler'), (dict(sample_steps=20), 'sample_steps'), (dict(guidance={'labels': 2}), 'guidance')):
         a = {**dict(sampler=None, sample_steps=None, guidance={}), **kw}
         with pytest.raises(PipelineError, match=f"field '{name}'.*the gan generator draws in one pass"):

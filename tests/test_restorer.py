@@ -16,6 +16,7 @@ from cxr_diffusion_nbs.restoration import LEVELS, Degradation, degrade, level_sp
 from cxr_diffusion_nbs.restorer import (RESTORER_FILE, PROCESSED_NOTE, RestorerError, build_restorer, degrade_crops,
                                         load_restorer, load_restorer_config, main, random_degradation, train_restorer)
 from cxr_diffusion_nbs.unet import unet_preset
+from cli_in_process import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -160,12 +161,11 @@ def test_cli_restores_png_and_dicom_at_their_size_marked_as_processed(trained, t
     a, b = Image.open(outs[0]), Image.open(outs[1])
     assert a.size == (72, 64) and b.size == (64, 64) and a.mode == 'L'
     assert a.text['Description'] == PROCESSED_NOTE and json.loads(a.text['Restorer'])['objective'] == 'diffusion'
-    reg = subprocess.run([str(BIN/'cxr-restore'), '--checkpoint', str(trained/'regression'), '--input', str(src), '--output', str(tmp_path/'reg')],
-                         capture_output=True, text=True, timeout=300)
+    reg = run_cli('cxr-restore', '--checkpoint', trained/'regression', '--input', src, '--output', tmp_path/'reg')   # in process: the rest
     assert reg.returncode == 0, reg.stderr[-2000:]
     # the regressor starts as the identity: its output follows the input, so MONOCHROME1 was read the right way up
     assert np.corrcoef(read_image(tmp_path/'reg'/'film_b.png').ravel(), read_image(src/'film_b.dcm').ravel())[0, 1] > 0.9
-    again = subprocess.run([str(BIN/'cxr-restore'), *args, '--output', str(tmp_path/'out')], capture_output=True, text=True, timeout=300)
+    again = run_cli('cxr-restore', *args, '--output', tmp_path/'out')
     assert again.returncode == 0 and '0 film(s) restored' in again.stdout and '2 already there' in again.stdout
     assert not [p for p in (tmp_path/'out').rglob('.*')]
 

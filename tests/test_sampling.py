@@ -9,6 +9,7 @@ from cxr_diffusion_nbs.unet import unet_preset, make_noise_scheduler
 from cxr_diffusion_nbs.sampling import (sample, make_sampler, SamplingError, image_seeds, trajectory_frame, trajectory_figure,
                                         initial_noise, loop_setup)
 from cxr_diffusion_nbs.forward import predicted_x0, predicted_eps
+import cli_in_process
 
 BIN = Path(sys.executable).parent
 DEMO = project_root()/'data'/'models'/'cpu64_demo'
@@ -131,15 +132,17 @@ def test_wrong_mask_size_refused(tiny):
     with pytest.raises(ConditioningError, match="'mask'"): sample(m, ns, dict(mask=torch.zeros(1, 1, 8, 8)))
 
 def run_cli(*args, cwd=None):
-    return subprocess.run([str(BIN/'cxr-sample'), *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+    "`cxr-sample` in this process (`cli_in_process`); `test_cli_writes_marked_samples` runs the installed command."
+    return cli_in_process.run_cli('cxr-sample', *args, cwd=cwd)
 
 def test_cli_writes_marked_samples(tmp_path):
     from PIL import Image
     from cxr_diffusion_nbs.masks import box_to_mask
     mask = tmp_path/'mask.png'
     Image.fromarray((box_to_mask((20, 14, 34, 28), (64, 64)) * 255).astype(np.uint8)).save(mask)
-    r = run_cli('--checkpoint', str(DEMO), '--finding', 'nodule', '--mask', str(mask), '--n', '2', '--steps', '4',
-                '--guidance', 'labels=2', '--seed', '5', '--output', str(tmp_path/'out'))
+    r = subprocess.run([str(BIN/'cxr-sample'), '--checkpoint', str(DEMO), '--finding', 'nodule', '--mask', str(mask), '--n', '2',
+                        '--steps', '4', '--guidance', 'labels=2', '--seed', '5', '--output', str(tmp_path/'out')],
+                       capture_output=True, text=True, timeout=600)        # the installed console script, as a user runs it
     assert r.returncode == 0, r.stderr[-2000:]
     meta = json.loads((tmp_path/'out'/'samples.json').read_text())
     assert meta['seeds'] == [5, 6] and meta['guidance'] == {'labels': 2.0} and len(meta['model_sha256']) == 64
