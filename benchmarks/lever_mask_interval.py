@@ -16,6 +16,7 @@ For each setting it measures, as the rest of 16a does:
   (`--record-fidelity`), with the demo's own defaults drawn beside them.
 
     .venv/bin/python benchmarks/lever_mask_interval.py --below 250         # about 10 CPU-min
+    .venv/bin/python benchmarks/lever_mask_interval.py --generator runs/models/lat_heun10 --below 250   # any generator folder with a mask condition
 
 Measured in nbs/16a_realness ("The mask over part of the noise range"): the mask guided only at t >= 250 brings the
 detector from 0.95 to about 0.78 with FID and class consistency unchanged and mask adherence 0.86 of the real ceiling
@@ -38,9 +39,10 @@ from cxr_diffusion_nbs.condition_fidelity import donor_requests, draw_requests, 
 DEMO = project_root()/'data'/'models'/'cpu64_demo'
 
 
-def setting_name(below) -> str:
-    if below is None: return 'cpu64_demo, defaults (mask 2 at every step)'
-    return f'cpu64_demo, mask 2 for t>={below}, scale 1 below'
+def setting_name(name: str, gen, below) -> str:
+    mask = gen.defaults.get('guidance', {}).get('mask')
+    if below is None: return f'{name}, defaults (mask {mask:g} at every step)'
+    return f'{name}, mask {mask:g} for t>={below}, scale 1 below'
 
 
 def interval(below) -> dict:
@@ -50,6 +52,7 @@ def interval(below) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--generator', default=str(DEMO), help='generator folder (default: the shipped 64-px demo); its defaults are the baseline')
     p.add_argument('--below', type=int, nargs='+', required=True, help='timesteps below which the mask is not guided (e.g. 500 250)')
     p.add_argument('--n', type=int, default=120, help='films per setting for realness (default 120)')
     p.add_argument('--no-defaults', action='store_true', help="skip the demo's defaults row of the fidelity table")
@@ -59,11 +62,14 @@ def main(argv=None):
     a = p.parse_args(argv)
     if any(b < 0 or b > 1000 for b in a.below): p.error('--below: timesteps in [0, 1000]')
     torch.set_num_threads(2)
-    gen = sampling.load_generator(DEMO, device='cpu')
+    gen = sampling.load_generator(a.generator, device='cpu')
+    if 'mask' not in gen.defaults.get('guidance', {}): p.error(f'--generator {a.generator}: its defaults guide no mask')
+    name = Path(a.generator).name
     root = find_data_root()
     settings = list(a.below)
 
     ref, man = br.real_sets(root, 64, 0.25)
+    big = ref if gen.image_size == 64 else br.real_sets(root, gen.image_size, 0.25)[0]   # the reference at the generator's size
     ext = feature_extractor(); f_test = extract_features(ext, ref['test'])
     req = donor_requests(man, 'train', gen.findings, gen.image_size, br.FID_PX)
     donors = np.random.default_rng(a.seed).permutation(len(req.labels))[np.arange(a.n) % len(req.labels)]
@@ -73,10 +79,12 @@ def main(argv=None):
         t = time.perf_counter()
         x = draw_requests(gen, req, donors, seed=a.seed, batch=50, **interval(below))
         secs = (time.perf_counter() - t) / len(x)
-        rows.append(br.measure_row(setting_name(below), x, ref['test'], ref['val'], ext, f_test, a.seed, 300, secs,
-                                   gen.kind, 64, f'labels 4 at every step, mask 2 for t>={below} and 1 below'))
+        g = gen.defaults['guidance']
+        rows.append(br.measure_row(setting_name(name, gen, below), x, big['test'], big['val'], ext, f_test, a.seed, 300, secs,
+                                   gen.kind, gen.image_size, f"labels {g.get('labels', 0):g} at every step, mask {g['mask']:g} for t>={below} and 1 below"))
     br.table(rows)
-    br.append_rows(a.record_realness, [dict(label=f'mask condition over the high-noise part only (benchmarks/lever_mask_interval.py)',
+    br.append_rows(a.record_realness, [dict(label=f'mask condition over the high-noise part only (benchmarks/lever_mask_interval.py'
+                                    + ('' if name == 'cpu64_demo' else f' --generator {name}') + ')',
                                     seed=a.seed, date=datetime.date.today().isoformat(),
                                     **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}) for r in rows])
 
@@ -85,7 +93,7 @@ def main(argv=None):
     out = []
     for below in ([] if a.no_defaults else [None]) + settings:
         s = measure(gen, real, 'val', judges, req=vreq, seed=a.seed, batch=32, **{**gen.defaults, **interval(below)}).summary()
-        out.append(dict(setting=setting_name(below), below=below, low_mask=None if below is None else 1.0, donors=len(vreq.image_ids), seed=a.seed,
+        out.append(dict(setting=setting_name(name, gen, below), below=below, low_mask=None if below is None else 1.0, donors=len(vreq.image_ids), seed=a.seed,
                         **{k: round(v, 4) for k, v in s.items() if k.startswith(('consistency_', 'adherence', 'fid'))},
                         date=datetime.date.today().isoformat()))
         print(out[-1], flush=True)
