@@ -26,11 +26,6 @@ def _rewrite(f, fn):
     save_file({k: fn(v).contiguous() for k, v in load_file(str(f)).items()}, str(f))
 
 
-def _cli(tool, *args):
-    "Run command `tool` in this process from the project root (`cli_in_process.run_cli`)."
-    return run_cli(tool, *args)
-
-
 # ---- 1. garbage out with exit 0 --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('damage, message', [(lambda t: t.float() * 1e30, 'beyond 1e+06'), (lambda t: t.to(torch.int64), 'has type int64'),
@@ -39,7 +34,7 @@ def test_damaged_weights_draw_nothing(tmp_path, damage, message):
     "Weights scaled up, or saved as integers or booleans, load without complaint into a float network: refused by name."
     model = _copy('cpu64_demo', tmp_path)
     _rewrite(model/'ema.safetensors', damage)
-    r = _cli('cxr-sample', '--checkpoint', model, '--n', '1', '--steps', '2', '--output', tmp_path/'out')
+    r = run_cli('cxr-sample', '--checkpoint', model, '--n', '1', '--steps', '2', '--output', tmp_path/'out')
     assert r.returncode == 2 and 'ema.safetensors' in r.stderr and message in r.stderr, r.stderr
     assert r.stderr.strip().count('\n') == 0 and not (tmp_path/'out').exists()
 
@@ -100,7 +95,7 @@ def test_exit_codes_are_documented_in_the_readme():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='this machine has CUDA')
 def test_a_device_the_machine_lacks_is_a_resource_error(tmp_path):
-    r = _cli('cxr-sample', '--device', 'cuda', '--n', '1', '--output', tmp_path/'out')
+    r = run_cli('cxr-sample', '--device', 'cuda', '--n', '1', '--output', tmp_path/'out')
     assert r.returncode == 3 and "'cuda' is not available on this machine" in r.stderr and 'Traceback' not in r.stderr, r.stderr
 
 
@@ -116,7 +111,7 @@ def test_a_damaged_restorer_is_one_line(tmp_path, damage, message):
     model = _copy('restorer128_diffusion', tmp_path)
     damage(model/'restorer.json')
     (tmp_path/'in').mkdir(); shutil.copy(sample_data_root()/'images'/sorted(os.listdir(sample_data_root()/'images'))[0], tmp_path/'in')
-    r = _cli('cxr-restore', '--checkpoint', model, '--input', tmp_path/'in', '--output', tmp_path/'out', '--steps', '2')
+    r = run_cli('cxr-restore', '--checkpoint', model, '--input', tmp_path/'in', '--output', tmp_path/'out', '--steps', '2')
     assert r.returncode == 2 and message in r.stderr and 'Traceback' not in r.stderr, r.stderr
 
 
@@ -124,7 +119,7 @@ def test_a_damaged_restorer_is_one_line(tmp_path, damage, message):
 def tiny_run(tmp_path_factory):
     "A finished two-step run of configs/tiny.yaml on the bundled sample."
     out = tmp_path_factory.mktemp('run')/'tiny'
-    r = _cli('cxr-train', '--config', 'configs/tiny.yaml', '--set', f'output.output_dir={out}', 'optim.max_steps=2',
+    r = run_cli('cxr-train', '--config', 'configs/tiny.yaml', '--set', f'output.output_dir={out}', 'optim.max_steps=2',
              'output.checkpoint_every=2', f'data.root={sample_data_root()}', 'output.progress=false')
     assert r.returncode == 0, r.stderr
     return out
@@ -139,7 +134,7 @@ def tiny_run(tmp_path_factory):
 def test_resume_from_a_damaged_state_is_refused_with_status_2(tiny_run, tmp_path, damage):
     run = tmp_path/'tiny'; shutil.copytree(tiny_run, run)
     damage(run/'checkpoint-2')
-    r = _cli('cxr-train', '--config', 'configs/tiny.yaml', '--set', f'output.output_dir={run}', 'optim.max_steps=3',
+    r = run_cli('cxr-train', '--config', 'configs/tiny.yaml', '--set', f'output.output_dir={run}', 'optim.max_steps=3',
              f'data.root={sample_data_root()}', 'output.progress=false', '--resume', 'auto')
     assert r.returncode == 2 and 'checkpoint-2' in r.stderr and 'Traceback' not in r.stderr, r.stderr
 
@@ -181,7 +176,7 @@ def test_rarity_predictions_holding_objects_are_refused(tmp_path):
 @pytest.mark.parametrize('setting, field', [('optim.seed=99999999999999999999999999', 'optim.seed'), ('optim.seed=-1', 'optim.seed'),
                                             ('data.image_size=100000', 'data.image_size')])
 def test_out_of_range_config_numbers_are_refused_before_the_run_folder(tmp_path, setting, field):
-    r = _cli('cxr-train', '--config', 'configs/tiny.yaml', '--set', f'output.output_dir={tmp_path/"run"}', setting)
+    r = run_cli('cxr-train', '--config', 'configs/tiny.yaml', '--set', f'output.output_dir={tmp_path/"run"}', setting)
     assert r.returncode == 2 and f"field '{field}'" in r.stderr and 'Traceback' not in r.stderr, r.stderr
     assert not (tmp_path/'run').exists()
 
@@ -217,21 +212,21 @@ def _root(tmp_path, edit) -> Path:
 def test_training_on_a_hostile_root_writes_nothing(tmp_path, edit, message):
     root = _root(tmp_path, edit)
     (root/'images'/'empty.png').write_bytes(b'')
-    r = _cli('cxr-train', '--config', 'configs/tiny.yaml', '--set', f'data.root={root}', f'output.output_dir={tmp_path/"run"}')
+    r = run_cli('cxr-train', '--config', 'configs/tiny.yaml', '--set', f'data.root={root}', f'output.output_dir={tmp_path/"run"}')
     assert r.returncode == 2 and message in r.stderr and 'Traceback' not in r.stderr, r.stderr
     assert not (tmp_path/'run').exists()
 
 
 def test_pipeline_parameters_are_checked_before_anything_runs(tmp_path):
-    r = _cli('cxr-pipeline', '--output', tmp_path/'p', '-p', 'train_steps', '-5', '--no-progress')
+    r = run_cli('cxr-pipeline', '--output', tmp_path/'p', '-p', 'train_steps', '-5', '--no-progress')
     assert r.returncode == 2 and "field 'train_steps': -5 is outside" in r.stderr, r.stderr
-    r = _cli('cxr-pipeline', '--output', tmp_path/'p', '-p', 'embedding', 'tsne', '--no-progress')   # refused before training, not at the map
+    r = run_cli('cxr-pipeline', '--output', tmp_path/'p', '-p', 'embedding', 'tsne', '--no-progress')   # refused before training, not at the map
     assert r.returncode == 2 and "field 'embedding': 'tsne'" in r.stderr, r.stderr
     assert not (tmp_path/'p').exists()
 
 
 def test_an_unbounded_cohort_is_refused_at_once(tmp_path):
-    r = _cli('cxr-cohort', '--checkpoint', MODELS/'gan64', '--counts', 'nodule=1000000000000', '--output', tmp_path/'c',
+    r = run_cli('cxr-cohort', '--checkpoint', MODELS/'gan64', '--counts', 'nodule=1000000000000', '--output', tmp_path/'c',
              '--set', f'data_root={sample_data_root()}', '--no-progress')
     assert r.returncode == 2 and 'above the limit of 100,000' in r.stderr, r.stderr
     assert not (tmp_path/'c').exists()
@@ -255,7 +250,7 @@ def hostile_cohort(tmp_path_factory):
     "A GAN cohort (quick) from a data folder whose donors' `view` is a spreadsheet formula."
     tmp = tmp_path_factory.mktemp('hostile')
     root = _root(tmp, lambda m: m.assign(view='=HYPERLINK("http://x")'))
-    r = _cli('cxr-cohort', '--checkpoint', MODELS/'gan64', '--counts', 'nodule=2,effusion=1', '--output', tmp/'cohort',
+    r = run_cli('cxr-cohort', '--checkpoint', MODELS/'gan64', '--counts', 'nodule=2,effusion=1', '--output', tmp/'cohort',
              '--dicom', '--set', f'data_root={root}', '--no-progress')
     assert r.returncode == 0, r.stderr
     return tmp/'cohort'
@@ -299,7 +294,7 @@ def test_a_restorer_never_writes_a_film_that_is_not_one(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize('seed', ['-1', str(2**64)])
 def test_a_cohort_seed_outside_numpys_range_is_refused_before_anything_is_written(tmp_path, seed):
-    r = _cli('cxr-cohort', '--checkpoint', MODELS/'gan64', '--counts', 'nodule=1', '--seed', seed, '--output', tmp_path/'c',
+    r = run_cli('cxr-cohort', '--checkpoint', MODELS/'gan64', '--counts', 'nodule=1', '--seed', seed, '--output', tmp_path/'c',
              '--set', f'data_root={sample_data_root()}', '--no-progress')
     assert r.returncode == 2 and "field 'seed'" in r.stderr and '4294967295' in r.stderr and 'Traceback' not in r.stderr, r.stderr
     assert not (tmp_path/'c').exists()
@@ -310,7 +305,7 @@ def test_a_drawing_seed_outside_the_generators_range_is_one_line(tmp_path, tool,
     (tmp_path/'in').mkdir(); shutil.copy(sample_data_root()/'images'/sorted(os.listdir(sample_data_root()/'images'))[0], tmp_path/'in')
     args = (['--checkpoint', MODELS/'cpu64_demo', '--n', '1'] if tool == 'cxr-sample'
             else ['--checkpoint', MODELS/'restorer128_diffusion', '--input', tmp_path/'in'])
-    r = _cli(tool, *args, '--steps', '2', '--seed', seed, '--output', tmp_path/'out')
+    r = run_cli(tool, *args, '--steps', '2', '--seed', seed, '--output', tmp_path/'out')
     assert r.returncode == 2 and "field 'seed'" in r.stderr and 'Traceback' not in r.stderr, r.stderr
     assert not list((tmp_path/'out').glob('*.png')) if (tmp_path/'out').exists() else True   # nothing drawn
 
@@ -331,7 +326,7 @@ def _huge_model_config(tmp_path) -> Path:
      "model_config.json: field 'unet.image_size': 1048576 px")])
 def test_an_image_size_above_the_limit_is_refused_with_the_memory_it_implies(tmp_path, tool, args, where):
     "A config or a model folder asking for films of 1e5 or 1e6 px a side: one line naming the file and field, the limit and the memory."
-    r = _cli(tool, *args(tmp_path))
+    r = run_cli(tool, *args(tmp_path))
     assert r.returncode == 2 and where in r.stderr and 'above the limit of 4096 px' in r.stderr and 'GiB' in r.stderr, r.stderr
     assert r.stderr.strip().count('\n') == 0 and not (tmp_path/'out').exists()
 
@@ -347,7 +342,7 @@ def test_an_image_size_above_the_limit_is_refused_with_the_memory_it_implies(tmp
     ('cxr-pipeline', lambda tmp: ['--output', tmp/'out', '-p', 'sample_steps', '0', '--no-progress'], 'sample_steps')])
 def test_a_step_count_below_one_is_refused_before_anything_is_written(tmp_path, tool, args, field):
     "Sampling steps are timesteps: at least one, for every command that draws (the pipeline once trained 4 minutes first)."
-    r = _cli(tool, *args(tmp_path))
+    r = run_cli(tool, *args(tmp_path))
     assert r.returncode == 2 and f"field '{field}'" in r.stderr and 'Traceback' not in r.stderr, r.stderr
     assert not (tmp_path/'out').exists()
 
@@ -362,7 +357,7 @@ ESTIMATE = re.compile(r'cohort: (?P<n>[\d,]+) (?:of [\d,]+ )?images (?:left )?fr
 @pytest.mark.parametrize('flags', [[], ['--no-progress']])
 def test_a_cohort_prints_its_estimate_line(tmp_path, flags):
     "One line on stderr, with or without the bars: the images, the generator and how it draws, the time at the first batch's measured rate, the peak memory."
-    r = _cli('cxr-cohort', '--checkpoint', MODELS/'gan64', '--counts', 'nodule=4,effusion=1', '--batch-size', '2',
+    r = run_cli('cxr-cohort', '--checkpoint', MODELS/'gan64', '--counts', 'nodule=4,effusion=1', '--batch-size', '2',
              '--output', tmp_path/'c', '--set', f'data_root={sample_data_root()}', *flags)
     assert r.returncode == 0, r.stderr
     lines = [l.strip() for l in re.split('[\r\n]', r.stderr) if l.strip().startswith('cohort: ')]
