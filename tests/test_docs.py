@@ -86,3 +86,19 @@ def test_stored_outputs_show_no_machine_path(nb):
             text = json.dumps({k: v for k, v in o.get('data', {}).items() if not k.startswith('image/')}) + json.dumps(o.get('text', ''))
             found = MACHINE_PATH.findall(text) + ([here] if here in text else [])
             assert not found, f"{nb.name} cell {i}: its stored output shows {found[0]!r} (print shareable_path(...) instead)"
+
+EXPORTED = re.compile(r'^#\|\s*(export|exports|exporti|exec_doc)\b', re.M)
+
+@pytest.mark.parametrize('nb', NBS, ids=[p.stem for p in NBS])
+def test_docs_build_runs_no_lesson_code(nb):
+    """nbdev's docs build (`exec_show_docs`) executes every cell holding an import anywhere in it, the whole cell: an
+    import beside a lesson's drawing or training makes the docs build (and this suite's `nbdev-proc-nbs`) run that
+    computation. Imports get a cell of their own."""
+    import ast
+    for i, c in enumerate(json.loads(nb.read_text())['cells']):
+        src = ''.join(c['source'])
+        if c['cell_type'] != 'code' or EXPORTED.search(src) or re.search(r'^#\|\s*eval:\s*false', src, re.M): continue
+        tree = ast.parse(src)
+        if any(isinstance(n, (ast.Import, ast.ImportFrom)) for n in ast.walk(tree)):
+            others = [n for n in tree.body if not isinstance(n, (ast.Import, ast.ImportFrom))]
+            assert not others, f"{nb.name} cell {i}: imports beside other code (line {others[0].lineno}); put the imports in a cell of their own"
