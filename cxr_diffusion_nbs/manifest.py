@@ -670,8 +670,12 @@ def load_chestx_det(json_path, image_dir, patient_ids: dict | None = None, split
 def mix_real_synthetic(real: Manifest, synthetic: Manifest, ratio: float, split: str = 'train', seed: int = 0) -> Manifest:
     """Real images of `split` plus `round(ratio * n_real)` synthetic images (without replacement, seeded), restricted
     to the synthetic cohort's findings, with a `synthetic` column. Raises if the cohort lacks images or its donors
-    are outside `split`."""
+    are outside `split`. From a lesion-insertion cohort (`cxr-cohort` mode 'insert') only the edited films are drawn:
+    its unedited originals are real films of `split`, in `real` already; their recipients must be in `split` too."""
     src = synthetic.origin or synthetic.name
+    if 'twin_of' in synthetic.images and 'synthetic' in synthetic.images:      # an insertion cohort: originals beside edits
+        edited = synthetic.images[synthetic.images['synthetic'] == 1]
+        synthetic = Manifest(edited.reset_index(drop=True), synthetic.annotations, synthetic.findings, synthetic.root, synthetic.name, synthetic.origin)
     if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or ratio < 0 or not math.isfinite(ratio):
         raise ManifestError(src, 'ratio', f'{ratio!r} must be a number >= 0 (synthetic images per real image)')
     if 'synthetic' not in synthetic.images or not (synthetic.images['synthetic'] == 1).all():
@@ -679,11 +683,12 @@ def mix_real_synthetic(real: Manifest, synthetic: Manifest, ratio: float, split:
     missing = [f for f in synthetic.findings if f not in real.findings]
     if missing: raise ManifestError(real.origin or real.name, missing[0], 'the synthetic cohort has this finding but the real manifest does not')
     r = real.subset(split=split, findings=synthetic.findings)
-    if 'donor_image_id' in synthetic.images:
-        split_of = dict(zip(real.images['image_id'], real.images['split']))
-        bad = sorted({d for d in synthetic.images['donor_image_id'] if split_of.get(d, split) != split})
-        if bad: raise PatientLeakageError(src, 'donor_image_id', f"{len(bad)} donor image(s) are not in the {split!r} split, "
-                                          f"e.g. {bad[0]} ({split_of[bad[0]]}): their masks would leak into training")
+    split_of = dict(zip(real.images['image_id'], real.images['split']))
+    for col, what in (('donor_image_id', 'their masks'), ('recipient_image_id', 'the edited films')):
+        if col not in synthetic.images: continue
+        bad = sorted({d for d in synthetic.images[col].dropna() if split_of.get(d, split) != split})
+        if bad: raise PatientLeakageError(src, col, f"{len(bad)} {col.split('_')[0]} image(s) are not in the {split!r} split, "
+                                          f"e.g. {bad[0]} ({split_of[bad[0]]}): {what} would leak into training")
     n_syn = int(round(ratio * len(r.images)))
     if n_syn > len(synthetic.images):
         raise ManifestError(src, 'ratio', f'{ratio} x {len(r.images)} real images needs {n_syn} synthetic images; the cohort has {len(synthetic.images)}')

@@ -472,3 +472,13 @@ def test_insert_config_is_the_rarity_studys_insertion():
     assert {k: getattr(cfg, k) for k in INSERT_FIELDS} == {k: getattr(RarityConfig(), k) for k in INSERT_FIELDS}
     assert dict(shift=cfg.shift, rotate=cfg.rotate, lesion_scale=cfg.lesion_scale, min_inside=cfg.min_inside) == INSERT_JITTER
     assert 'mode' not in CohortConfig().to_dict() and CohortConfig(mode='insert').to_dict()['insert_steps'] == 20
+
+def test_mix_draws_an_insert_cohorts_edited_films_only(insert_cohort, real):
+    m = load_cohort(insert_cohort)
+    edited = set(m.images.image_id[m.images.synthetic == 1])
+    n_real = len(real.subset(split='train', findings=m.findings).images)
+    mix = mix_real_synthetic(real, m, ratio=len(edited) / n_real)          # every edited film, no unedited original twice
+    assert set(mix.images.image_id[mix.images.synthetic == 1]) == edited and len(mix.images) == n_real + len(edited)
+    val_id = real.images.image_id[real.images.split == 'val'].iloc[0]
+    leaky = Manifest(m.images.assign(recipient_image_id=val_id), m.annotations, m.findings, m.root, 'leaky')
+    with pytest.raises(PatientLeakageError, match="'recipient_image_id'.*the edited films would leak"): mix_real_synthetic(real, leaky, ratio=.001)

@@ -102,3 +102,11 @@ def test_docs_build_runs_no_lesson_code(nb):
         if any(isinstance(n, (ast.Import, ast.ImportFrom)) for n in ast.walk(tree)):
             others = [n for n in tree.body if not isinstance(n, (ast.Import, ast.ImportFrom))]
             assert not others, f"{nb.name} cell {i}: imports beside other code (line {others[0].lineno}); put the imports in a cell of their own"
+
+@pytest.mark.parametrize('nb', NBS, ids=[p.stem for p in NBS])
+def test_exported_cells_stay_lesson_sized(nb):
+    "An exported cell over 60 lines is source pasted into a notebook, not a lesson: grow it in steps, or split it."
+    for i, c in enumerate(json.loads(nb.read_text())['cells']):
+        src = ''.join(c['source'])
+        if c['cell_type'] == 'code' and EXPORTED.search(src):
+            assert len(src.splitlines()) <= 60, f"{nb.name} cell {i}: an exported cell of {len(src.splitlines())} lines (at most 60)"

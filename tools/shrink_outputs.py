@@ -51,6 +51,15 @@ def shrink_output(output: dict, min_bytes: int, ratio: float, quality: int) -> i
     return len(png64) - len(best)
 
 
+def drop_plain_twin(output: dict) -> int:
+    "Drop the plain-text copy of a stored HTML table (pandas stores both; readers see the HTML); returns the bytes saved."
+    data = output.get('data') or {}
+    html = data.get('text/html')
+    if html is None or 'text/plain' not in data: return 0
+    if '<table' not in (html if isinstance(html, str) else ''.join(html)): return 0
+    return len(json.dumps(data.pop('text/plain')))
+
+
 def stored_outputs(nb: dict) -> list:
     "Every stored output of a notebook: its cells' and those kept in the saved widget state (an `Output` widget's figure)."
     outs = [o for c in nb['cells'] for o in c.get('outputs', [])]
@@ -64,7 +73,7 @@ def shrink_notebook(path: Path, min_bytes: int = 8_000, ratio: float = 0.8, qual
     "Shrink every stored figure of the notebook at `path` (written through a temporary file); returns the bytes saved."
     text = path.read_text()
     nb = json.loads(text)
-    saved = sum(shrink_output(o, min_bytes, ratio, quality) for o in stored_outputs(nb))
+    saved = sum(shrink_output(o, min_bytes, ratio, quality) + drop_plain_twin(o) for o in stored_outputs(nb))
     if saved and not dry_run:
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix='.ipynb.tmp')
         with os.fdopen(fd, 'w') as f: f.write(json.dumps(nb, indent=1, ensure_ascii=False) + '\n')
