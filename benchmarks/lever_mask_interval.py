@@ -10,12 +10,14 @@ donors, sampler, checks) is the generator's own.
 For each setting it measures, as the rest of 16a does:
 - realness: 120 films for training donors against the 328 held-out test films (`bench_realism.measure_row`: FID in
   the package's features, the real-vs-synthetic detector, sharpness, spectrum), appended to
-  nbs/images/realness_training_levers.csv (`--record-realness`);
+  nbs/images/realness_training_levers.csv with `--record-realness <csv>`;
 - conditioning fidelity: one film per validation donor, judged by the 128-px judges (`condition_fidelity.measure`:
-  class consistency per rare finding, mask adherence), appended to nbs/images/mask_interval_fidelity.csv
-  (`--record-fidelity`), with the demo's own defaults drawn beside them.
+  class consistency per rare finding, mask adherence), appended to nbs/images/mask_interval_fidelity.csv with
+  `--record-fidelity <csv>`, with the demo's own defaults drawn beside them. Nothing is stored without them.
 
     .venv/bin/python benchmarks/lever_mask_interval.py --below 250         # about 10 CPU-min
+    .venv/bin/python benchmarks/lever_mask_interval.py --below 250 --record-realness nbs/images/realness_training_levers.csv \
+        --record-fidelity nbs/images/mask_interval_fidelity.csv            # the rows 16a reads
     .venv/bin/python benchmarks/lever_mask_interval.py --generator runs/models/lat_heun10 --below 250   # any generator folder with a mask condition
 
 Measured in nbs/16a_realness ("The mask over part of the noise range"): the mask guided only at t >= 250 brings the
@@ -56,8 +58,8 @@ def main(argv=None):
     p.add_argument('--below', type=int, nargs='+', required=True, help='timesteps below which the mask is not guided (e.g. 500 250)')
     p.add_argument('--n', type=int, default=120, help='films per setting for realness (default 120)')
     p.add_argument('--no-defaults', action='store_true', help="skip the demo's defaults row of the fidelity table")
-    p.add_argument('--record-realness', default='nbs/images/realness_training_levers.csv')
-    p.add_argument('--record-fidelity', default='nbs/images/mask_interval_fidelity.csv')
+    p.add_argument('--record-realness', help='append the realness rows to this CSV (e.g. nbs/images/realness_training_levers.csv)')
+    p.add_argument('--record-fidelity', help='append the fidelity rows to this CSV (e.g. nbs/images/mask_interval_fidelity.csv)')
     p.add_argument('--seed', type=int, default=0)
     a = p.parse_args(argv)
     if any(b < 0 or b > 1000 for b in a.below): p.error('--below: timesteps in [0, 1000]')
@@ -83,7 +85,7 @@ def main(argv=None):
         rows.append(br.measure_row(setting_name(name, gen, below), x, big['test'], big['val'], ext, f_test, a.seed, 300, secs,
                                    gen.kind, gen.image_size, f"labels {g.get('labels', 0):g} at every step, mask {g['mask']:g} for t>={below} and 1 below"))
     br.table(rows)
-    br.append_rows(a.record_realness, [dict(label=f'mask condition over the high-noise part only (benchmarks/lever_mask_interval.py'
+    if a.record_realness: br.append_rows(a.record_realness, [dict(label=f'mask condition over the high-noise part only (benchmarks/lever_mask_interval.py'
                                     + ('' if name == 'cpu64_demo' else f' --generator {name}') + ')',
                                     seed=a.seed, date=datetime.date.today().isoformat(),
                                     **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}) for r in rows])
@@ -97,7 +99,7 @@ def main(argv=None):
                         **{k: round(v, 4) for k, v in s.items() if k.startswith(('consistency_', 'adherence', 'fid'))},
                         date=datetime.date.today().isoformat()))
         print(out[-1], flush=True)
-    br.append_rows(a.record_fidelity, out)
+    if a.record_fidelity: br.append_rows(a.record_fidelity, out)
 
 
 if __name__ == '__main__':

@@ -60,7 +60,7 @@ RARITY_SAMPLING = dict(sampler='dpmpp', steps=20, guidance_mode='compositional')
 class RarityConfig:
     "What rarity study to run. Validated on creation; `from_dict` builds one from a mapping (a YAML section, papermill parameters)."
     findings: tuple = RARE_FINDINGS     # the rare findings: each capped, each given synthetic images
-    ks: tuple = (20,)                   # real training positives kept per rare finding
+    ks: tuple = (20,)                   # real training positives kept per rare finding (0: none, synthetic positives only)
     n_synthetic: tuple = (0, 100)       # synthetic images added per finding (0 = real-only, the reference)
     arms: tuple = ('mix',)              # ways of adding them (see ARMS); 'mix' runs at every n, the others at `arm_n`
     arm_n: int | None = None            # the n of the controls and the other ways (None: the largest n)
@@ -102,7 +102,9 @@ class RarityConfig:
 def validate(self: RarityConfig):
     "Raise a `ConfigError` naming the field of any setting that cannot work."
     err = lambda k, p: ConfigError('RarityConfig', k, p)
-    if not self.ks or any(int(k) < 1 for k in self.ks): raise err('ks', f'{self.ks}: give real positives per finding >= 1')
+    if not self.ks or any(int(k) < 0 for k in self.ks): raise err('ks', f'{self.ks}: give real positives per finding >= 0')
+    if not any(int(k) > 0 for k in self.ks):
+        raise err('ks', f"{self.ks}: k = 0 (synthetic positives only) needs a k >= 1 beside it, whose positives are the pools' donors")
     if 0 not in self.n_synthetic: raise err('n_synthetic', f'{self.n_synthetic} must include 0 (the real-only reference)')
     if any(int(n) < 0 for n in self.n_synthetic): raise err('n_synthetic', f'{self.n_synthetic}: counts must be >= 0')
     bad = [a for a in self.arms if a not in ARMS]
@@ -130,12 +132,17 @@ def validate(self: RarityConfig):
 @patch(as_prop=True)
 def n_arm(self: RarityConfig) -> int: return int(self.arm_n if self.arm_n is not None else max(self.n_synthetic))
 
+@patch(as_prop=True)
+def donor_k(self: RarityConfig) -> int:
+    "The smallest k >= 1: its first seed's capped positives are the donors of every pool (k = 0 has none to give)."
+    return min(int(k) for k in self.ks if int(k) > 0)
+
 @patch
 def primary_comparison(self: RarityConfig) -> tuple:
-    "(k, arm, n) of the primary comparison: `primary`'s fields, else k = 20 if run (else the smallest k), 'mix' if run (else the first arm), n = `n_arm`."
+    "(k, arm, n) of the primary comparison: `primary`'s fields, else k = 20 if run (else the smallest k >= 1), 'mix' if run (else the first arm), n = `n_arm`."
     p = self.primary or {}
     ks = [int(k) for k in self.ks]
-    k = int(p.get('k', 20 if 20 in ks else min(ks)))
+    k = int(p.get('k', 20 if 20 in ks else self.donor_k))
     arm = p.get('arm', 'mix' if 'mix' in self.arms else (self.arms[0] if self.arms else 'mix'))
     return k, arm, int(p.get('n', self.n_arm))
 
@@ -543,8 +550,9 @@ def run_study(gen, real: Manifest, cfg: RarityConfig, out_dir, external: Manifes
     evals = StudySet.concat([test, ext])
     with atomic_write(out/'test.csv') as tmp:
         evals.facts.assign(**{f: evals.labels[:, j] for j, f in enumerate(cfg.findings)}).to_csv(tmp, index=False)
-    # the pools: drawn once, from the donors of the smallest k's first-seed cap (what every capped classifier may know)
-    k0, s0 = min(cfg.ks), cfg.seeds[0]
+    # the pools: drawn once, from the donors of the smallest k's first-seed cap (what every capped classifier may know;
+    # a k = 0 classifier knows none of them, only the pools drawn from them: train on synthetic, test on real)
+    k0, s0 = cfg.donor_k, cfg.seeds[0]
     donors = train_all.take(np.flatnonzero(cap_positives(train_all.labels, k0, s0)))
     mk, pools = capped_manifest(m, donors.facts['image_id']), {}
     for kind, n in _pools_needed(cfg).items():
@@ -787,7 +795,7 @@ def worth_table(table: pd.DataFrame, eval_set: str = 'test') -> pd.DataFrame:
     where the real-only curve does not rise) and the real positives the synthetic ones are worth (that k minus k)."""
     t = table[table['eval_set'] == eval_set]
     w = t.groupby(['k', 'arm', 'n'], as_index=False)['auroc'].mean().rename(columns={'auroc': 'mean_auroc'})
-    ref = w[w['arm'] == 'real-only'].sort_values('k')
+    ref = w[(w['arm'] == 'real-only') & (w['k'] > 0)].sort_values('k')      # k = 0 has no place on a log scale
     logk, au = np.log(ref['k'].to_numpy(float)), ref['mean_auroc'].to_numpy()
     def equivalent(a):
         if len(au) < 2 or not (np.diff(au) > 0).all() or not au[0] <= a <= au[-1]: return np.nan
@@ -797,14 +805,15 @@ def worth_table(table: pd.DataFrame, eval_set: str = 'test') -> pd.DataFrame:
     return w
 
 def worth_figure(worth: pd.DataFrame, arm: str = 'mix', figsize=(5, 3.4)):
-    "Mean AUROC over the rare findings against real positives per finding (log scale): real-only, and `arm` at each n."
+    "Mean AUROC over the rare findings against real positives per finding (log scale, k = 0 at the left): real-only, and `arm` at each n."
     fig, ax = plt.subplots(figsize=figsize, layout='constrained')
     ref = worth[worth['arm'] == 'real-only'].sort_values('k')
     ax.plot(ref['k'], ref['mean_auroc'], 'ko-', label='real only')
     for i, (n, g) in enumerate(worth[worth['arm'] == arm].groupby('n')):
         g = g.sort_values('k')
         ax.plot(g['k'], g['mean_auroc'], 's--', color=f'C{i}', mfc='none', label=f'{arm}, +{n} synthetic per finding')
-    ax.set(xscale='log', xlabel='real training positives per rare finding (k)', ylabel='mean AUROC over rare findings')
+    ax.set_xscale('symlog', linthresh=1)                                 # log above 1, with room for k = 0
+    ax.set(xlabel='real training positives per rare finding (k)', ylabel='mean AUROC over rare findings')
     ax.set_xticks(sorted(ref['k'].unique())); ax.set_xticklabels([str(int(k)) for k in sorted(ref['k'].unique())])
     ax.legend(fontsize=7, loc='upper left')
     return fig

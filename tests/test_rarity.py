@@ -32,6 +32,9 @@ def test_config_refusals():
     with pytest.raises(ConfigError, match="'augmnt'"): RarityConfig(arms=('augmnt',))
     with pytest.raises(ConfigError, match='arm_n'): RarityConfig(n_synthetic=(0, 10), arm_n=20)
     with pytest.raises(ConfigError, match='specificity'): RarityConfig(specificity=1.0)
+    with pytest.raises(ConfigError, match="'ks'.*>= 0"): RarityConfig(ks=(-1, 20))
+    with pytest.raises(ConfigError, match="'ks'.*needs a k >= 1 beside it"): RarityConfig(ks=(0,))
+    assert RarityConfig(ks=(0, 5, 50)).donor_k == 5 and RarityConfig(ks=(0, 5, 50)).primary_comparison()[0] == 5
     c = RarityConfig.from_dict({'ks': '20, 50', 'n_synthetic': [0, 50, 100], 'arms': ['mix', 'pretrain'], 'seeds': [0, 1]})
     runs = c.runs()
     assert runs[0] == (20, 'real-only', 0, 0) and (50, 'pretrain', 100, 1) in runs and (50, 'pretrain', 50, 1) not in runs
@@ -103,6 +106,13 @@ def test_small_study_runs_resumes_and_refuses(tmp_path, monkeypatch):
     run_study(gen, real, more, out, progress=False)
     assert len(list((out/'predictions').iterdir())) == len(more.runs())
     with pytest.raises(RarityError, match='width'): run_study(gen, real, dataclasses.replace(cfg, width=8), out, progress=False)
+    pools = sorted(f.name for f in (out/'pools').iterdir())
+    zero = dataclasses.replace(more, ks=(0, 5))                   # k = 0: no real positive, the synthetic ones alone (TSTR)
+    run_study(gen, real, zero, out, progress=False)
+    assert sorted(f.name for f in (out/'pools').iterdir()) == pools          # the same pools: k = 5's donors drew them
+    t0 = study_table(out, zero)
+    assert {0, 5} == set(t0.k) and (t0[(t0.k == 0) & (t0.arm == 'real-only')].test_pos > 0).all()
+    assert zero.primary_comparison()[0] == 5 and zero.donor_k == 5
     t = study_table(out, more)
     assert {'test', 'test AP', 'test PA'} <= set(t.eval_set) and set(t.arm) == {'real-only', 'mix', 'unconditional', 'negatives'}
     assert t[t.arm != 'real-only'].verdict.str.startswith('too few').all()   # the bundled sample cannot conclude
