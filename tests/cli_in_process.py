@@ -1,11 +1,9 @@
 """The package's commands run in this process, through their console-script entry points (`main(argv)`): a new
 interpreter spends seconds importing torch and diffusers before it checks anything, so the tests that only need a
 command's exit status and messages call it here. Each command still has one test that runs it as a real process."""
-import contextlib, importlib, io, os
+import contextlib, io, os
+from importlib.metadata import entry_points
 from cxr_diffusion_nbs.core import project_root
-
-COMMANDS = {'cxr-sample': 'sampling:main', 'cxr-train': 'training:main', 'cxr-restore': 'restorer:main',
-            'cxr-cohort': 'cohort:main', 'cxr-pipeline': 'pipeline:main'}
 
 
 class Result:
@@ -15,8 +13,8 @@ class Result:
 
 def run_cli(tool, *args, cwd=None) -> Result:
     "Run command `tool` with `args` in this process from `cwd` (default: the project root); its exit status and output."
-    mod, fn = COMMANDS[tool].split(':')
-    main = getattr(importlib.import_module(f'cxr_diffusion_nbs.{mod}'), fn)
+    (ep,) = entry_points(group='console_scripts', name=tool)     # the installed command's own entry point (pyproject.toml)
+    main = ep.load()
     out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
     os.chdir(cwd or project_root())
     try:

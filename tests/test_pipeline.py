@@ -14,7 +14,7 @@ SAMPLE = ROOT/'data'/'cxr14_sample'
 # one whose outputs nbs/21_pipeline.ipynb stores
 SMALL = dict(data_root=str(SAMPLE), train_steps=2, train_minutes=1, cohort_per_finding=3, sample_steps=3, classifier_epochs=1,
              classifier_width=8, turing_cases=6, rarity_k=3, rarity_n=4, rarity_config={'n_boot': 100}, mixed_precision='no',
-             realness_steps=10, embedding='pca')   # smoke tests: the detectors' figures are 16a_realness's, UMAP's 16_fidelity's
+             realness_steps=10, embedding='pca')   # smoke tests: the detectors' figures are 16a_realness's; UMAP is test_metrics'
 
 def pipeline(out, params: dict, progress: bool = False):
     args = [str(BIN/'cxr-pipeline'), '--output', str(out)] + ([] if progress else ['--no-progress'])
