@@ -464,6 +464,12 @@ def _shared_hidden() -> bool:
     "True when env `CXR_NO_SHARED` is set (to anything but '', '0', 'false', 'no'): act as if `../shared` were absent."
     return os.environ.get('CXR_NO_SHARED', '').strip().lower() not in ('', '0', 'false', 'no')
 
+def _noted(shared: Path) -> Path:
+    "`shared`, after appending its name to the file env `CXR_SHARED_LOG` names (if set): a record that a run read `../shared`."
+    if log := os.environ.get('CXR_SHARED_LOG'):
+        with open(log, 'a') as f: f.write(shared.name + '\n')
+    return shared
+
 def find_data_root(prefer_full: bool = True) -> Path:
     "`CXR_DATA_ROOT` if set, else the full shared subset if present (and `prefer_full`, and not `CXR_NO_SHARED`), else the bundled sample."
     env = os.environ.get('CXR_DATA_ROOT')
@@ -471,13 +477,13 @@ def find_data_root(prefer_full: bool = True) -> Path:
         if not (Path(env)/'manifest.csv').exists(): raise ManifestError(Path(env)/'manifest.csv', 'CXR_DATA_ROOT', 'no manifest.csv there')
         return Path(env)
     full = project_root().parent/'shared'/'data'/'nih_cxr14_subset'
-    if prefer_full and not _shared_hidden() and (full/'manifest.csv').exists(): return full
+    if prefer_full and not _shared_hidden() and (full/'manifest.csv').exists(): return _noted(full)
     return sample_data_root()
 
 def dicom_data_root() -> Path:
     "Folder of real DICOM files: the shared one if present (and not `CXR_NO_SHARED`), else the bundled copy `data/dicom`."
     full = project_root().parent/'shared'/'data'/'nih_cxr14_subset_dicom'
-    return full if full.exists() and not _shared_hidden() else project_root()/'data'/'dicom'
+    return _noted(full) if full.exists() and not _shared_hidden() else project_root()/'data'/'dicom'
 
 # %% ../nbs/00_core.ipynb #85796883
 def resolve_path(p) -> Path:
