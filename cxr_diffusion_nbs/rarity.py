@@ -502,7 +502,9 @@ def _load_set(path: Path) -> StudySet:
 
 def _stored_set(path: Path, make, progress: bool = False) -> StudySet:
     """The set stored at `path`, else `make(parts, progress)` stored there: `parts` (`path` with suffix '.parts') keeps
-    its batches until the set is whole, so a killed draw resumes; a bar shows the draw when `progress`."""
+    its batches until the set is whole, so a killed draw resumes; a bar shows the draw when `progress`. A drawn set is
+    returned as stored (its images at half precision), so that a study that drew its pools and one that resumed from
+    them train on the same numbers."""
     if path.exists() and path.with_suffix('.csv').exists(): return _load_set(path)
     parts = path.with_suffix('.parts')
     with tqdm(total=0, desc=path.stem, disable=not progress, mininterval=5) as bar:
@@ -510,7 +512,7 @@ def _stored_set(path: Path, make, progress: bool = False) -> StudySet:
         s = make(parts, tick)
     _save_set(s, path)
     shutil.rmtree(parts, ignore_errors=True)
-    return s
+    return _load_set(path)
 
 # %% ../nbs/19a_rarity.ipynb #7d980140
 def _open_study(f: Path, ident: dict, declared: dict):

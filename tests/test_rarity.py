@@ -370,3 +370,13 @@ def test_a_killed_pool_draw_resumes_at_its_batch(tmp_path):
     assert calls == [3, 6] and seen == [(3, 7), (6, 7), (7, 7)]               # only the batches not yet stored
     assert torch.equal(again['x'], whole['x'])
     assert draw_in_parts(plan.iloc[:0], 3, draw) == {}
+
+
+def test_a_drawn_pool_is_returned_as_stored(tmp_path):
+    "A study that draws a pool and one that resumes from it train on the same numbers (images stored at half precision)."
+    from cxr_diffusion_nbs.rarity import _stored_set
+    drawn = StudySet(torch.rand(3, 1, 8, 8) * 2 - 1, np.zeros((3, 5)), np.ones(3), pd.DataFrame(dict(image_id=['a', 'b', 'c'])))
+    first = _stored_set(tmp_path/'pool.safetensors', lambda parts, tick: drawn)
+    again = _stored_set(tmp_path/'pool.safetensors', lambda parts, tick: pytest.fail('a stored pool is drawn again'))
+    assert torch.equal(first.images, again.images) and not torch.equal(first.images, drawn.images)
+    assert torch.allclose(first.images, drawn.images, atol=1e-3) and list(first.facts.image_id) == ['a', 'b', 'c']
